@@ -1,0 +1,198 @@
+"""Configuration objects: every knob of HGA and of the tiered store, validated at construction.
+
+This is the only module that reads ``KVTIER_*`` environment variables (see README).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvtier.errors import ConfigError
+
+__all__ = ["HGAConfig", "StoreConfig", "parse_bytes", "format_bytes", "env_flag"]
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+_BYTES_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: int | str, *, name: str = "bytes") -> int:
+    """Parse a byte count: an int, or a string such as ``"8GiB"``, ``"512 MiB"``, ``"2GB"``.
+
+    Binary units (KiB, MiB, GiB, TiB, and the bare K, M, G, T) are powers of 1024;
+    decimal units (kB, MB, GB, TB) are powers of 1000.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is neither an int nor a str.
+    ConfigError
+        If the string cannot be parsed or the count is negative.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{name}: expected an int or a string like '8GiB', got {type(value).__name__}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{name}: expected a byte count >= 0, got {value}")
+        return value
+    match = _BYTES_RE.match(value)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ConfigError(f"{name}: expected a byte count like '8GiB' or '512MB', got {value!r}")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_bytes(n: int | float) -> str:
+    """Human-readable binary size, e.g. ``format_bytes(3 * 2**30) == '3.00 GiB'``."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def env_flag(name: str, default: str = "") -> str:
+    """Read one ``KVTIER_*`` environment variable (the only place kvtier reads the environment)."""
+    if not name.startswith("KVTIER_"):
+        raise ValueError(f"expected a KVTIER_* variable name, got {name!r}")
+    return os.environ.get(name, default)
+
+
+def _int_field(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"HGAConfig.{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ConfigError(f"HGAConfig.{name}: expected an int >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HGAConfig:
+    """Every knob of Hierarchical Global Attention, with the paper's defaults.
+
+    Budgets count whole units (chunks or groups); a budget larger than what exists is
+    clipped, so a huge value means full coverage and HGA then equals dense attention.
+
+    Attributes
+    ----------
+    chunk_size : int
+        Tokens per chunk (C), the unit of the first routing level and of storage. Default 64.
+    group_size : int
+        Tokens per group (gs), the unit of the second routing level and of the gather;
+        must divide ``chunk_size``. Default 16.
+    sink_chunks : int
+        Leading chunks every query attends in full (F). Default 2.
+    local_chunks : int
+        Most recent closed chunks every query attends in full (L). Default 8.
+    top_chunks : int
+        Chunks chosen per query and query head by chunk routing (K_c). Default 16.
+    top_groups : int
+        Groups attended per query and query head, chosen inside the routed chunks (K_g).
+        Default 32.
+    fetch_groups : int
+        Groups the store is asked to make resident per query and query head: the
+        ``top_groups`` attended plus the next best as a prefetch for the following steps.
+        It never changes which keys a query attends. Default 64.
+    rope_cutoff_rad : float
+        Mixed-RoPE cut-off: frequency pair i is summarised token-wise (rotated sum) when
+        ``(chunk_size - 1) * omega_i > rope_cutoff_rad`` and by sum-then-rotate at the
+        anchor position otherwise. Default 0.5 rad.
+    """
+
+    chunk_size: int = 64
+    group_size: int = 16
+    sink_chunks: int = 2
+    local_chunks: int = 8
+    top_chunks: int = 16
+    top_groups: int = 32
+    fetch_groups: int = 64
+    rope_cutoff_rad: float = 0.5
+
+    def __post_init__(self) -> None:
+        _int_field("chunk_size", self.chunk_size, 1)
+        _int_field("group_size", self.group_size, 1)
+        for name in ("sink_chunks", "local_chunks", "top_chunks", "top_groups", "fetch_groups"):
+            _int_field(name, getattr(self, name), 0)
+        if self.chunk_size % self.group_size != 0:
+            raise ConfigError(
+                f"HGAConfig.group_size: expected a divisor of chunk_size={self.chunk_size}, "
+                f"got {self.group_size}"
+            )
+        if self.fetch_groups < self.top_groups:
+            raise ConfigError(
+                f"HGAConfig.fetch_groups: expected >= top_groups={self.top_groups}, "
+                f"got {self.fetch_groups}"
+            )
+        cutoff = self.rope_cutoff_rad
+        if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not math.isfinite(cutoff) or cutoff < 0:
+            raise ConfigError(f"HGAConfig.rope_cutoff_rad: expected a finite float >= 0, got {cutoff!r}")
+
+    @property
+    def groups_per_chunk(self) -> int:
+        """Groups in one chunk (M = chunk_size / group_size)."""
+        return self.chunk_size // self.group_size
+
+    @classmethod
+    def full_coverage(cls, **overrides: int | float) -> HGAConfig:
+        """A configuration whose budgets cover any context: HGA then equals dense attention."""
+        big = 1 << 40
+        base = dict(top_chunks=big, top_groups=big, fetch_groups=big)
+        base.update(overrides)
+        return cls(**base)  # type: ignore[arg-type]
+
+
+_IO_BACKENDS = ("auto", "posix", "kvikio")
+_EVICTION = ("lru",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    """Budgets and backends of the tiered K/V store.
+
+    Attributes
+    ----------
+    gpu_bytes, host_bytes, disk_bytes : int or str
+        Budget of each tier in bytes, or a string such as ``"8GiB"``. Parsed to ints at
+        construction. ``gpu_bytes=0`` disables the device cache.
+    disk_dir : str or Path or None
+        Folder of the disk tier's slab files; None means no disk tier.
+    io_backend : {"auto", "posix", "kvikio"}
+        Disk I/O backend; "auto" picks kvikio when CUDA and kvikio are available, else POSIX.
+    eviction : {"lru"}
+        Eviction policy of every tier.
+    device : str or None
+        Device of the device tier; None means "cuda" when available, else "cpu".
+    """
+
+    gpu_bytes: int | str = "1GiB"
+    host_bytes: int | str = "4GiB"
+    disk_bytes: int | str = "64GiB"
+    disk_dir: str | Path | None = None
+    io_backend: str = "auto"
+    eviction: str = "lru"
+    device: str | None = None
+    io_threads: int = field(default=4)
+
+    def __post_init__(self) -> None:
+        for name in ("gpu_bytes", "host_bytes", "disk_bytes"):
+            object.__setattr__(self, name, parse_bytes(getattr(self, name), name=f"StoreConfig.{name}"))
+        if self.disk_dir is not None:
+            if not isinstance(self.disk_dir, (str, Path)):
+                raise TypeError(
+                    f"StoreConfig.disk_dir: expected a str, Path or None, got {type(self.disk_dir).__name__}"
+                )
+            object.__setattr__(self, "disk_dir", Path(self.disk_dir))
+        if self.io_backend not in _IO_BACKENDS:
+            raise ConfigError(f"StoreConfig.io_backend: expected one of {_IO_BACKENDS}, got {self.io_backend!r}")
+        if self.eviction not in _EVICTION:
+            raise ConfigError(f"StoreConfig.eviction: expected one of {_EVICTION}, got {self.eviction!r}")
+        if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or self.io_threads < 1:
+            raise ConfigError(f"StoreConfig.io_threads: expected an int >= 1, got {self.io_threads!r}")

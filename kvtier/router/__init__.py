@@ -1,0 +1,1 @@
+"""HGA routing: summaries, routing plans and prefetch hints."""

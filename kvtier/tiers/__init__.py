@@ -1,0 +1,1 @@
+"""Storage tiers: device (HBM), host (pinned) and disk."""
