@@ -1,0 +1,31 @@
+"""Slow, obviously correct torch implementations: the specification every kernel is tested against."""
+
+from kvtier.reference.attention import dense_attention_ref, expand_kv_heads, masked_attention_ref
+from kvtier.reference.hga import HGAStats, RoutePlan, hga_attention, hga_decode_ref, hga_prefill_ref, plan_widths
+from kvtier.reference.rope import apply_rope, invert_rope, rope_inv_freq, rotate_half
+from kvtier.reference.summaries import (
+    chunk_summaries_ref,
+    group_summaries_ref,
+    tokenwise_pairs,
+    unit_summaries_ref,
+)
+
+__all__ = [
+    "hga_attention",
+    "hga_prefill_ref",
+    "hga_decode_ref",
+    "HGAStats",
+    "RoutePlan",
+    "plan_widths",
+    "dense_attention_ref",
+    "masked_attention_ref",
+    "expand_kv_heads",
+    "rope_inv_freq",
+    "apply_rope",
+    "invert_rope",
+    "rotate_half",
+    "tokenwise_pairs",
+    "unit_summaries_ref",
+    "chunk_summaries_ref",
+    "group_summaries_ref",
+]

@@ -1,0 +1,88 @@
+"""Mixed-RoPE chunk and group summaries (the routing keys of HGA), computed plainly.
+
+A unit (a chunk or a group) of tokens at positions ``p_0 .. p_{n-1}`` with post-RoPE keys
+``k_t`` is summarised per RoPE frequency pair i in one of two ways:
+
+* token-wise, for fast pairs: ``sum_t k_t`` (each token rotated at its own position), so
+  ``q . summary`` is exactly the sum of the tokens' logits in those dims;
+* anchored, for slow pairs: ``RoPE(sum_t RoPE^-1(k_t, p_t), p_anchor)``, the pre-RoPE sum
+  rotated at the unit's middle position ``p_anchor = p_0 + (n - 1) // 2``; the phase of a
+  slow pair barely turns inside a chunk, and rotating once keeps the sum coherent.
+
+Pair i is fast when ``(C - 1) * inv_freq[i] > cutoff`` with C the *chunk* size, for group
+summaries too (the authors' rule; at theta 1e4, D 64, C 64 that is 17 of 32 pairs). The
+sums are not scaled: a common scale does not change any top-k among units of equal size,
+and summaries never enter the softmax in kvtier.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvtier.reference.rope import apply_rope, invert_rope
+
+__all__ = ["tokenwise_pairs", "unit_summaries_ref", "chunk_summaries_ref", "group_summaries_ref"]
+
+
+def tokenwise_pairs(inv_freq: torch.Tensor, chunk_size: int, cutoff_rad: float) -> torch.Tensor:
+    """Bool ``[D/2]``: True for the pairs summarised token-wise (phase turns > cutoff in a chunk)."""
+    return (chunk_size - 1) * inv_freq > cutoff_rad
+
+
+def unit_summaries_ref(
+    k: torch.Tensor, unit_size: int, inv_freq: torch.Tensor, tokenwise: torch.Tensor, *, start: int = 0
+) -> torch.Tensor:
+    """Summaries of consecutive units of ``unit_size`` tokens, the first at position ``start``.
+
+    Parameters
+    ----------
+    k : Tensor ``[B, Hkv, N * unit_size, D]``
+        Post-RoPE keys at positions ``start .. start + N * unit_size - 1``.
+    unit_size : int
+        Tokens per unit (chunk size or group size).
+    inv_freq : Tensor ``[D/2]``
+    tokenwise : bool Tensor ``[D/2]``
+        From :func:`tokenwise_pairs`.
+
+    Returns
+    -------
+    Tensor ``[B, Hkv, N, D]`` float32.
+    """
+    b, h, length, d = k.shape
+    assert length % unit_size == 0, "only whole units are summarised"
+    n = length // unit_size
+    positions = torch.arange(start, start + length, device=k.device)
+    k_raw = invert_rope(k.to(torch.float64), positions, inv_freq)
+    tokenwise_sum = k.to(torch.float64).reshape(b, h, n, unit_size, d).sum(dim=3)
+    raw_sum = k_raw.reshape(b, h, n, unit_size, d).sum(dim=3)
+    anchors = start + torch.arange(n, device=k.device) * unit_size + (unit_size - 1) // 2
+    anchored = apply_rope(raw_sum, anchors, inv_freq)
+    use_tokenwise = torch.cat((tokenwise, tokenwise)).to(k.device)  # pair i is dims (i, i + D/2)
+    return torch.where(use_tokenwise, tokenwise_sum, anchored).to(torch.float32)
+
+
+def chunk_summaries_ref(
+    k: torch.Tensor, chunk_size: int, inv_freq: torch.Tensor, cutoff_rad: float, *, start: int = 0
+) -> torch.Tensor:
+    """Chunk summaries ``[B, Hkv, N, D]`` of the N whole chunks of ``k [B, Hkv, >= N*C, D]``.
+
+    ``k[:, :, 0]`` is at absolute position ``start`` (a multiple of the chunk size).
+    """
+    n = k.shape[2] // chunk_size
+    tokenwise = tokenwise_pairs(inv_freq, chunk_size, cutoff_rad)
+    return unit_summaries_ref(k[:, :, : n * chunk_size], chunk_size, inv_freq, tokenwise, start=start)
+
+
+def group_summaries_ref(
+    k: torch.Tensor, chunk_size: int, group_size: int, inv_freq: torch.Tensor, cutoff_rad: float,
+    *, start: int = 0,
+) -> torch.Tensor:
+    """Group summaries ``[B, Hkv, N, M, D]`` of the N whole chunks of ``k``, M groups each.
+
+    ``k[:, :, 0]`` is at absolute position ``start`` (a multiple of the chunk size).
+    """
+    b, h, _, d = k.shape
+    n = k.shape[2] // chunk_size
+    tokenwise = tokenwise_pairs(inv_freq, chunk_size, cutoff_rad)
+    s = unit_summaries_ref(k[:, :, : n * chunk_size], group_size, inv_freq, tokenwise, start=start)
+    return s.reshape(b, h, n, chunk_size // group_size, d)
