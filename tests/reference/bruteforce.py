@@ -1,0 +1,84 @@
+"""An independent, scalar-loop HGA used only to check the reference (no shared code with it)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rotate_pair(x: torch.Tensor, pos: float, inv_freq: list[float]) -> torch.Tensor:
+    """Rotate each pair (i, i + D/2) of the vector x [D] by pos * inv_freq[i], in float64."""
+    half = x.shape[0] // 2
+    out = x.clone().double()
+    for i in range(half):
+        a, b = float(x[i]), float(x[i + half])
+        c, s = math.cos(pos * inv_freq[i]), math.sin(pos * inv_freq[i])
+        out[i], out[i + half] = a * c - b * s, a * s + b * c
+    return out
+
+
+def inv_freqs(head_dim: int, theta: float) -> list[float]:
+    half = head_dim // 2
+    return [theta ** (-i / half) for i in range(half)]
+
+
+def unit_summary(keys: torch.Tensor, first_pos: int, chunk_size: int, inv_freq: list[float], cutoff: float) -> torch.Tensor:
+    """Mixed-RoPE summary of one unit: keys [n, D] post-RoPE at positions first_pos...."""
+    n, d = keys.shape
+    half = d // 2
+    tokenwise = keys.double().sum(0)
+    raw = sum(rotate_pair(keys[t], -(first_pos + t), inv_freq) for t in range(n))
+    anchored = rotate_pair(raw, first_pos + (n - 1) // 2, inv_freq)
+    out = anchored.clone()
+    for i in range(half):
+        if (chunk_size - 1) * inv_freq[i] > cutoff:
+            out[i], out[i + half] = tokenwise[i], tokenwise[i + half]
+    return out
+
+
+def hga_bruteforce(q, k, v, *, cfg, theta, start_pos=0):
+    """Loops over batch, head and position. Returns (out fp64 [B,Hq,Lq,D], group sets, key counts)."""
+    b_, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    rep = hq // hkv
+    c, g = cfg.chunk_size, cfg.group_size
+    m = c // g
+    freqs = inv_freqs(d, theta)
+    out = torch.zeros(b_, hq, lq, d, dtype=torch.float64)
+    groups_chosen = {}
+    counts = torch.zeros(b_, hq, lq, dtype=torch.long)
+    summ_cache = {}
+
+    def summ(b, kvh, first, n):
+        key = (b, kvh, first, n)
+        if key not in summ_cache:
+            summ_cache[key] = unit_summary(k[b, kvh, first : first + n], first, c, freqs, cfg.rope_cutoff_rad)
+        return summ_cache[key]
+
+    for b in range(b_):
+        for h in range(hq):
+            kvh = h // rep
+            for i in range(lq):
+                t = start_pos + i
+                cur = t // c
+                sink_end = min(cfg.sink_chunks, cur)
+                local_start = max(sink_end, cur - cfg.local_chunks)
+                qv = q[b, h, i].double()
+                cands = list(range(sink_end, local_start))
+                scored = sorted(cands, key=lambda j: (-float(qv @ summ(b, kvh, j * c, c)), j))
+                chunks = scored[: min(cfg.top_chunks, len(cands))]
+                gids = [j * m + x for j in chunks for x in range(m)]
+                gscored = sorted(gids, key=lambda gi: (-float(qv @ summ(b, kvh, gi * g, g)), gi))
+                chosen = gscored[: min(cfg.top_groups, len(gids))]
+                groups_chosen[(b, h, i)] = set(chosen)
+                visible = set(range(sink_end * c)) | set(range(local_start * c, t + 1))
+                for gi in chosen:
+                    visible |= set(range(gi * g, (gi + 1) * g))
+                idx = sorted(visible)
+                counts[b, h, i] = len(idx)
+                kk = k[b, kvh, idx].double()
+                vv = v[b, kvh, idx].double()
+                w = torch.softmax(kk @ qv / math.sqrt(d), dim=0)
+                out[b, h, i] = w @ vv
+    return out, groups_chosen, counts
