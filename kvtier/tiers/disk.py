@@ -1,0 +1,429 @@
+"""DiskTier: preallocated slab files of fixed, 4 KiB-aligned, checksummed slots.
+
+On-disk format (version :data:`kvtier.layout.FORMAT_VERSION`)::
+
+    slab-00000.kvt   [file header: 4 KiB][slot 0][slot 1] ... [slot n-1]     n = slots_per_file
+    slot             [payload: chunk_bytes, zero-padded to 4 KiB][slot header: 4 KiB block]
+
+The payload comes first so that a whole slot is one sequential read and a page-aligned
+destination receives the payload directly (``preadv`` of two buffers, no bounce copy).
+The slot header (magic, format version, layout fingerprint, key, generation, dtype and
+shape, payload length, crc32c of the payload, crc32c of the header) is written *after*
+the payload: a writer killed mid-slot leaves either the previous header, whose checksum
+no longer matches the payload, or no header at all. Either way the slot is a miss,
+never data. Freed slots get a zeroed header so a dropped chunk never comes back on reopen.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+from pathlib import Path
+from typing import NamedTuple
+
+import crc32c
+import torch
+
+from kvtier.errors import ConfigError, CorruptChunkError, LayoutMismatchError, TransferError
+from kvtier.layout import FORMAT_VERSION, KVLayout
+from kvtier.tiers.base import PAGE_BYTES, ChunkKey, SlotAllocator, align_up, aligned_empty
+from kvtier.tiers.io import IOBackend, PosixIO, Reader
+
+__all__ = ["DiskTier", "SlotRecord", "SLOT_MAGIC", "FILE_MAGIC", "FILE_TARGET_BYTES"]
+
+log = logging.getLogger("kvtier.tiers")
+
+SLOT_MAGIC = b"KVTSLOT\x01"
+FILE_MAGIC = b"KVTSLAB\x01"
+#: Slab files are about 1 GiB: large enough that opening them is rare, small enough that
+#: reserving one (posix_fallocate) on first use takes milliseconds.
+FILE_TARGET_BYTES = 1 << 30
+
+_DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+# magic, version, fingerprint, seq_id, layer, chunk_idx, generation, dtype, ndim, shape[4],
+# payload_len, payload_crc; followed by the header's own crc32c.
+_SLOT_FMT = struct.Struct("<8sI16sqqqQII4IQI")
+_FILE_FMT = struct.Struct("<8sI16sQQQ")
+_CRC = struct.Struct("<I")
+
+
+class SlotRecord(NamedTuple):
+    """A verified slot header found by a scan."""
+
+    slot: int
+    key: ChunkKey
+    generation: int
+
+
+def _file_name(index: int) -> str:
+    return f"slab-{index:05d}.kvt"
+
+
+class DiskTier:
+    """Chunk slots in slab files under one folder, read back only if they verify.
+
+    Parameters
+    ----------
+    layout : KVLayout
+        Geometry of a chunk; its fingerprint is stamped in every file and slot header.
+    capacity_bytes : int
+        Budget; ``capacity_bytes // slot_bytes`` slots (at least 1). File headers (4 KiB
+        per 1 GiB file) are not counted.
+    directory : str or Path
+        Folder of the slab files, created if missing. Existing files are scanned: their
+        verified slots are reported by :meth:`scan`.
+    io : IOBackend, optional
+        The operating-system seam (default :class:`PosixIO`). Tests pass a fault-injecting
+        wrapper here.
+
+    Raises
+    ------
+    LayoutMismatchError
+        If the folder holds slab files written for another layout or format version.
+    ConfigError
+        If the budget is smaller than one slot.
+    """
+
+    def __init__(
+        self, layout: KVLayout, capacity_bytes: int, directory: str | Path, *, io: IOBackend | None = None
+    ) -> None:
+        self.layout = layout
+        self.io: IOBackend = io if io is not None else PosixIO()
+        self.directory = Path(directory)
+        self.payload_span = align_up(layout.chunk_bytes)
+        self._slot_bytes = self.payload_span + PAGE_BYTES
+        num_slots = capacity_bytes // self._slot_bytes
+        if num_slots < 1:
+            raise ConfigError(
+                f"StoreConfig.disk_bytes: expected at least one disk slot ({self._slot_bytes} bytes), "
+                f"got {capacity_bytes} bytes"
+            )
+        self.slots_per_file = max(1, FILE_TARGET_BYTES // self._slot_bytes)
+        self._alloc = SlotAllocator(num_slots)
+        self._fingerprint = layout.fingerprint().encode()
+        self._lock = threading.Lock()
+        self._fds: dict[int, int] = {}
+        self._readers: dict[int, Reader] = {}
+        self._local = threading.local()
+        self._next_generation = 1
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._found = self._scan_existing()
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes per slot on disk: payload padded to 4 KiB plus a 4 KiB header block."""
+        return self._slot_bytes
+
+    @property
+    def num_slots(self) -> int:
+        """Slots within the budget."""
+        return self._alloc.num_slots
+
+    @property
+    def num_free(self) -> int:
+        """Slots not allocated."""
+        return self._alloc.num_free
+
+    @property
+    def capacity_bytes(self) -> int:
+        """``num_slots * slot_bytes``."""
+        return self.num_slots * self._slot_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of allocated slots."""
+        return self._alloc.num_used * self._slot_bytes
+
+    def locate(self, slot: int) -> tuple[Path, int]:
+        """Slab file and byte offset of ``slot`` (tests and fault injection)."""
+        file_index, local = divmod(slot, self.slots_per_file)
+        return self.directory / _file_name(file_index), PAGE_BYTES + local * self._slot_bytes
+
+    @property
+    def direct(self) -> bool:
+        """Whether reads of the files opened so far bypass the page cache."""
+        return bool(self._readers) and all(r.direct for r in self._readers.values())
+
+    @property
+    def direct_reason(self) -> str:
+        """How reads are done ("O_DIRECT", "kvikio compat mode", or why O_DIRECT was refused)."""
+        reasons = sorted({r.reason for r in self._readers.values()})
+        return "; ".join(reasons) if reasons else "no file read yet"
+
+    # ------------------------------------------------------------------ files
+    def _file_header(self, file_index: int) -> bytes:
+        body = _FILE_FMT.pack(FILE_MAGIC, FORMAT_VERSION, self._fingerprint, self._slot_bytes,
+                              self.slots_per_file, file_index)
+        return (body + _CRC.pack(crc32c.crc32c(body))).ljust(PAGE_BYTES, b"\0")
+
+    def _check_file_header(self, raw: bytes, path: Path) -> None:
+        n = _FILE_FMT.size
+        if len(raw) < n + 4 or raw[:8] != FILE_MAGIC or _CRC.unpack_from(raw, n)[0] != crc32c.crc32c(raw[:n]):
+            raise LayoutMismatchError(f"{path}: expected a kvtier slab file header, got {len(raw)} unreadable bytes")
+        _, version, fingerprint, slot_bytes, per_file, _ = _FILE_FMT.unpack_from(raw)
+        if version != FORMAT_VERSION or fingerprint != self._fingerprint:
+            raise LayoutMismatchError(
+                f"{path}: expected layout fingerprint {self._fingerprint.decode()} format {FORMAT_VERSION}, "
+                f"got {fingerprint.decode(errors='replace')} format {version}"
+            )
+        if slot_bytes != self._slot_bytes or per_file != self.slots_per_file:
+            raise LayoutMismatchError(
+                f"{path}: expected {self._slot_bytes}-byte slots x {self.slots_per_file}, "
+                f"got {slot_bytes} x {per_file}"
+            )
+
+    def _fd(self, file_index: int) -> int:
+        fd = self._fds.get(file_index)
+        if fd is not None:
+            return fd
+        with self._lock:
+            fd = self._fds.get(file_index)
+            if fd is None:
+                path = str(self.directory / _file_name(file_index))
+                fd = self.io.open_rw(path)
+                try:
+                    if os.fstat(fd).st_size < PAGE_BYTES:
+                        header = self._file_header(file_index)
+                        self.io.reserve(fd, 0, PAGE_BYTES)
+                        if self.io.pwrite(fd, memoryview(header), 0) != PAGE_BYTES:
+                            raise OSError("short write of the file header")
+                except OSError:
+                    self.io.close(fd)
+                    raise
+                self._fds[file_index] = fd
+        return fd
+
+    def _reader(self, file_index: int) -> Reader:
+        reader = self._readers.get(file_index)
+        if reader is None:
+            self._fd(file_index)
+            with self._lock:
+                reader = self._readers.get(file_index)
+                if reader is None:
+                    reader = self.io.open_reader(str(self.directory / _file_name(file_index)))
+                    if not reader.direct:
+                        log.info("kvtier: disk reads of %s use the page cache (%s)", self.directory, reader.reason)
+                    self._readers[file_index] = reader
+        return reader
+
+    def _bounce(self) -> torch.Tensor:
+        """A page-aligned (pinned when possible) buffer of one slot, one per thread."""
+        buf = getattr(self._local, "bounce", None)
+        if buf is None:
+            buf, _ = aligned_empty(self._slot_bytes, pin=torch.cuda.is_available())
+            self._local.bounce = buf
+        return buf
+
+    # ------------------------------------------------------------------ headers
+    def _slot_header(self, key: ChunkKey, generation: int, payload_crc: int) -> bytes:
+        lay = self.layout
+        body = _SLOT_FMT.pack(SLOT_MAGIC, FORMAT_VERSION, self._fingerprint, key.seq_id, key.layer,
+                              key.chunk_idx, generation, _DTYPE_CODES[lay.dtype], 4, *lay.chunk_shape,
+                              lay.chunk_bytes, payload_crc)
+        return (body + _CRC.pack(crc32c.crc32c(body))).ljust(PAGE_BYTES, b"\0")
+
+    def _parse_header(self, raw: bytes | memoryview) -> tuple[ChunkKey, int, int] | str:
+        """(key, generation, payload_crc), or why the header does not verify."""
+        n = _SLOT_FMT.size
+        if len(raw) < n + 4:
+            return "truncated header"
+        if bytes(raw[:8]) != SLOT_MAGIC:
+            return "no slot header (bad magic)"
+        if _CRC.unpack_from(raw, n)[0] != crc32c.crc32c(bytes(raw[:n])):
+            return "header checksum mismatch"
+        (_, version, fingerprint, seq_id, layer, chunk_idx, generation, dtype_code, ndim,
+         s0, s1, s2, s3, payload_len, payload_crc) = _SLOT_FMT.unpack_from(raw)
+        lay = self.layout
+        if version != FORMAT_VERSION:
+            return f"format version {version}, expected {FORMAT_VERSION}"
+        if fingerprint != self._fingerprint:
+            return "layout fingerprint mismatch"
+        if (dtype_code, ndim, (s0, s1, s2, s3), payload_len) != (
+            _DTYPE_CODES[lay.dtype], 4, lay.chunk_shape, lay.chunk_bytes
+        ):
+            return "dtype, shape or payload length mismatch"
+        return ChunkKey(seq_id, layer, chunk_idx), generation, payload_crc
+
+    def _scan_existing(self) -> list[SlotRecord]:
+        """Verify every slot header of existing files; keep the newest copy of each key."""
+        best: dict[ChunkKey, SlotRecord] = {}
+        stale: list[int] = []
+        max_generation = 0
+        files = sorted(self.directory.glob("slab-*.kvt"))
+        for path in files:
+            try:
+                file_index = int(path.stem.split("-")[1])
+            except (IndexError, ValueError):
+                continue
+            fd = self.io.open_rw(str(path))
+            self._check_file_header_fd(fd, path)
+            self._fds[file_index] = fd
+            size = os.fstat(fd).st_size
+            first = file_index * self.slots_per_file
+            for local in range(self.slots_per_file):
+                slot = first + local
+                offset = PAGE_BYTES + local * self._slot_bytes
+                if slot >= self.num_slots or offset + self._slot_bytes > size:
+                    break  # beyond the budget, or a truncated file: the rest is a miss
+                parsed = self._parse_header(self.io.pread(fd, PAGE_BYTES, offset + self.payload_span))
+                if isinstance(parsed, str):
+                    continue
+                key, generation, _ = parsed
+                max_generation = max(max_generation, generation)
+                record = SlotRecord(slot, key, generation)
+                self._alloc.claim(slot)
+                old = best.get(key)
+                if old is None or generation > old.generation:
+                    best[key] = record
+                    if old is not None:
+                        stale.append(old.slot)
+                else:
+                    stale.append(slot)
+        self._next_generation = max_generation + 1
+        for slot in stale:
+            self.free(slot)
+        return sorted(best.values())
+
+    def _check_file_header_fd(self, fd: int, path: Path) -> None:
+        try:
+            self._check_file_header(self.io.pread(fd, PAGE_BYTES, 0), path)
+        except Exception:
+            self.io.close(fd)
+            raise
+
+    def scan(self) -> list[SlotRecord]:
+        """Verified slots found when the tier was opened (newest generation per key)."""
+        return list(self._found)
+
+    # ------------------------------------------------------------------ slots
+    def allocate(self) -> int:
+        """Lowest free slot; :class:`kvtier.CapacityError` when full."""
+        with self._lock:
+            return self._alloc.allocate()
+
+    def free(self, slot: int) -> None:
+        """Release ``slot`` and zero its header, so a reopen never resurrects it."""
+        with self._lock:
+            self._alloc.free(slot)
+        file_index, _ = divmod(slot, self.slots_per_file)
+        if file_index not in self._fds:
+            return
+        _, offset = self.locate(slot)
+        try:
+            self.io.pwrite(self._fds[file_index], memoryview(bytes(PAGE_BYTES)), offset + self.payload_span)
+        except OSError as exc:  # the stale header still names an old generation, never read
+            log.warning("kvtier: could not clear the header of disk slot %d (%s)", slot, exc)
+
+    def write(self, slot: int, key: ChunkKey, payload: torch.Tensor) -> int:
+        """Write one chunk into ``slot``: payload first, then its header.
+
+        Parameters
+        ----------
+        slot : int
+            An allocated slot.
+        key : ChunkKey
+            Stamped in the header and checked by every read.
+        payload : torch.Tensor
+            ``[chunk_bytes]`` uint8, CPU, contiguous (a host slot's bytes).
+
+        Returns
+        -------
+        int
+            The generation stamped in the header; reads must present it.
+
+        Raises
+        ------
+        TransferError
+            On an I/O error, a short write or a full disk. The slot then holds no valid data.
+        """
+        nbytes = self.layout.chunk_bytes
+        if payload.dtype != torch.uint8 or payload.numel() != nbytes or payload.device.type != "cpu":
+            raise ValueError(f"payload: expected [{nbytes}] uint8 on cpu, got {list(payload.shape)} "
+                             f"{payload.dtype} on {payload.device}")
+        with self._lock:
+            generation = self._next_generation
+            self._next_generation += 1
+        file_index, _ = divmod(slot, self.slots_per_file)
+        _, offset = self.locate(slot)
+        data = memoryview(payload.numpy())
+        try:
+            fd = self._fd(file_index)
+            self.io.reserve(fd, offset, self._slot_bytes)
+            written = self.io.pwrite(fd, data, offset)
+            if written != nbytes:
+                raise OSError(f"short write: {written} of {nbytes} bytes")
+            header = self._slot_header(key, generation, crc32c.crc32c(data))
+            if self.io.pwrite(fd, memoryview(header), offset + self.payload_span) != PAGE_BYTES:
+                raise OSError("short write of the slot header")
+        except OSError as exc:
+            raise TransferError(f"disk write of {tuple(key)} to slot {slot}: {exc}") from exc
+        return generation
+
+    def read_into(self, slot: int, key: ChunkKey, generation: int, out: torch.Tensor) -> None:
+        """Read ``slot`` into ``out`` and verify it; ``out`` is undefined if this raises.
+
+        Parameters
+        ----------
+        slot, key, generation
+            Where the chunk is and what its header must say.
+        out : torch.Tensor
+            ``[chunk_bytes]`` uint8, CPU, contiguous. A page-aligned ``out`` with a 4 KiB
+            multiple ``chunk_bytes`` gets the payload straight from the disk (O_DIRECT, one
+            ``preadv`` of two buffers); otherwise the slot goes through a per-thread
+            page-aligned bounce buffer.
+
+        Raises
+        ------
+        TransferError
+            On an I/O error or a short read.
+        CorruptChunkError
+            If the header or the payload checksum does not verify.
+        """
+        nbytes = self.layout.chunk_bytes
+        file_index, _ = divmod(slot, self.slots_per_file)
+        _, offset = self.locate(slot)
+        bounce = self._bounce()
+        zero_copy = nbytes == self.payload_span and out.data_ptr() % PAGE_BYTES == 0
+        try:
+            reader = self._reader(file_index)
+            if zero_copy:
+                header_view = bounce[:PAGE_BYTES]
+                buffers = [memoryview(out.numpy()), memoryview(header_view.numpy())]
+            else:
+                header_view = bounce[self.payload_span : self._slot_bytes]
+                buffers = [memoryview(bounce.numpy())]
+            got = reader.readv(buffers, offset)
+        except OSError as exc:
+            raise TransferError(f"disk read of {tuple(key)} from slot {slot}: {exc}") from exc
+        if got != self._slot_bytes:
+            raise TransferError(f"disk read of {tuple(key)} from slot {slot}: expected {self._slot_bytes} "
+                                f"bytes, got {got} (short read)")
+        parsed = self._parse_header(memoryview(header_view.numpy()))
+        if isinstance(parsed, str):
+            raise CorruptChunkError(f"disk slot {slot} for {tuple(key)}: {parsed}")
+        got_key, got_generation, payload_crc = parsed
+        if got_key != key or got_generation != generation:
+            raise CorruptChunkError(f"disk slot {slot}: expected {tuple(key)} generation {generation}, "
+                                    f"got {tuple(got_key)} generation {got_generation}")
+        if not zero_copy:
+            out.copy_(bounce[:nbytes])
+        if crc32c.crc32c(memoryview(out.numpy())) != payload_crc:
+            raise CorruptChunkError(f"disk slot {slot} for {tuple(key)}: payload checksum mismatch")
+
+    def sync(self) -> None:
+        """Flush dirty pages of every slab file (benchmarks; not needed for correctness)."""
+        for fd in list(self._fds.values()):
+            self.io.sync(fd)
+
+    def close(self) -> None:
+        """Close every file; the tier cannot be used afterwards."""
+        with self._lock:
+            for reader in self._readers.values():
+                reader.close()
+            for fd in self._fds.values():
+                self.io.close(fd)
+            self._readers.clear()
+            self._fds.clear()

@@ -1,0 +1,257 @@
+"""Disk I/O backends of the disk tier: POSIX (O_DIRECT where allowed) and kvikio.
+
+The backend object is the disk tier's only door to the operating system, which makes it
+the test seam for fault injection (:mod:`kvtier._faults` wraps one): tests never
+monkeypatch ``os``. Writes always go through buffered POSIX ``pwrite`` (this is a cache:
+no fsync on the hot path, a crash is caught by the slot checksum); reads go through a
+per-file :class:`Reader`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Protocol
+
+import torch
+
+from kvtier.errors import TierUnavailableError
+from kvtier.tiers.base import PAGE_BYTES, aligned_empty
+
+__all__ = ["Reader", "IOBackend", "PosixIO", "KvikioIO", "make_backend", "kvikio_status"]
+
+log = logging.getLogger("kvtier.tiers")
+
+
+class Reader(Protocol):
+    """Reads of one slab file. ``direct`` says whether reads bypass the page cache."""
+
+    direct: bool
+    reason: str
+
+    def readv(self, buffers: list[memoryview], offset: int) -> int:
+        """Fill ``buffers`` in order from file ``offset``; return the bytes read."""
+        ...
+
+    def close(self) -> None:
+        """Release the file."""
+        ...
+
+
+class IOBackend(Protocol):
+    """What the disk tier needs from the operating system."""
+
+    name: str
+
+    def open_rw(self, path: str) -> int:
+        """Open (creating) a slab file for buffered writes and header scans; return an fd."""
+        ...
+
+    def open_reader(self, path: str) -> Reader:
+        """A reader of the slab file at ``path`` (O_DIRECT when possible)."""
+        ...
+
+    def pread(self, fd: int, nbytes: int, offset: int) -> bytes:
+        """Buffered read of up to ``nbytes`` bytes (header scans only)."""
+        ...
+
+    def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        """Buffered write; return the bytes written."""
+        ...
+
+    def reserve(self, fd: int, offset: int, length: int) -> None:
+        """Reserve disk blocks for ``[offset, offset + length)`` (ENOSPC surfaces here)."""
+        ...
+
+    def sync(self, fd: int) -> None:
+        """Flush a file's dirty pages to disk (benchmarks, close)."""
+        ...
+
+    def close(self, fd: int) -> None:
+        """Close an fd from :meth:`open_rw`."""
+        ...
+
+
+class _PosixReader:
+    """O_DIRECT reader, probed once; falls back to buffered reads and says why."""
+
+    def __init__(self, path: str, *, direct: bool) -> None:
+        self.direct = False
+        self.reason = "O_DIRECT not requested"
+        self._fd = -1
+        if direct and not hasattr(os, "O_DIRECT"):
+            self.reason = "O_DIRECT is not available on this platform"
+        elif direct:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            except OSError as exc:
+                self.reason = f"O_DIRECT open refused ({errno.errorcode.get(exc.errno or 0, exc.errno)})"
+            else:
+                # tmpfs and some FUSE filesystems accept the flag on open and refuse the read.
+                probe, _ = aligned_empty(PAGE_BYTES, pin=False)
+                try:
+                    os.preadv(fd, [memoryview(probe.numpy())], 0)
+                except OSError as exc:
+                    os.close(fd)
+                    self.reason = f"O_DIRECT read refused ({errno.errorcode.get(exc.errno or 0, exc.errno)})"
+                else:
+                    self._fd, self.direct, self.reason = fd, True, "O_DIRECT"
+        if self._fd < 0:
+            self._fd = os.open(path, os.O_RDONLY)
+
+    def readv(self, buffers: list[memoryview], offset: int) -> int:
+        return os.preadv(self._fd, buffers, offset)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class PosixIO:
+    """Plain POSIX I/O: ``preadv`` with O_DIRECT into page-aligned buffers, buffered ``pwrite``.
+
+    Parameters
+    ----------
+    direct : bool
+        Try O_DIRECT for reads (default True). Reads fall back to the page cache, with the
+        reason in ``Reader.reason``, where the filesystem refuses it (tmpfs, some FUSE).
+    """
+
+    name = "posix"
+
+    def __init__(self, *, direct: bool = True) -> None:
+        self._direct = direct
+
+    def open_rw(self, path: str) -> int:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def open_reader(self, path: str) -> Reader:
+        return _PosixReader(path, direct=self._direct)
+
+    def pread(self, fd: int, nbytes: int, offset: int) -> bytes:
+        return os.pread(fd, nbytes, offset)
+
+    def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+    def reserve(self, fd: int, offset: int, length: int) -> None:
+        try:
+            os.posix_fallocate(fd, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            if os.fstat(fd).st_size < offset + length:  # no fallocate here: extend sparsely
+                os.ftruncate(fd, offset + length)
+
+    def sync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+
+def kvikio_status() -> dict[str, object]:
+    """Whether kvikio imports and works, and whether it runs GPUDirect Storage or compat mode.
+
+    Returns
+    -------
+    dict
+        ``available`` (bool), ``version``, ``mode`` ("gds", "compat" or "unavailable") and
+        ``reason``.
+    """
+    try:
+        import kvikio  # noqa: PLC0415  (optional dependency)
+        import kvikio.defaults  # noqa: PLC0415
+    except Exception as exc:  # ImportError, or a missing libcuda raising OSError
+        return {"available": False, "version": None, "mode": "unavailable", "reason": f"import kvikio: {exc}"}
+    if not torch.cuda.is_available():
+        # Without libcuda every kvikio read fails (platform.md); do not pretend.
+        return {"available": False, "version": getattr(kvikio, "__version__", "?"), "mode": "unavailable",
+                "reason": "no CUDA device"}
+    compat: object = None
+    for probe in ("is_compat_mode_preferred", "compat_mode"):
+        fn = getattr(kvikio.defaults, probe, None)
+        if callable(fn):
+            try:
+                compat = fn()
+                break
+            except Exception:  # an API that moved between kvikio releases
+                continue
+    if compat is None and hasattr(kvikio.defaults, "get"):
+        try:
+            compat = kvikio.defaults.get("compat_mode")
+        except Exception:
+            compat = None
+    on = str(compat).upper()
+    is_compat = compat is True or on.endswith("ON") or on == "TRUE"
+    if not is_compat:
+        # AUTO resolves to compat when nvidia-fs cannot register files; ask the driver.
+        try:
+            import kvikio.cufile_driver  # noqa: PLC0415
+
+            props = kvikio.cufile_driver.DriverProperties()
+            is_compat = not bool(getattr(props, "is_gds_available", False))
+        except Exception:
+            is_compat = True
+    return {"available": True, "version": getattr(kvikio, "__version__", "?"),
+            "mode": "compat" if is_compat else "gds", "reason": f"compat_mode={compat}"}
+
+
+class _KvikioReader:
+    """kvikio ``CuFile`` reads into host buffers (checksums are verified on the host)."""
+
+    def __init__(self, path: str, mode: str) -> None:
+        import kvikio  # noqa: PLC0415
+
+        self._file = kvikio.CuFile(path, "r")
+        self.direct = mode == "gds"
+        self.reason = f"kvikio {mode} mode"
+
+    def readv(self, buffers: list[memoryview], offset: int) -> int:
+        futures = []
+        pos = offset
+        for buf in buffers:
+            futures.append(self._file.pread(buf, buf.nbytes, pos))
+            pos += buf.nbytes
+        return int(sum(f.get() for f in futures))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class KvikioIO(PosixIO):
+    """kvikio reads (GPUDirect Storage, or its POSIX compatibility mode); POSIX writes.
+
+    Raises
+    ------
+    TierUnavailableError
+        If kvikio is not installed or no CUDA device is present.
+    """
+
+    name = "kvikio"
+
+    def __init__(self) -> None:
+        super().__init__(direct=False)
+        self.status = kvikio_status()
+        if not self.status["available"]:
+            raise TierUnavailableError(f"io_backend='kvikio': expected a working kvikio, got {self.status['reason']}")
+        if self.status["mode"] != "gds":
+            log.warning("kvtier: kvikio runs in compatibility mode (no GPUDirect Storage): reads go through POSIX")
+
+    def open_reader(self, path: str) -> Reader:
+        return _KvikioReader(path, str(self.status["mode"]))
+
+
+def make_backend(name: str) -> IOBackend:
+    """The backend for ``StoreConfig.io_backend``: "auto" is kvikio when it works, else POSIX."""
+    if name == "posix":
+        return PosixIO()
+    if name == "kvikio":
+        return KvikioIO()
+    if name == "auto":
+        if torch.cuda.is_available() and kvikio_status()["available"]:
+            return KvikioIO()
+        return PosixIO()
+    raise ValueError(f"io_backend: expected one of ('auto', 'posix', 'kvikio'), got {name!r}")
