@@ -11,6 +11,7 @@ from kvtier.errors import (
     TransferError,
 )
 from kvtier.layout import KVLayout
+from kvtier.store import ChunkKey, PrefetchHandle, TieredStore
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,9 @@ __all__ = [
     "HGAConfig",
     "StoreConfig",
     "KVLayout",
+    "TieredStore",
+    "ChunkKey",
+    "PrefetchHandle",
     "KvtierError",
     "ConfigError",
     "LayoutMismatchError",

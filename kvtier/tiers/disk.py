@@ -108,6 +108,7 @@ class DiskTier:
         self._readers: dict[int, Reader] = {}
         self._local = threading.local()
         self._next_generation = 1
+        self._uncleared: set[int] = set()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._found = self._scan_existing()
 
@@ -305,17 +306,33 @@ class DiskTier:
             return self._alloc.allocate()
 
     def free(self, slot: int) -> None:
-        """Release ``slot`` and zero its header, so a reopen never resurrects it."""
+        """Release ``slot`` after zeroing its header, so a reopen never resurrects it.
+
+        If the header cannot be cleared (I/O error), the slot stays out of the free list
+        and the clear is retried at every later :meth:`free` and at :meth:`close`.
+        """
         with self._lock:
-            self._alloc.free(slot)
+            if not self._alloc.is_used(slot) or slot in self._uncleared:
+                raise ValueError(f"slot: expected an allocated disk slot, got {slot}")
+            self._uncleared.add(slot)
+            pending = sorted(self._uncleared)
+        for s in pending:
+            if self._clear_header(s):
+                with self._lock:
+                    self._uncleared.discard(s)
+                    self._alloc.free(s)
+
+    def _clear_header(self, slot: int) -> bool:
         file_index, _ = divmod(slot, self.slots_per_file)
         if file_index not in self._fds:
-            return
+            return True
         _, offset = self.locate(slot)
         try:
-            self.io.pwrite(self._fds[file_index], memoryview(bytes(PAGE_BYTES)), offset + self.payload_span)
-        except OSError as exc:  # the stale header still names an old generation, never read
-            log.warning("kvtier: could not clear the header of disk slot %d (%s)", slot, exc)
+            done = self.io.pwrite(self._fds[file_index], memoryview(bytes(PAGE_BYTES)), offset + self.payload_span)
+        except OSError as exc:
+            log.warning("kvtier: could not clear the header of disk slot %d (%s); will retry", slot, exc)
+            return False
+        return done == PAGE_BYTES
 
     def write(self, slot: int, key: ChunkKey, payload: torch.Tensor) -> int:
         """Write one chunk into ``slot``: payload first, then its header.
@@ -419,7 +436,14 @@ class DiskTier:
             self.io.sync(fd)
 
     def close(self) -> None:
-        """Close every file; the tier cannot be used afterwards."""
+        """Retry pending header clears, close every file; the tier cannot be used afterwards."""
+        for slot in sorted(self._uncleared):
+            if self._clear_header(slot):
+                self._uncleared.discard(slot)
+                self._alloc.free(slot)
+        if self._uncleared:
+            log.warning("kvtier: %d dropped disk slots kept their headers; they may reappear on reopen",
+                        len(self._uncleared))
         with self._lock:
             for reader in self._readers.values():
                 reader.close()

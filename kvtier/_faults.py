@@ -1,0 +1,170 @@
+"""Fault injection for the disk tier, through its I/O backend (the test seam; ``os`` is never patched).
+
+:class:`FaultyIO` wraps a real backend and, on demand or at random, turns one operation
+into a fault: an I/O error, a short read, a bit flipped in transit, a full disk, or a
+writer killed mid-slot (part of the payload written, no header). Every injected fault is
+counted so tests and ``kvtier stress`` can check that each one surfaced as a reported
+failure. :func:`flip_bit_on_disk` and :func:`truncate_file` damage files at rest.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import threading
+from collections import Counter, deque
+from pathlib import Path
+
+from kvtier.tiers.io import IOBackend, PosixIO, Reader
+
+__all__ = ["FaultyIO", "READ_FAULTS", "WRITE_FAULTS", "flip_bit_on_disk", "truncate_file"]
+
+#: Faults of the read path: each makes one slot read fail (a reported miss).
+READ_FAULTS = ("read_error", "short_read", "bitflip_read")
+#: Faults of the write path: each makes one payload write fail (a raised TransferError).
+WRITE_FAULTS = ("write_error", "disk_full", "torn_write")
+
+
+class _FaultyReader:
+    def __init__(self, inner: Reader, owner: FaultyIO) -> None:
+        self._inner = inner
+        self._owner = owner
+        self.direct = inner.direct
+        self.reason = inner.reason
+
+    def readv(self, buffers: list[memoryview], offset: int) -> int:
+        fault = self._owner._take(READ_FAULTS)
+        if fault == "read_error":
+            raise OSError(errno.EIO, "injected read error")
+        got = self._inner.readv(buffers, offset)
+        if fault == "short_read":
+            return max(0, got - 512)
+        if fault == "bitflip_read":
+            first = buffers[0].cast("B")
+            # Within the payload: a flip in the zero padding after it would change no data.
+            i = self._owner._rng.randrange(min(len(first), self._owner.payload_bytes or len(first)))
+            first[i] ^= 1 << self._owner._rng.randrange(8)
+        return got
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class FaultyIO:
+    """An :class:`~kvtier.tiers.io.IOBackend` that injects faults into a real one.
+
+    Parameters
+    ----------
+    inner : IOBackend, optional
+        The backend doing the real I/O (default :class:`PosixIO`).
+    payload_bytes : int, optional
+        Write faults hit only writes of exactly this many bytes (the chunk payloads), so
+        header writes and clears stay reliable. None: every write may fault.
+    rates : dict of str to float, optional
+        Probability per operation of each fault in :data:`READ_FAULTS` and
+        :data:`WRITE_FAULTS`, for random workloads.
+    seed : int
+        Seed of the random faults and of the flipped bit positions.
+
+    Attributes
+    ----------
+    injected : collections.Counter
+        Faults injected so far, by name.
+    """
+
+    def __init__(
+        self,
+        inner: IOBackend | None = None,
+        *,
+        payload_bytes: int | None = None,
+        rates: dict[str, float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.inner: IOBackend = inner if inner is not None else PosixIO()
+        self.name = f"faulty-{self.inner.name}"
+        self.payload_bytes = payload_bytes
+        unknown = set(rates or {}) - set(READ_FAULTS) - set(WRITE_FAULTS)
+        if unknown:
+            raise ValueError(f"rates: expected faults from {READ_FAULTS + WRITE_FAULTS}, got {sorted(unknown)}")
+        self.rates = dict(rates or {})
+        self.injected: Counter[str] = Counter()
+        self._queue: deque[str] = deque()
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self.enabled = True
+
+    def inject(self, fault: str, count: int = 1) -> None:
+        """Make the next ``count`` operations of the fault's kind fail with ``fault``."""
+        if fault not in READ_FAULTS + WRITE_FAULTS:
+            raise ValueError(f"fault: expected one of {READ_FAULTS + WRITE_FAULTS}, got {fault!r}")
+        with self._lock:
+            self._queue.extend([fault] * count)
+
+    def pending(self) -> int:
+        """Queued faults not injected yet."""
+        return len(self._queue)
+
+    def _take(self, kinds: tuple[str, ...]) -> str | None:
+        with self._lock:
+            if not self.enabled:
+                return None
+            for i, fault in enumerate(self._queue):
+                if fault in kinds:
+                    del self._queue[i]
+                    self.injected[fault] += 1
+                    return fault
+            for fault in kinds:
+                if self._rng.random() < self.rates.get(fault, 0.0):
+                    self.injected[fault] += 1
+                    return fault
+        return None
+
+    # ----- IOBackend
+    def open_rw(self, path: str) -> int:
+        return self.inner.open_rw(path)
+
+    def open_reader(self, path: str) -> Reader:
+        return _FaultyReader(self.inner.open_reader(path), self)
+
+    def pread(self, fd: int, nbytes: int, offset: int) -> bytes:
+        return self.inner.pread(fd, nbytes, offset)
+
+    def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        if self.payload_bytes is None or data.nbytes == self.payload_bytes:
+            fault = self._take(("write_error", "torn_write"))
+            if fault == "write_error":
+                raise OSError(errno.EIO, "injected write error")
+            if fault == "torn_write":
+                # The writer dies after half the payload: no header is ever written.
+                self.inner.pwrite(fd, data[: data.nbytes // 2], offset)
+                raise OSError(errno.EIO, "injected torn write (writer killed mid-slot)")
+        return self.inner.pwrite(fd, data, offset)
+
+    def reserve(self, fd: int, offset: int, length: int) -> None:
+        if self._take(("disk_full",)):
+            raise OSError(errno.ENOSPC, "injected: no space left on device")
+        self.inner.reserve(fd, offset, length)
+
+    def sync(self, fd: int) -> None:
+        self.inner.sync(fd)
+
+    def close(self, fd: int) -> None:
+        self.inner.close(fd)
+
+
+def flip_bit_on_disk(path: str | Path, offset: int, bit: int = 0) -> None:
+    """Flip one bit of a file at rest (bit rot), bypassing kvtier entirely."""
+    fd = os.open(str(path), os.O_RDWR)
+    try:
+        byte = os.pread(fd, 1, offset)
+        if len(byte) != 1:
+            raise ValueError(f"offset: expected < file size, got {offset}")
+        os.pwrite(fd, bytes([byte[0] ^ (1 << bit)]), offset)
+    finally:
+        os.close(fd)
+
+
+def truncate_file(path: str | Path, size: int) -> None:
+    """Cut a file to ``size`` bytes (a crash before the filesystem grew it)."""
+    os.truncate(str(path), size)
