@@ -7,8 +7,8 @@ Placement rules (each has a test):
   (spill). Without a disk tier it is dropped: this is a cache.
 - Every stored chunk has a host copy, a disk copy or both; a device copy is only ever a
   cache of one of them, so evicting it never loses data.
-- A pinned key is never evicted from any tier and its slots never move; overwriting or
-  dropping a pinned key retires its old slots only when the last pin is released.
+- A pinned chunk is never evicted from any tier and its slots never move; overwriting or
+  dropping a pinned key retires the pinned version's slots only at its last unpin.
 - A disk read that fails (I/O error, short read) or does not verify (checksum, key,
   generation) is a miss reported with its key, never data; a corrupt disk copy is discarded.
 """
@@ -55,6 +55,8 @@ class _Entry:
     device: int | None = None
     disk: int | None = None
     disk_generation: int = 0
+    pins: int = 0
+    retired: bool = False  # unindexed while pinned: slots are freed at the last unpin
 
 
 class PrefetchHandle:
@@ -180,8 +182,9 @@ class TieredStore:
         self._policy: dict[str, EvictionPolicy] = {t: make_policy(config.eviction) for t in _TIERS}
         self._index: dict[ChunkKey, _Entry] = {}
         self._by_seq: dict[int, set[ChunkKey]] = {}
-        self._pins: Counter[ChunkKey] = Counter()
-        self._retired: dict[ChunkKey, list[_Entry]] = {}
+        # Pins belong to one version of a key (an entry): overwriting a pinned key makes a
+        # new, unpinned version while the pinned one keeps its slots for zero-copy readers.
+        self._user_pins: dict[ChunkKey, list[_Entry]] = {}
         self._stats = {t: _TierStats() for t in _TIERS}
         self._misses = 0
         self._local = threading.local()
@@ -243,15 +246,16 @@ class TieredStore:
             del self._by_seq[key.seq_id]
         for policy in self._policy.values():
             policy.remove(key)
-        if self._pins[key] > 0:
-            self._retired.setdefault(key, []).append(entry)
+        if entry.pins > 0:
+            entry.retired = True
         else:
             self._free_entry(entry)
 
     def _victim(self, tier: str) -> _Entry:
         for key in self._policy[tier].candidates():
-            if self._pins[key] == 0:
-                return self._index[key]  # type: ignore[index]
+            entry = self._index[key]  # type: ignore[index]
+            if entry.pins == 0:
+                return entry
         raise CapacityError(f"{tier} tier: expected an unpinned chunk to evict, got every used slot pinned")
 
     def _alloc_host(self) -> int:
@@ -353,7 +357,11 @@ class TieredStore:
             return len(keys)
 
     def pin(self, keys: Iterable[tuple[int, int, int]]) -> None:
-        """Keep ``keys`` in their current slots (no eviction) until :meth:`unpin`; pins nest.
+        """Pin the current version of each key: no eviction, stable slots, until :meth:`unpin`.
+
+        Pins nest. Overwriting or dropping a pinned key makes the new state visible at once,
+        while the pinned version keeps its slots and bytes until its last unpin (so a
+        kernel reading :attr:`host_slab` by slot id never sees them change).
 
         Raises
         ------
@@ -365,24 +373,36 @@ class TieredStore:
             missing = [k for k in ks if k not in self._index]
             if missing:
                 raise KeyError(f"pin: expected stored keys, got {len(missing)} missing, first {tuple(missing[0])}")
-            self._pins.update(ks)
+            entries = [self._index[k] for k in ks]
+            self._hold(entries)
+            for k, e in zip(ks, entries):
+                self._user_pins.setdefault(k, []).append(e)
 
     def unpin(self, keys: Iterable[tuple[int, int, int]]) -> None:
         """Release one pin of each key; retired slots of a key are freed at its last unpin."""
         ks = self._keys(keys)
         with self._lock:
-            bad = [k for k in ks if self._pins[k] <= 0]
+            need = Counter(ks)
+            bad = [k for k, n in need.items() if len(self._user_pins.get(k, ())) < n]
             if bad:
                 raise ValueError(f"unpin: expected pinned keys, got {tuple(bad[0])} not pinned")
-            self._release(ks)
+            for k in ks:
+                stack = self._user_pins[k]
+                self._release([stack.pop(0)])  # the oldest pinned version goes first
+                if not stack:
+                    del self._user_pins[k]
 
-    def _release(self, ks: Iterable[ChunkKey]) -> None:
-        for k in ks:
-            self._pins[k] -= 1
-            if self._pins[k] <= 0:
-                del self._pins[k]
-                for entry in self._retired.pop(k, []):
-                    self._free_entry(entry)
+    @staticmethod
+    def _hold(entries: Iterable[_Entry]) -> None:
+        for e in entries:
+            e.pins += 1
+
+    def _release(self, entries: Iterable[_Entry]) -> None:
+        for e in entries:
+            e.pins -= 1
+            assert e.pins >= 0
+            if e.pins == 0 and e.retired:
+                self._free_entry(e)
 
     # ------------------------------------------------------------------ lookups
     def contains(self, key: tuple[int, int, int]) -> bool:
@@ -527,7 +547,7 @@ class TieredStore:
         missed: list[ChunkKey] = []
         pending: list[tuple[ChunkKey, Future[bool]]] = []
         on_gpu = any(o.device.type == "cuda" for o in outs)
-        held: list[ChunkKey] = []
+        held: list[_Entry] = []
         with self._lock:
             for k, o in zip(ks, outs):
                 entry = self._index.get(k)
@@ -542,13 +562,13 @@ class TieredStore:
                 elif entry.host is not None:
                     o.copy_(self._host.slab[entry.host], non_blocking=True)
                     self._hit("host", k)
-                    held.append(k)
+                    held.append(entry)
                 else:
                     assert entry.disk is not None
-                    held.append(k)
+                    held.append(entry)
                     pending.append((k, self._pool.submit(self._read_disk_into, entry, entry.disk,
                                                          entry.disk_generation, o)))
-            self._pins.update(held)  # slots stay put while copies and disk reads are in flight
+            self._hold(held)  # slots stay put while copies and disk reads are in flight
         try:
             if on_gpu:
                 torch.cuda.current_stream().synchronize()
@@ -620,7 +640,7 @@ class TieredStore:
                         self._hit("host", k)
                 else:
                     from_disk.append(entry)
-            self._pins.update(e.key for e in from_disk + from_host)
+            self._hold(from_disk + from_host)
         issued = None
         if to == "device" and self._copy_stream is not None:
             issued = torch.cuda.Event()
@@ -649,7 +669,7 @@ class TieredStore:
             failed.extend(e.key for e in entries if e.key not in failed)
         finally:
             with self._lock:
-                self._release([e.key for e in entries])
+                self._release(entries)
         return failed
 
     def _disk_to_host(self, entry: _Entry) -> bool:
@@ -772,7 +792,7 @@ class TieredStore:
                 out[name] = d
             out["hits"] = sum(out[t]["hits"] for t in _TIERS)
             out["host_pinned"] = self._host.pinned
-            out["pinned_keys"] = len(self._pins)
+            out["pinned_keys"] = len(self._user_pins)
             if self._disk is not None:
                 out["disk_io"] = {"backend": self._disk.io.name, "direct": self._disk.direct,
                                   "reason": self._disk.direct_reason}
