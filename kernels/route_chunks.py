@@ -1,0 +1,169 @@
+# Chunk routing, stage 1: score query rows against chunk summaries, keep each tile's best.
+#
+# Grid: (B * Hkv, cdiv(rep * Lq, BLOCK_R), num_tiles). A program takes BLOCK_R query rows
+#   (query head r of KV head kvh at query position l, row = r * Lq + l: GQA rows share the
+#   summaries they read) and BLOCK_T consecutive chunks, computes scores with one fp32
+#   tl.dot, masks each row to its own candidates [sink_end, local_start) (windows_at of the
+#   row's position, so one launch serves rows of different chunks) and writes the row's
+#   best min(Kc, BLOCK_T) candidates of the tile, best first, to `cand`.
+# Layout: q [B, Hq, Lq, D] (any float dtype); chunk_summ [B, Hkv, N, D] float32;
+#   cand [B, Hq, Lq, num_tiles, KT] int64 packed keys (see below).
+# Bytes: reads num_tiles * BLOCK_T * D * 4 per (b, kvh, row block) of summaries (at 1M tokens,
+#   N = 16384 chunks: 64 MiB per step, the one term of HGA that grows with context) plus
+#   q; writes B * Hq * Lq * num_tiles * KT * 8.
+# Packed key: (order-preserving int32 of the fp32 score) << 32 | (2^31 - 1 - chunk), so one
+#   int64 sort orders by score, ties to the lower chunk (the reference's stable sort), and
+#   "no candidate" is INT64_MIN. Scores are fp32 with IEEE dots (not tf32, whose 10-bit
+#   mantissa would flip near-tied picks against the float64 reference).
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvtier.kernels._blocks import _windows
+
+__all__ = ["route_chunks", "route_chunks_tiles", "EMPTY_KEY"]
+
+#: Packed key of "no candidate" (sorts after every real one).
+EMPTY_KEY = -(2**63)
+
+
+@triton.jit
+def _pack(score, idx):
+    """int64 key ordering by fp32 score, then by lower idx (see the header)."""
+    bits = score.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (key.to(tl.int64) << 32) | (2147483647 - idx).to(tl.int64)
+
+
+@triton.jit
+def _route_chunks_kernel(
+    # pointers
+    q_ptr, summ_ptr, cand_ptr,
+    # sizes
+    start_pos, num_q, num_chunks,
+    # strides
+    stride_qb, stride_qh, stride_ql,
+    stride_sb, stride_sh, stride_sn,
+    stride_cb, stride_ch, stride_cl, stride_ct,
+    # meta
+    NUM_KV_HEADS: tl.constexpr, REP: tl.constexpr,
+    C: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
+    KT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    b = (pid_bh // NUM_KV_HEADS).to(tl.int64)
+    kvh = (pid_bh % NUM_KV_HEADS).to(tl.int64)
+
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < REP * num_q
+    r = rows // num_q
+    l = rows % num_q
+    hq = kvh * REP + r
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(
+        q_ptr + b * stride_qb + hq[:, None] * stride_qh + l[:, None] * stride_ql + offs_d[None, :],
+        mask=row_ok[:, None] & mask_d[None, :], other=0.0,
+    ).to(tl.float32)
+
+    n = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    s_tile = tl.load(
+        summ_ptr + b * stride_sb + kvh * stride_sh + n[:, None] * stride_sn + offs_d[None, :],
+        mask=(n < num_chunks)[:, None] & mask_d[None, :], other=0.0,
+    )
+    scores = tl.dot(q, tl.trans(s_tile), input_precision="ieee")  # [BLOCK_R, BLOCK_T]
+
+    sink_end, local_start, cur = _windows(start_pos + l, C, SINK, LOCAL)
+    ok = (n[None, :] >= sink_end[:, None]) & (n[None, :] < local_start[:, None]) & row_ok[:, None]
+    keys = tl.where(ok, _pack(scores, n[None, :]), -9223372036854775808)
+    keys = tl.sort(keys, dim=1, descending=True)
+
+    cols = tl.arange(0, BLOCK_T)
+    dst = cand_ptr + b * stride_cb + hq[:, None] * stride_ch + l[:, None] * stride_cl + pid_t * stride_ct + cols[None, :]
+    tl.store(dst, keys, mask=row_ok[:, None] & (cols < KT)[None, :])
+
+
+def route_chunks_tiles(num_chunks: int, top_chunks: int, *, block_t: int | None = None) -> tuple[int, int, int]:
+    """``(block_t, num_tiles, kt)``: tile width, tiles over ``num_chunks`` and keys kept per tile.
+
+    Wide tiles keep the merge short: at 1M tokens (16384 chunks) 32 tiles of 512 leave
+    32 * 16 = 512 candidates per row to merge instead of 4096.
+    """
+    if block_t is None:
+        block_t = min(512, max(16, triton.next_power_of_2(max(1, num_chunks) // 32)))
+    num_tiles = max(1, -(-num_chunks // block_t))
+    return block_t, num_tiles, max(1, min(top_chunks, block_t))
+
+
+def route_chunks(
+    q: torch.Tensor,
+    chunk_summ: torch.Tensor,
+    cand: torch.Tensor,
+    *,
+    start_pos: int,
+    chunk_size: int,
+    sink_chunks: int,
+    local_chunks: int,
+    block_t: int,
+    block_r: int = 16,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """Each query row's best candidate chunks per tile of ``block_t`` chunks (packed int64 keys).
+
+    Parameters
+    ----------
+    q : Tensor ``[B, Hq, Lq, D]`` float32, float16 or bfloat16, last dim contiguous
+        Queries at positions ``start_pos + i`` (RoPE applied).
+    chunk_summ : Tensor ``[B, Hkv, N, D]`` float32, last dim contiguous
+        Chunk summaries of the closed chunks (at least every candidate of the last query).
+    cand : Tensor ``[B, Hq, Lq, num_tiles, KT]`` int64, last dim contiguous
+        Output: per tile, the best ``KT`` packed keys best first, ``EMPTY_KEY`` padded.
+        ``(block_t, num_tiles, KT)`` come from :func:`route_chunks_tiles`.
+    start_pos, chunk_size, sink_chunks, local_chunks : int
+        Position of the first query and the window geometry (``HGAConfig``).
+    block_t : int
+        Chunks per tile, a power of two >= 16.
+
+    Returns
+    -------
+    Tensor
+        ``cand``.
+    """
+    for name, t, nd in (("q", q, 4), ("chunk_summ", chunk_summ, 4), ("cand", cand, 5)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != nd:
+            raise ValueError(f"{name}: expected {nd} dimensions, got shape {tuple(t.shape)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected a contiguous last dim, got strides {t.stride()}")
+    bsz, hq, lq, d = q.shape
+    hkv, n = chunk_summ.shape[1], chunk_summ.shape[2]
+    if chunk_summ.dtype != torch.float32 or cand.dtype != torch.int64:
+        raise TypeError(f"chunk_summ, cand: expected float32 and int64, got {chunk_summ.dtype} and {cand.dtype}")
+    if chunk_summ.shape[0] != bsz or chunk_summ.shape[3] != d or hq % hkv != 0:
+        raise ValueError(f"chunk_summ: expected [B={bsz}, Hkv | {hq}, N, D={d}], got {tuple(chunk_summ.shape)}")
+    num_tiles, kt = cand.shape[3], cand.shape[4]
+    if tuple(cand.shape[:3]) != (bsz, hq, lq) or num_tiles * block_t < n or kt > block_t:
+        raise ValueError(
+            f"cand: expected [B, Hq, Lq, >= {-(-n // block_t)}, <= {block_t}], got {tuple(cand.shape)}"
+        )
+    rep = hq // hkv
+    block_r = max(16, min(block_r, triton.next_power_of_2(rep * lq)))
+    grid = (bsz * hkv, triton.cdiv(rep * lq, block_r), num_tiles)
+    _route_chunks_kernel[grid](
+        q, chunk_summ, cand,
+        start_pos, lq, n,
+        q.stride(0), q.stride(1), q.stride(2),
+        chunk_summ.stride(0), chunk_summ.stride(1), chunk_summ.stride(2),
+        cand.stride(0), cand.stride(1), cand.stride(2), cand.stride(3),
+        NUM_KV_HEADS=hkv, REP=rep, C=chunk_size, SINK=sink_chunks, LOCAL=local_chunks,
+        KT=kt, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_R=block_r, BLOCK_T=block_t, num_warps=num_warps,
+    )
+    return cand

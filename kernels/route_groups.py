@@ -1,0 +1,167 @@
+# Chunk routing, stage 2, and group routing: merge the tiles' best chunks, score the groups of
+# the chosen chunks, write the RoutePlan rows.
+#
+# Grid: (B * Hq * Lq,): one program per query row (batch, query head, position).
+# Layout: cand [B, Hq, Lq, num_tiles, KT] int64 packed keys from route_chunks;
+#   q [B, Hq, Lq, D]; group_summ [B, Hkv, N, M, D] float32;
+#   outputs chunk_ids [B, Hq, Lq, Kc_w], group_ids [B, Hq, Lq, Kg_w], fetch_ids [B, Hq, Lq, Kf_w]
+#   int64 (-1 padded, best first, RoutePlan semantics) and routed [B, Hq, Lq, Kg_w] int32
+#   (group_ids again, the block table of the attention kernels over dense K/V).
+# Bytes: reads num_tiles * KT * 8 + Kc * M * D * 4 (+ q) per row: at the defaults
+#   (Kc 16, M 4, D 128) 32 KiB of group summaries; writes (Kc + Kg + Kf) * 8 + Kg * 4.
+# Order: chunks by packed key (score, then lower chunk); groups by score, ties to the earlier
+#   candidate in (chunk rank, group) order, exactly the reference's stable sort.
+# The chosen chunk ids are written to chunk_ids first and read back after a barrier: Triton
+#   cannot slice the first Kc lanes out of a sorted vector, memory can.
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvtier.kernels.route_chunks import _pack
+
+__all__ = ["route_groups"]
+
+
+@triton.jit
+def _route_groups_kernel(
+    # pointers
+    cand_ptr, q_ptr, gsumm_ptr, chunk_out_ptr, group_out_ptr, fetch_out_ptr, routed_out_ptr,
+    # sizes
+    num_q, num_cand, top_chunks, top_groups, fetch_groups, kc_w, kg_w, kf_w,
+    # strides
+    stride_cb, stride_ch, stride_cl,
+    stride_qb, stride_qh, stride_ql,
+    stride_gb, stride_gh, stride_gn, stride_gm,
+    stride_ob, stride_oh, stride_ol,
+    stride_gob, stride_goh, stride_gol,
+    stride_fb, stride_fh, stride_fl,
+    stride_rb, stride_rh, stride_rl,
+    # meta
+    NUM_Q_HEADS: tl.constexpr, REP: tl.constexpr, M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_CAND: tl.constexpr, BLOCK_KC: tl.constexpr, BLOCK_OUT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    l = (pid % num_q).to(tl.int64)
+    bh = pid // num_q
+    b = (bh // NUM_Q_HEADS).to(tl.int64)
+    hq = (bh % NUM_Q_HEADS).to(tl.int64)
+    kvh = hq // REP
+    EMPTY: tl.constexpr = -9223372036854775808
+
+    # Merge: the best top_chunks of all tiles' candidates.
+    offs_c = tl.arange(0, BLOCK_CAND)
+    keys = tl.load(cand_ptr + b * stride_cb + hq * stride_ch + l * stride_cl + offs_c, mask=offs_c < num_cand, other=EMPTY)
+    keys = tl.sort(keys, descending=True)
+    chunk = 2147483647 - (keys & 0xFFFFFFFF).to(tl.int32)
+    chunk = tl.where((keys != EMPTY) & (offs_c < top_chunks), chunk, -1)
+    chunk_row = chunk_out_ptr + b * stride_ob + hq * stride_oh + l * stride_ol
+    tl.store(chunk_row + offs_c, chunk.to(tl.int64), mask=offs_c < kc_w)
+    tl.debug_barrier()
+
+    # Groups of the chosen chunks, candidate j = rank * M + g.
+    BLOCK_G: tl.constexpr = BLOCK_KC * M
+    j = tl.arange(0, BLOCK_G)
+    rank = j // M
+    g = j % M
+    gchunk = tl.load(chunk_row + rank, mask=rank < tl.minimum(kc_w, top_chunks), other=-1)
+    ok = gchunk >= 0
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + hq * stride_qh + l * stride_ql + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    gs = tl.load(
+        gsumm_ptr + b * stride_gb + kvh * stride_gh + gchunk.to(tl.int64)[:, None] * stride_gn
+        + g[:, None] * stride_gm + offs_d[None, :],
+        mask=ok[:, None] & mask_d[None, :], other=0.0,
+    )
+    scores = tl.sum(gs * q[None, :], axis=1)
+    gkeys = tl.where(ok, _pack(scores, j), EMPTY)
+    gkeys = tl.sort(gkeys, descending=True)
+    num_ok = tl.sum(ok.to(tl.int32), axis=0)
+
+    # Lane i of the sorted keys is the i-th best group: recover its chunk and group.
+    sj = 2147483647 - (gkeys & 0xFFFFFFFF).to(tl.int32)
+    sj = tl.where(gkeys != EMPTY, sj, 0)
+    schunk = tl.load(chunk_row + sj // M, mask=gkeys != EMPTY, other=-1)
+    gid = schunk.to(tl.int64) * M + (sj % M)
+    lane = tl.arange(0, BLOCK_G)
+    n_fetch = tl.minimum(num_ok, fetch_groups)
+    n_attend = tl.minimum(num_ok, top_groups)
+    fetch = tl.where(lane < n_fetch, gid, -1)
+    attend = tl.where(lane < n_attend, gid, -1)
+    tl.store(fetch_out_ptr + b * stride_fb + hq * stride_fh + l * stride_fl + lane, fetch, mask=lane < kf_w)
+    tl.store(group_out_ptr + b * stride_gob + hq * stride_goh + l * stride_gol + lane, attend, mask=lane < kg_w)
+    tl.store(routed_out_ptr + b * stride_rb + hq * stride_rh + l * stride_rl + lane, attend.to(tl.int32), mask=lane < kg_w)
+    # Widths past the candidates (kf_w > Kc * M cannot happen: plan_widths clips them).
+    if BLOCK_OUT > BLOCK_G:
+        extra = BLOCK_G + tl.arange(0, BLOCK_OUT - BLOCK_G)
+        tl.store(fetch_out_ptr + b * stride_fb + hq * stride_fh + l * stride_fl + extra, -1, mask=extra < kf_w)
+
+
+def route_groups(
+    cand: torch.Tensor,
+    q: torch.Tensor,
+    group_summ: torch.Tensor,
+    chunk_ids: torch.Tensor,
+    group_ids: torch.Tensor,
+    fetch_ids: torch.Tensor,
+    routed: torch.Tensor,
+    *,
+    top_chunks: int,
+    top_groups: int,
+    fetch_groups: int,
+    num_warps: int = 4,
+) -> None:
+    """Finish routing: top chunks from ``cand``, then top groups inside them, per query row.
+
+    Parameters
+    ----------
+    cand : Tensor ``[B, Hq, Lq, num_tiles, KT]`` int64, contiguous in its last two dims
+        From :func:`kvtier.kernels.route_chunks`.
+    q : Tensor ``[B, Hq, Lq, D]``, last dim contiguous
+    group_summ : Tensor ``[B, Hkv, N, M, D]`` float32, last dim contiguous
+    chunk_ids, group_ids, fetch_ids : Tensor ``[B, Hq, Lq, Kc_w | Kg_w | Kf_w]`` int64
+        Outputs, widths from :func:`kvtier.reference.plan_widths`; rows of positions with
+        fewer candidates are ``-1`` padded, as in :class:`kvtier.reference.RoutePlan`.
+    routed : Tensor ``[B, Hq, Lq, Kg_w]`` int32
+        Output: ``group_ids`` as int32, the routed block table over dense K/V.
+    top_chunks, top_groups, fetch_groups : int
+        ``HGAConfig`` budgets.
+    """
+    bsz, hq, lq, d = q.shape
+    m = group_summ.shape[3]
+    hkv = group_summ.shape[1]
+    for name, t in (("cand", cand), ("q", q), ("group_summ", group_summ), ("chunk_ids", chunk_ids),
+                    ("group_ids", group_ids), ("fetch_ids", fetch_ids), ("routed", routed)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"{name}: expected a contiguous last dim, got strides {t.stride()}")
+    if cand.shape[3] > 1 and cand.stride(3) != cand.shape[4]:
+        raise ValueError(f"cand: expected contiguous tiles, got strides {cand.stride()}")
+    for name, t, dt in (("chunk_ids", chunk_ids, torch.int64), ("group_ids", group_ids, torch.int64),
+                        ("fetch_ids", fetch_ids, torch.int64), ("routed", routed, torch.int32)):
+        if t.dtype != dt or tuple(t.shape[:3]) != (bsz, hq, lq):
+            raise ValueError(f"{name}: expected [{bsz}, {hq}, {lq}, K] {dt}, got {tuple(t.shape)} {t.dtype}")
+    kc_w, kg_w, kf_w = chunk_ids.shape[3], group_ids.shape[3], fetch_ids.shape[3]
+    if routed.shape[3] != kg_w or max(kg_w, kf_w) > kc_w * m:
+        raise ValueError(f"group_ids/fetch_ids/routed: expected widths <= Kc_w * M = {kc_w * m}, got {kg_w}, {kf_w}")
+    num_cand = cand.shape[3] * cand.shape[4]
+    block_kc = triton.next_power_of_2(max(1, kc_w))
+    block_g = block_kc * m
+    _route_groups_kernel[(bsz * hq * lq,)](
+        cand, q, group_summ, chunk_ids, group_ids, fetch_ids, routed,
+        lq, num_cand, top_chunks, top_groups, fetch_groups, kc_w, kg_w, kf_w,
+        cand.stride(0), cand.stride(1), cand.stride(2),
+        q.stride(0), q.stride(1), q.stride(2),
+        group_summ.stride(0), group_summ.stride(1), group_summ.stride(2), group_summ.stride(3),
+        chunk_ids.stride(0), chunk_ids.stride(1), chunk_ids.stride(2),
+        group_ids.stride(0), group_ids.stride(1), group_ids.stride(2),
+        fetch_ids.stride(0), fetch_ids.stride(1), fetch_ids.stride(2),
+        routed.stride(0), routed.stride(1), routed.stride(2),
+        NUM_Q_HEADS=hq, REP=hq // hkv, M=m, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_CAND=max(triton.next_power_of_2(num_cand), block_kc), BLOCK_KC=block_kc,
+        BLOCK_OUT=max(block_g, triton.next_power_of_2(max(1, kf_w))),
+        num_warps=num_warps,
+    )

@@ -1,0 +1,69 @@
+"""route_chunks + route_groups against the RoutePlan of the HGA reference (exact ids)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier.config import HGAConfig
+from kvtier.kernels.route_chunks import route_chunks, route_chunks_tiles
+from kvtier.kernels.route_groups import route_groups
+from kvtier.reference import chunk_summaries_ref, group_summaries_ref, hga_attention, plan_widths, rope_inv_freq
+
+CFG = HGAConfig(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=5, fetch_groups=8)
+THETA = 1e4
+
+
+def kernel_plan(q, k, cfg, start_pos, block_t=None):
+    """RoutePlan tensors of the routing kernels for queries at start_pos .. start_pos + Lq - 1."""
+    bsz, hq, lq, d = q.shape
+    c = cfg.chunk_size
+    last = start_pos + lq - 1
+    n = last // c
+    inv = rope_inv_freq(d, THETA)
+    cs = chunk_summaries_ref(k[:, :, : n * c], c, inv, cfg.rope_cutoff_rad)
+    gs = group_summaries_ref(k[:, :, : n * c], c, cfg.group_size, inv, cfg.rope_cutoff_rad)
+    kc_w, kg_w, kf_w = plan_widths(cfg, last)
+    bt, nt, kt = route_chunks_tiles(n, cfg.top_chunks, block_t=block_t)
+    cand = torch.empty(bsz, hq, lq, nt, kt, dtype=torch.int64)
+    route_chunks(q, cs, cand, start_pos=start_pos, chunk_size=c, sink_chunks=cfg.sink_chunks,
+                 local_chunks=cfg.local_chunks, block_t=bt)
+    out = [torch.full((bsz, hq, lq, w), -7, dtype=torch.int64) for w in (kc_w, kg_w, kf_w)]
+    routed = torch.full((bsz, hq, lq, kg_w), -7, dtype=torch.int32)
+    route_groups(cand, q, gs, *out, routed, top_chunks=cfg.top_chunks, top_groups=cfg.top_groups,
+                 fetch_groups=cfg.fetch_groups)
+    assert torch.equal(routed.long(), out[1])
+    return out
+
+
+@pytest.mark.parametrize(
+    "dtype,hq,hkv,lq,start_pos,lk,block_t",
+    [
+        (torch.float32, 4, 1, 1, 300, 301, 16),  # decode, GQA 4, several tiles
+        (torch.float16, 2, 2, 1, 120, 130, None),  # decode, MHA, Lk past the query
+        (torch.float32, 4, 2, 40, 170, 210, 16),  # prefill rows over three chunks, partial first
+        (torch.float32, 8, 1, 3, 40, 43, None),  # few candidates: widths clipped, rows padded
+    ],
+)
+def test_routing_matches_reference_plan(dtype, hq, hkv, lq, start_pos, lk, block_t):
+    torch.manual_seed(3)
+    d = 32
+    q = torch.randn(2 if lq == 1 else 1, hq, lq, d, dtype=dtype)
+    k = torch.randn(q.shape[0], hkv, lk, d, dtype=dtype)
+    _, stats = hga_attention(q, k, k, config=CFG, rope_theta=THETA, start_pos=start_pos)
+    chunk_ids, group_ids, fetch_ids = kernel_plan(q, k, CFG, start_pos, block_t)
+    assert torch.equal(chunk_ids, stats.plan.chunk_ids)
+    assert torch.equal(group_ids, stats.plan.group_ids)
+    assert torch.equal(fetch_ids, stats.plan.fetch_group_ids)
+
+
+def test_routing_full_coverage_selects_every_candidate():
+    torch.manual_seed(4)
+    cfg = HGAConfig.full_coverage(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=1)
+    q = torch.randn(1, 2, 1, 32)
+    k = torch.randn(1, 1, 200, 32)
+    _, stats = hga_attention(q, k, k, config=cfg, rope_theta=THETA, start_pos=199)
+    chunk_ids, group_ids, fetch_ids = kernel_plan(q, k, cfg, 199)
+    assert torch.equal(chunk_ids, stats.plan.chunk_ids)
+    assert torch.equal(group_ids, stats.plan.group_ids)
+    assert torch.equal(fetch_ids, stats.plan.fetch_group_ids)
