@@ -1,0 +1,784 @@
+"""Hugging Face transformers integration: the attention implementation ``"hga"`` and :class:`TieredCache`.
+
+Importing this module registers ``"hga"`` with ``transformers.AttentionInterface``; a model
+loaded with ``attn_implementation="hga"`` then runs Hierarchical Global Attention with its
+own weights, unchanged::
+
+    import kvtier.hf
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="hga")
+    cache = kvtier.hf.TieredCache(model.config, store=kvtier.StoreConfig(host_bytes="2GiB", disk_dir=d))
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=64)
+
+Two paths, one result:
+
+* **With a TieredCache** (generation): closed chunks (64 tokens per layer, ``[2, Hkv, C, D]``)
+  go to a :class:`kvtier.TieredStore` (device cache, host tier, disk tier). The compute
+  device keeps only the chunk and group summaries, the sink chunks, the local window and
+  the open chunk; for each block of queries that share a chunk, the routed chunks are read
+  from the store and exact softmax attention runs over sinks + local window + routed
+  groups + the causal part of the current chunk.
+* **Without a cache, or with a transformers cache** (teacher-forced scoring): the full K/V
+  arrives and the function calls HGA over it directly (``kvtier.hga_attention`` when the
+  kernels are there, the reference otherwise); ``configure(model, method="quest" | "oracle")``
+  swaps in the baselines of :mod:`kvtier.reference.baselines` at the same budget.
+
+Routing is per position (see :mod:`kvtier.reference.hga`), so a prompt fed in pieces, or
+one token at a time, gives the same result as one prefill, and with budgets covering the
+context the output equals dense causal attention.
+
+Supported: decoder-only models with plain RoPE (``rope_type`` "default", half-split pairs,
+full rotary dim) and GQA: the Llama, Mistral, Qwen2 and Qwen3 families, transformers 5.17 to
+5.24, batches of equal-length sequences (no padding: the ``"hga"`` implementation receives
+no attention mask), greedy and sampled decoding, CPU and CUDA. Sliding-window layers are
+not modelled: HGA replaces the attention pattern as a whole.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
+
+from kvtier.config import HGAConfig, StoreConfig
+from kvtier.errors import ConfigError, TransferError
+from kvtier.layout import KVLayout, windows_at
+from kvtier.reference.attention import masked_attention_ref
+from kvtier.reference.hga import RoutePlan, _route_block, plan_widths
+from kvtier.reference.rope import rope_inv_freq
+from kvtier.reference.summaries import chunk_summaries_ref, group_summaries_ref
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "METHODS",
+    "AttentionStats",
+    "TieredCache",
+    "cache_kwargs",
+    "configure",
+    "hga_attention_forward",
+    "register",
+    "rope_theta_of",
+]
+
+#: Name under which the attention function is registered with transformers.
+ATTN_IMPLEMENTATION = "hga"
+#: Attention methods :func:`configure` accepts for the cache-less path.
+METHODS = ("hga", "quest", "oracle", "dense")
+
+_MARK = "_kvtier_layer"  # attribute TieredLayer.update puts on the K it returns
+_SETTINGS = "_kvtier_settings"  # attribute configure() puts on each attention module
+
+
+# --------------------------------------------------------------------------- model config
+
+
+def _text_config(config: Any) -> Any:
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def rope_theta_of(config: Any) -> float:
+    """RoPE base of a transformers config, refusing anything but plain RoPE.
+
+    Reads transformers 5's ``rope_parameters`` (flat, or one entry per layer type) and the
+    older ``rope_theta`` / ``rope_scaling`` attributes.
+
+    Parameters
+    ----------
+    config : transformers.PretrainedConfig
+
+    Returns
+    -------
+    float
+        ``rope_theta`` (SmolLM2: 1e5).
+
+    Raises
+    ------
+    ConfigError
+        If the model uses RoPE scaling (linear, dynamic, YaRN, llama3, ...), a partial
+        rotary dim, or has no RoPE base at all: HGA's mixed-RoPE summaries assume
+        ``inv_freq[i] = theta ** (-2i / D)`` over the whole head.
+    """
+    config = _text_config(config)
+    params = getattr(config, "rope_parameters", None)
+    entries: list[dict[str, Any]] = []
+    if isinstance(params, dict) and params:
+        if all(isinstance(v, dict) for v in params.values()):
+            entries = list(params.values())
+        else:
+            entries = [params]
+    scaling = getattr(config, "rope_scaling", None)
+    if isinstance(scaling, dict) and scaling and scaling not in entries:
+        entries.append(scaling)
+    thetas = set()
+    for entry in entries:
+        kind = entry.get("rope_type", entry.get("type", "default"))
+        if kind not in ("default", None):
+            raise ConfigError(
+                f"rope scaling: expected plain RoPE (rope_type 'default'), got {kind!r}; "
+                "HGA's summaries assume unscaled frequencies"
+            )
+        if entry.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ConfigError(
+                f"partial_rotary_factor: expected 1.0, got {entry['partial_rotary_factor']}"
+            )
+        if entry.get("rope_theta") is not None:
+            thetas.add(float(entry["rope_theta"]))
+    if getattr(config, "partial_rotary_factor", 1.0) not in (1.0, None):
+        raise ConfigError(f"partial_rotary_factor: expected 1.0, got {config.partial_rotary_factor}")
+    if getattr(config, "rope_theta", None) is not None and not thetas:
+        thetas.add(float(config.rope_theta))
+    if len(thetas) != 1:
+        raise ConfigError(f"rope_theta: expected one RoPE base in the config, got {sorted(thetas) or 'none'}")
+    theta = thetas.pop()
+    if not theta > 0:
+        raise ConfigError(f"rope_theta: expected a positive number, got {theta}")
+    return theta
+
+
+def _model_geometry(config: Any) -> tuple[int, int, int, int]:
+    """``(num_layers, num_q_heads, num_kv_heads, head_dim)`` of a decoder config."""
+    config = _text_config(config)
+    try:
+        layers = int(config.num_hidden_layers)
+        hq = int(config.num_attention_heads)
+        hkv = int(getattr(config, "num_key_value_heads", None) or hq)
+        d = int(getattr(config, "head_dim", None) or config.hidden_size // hq)
+    except AttributeError as exc:
+        raise ConfigError(f"model config: expected a decoder config with heads and layers, got {exc}") from None
+    if hq % hkv != 0:
+        raise ConfigError(f"num_key_value_heads: expected a divisor of {hq} query heads, got {hkv}")
+    types = getattr(config, "layer_types", None) or ()
+    if any(t != "full_attention" for t in types):
+        raise ConfigError(f"layer_types: expected only 'full_attention' layers, got {sorted(set(types))}")
+    return layers, hq, hkv, d
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class AttentionStats:
+    """Running totals of what attention calls attended, over layers, heads and queries.
+
+    Attributes
+    ----------
+    queries : int
+        Query rows counted (one per batch element, query head, position and layer).
+    keys : int
+        Keys attended, summed over those rows (sinks, local window, routed keys and the
+        causal part of the current chunk included).
+    density_sum : float
+        Sum over rows of keys attended / causal context length.
+    """
+
+    queries: int = 0
+    keys: int = 0
+    density_sum: float = 0.0
+
+    def add(self, keys_per_query: torch.Tensor, context_per_query: torch.Tensor) -> None:
+        """Add one call: ``keys_per_query [B, Hq, Lq]``, ``context_per_query [Lq]``."""
+        k = keys_per_query.detach().to("cpu", torch.float64)
+        ctx = context_per_query.detach().to("cpu", torch.float64)
+        self.queries += k.numel()
+        self.keys += int(k.sum())
+        self.density_sum += float((k / ctx).sum())
+
+    @property
+    def mean_keys_per_query(self) -> float:
+        """Keys attended per query, averaged (0.0 before any call)."""
+        return self.keys / self.queries if self.queries else 0.0
+
+    @property
+    def density(self) -> float:
+        """Mean of keys attended / context length (1.0 is dense; 0.0 before any call)."""
+        return self.density_sum / self.queries if self.queries else 0.0
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        self.queries, self.keys, self.density_sum = 0, 0, 0.0
+
+
+@dataclass
+class _Settings:
+    """What the cache-less path runs for one model (set by :func:`configure`)."""
+
+    hga: HGAConfig
+    method: str
+    routed_keys: int | None
+    stats: AttentionStats = field(default_factory=AttentionStats)
+
+
+def configure(
+    model: Any, *, hga: HGAConfig | None = None, method: str = "hga", routed_keys: int | None = None
+) -> AttentionStats:
+    """Choose what ``"hga"`` attention computes when no :class:`TieredCache` is passed.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        Loaded with ``attn_implementation="hga"``.
+    hga : HGAConfig, optional
+        Budgets and windows; the paper's defaults when omitted.
+    method : {"hga", "quest", "oracle", "dense"}
+        ``"quest"`` and ``"oracle"`` use the same sinks, local window and current chunk as
+        HGA plus ``routed_keys`` more keys per query (Quest pages or true top-k keys);
+        ``"dense"`` is exact causal attention (the reference, float32).
+    routed_keys : int, optional
+        Keys per query beyond the windows for quest/oracle; defaults to HGA's
+        ``top_groups * group_size`` so that all three attend the same number.
+
+    Returns
+    -------
+    AttentionStats
+        Accumulates keys per query and density over every following call.
+
+    Raises
+    ------
+    ValueError
+        On an unknown method or a model without attention modules.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    hga = HGAConfig() if hga is None else hga
+    if not isinstance(hga, HGAConfig):
+        raise TypeError(f"hga: expected an HGAConfig, got {type(hga).__name__}")
+    if routed_keys is None:
+        routed_keys = hga.top_groups * hga.group_size
+    settings = _Settings(hga=hga, method=method, routed_keys=routed_keys)
+    found = 0
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and hasattr(module, "num_key_value_groups"):
+            setattr(module, _SETTINGS, settings)
+            found += 1
+    if found == 0:
+        raise ValueError(f"model: expected attention modules with layer_idx, got none in {type(model).__name__}")
+    return settings.stats
+
+
+def cache_kwargs(model: Any, cache: Cache) -> dict[str, Cache]:
+    """``{"cache": cache}`` where the model's forward takes ``cache`` (transformers 5.24), else ``past_key_values``.
+
+    transformers 5.24 renamed the keyword and still accepts the old one with a
+    FutureWarning; 5.17 silently ignores the new one, which would run without the cache.
+    """
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+# --------------------------------------------------------------------------- tiered cache
+
+
+class _GrowingRows:
+    """A tensor that grows along dim 2 by doubling (amortised O(1) append per closed chunk)."""
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+        self.n = 0
+
+    def append(self, rows: torch.Tensor) -> None:
+        need = self.n + rows.shape[2]
+        if self.buf is None or need > self.buf.shape[2]:
+            cap = max(need, 2 * (self.buf.shape[2] if self.buf is not None else 8))
+            grown = rows.new_empty(*rows.shape[:2], cap, *rows.shape[3:])
+            if self.buf is not None:
+                grown[:, :, : self.n] = self.buf[:, :, : self.n]
+            self.buf = grown
+        self.buf[:, :, self.n : need] = rows
+        self.n = need
+
+    def view(self) -> torch.Tensor:
+        assert self.buf is not None
+        return self.buf[:, :, : self.n]
+
+
+class TieredLayer(DynamicLayer):
+    """One layer of a :class:`TieredCache` (created by it; not meant to be built directly).
+
+    Holds, on the compute device: float32 chunk summaries ``[B, Hkv, N, D]`` and group
+    summaries ``[B, Hkv, N, M, D]`` of the N closed chunks, the sink chunks, the last
+    ``local_chunks`` closed chunks and the open chunk (``[B, Hkv, < C, D]``). Every closed
+    chunk is written to the store as ``[2, Hkv, C, D]`` under ``(seq_id=b, layer, chunk)``.
+    """
+
+    def __init__(self, cache: TieredCache, layer_idx: int) -> None:
+        super().__init__()
+        self._cache = cache
+        self.layer_idx = layer_idx
+        self._clear()
+
+    def _clear(self) -> None:
+        self.num_tokens = 0
+        self.batch_size: int | None = None
+        self._open_k: torch.Tensor | None = None  # [B, Hkv, n_open, D], n_open < C after attend
+        self._open_v: torch.Tensor | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._chunk_summ = _GrowingRows()
+        self._group_summ = _GrowingRows()
+        self._windows: dict[int, torch.Tensor] = {}  # chunk -> [B, 2, Hkv, C, D] (sinks and local)
+        self.num_closed = 0
+
+    # -- transformers Cache layer API
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.keys = self.values = None
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take the new tokens' K/V; the ``"hga"`` attention call that follows attends them.
+
+        Returns the new K/V themselves (not the whole context), marked so that the attention
+        function finds this layer.
+        """
+        if self._pending is not None:
+            raise RuntimeError(
+                f"TieredCache layer {self.layer_idx}: expected the 'hga' attention to consume each update, "
+                "got two updates in a row; load the model with attn_implementation='hga'"
+            )
+        self._cache._check_kv(key_states, value_states, self)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._pending = (key_states, value_states)
+        marked = key_states.view(key_states.shape)
+        setattr(marked, _MARK, self)
+        return marked, value_states
+
+    def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
+        return self.num_tokens + (self._pending[0].shape[2] if self._pending is not None else 0)
+
+    def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        query_length = args[0] if args and isinstance(args[0], int) else kwargs.get("query_length", 0)
+        if isinstance(query_length, torch.Tensor):
+            query_length = int(query_length.shape[0])
+        return self.get_seq_length() + int(query_length), 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._cache._drop_layer(self)
+        self._clear()
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("TieredCache: cropping is not supported (closed chunks are immutable)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if repeats != 1:
+            raise NotImplementedError(f"TieredCache: expected one sequence per prompt, got repeats={repeats}")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("TieredCache: selecting batch rows is not supported")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("TieredCache: beam search is not supported")
+
+    # -- HGA over the tiered K/V
+    def _close(self, kv: torch.Tensor, inv_freq: torch.Tensor) -> None:
+        """Close chunk ``num_closed``: ``kv [B, 2, Hkv, C, D]``; summarise, store, window it."""
+        cfg = self._cache.hga
+        j = self.num_closed
+        k = kv[:, 0]
+        start = j * cfg.chunk_size
+        self._chunk_summ.append(chunk_summaries_ref(k, cfg.chunk_size, inv_freq, cfg.rope_cutoff_rad, start=start))
+        self._group_summ.append(
+            group_summaries_ref(k, cfg.chunk_size, cfg.group_size, inv_freq, cfg.rope_cutoff_rad, start=start)
+        )
+        self._cache._write_chunk(self.layer_idx, j, kv)
+        self._windows[j] = kv
+        self.num_closed = j + 1
+        # The next query sits in chunk >= num_closed: its local window starts at num_closed - L.
+        keep_from = max(cfg.sink_chunks, self.num_closed - cfg.local_chunks)
+        for old in [c for c in self._windows if cfg.sink_chunks <= c < keep_from]:
+            del self._windows[old]
+
+    def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """HGA for the pending tokens' queries.
+
+        Parameters
+        ----------
+        q : Tensor ``[B, Hq, Lq, D]``
+            Post-RoPE queries of the tokens passed to the last :meth:`update`.
+        scale : float
+            Softmax scale of the model.
+
+        Returns
+        -------
+        out : Tensor ``[B, Hq, Lq, D]`` in ``q.dtype``
+        keys_per_query : Tensor ``[B, Hq, Lq]`` int64
+        context_per_query : Tensor ``[Lq]`` int64
+        """
+        if self._pending is None:
+            raise RuntimeError(f"TieredCache layer {self.layer_idx}: expected an update before attention, got none")
+        new_k, new_v = self._pending
+        cache, cfg = self._cache, self._cache.hga
+        c, m = cfg.chunk_size, cfg.groups_per_chunk
+        b, hq, lq, d = q.shape
+        if new_k.shape[2] != lq or new_k.shape[0] != b:
+            raise ValueError(f"q: expected [B={new_k.shape[0]}, Hq, Lq={new_k.shape[2]}, D] like the update, got {list(q.shape)}")
+        inv_freq = cache._inv_freq(q.device)
+        start = self.num_tokens
+        base = self.num_closed * c  # absolute position of work[:, :, 0]
+        work_k = new_k if self._open_k is None else torch.cat((self._open_k, new_k), dim=2)
+        work_v = new_v if self._open_v is None else torch.cat((self._open_v, new_v), dim=2)
+        out = torch.empty_like(q)
+        keys = torch.empty(b, hq, lq, dtype=torch.long, device=q.device)
+        pos = start
+        while pos < start + lq:
+            cur = pos // c
+            block_end = min(start + lq - 1, cur * c + c - 1)
+            while self.num_closed < cur:  # every chunk before the block's own is closed
+                lo = self.num_closed * c - base
+                self._close(torch.stack((work_k[:, :, lo : lo + c], work_v[:, :, lo : lo + c]), dim=1), inv_freq)
+            rows = slice(pos - start, block_end - start + 1)
+            cur_lo, cur_hi = cur * c - base, block_end + 1 - base
+            o, kq = self._attend_block(
+                q[:, :, rows], pos, block_end, work_k[:, :, cur_lo:cur_hi], work_v[:, :, cur_lo:cur_hi], scale
+            )
+            out[:, :, rows] = o
+            keys[:, :, rows] = kq
+            pos = block_end + 1
+        end = start + lq
+        while (self.num_closed + 1) * c <= end:  # close the chunks that filled up
+            lo = self.num_closed * c - base
+            self._close(torch.stack((work_k[:, :, lo : lo + c], work_v[:, :, lo : lo + c]), dim=1), inv_freq)
+        lo = self.num_closed * c - base
+        self._open_k = work_k[:, :, lo:].clone() if end > self.num_closed * c else None
+        self._open_v = work_v[:, :, lo:].clone() if end > self.num_closed * c else None
+        self.num_tokens = end
+        self._pending = None
+        context = torch.arange(start + 1, end + 1, device=q.device)
+        return out, keys, context
+
+    def _attend_block(
+        self, q: torch.Tensor, first: int, last: int, cur_k: torch.Tensor, cur_v: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries at positions ``first..last`` of one chunk; ``cur_k/v [B, Hkv, last - chunk start + 1, D]``."""
+        cfg = self._cache.hga
+        c, g, m = cfg.chunk_size, cfg.group_size, cfg.groups_per_chunk
+        b, hq, lb, d = q.shape
+        win = windows_at(first, c, cfg.sink_chunks, cfg.local_chunks)
+        assert self.num_closed == win.current
+        fixed = list(range(win.sink_end)) + list(range(win.local_start, win.current))
+        plan: RoutePlan | None = None
+        routed = torch.empty(b, 0, dtype=torch.long, device=q.device)
+        if win.num_candidates > 0 and cfg.top_chunks > 0 and cfg.top_groups > 0:
+            plan = _route_block(
+                q.float(), self._chunk_summ.view(), self._group_summ.view(), win, cfg, plan_widths(cfg, last)
+            )
+            chunk_of = torch.where(plan.group_ids >= 0, plan.group_ids // m, -1).reshape(b, -1)
+            per_seq = [torch.unique(row[row >= 0]) for row in chunk_of]
+            width = max(len(r) for r in per_seq)
+            routed = torch.full((b, width), -1, dtype=torch.long, device=q.device)
+            for i, r in enumerate(per_seq):
+                routed[i, : len(r)] = r
+        routed_kv = self._cache._read_chunks(self.layer_idx, routed)  # [B, R, 2, Hkv, C, D]
+        parts = [self._windows[j] for j in fixed]  # each [B, 2, Hkv, C, D]
+        kv = torch.cat([p.unsqueeze(1) for p in parts] + [routed_kv], dim=1) if parts or routed.numel() else None
+        hkv = cur_k.shape[1]
+        n_cur = cur_k.shape[2]
+        if kv is not None:
+            n_units = kv.shape[1]
+            k_all = torch.cat((kv[:, :, 0].permute(0, 2, 1, 3, 4).reshape(b, hkv, n_units * c, d), cur_k), dim=2)
+            v_all = torch.cat((kv[:, :, 1].permute(0, 2, 1, 3, 4).reshape(b, hkv, n_units * c, d), cur_v), dim=2)
+        else:
+            k_all, v_all = cur_k, cur_v
+        n_fixed = len(fixed) * c
+        vis_fixed = torch.ones(b, hq, lb, n_fixed, dtype=torch.bool, device=q.device)
+        if plan is not None and routed.shape[1] > 0:
+            total_groups = self.num_closed * m
+            chosen = torch.zeros(b, hq, lb, total_groups + 1, dtype=torch.bool, device=q.device)
+            chosen.scatter_(3, torch.where(plan.group_ids < 0, total_groups, plan.group_ids), True)
+            slot_groups = (routed[:, :, None] * m + torch.arange(m, device=q.device)).reshape(b, -1)
+            slot_groups = torch.where(slot_groups < 0, total_groups, slot_groups)  # padding -> never chosen
+            chosen[..., total_groups] = False
+            vis_routed = torch.gather(chosen, 3, slot_groups[:, None, None, :].expand(b, hq, lb, -1))
+            vis_routed = vis_routed.repeat_interleave(g, dim=3)
+        else:
+            vis_routed = torch.zeros(b, hq, lb, 0, dtype=torch.bool, device=q.device)
+        qpos = torch.arange(first, last + 1, device=q.device)
+        kpos = win.current * c + torch.arange(n_cur, device=q.device)
+        vis_cur = (kpos[None, :] <= qpos[:, None]).expand(b, hq, lb, n_cur)
+        visible = torch.cat((vis_fixed, vis_routed, vis_cur), dim=3)
+        out = masked_attention_ref(q, k_all, v_all, visible, scale=scale)
+        return out, visible.sum(dim=-1)
+
+
+class TieredCache(Cache):
+    """A transformers ``Cache`` whose K/V lives in a :class:`kvtier.TieredStore`, attended by HGA.
+
+    The compute device keeps the chunk and group summaries, the sink chunks, the local window
+    and the open chunk of every layer; every closed chunk goes to the store (its device tier
+    is the bounded cache of routed chunks, then the host tier, which spills to a disk tier
+    under ``store.disk_dir`` when ``host_bytes`` is exceeded).
+
+    Parameters
+    ----------
+    model_config : transformers.PretrainedConfig
+        The model's config (plain RoPE, GQA); ``rope_theta`` is read from it.
+    hga : HGAConfig, optional
+        Budgets and windows; the paper's defaults when omitted.
+    store : StoreConfig, optional
+        Budgets and disk folder of the store; ``StoreConfig()`` when omitted (no disk tier).
+
+    Raises
+    ------
+    ConfigError
+        If the model uses RoPE scaling, partial rotary dims, sliding-window layers, or a KV
+        head count that does not divide the query heads.
+
+    Notes
+    -----
+    Only models loaded with ``attn_implementation="hga"`` can use it: ``update`` returns
+    the new tokens' K/V only. The store is created at the first update (when dtype and
+    device are known) and closed by :meth:`close` (or ``with TieredCache(...) as cache``).
+    Sequences of a batch have equal lengths; sequence b's chunks are stored under seq_id b.
+    """
+
+    def __init__(self, model_config: Any, hga: HGAConfig | None = None, store: StoreConfig | None = None) -> None:
+        hga = HGAConfig() if hga is None else hga
+        store = StoreConfig() if store is None else store
+        if not isinstance(hga, HGAConfig):
+            raise TypeError(f"hga: expected an HGAConfig, got {type(hga).__name__}")
+        if not isinstance(store, StoreConfig):
+            raise TypeError(f"store: expected a StoreConfig, got {type(store).__name__}")
+        self.hga = hga
+        self.store_config = store
+        self.rope_theta = rope_theta_of(model_config)
+        self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim = _model_geometry(model_config)
+        self.store: Any = None
+        self.attention_stats = AttentionStats()
+        self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {}
+        super().__init__(layers=[TieredLayer(self, i) for i in range(self.num_layers)])
+
+    # -- called by the layers
+    def _check_kv(self, k: torch.Tensor, v: torch.Tensor, layer: TieredLayer) -> None:
+        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+            raise TypeError(f"key/value states: expected tensors, got {type(k).__name__}, {type(v).__name__}")
+        want = (self.num_kv_heads, self.head_dim)
+        if k.dim() != 4 or (k.shape[1], k.shape[3]) != want or v.shape != k.shape:
+            raise ValueError(
+                f"key/value states: expected [B, {want[0]}, L, {want[1]}] each, got {list(k.shape)} and {list(v.shape)}"
+            )
+        if layer.batch_size is None:
+            layer.batch_size = k.shape[0]
+        elif layer.batch_size != k.shape[0]:
+            raise ValueError(f"key states: expected batch {layer.batch_size} as before, got {k.shape[0]}")
+        if self.store is None:
+            self._open_store(k.dtype, k.device)
+        elif k.dtype != self.store.layout.dtype:
+            raise TypeError(f"key states: expected dtype {self.store.layout.dtype} as before, got {k.dtype}")
+
+    def _open_store(self, dtype: torch.dtype, device: torch.device) -> None:
+        from kvtier.store import TieredStore
+
+        layout = KVLayout(
+            num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            dtype=dtype, chunk_size=self.hga.chunk_size, group_size=self.hga.group_size,
+        )
+        config = self.store_config
+        if config.device is None:
+            from dataclasses import replace
+
+            config = replace(config, device=str(device))
+        self.store = TieredStore(layout, config)
+        # A disk folder may hold chunks of an earlier run with the same layout: never serve them.
+        for seq_id in sorted({key.seq_id for key in self.store.keys()}):
+            self.store.drop(seq_id)
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq_by_device:
+            self._inv_freq_by_device[device] = rope_inv_freq(self.head_dim, self.rope_theta, device=device)
+        return self._inv_freq_by_device[device]
+
+    def _write_chunk(self, layer: int, chunk: int, kv: torch.Tensor) -> None:
+        """``kv [B, 2, Hkv, C, D]``: one store write per sequence."""
+        for b in range(kv.shape[0]):
+            self.store.write((b, layer, chunk), kv[b].contiguous())
+
+    def _read_chunks(self, layer: int, chunk_ids: torch.Tensor) -> torch.Tensor:
+        """``chunk_ids [B, R]`` (-1: padding) -> ``[B, R, 2, Hkv, C, D]`` read from the store."""
+        b, r = chunk_ids.shape
+        lay = self.store.layout
+        out = torch.zeros(b, r, *lay.chunk_shape, dtype=lay.dtype, device=self.store_device)
+        ids = chunk_ids.tolist()
+        keys = [(i, layer, j) for i in range(b) for j in ids[i] if j >= 0]
+        if not keys:
+            return out
+        bufs = [out[i, s] for i in range(b) for s, j in enumerate(ids[i]) if j >= 0]
+        if self.store._device is not None:  # the device tier is the bounded cache of routed chunks
+            self.store.prefetch(keys, to="device").wait()
+        missed = self.store.read(keys, bufs)
+        if missed:
+            raise TransferError(
+                f"TieredCache: expected every routed chunk in the store, got {len(missed)} missing "
+                f"(first {tuple(missed[0])}); give the store a disk_dir or a larger host_bytes"
+            )
+        return out
+
+    @property
+    def store_device(self) -> torch.device:
+        """Device the attention runs on (the first layer's K/V device)."""
+        for layer in self.layers:
+            if getattr(layer, "is_initialized", False):
+                return layer.device
+        return torch.device("cpu")
+
+    def _drop_layer(self, layer: TieredLayer) -> None:
+        """Nothing per layer: chunks are dropped per sequence in :meth:`reset`."""
+
+    # -- public
+    def reset(self) -> None:
+        """Forget every sequence (store contents included); the cache can be reused."""
+        if self.store is not None:
+            for seq_id in sorted({key.seq_id for key in self.store.keys()}):
+                self.store.drop(seq_id)
+        for layer in self.layers:
+            layer.reset()
+        self.attention_stats.reset()
+
+    def stats(self) -> dict[str, Any]:
+        """Tokens, keys per query, density and the store's counters.
+
+        Returns
+        -------
+        dict
+            ``tokens``, ``closed_chunks`` (per layer, layer 0), ``mean_keys_per_query``,
+            ``density``, ``device_resident_bytes`` (summaries, windows and open chunks on
+            the compute device) and ``store`` (:meth:`kvtier.TieredStore.stats`, or None).
+        """
+        resident = 0
+        for layer in self.layers:
+            tensors = [layer._chunk_summ.buf, layer._group_summ.buf, layer._open_k, layer._open_v]
+            tensors += list(layer._windows.values())
+            resident += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return {
+            "tokens": self.get_seq_length(),
+            "closed_chunks": self.layers[0].num_closed if self.layers else 0,
+            "mean_keys_per_query": self.attention_stats.mean_keys_per_query,
+            "density": self.attention_stats.density,
+            "device_resident_bytes": resident,
+            "store": None if self.store is None else self.store.stats(),
+        }
+
+    def close(self) -> None:
+        """Close the store (its disk files stay in ``disk_dir``, which the caller owns)."""
+        if self.store is not None:
+            self.store.close()
+
+    def __enter__(self) -> TieredCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- attention function
+
+
+def _module_theta(module: Any) -> float:
+    theta = getattr(module, "_kvtier_rope_theta", None)
+    if theta is None:
+        theta = rope_theta_of(module.config)
+        module._kvtier_rope_theta = theta
+    return theta
+
+
+def _full_context_hga(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: HGAConfig, theta: float, start: int):
+    """HGA over the full K/V: the kernels when kvtier.attention is there, the reference otherwise."""
+    try:
+        from kvtier.attention import hga_attention as fast
+    except ImportError:
+        fast = None
+    if fast is not None:
+        return fast(q, k, v, config=cfg, rope_theta=theta, start_pos=start)
+    from kvtier.reference.hga import hga_attention
+
+    return hga_attention(q, k, v, config=cfg, rope_theta=theta, start_pos=start)
+
+
+def hga_attention_forward(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The function registered as ``"hga"``: transformers calls it in every attention layer.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The attention module (its ``config`` gives the RoPE base).
+    query : Tensor ``[B, Hq, Lq, D]``
+        Post-RoPE queries.
+    key, value : Tensor ``[B, Hkv, Lk, D]``
+        Post-RoPE keys and values: the new tokens' only when a :class:`TieredCache`
+        returned them, else the whole context (the queries are its last Lq positions).
+    attention_mask : None
+        ``"hga"`` registers no mask function, so transformers passes None; causality is
+        applied here. A padded batch is not supported.
+    scaling : float, optional
+        Softmax scale; ``D ** -0.5`` when omitted.
+    dropout : float
+        Must be 0 (HGA has no attention dropout).
+
+    Returns
+    -------
+    out : Tensor ``[B, Lq, Hq, D]``
+    weights : None
+    """
+    if dropout:
+        raise ValueError(f"dropout: expected 0.0 (HGA has no attention dropout), got {dropout}")
+    d = query.shape[-1]
+    scale = d**-0.5 if scaling is None else float(scaling)
+    layer = getattr(key, _MARK, None)
+    if isinstance(layer, TieredLayer):
+        out, keys, context = layer.attend(query, scale)
+        layer._cache.attention_stats.add(keys, context)
+        return out.transpose(1, 2).contiguous(), None
+    settings: _Settings | None = getattr(module, _SETTINGS, None)
+    if settings is None:
+        settings = _Settings(hga=HGAConfig(), method="hga", routed_keys=None)
+        setattr(module, _SETTINGS, settings)
+    start = key.shape[2] - query.shape[2]
+    if start < 0:
+        raise ValueError(f"key: expected at least Lq={query.shape[2]} positions, got {key.shape[2]}")
+    if settings.method == "dense":
+        from kvtier.reference.attention import dense_attention_ref
+
+        out = dense_attention_ref(query, key, value, start_pos=start, scale=scale)
+        lq = query.shape[2]
+        context = torch.arange(start + 1, start + lq + 1, device=query.device)
+        settings.stats.add(context.expand(query.shape[0], query.shape[1], lq), context)
+        return out.transpose(1, 2).contiguous(), None
+    if not math.isclose(scale, d**-0.5, rel_tol=1e-6):
+        raise ValueError(f"scaling: expected head_dim ** -0.5 = {d ** -0.5:.6g} on this path, got {scale:.6g}")
+    if settings.method == "hga":
+        out, stats = _full_context_hga(query, key, value, settings.hga, _module_theta(module), start)
+    else:
+        from kvtier.reference import baselines
+
+        fn = baselines.quest_attention_ref if settings.method == "quest" else baselines.oracle_attention_ref
+        out, stats = fn(query, key, value, config=settings.hga, routed_keys=settings.routed_keys, start_pos=start)
+    settings.stats.add(stats.keys_per_query, stats.context_per_query)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``"hga"`` with transformers (done on import; calling again is harmless)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, hga_attention_forward)
+
+
+register()
