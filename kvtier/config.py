@@ -165,7 +165,8 @@ class StoreConfig:
     disk_dir : str or Path or None
         Folder of the disk tier's slab files; None means no disk tier.
     io_backend : {"auto", "posix", "kvikio"}
-        Disk I/O backend; "auto" picks kvikio when CUDA and kvikio are available, else POSIX.
+        Disk I/O backend; "auto" picks kvikio when it runs GPUDirect Storage, else POSIX
+        (O_DIRECT): kvikio's compatibility mode is POSIX I/O behind another layer.
     eviction : {"lru"}
         Eviction policy of every tier.
     device : str or None

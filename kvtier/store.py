@@ -704,7 +704,8 @@ class TieredStore:
         pairs: list[tuple[_Entry, int, int]] = []
         failed: list[ChunkKey] = []
         with self._lock:
-            for entry in entries:
+            # In host-slot order, so consecutive host slots get consecutive device slots.
+            for entry in sorted(entries, key=lambda e: -1 if e.host is None else e.host):
                 if entry.host is None:
                     failed.append(entry.key)
                     continue
@@ -797,6 +798,12 @@ class TieredStore:
                 out["disk_io"] = {"backend": self._disk.io.name, "direct": self._disk.direct,
                                   "reason": self._disk.direct_reason}
             return out
+
+    def reset_stats(self) -> None:
+        """Zero every counter and latency sample (benchmarks time one phase at a time)."""
+        with self._lock:
+            self._stats = {t: _TierStats() for t in _TIERS}
+            self._misses = 0
 
     def close(self) -> None:
         """Finish in-flight transfers, flush host-only chunks to disk, close the files."""

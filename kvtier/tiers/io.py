@@ -245,13 +245,17 @@ class KvikioIO(PosixIO):
 
 
 def make_backend(name: str) -> IOBackend:
-    """The backend for ``StoreConfig.io_backend``: "auto" is kvikio when it works, else POSIX."""
+    """The backend for ``StoreConfig.io_backend``: "auto" is kvikio with GPUDirect Storage, else POSIX."""
     if name == "posix":
         return PosixIO()
     if name == "kvikio":
         return KvikioIO()
     if name == "auto":
-        if torch.cuda.is_available() and kvikio_status()["available"]:
+        # kvikio only when it really does GPUDirect Storage: in compatibility mode it is
+        # POSIX I/O behind another layer, and kvtier's own O_DIRECT path is first-class.
+        status = kvikio_status() if torch.cuda.is_available() else {"mode": "unavailable", "reason": "no CUDA"}
+        if status["mode"] == "gds":
             return KvikioIO()
+        log.info("kvtier: io_backend=auto chose POSIX (kvikio %s: %s)", status["mode"], status["reason"])
         return PosixIO()
     raise ValueError(f"io_backend: expected one of ('auto', 'posix', 'kvikio'), got {name!r}")
