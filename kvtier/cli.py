@@ -16,6 +16,9 @@ __all__ = ["main"]
 # (command path, module, help). Modules are imported only when their command runs.
 _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("demo",), "kvtier.demo", "HGA against dense attention on the embedded default"),
+    (("bench", "io"), "kvtier.bench_io", "disk and host-to-GPU throughput of the store beside raw baselines"),
+    (("stress",), "kvtier.stress", "random store workload with injected faults, checked byte for byte"),
+    (("eval",), "kvtier.eval", "HGA against dense, Quest and oracle top-k on a real model: NLL gap and needles"),
 ]
 
 
