@@ -1,5 +1,6 @@
 """kvtier: tiered K/V storage and Hierarchical Global Attention for long-context inference."""
 
+from kvtier.attention import hga_attention
 from kvtier.config import HGAConfig, StoreConfig
 from kvtier.errors import (
     CapacityError,
@@ -16,6 +17,7 @@ from kvtier.store import ChunkKey, PrefetchHandle, TieredStore
 __version__ = "0.1.0"
 
 __all__ = [
+    "hga_attention",
     "HGAConfig",
     "StoreConfig",
     "KVLayout",

@@ -1,0 +1,209 @@
+"""``kvtier.hga_attention``: Hierarchical Global Attention on the Triton kernels or the reference.
+
+The kernel path computes the same function as :func:`kvtier.reference.hga_attention`:
+summaries with the reference's own (vectorised torch) code, routing with
+``route_chunks`` + ``route_groups`` (per query row, exact plan), attention with
+``sparse_decode`` (one query) or ``sparse_prefill`` (query blocks of one chunk) over the
+dense K/V, reading only the windows and the routed groups.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kvtier.config import HGAConfig
+from kvtier.kernels.route_chunks import route_chunks, route_chunks_tiles
+from kvtier.kernels.route_groups import route_groups
+from kvtier.kernels.sparse_decode import decode_num_splits, sparse_decode
+from kvtier.kernels.sparse_prefill import sparse_prefill
+from kvtier.layout import windows_at
+from kvtier.reference import hga as _ref
+from kvtier.reference.hga import HGAStats, RoutePlan, plan_widths
+from kvtier.reference.rope import rope_inv_freq
+from kvtier.reference.summaries import chunk_summaries_ref, group_summaries_ref
+
+__all__ = ["hga_attention", "BACKENDS"]
+
+#: Accepted values of ``backend``.
+BACKENDS = ("auto", "triton", "reference")
+
+# Positions routed and attended per kernel launch in a long prefill: bounds the routing
+# candidates ([B, Hq, rows, tiles, Kc] int64) and the visibility table to tens of MiB.
+_ROWS_PER_SLICE = 1024
+
+
+def _interpreting() -> bool:
+    """Whether Triton runs kernels on the CPU interpreter (set by tests without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def hga_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    config: HGAConfig,
+    rope_theta: float,
+    start_pos: int = 0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, HGAStats]:
+    """Hierarchical Global Attention: routed exact attention over windows and chosen groups.
+
+    Parameters
+    ----------
+    q : Tensor ``[B, Hq, Lq, D]`` float32, float16 or bfloat16
+        Post-RoPE queries at positions ``start_pos .. start_pos + Lq - 1``.
+    k, v : Tensor ``[B, Hkv, Lk, D]``, dtype and device of ``q``
+        Post-RoPE keys and values at positions ``0 .. Lk - 1``, ``Lk >= start_pos + Lq``,
+        ``Hq % Hkv == 0``. The Triton path needs the last dim of q, k and v contiguous
+        (any other strides, e.g. a transposed ``[B, L, H, D]`` tensor, are fine).
+    config : HGAConfig
+    rope_theta : float
+        RoPE base of the model.
+    start_pos : int
+        Position of the first query.
+    backend : {"auto", "triton", "reference"}
+        "auto" runs the kernels on CUDA tensors and the reference otherwise; the other two
+        force a path ("triton" on CPU tensors needs ``TRITON_INTERPRET=1``).
+
+    Returns
+    -------
+    out : Tensor ``[B, Hq, Lq, D]`` in ``q.dtype``
+    stats : HGAStats
+        Keys attended per query, context lengths and the routing plan, equal to the
+        reference's.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a wrong type, dtype, shape, device, stride, backend or an inconsistent length.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    _ref._check_inputs(q, k, v, config, rope_theta, start_pos)
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "reference"
+    if backend == "reference":
+        return _ref.hga_attention(q, k, v, config=config, rope_theta=rope_theta, start_pos=start_pos)
+    if not q.is_cuda and not _interpreting():
+        raise ValueError(f"backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected a contiguous last dim for backend='triton', got strides {t.stride()}")
+    return _hga_kernels(q, k, v, config, float(rope_theta), start_pos)
+
+
+def _fixed_keys(positions: torch.Tensor, config: HGAConfig) -> torch.Tensor:
+    """Keys of the windows and the causal current chunk of each position ``[Lq]``."""
+    c = config.chunk_size
+    cur = positions // c
+    sink_end = cur.clamp(max=config.sink_chunks)
+    local_start = torch.maximum(sink_end, cur - config.local_chunks)
+    return (sink_end + cur - local_start) * c + positions - cur * c + 1
+
+
+def prefill_tables(group_ids: torch.Tensor, start_pos: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block tables of :func:`kvtier.kernels.sparse_prefill` from per-query routed groups.
+
+    Parameters
+    ----------
+    group_ids : Tensor ``[B, Hq, Lq, Kg]`` int64
+        Attended global group ids per query (``RoutePlan.group_ids``), -1 padded.
+
+    Returns
+    -------
+    routed : Tensor ``[B, Hq, NQB, U]`` int32
+        Per query block (chunk), the sorted union of its queries' groups, -1 padded.
+    num_routed : Tensor ``[B, Hq, NQB]`` int32
+    visible : Tensor ``[B, Hq, Lq, U]`` uint8
+        1 where the query attends that entry of its block's union.
+    """
+    b, hq, lq, kg = group_ids.shape
+    dev = group_ids.device
+    pos = torch.arange(start_pos, start_pos + lq, device=dev)
+    qb = pos // chunk_size - start_pos // chunk_size
+    nqb = (start_pos + lq - 1) // chunk_size - start_pos // chunk_size + 1
+    if kg == 0:
+        return (
+            torch.full((b, hq, nqb, 1), -1, dtype=torch.int32, device=dev),
+            torch.zeros(b, hq, nqb, dtype=torch.int32, device=dev),
+            torch.zeros(b, hq, lq, 1, dtype=torch.uint8, device=dev),
+        )
+    big = 1 << 62
+    padded = torch.full((b, hq, nqb, chunk_size, kg), big, dtype=torch.int64, device=dev)
+    padded[:, :, qb, pos % chunk_size] = torch.where(group_ids < 0, big, group_ids)
+    flat = padded.reshape(b, hq, nqb, chunk_size * kg).sort(dim=-1).values
+    dup = torch.zeros_like(flat, dtype=torch.bool)
+    dup[..., 1:] = flat[..., 1:] == flat[..., :-1]
+    flat = torch.where(dup, big, flat).sort(dim=-1).values
+    num = (flat < big).sum(dim=-1)
+    u = max(1, int(num.max()))  # one host sync per prefill slice: sizes the tables
+    table = flat[..., :u].contiguous()
+    idx = torch.searchsorted(table[:, :, qb].contiguous(), group_ids.clamp(min=0).contiguous())
+    vis = torch.zeros(b, hq, lq, u + 1, dtype=torch.uint8, device=dev)
+    vis.scatter_(3, torch.where(group_ids >= 0, idx, u), 1)
+    routed = torch.where(table >= big, -1, table).to(torch.int32)
+    return routed, num.to(torch.int32), vis[..., :u]
+
+
+def _route(
+    q: torch.Tensor, chunk_summ: torch.Tensor, group_summ: torch.Tensor, start_pos: int, config: HGAConfig,
+    widths: tuple[int, int, int], out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+) -> None:
+    """Fill the plan tensors ``out`` (chunk, group, fetch ids and the int32 routed table)."""
+    lq = q.shape[2]
+    w_last = windows_at(start_pos + lq - 1, config.chunk_size, config.sink_chunks, config.local_chunks)
+    if widths[0] == 0 or w_last.num_candidates == 0:
+        return  # outputs were created -1 filled
+    n = w_last.local_start  # chunks any row can pick lie below this
+    bt, nt, kt = route_chunks_tiles(n, config.top_chunks)
+    cand = torch.empty(q.shape[0], q.shape[1], lq, nt, kt, dtype=torch.int64, device=q.device)
+    route_chunks(q, chunk_summ[:, :, :n], cand, start_pos=start_pos, chunk_size=config.chunk_size,
+                 sink_chunks=config.sink_chunks, local_chunks=config.local_chunks, block_t=bt)
+    route_groups(cand, q, group_summ, *out, top_chunks=config.top_chunks, top_groups=config.top_groups,
+                 fetch_groups=config.fetch_groups)
+
+
+def _hga_kernels(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: HGAConfig, rope_theta: float, start_pos: int
+) -> tuple[torch.Tensor, HGAStats]:
+    b, hq, lq, d = q.shape
+    c, g = config.chunk_size, config.group_size
+    dev = q.device
+    last = start_pos + lq - 1
+    n_closed = last // c
+    inv_freq = rope_inv_freq(d, rope_theta, device=dev)
+    closed = k[:, :, : n_closed * c]
+    chunk_summ = chunk_summaries_ref(closed, c, inv_freq, config.rope_cutoff_rad)
+    group_summ = group_summaries_ref(closed, c, g, inv_freq, config.rope_cutoff_rad)
+    widths = plan_widths(config, last)
+    chunk_ids, group_ids, fetch_ids = (
+        torch.full((b, hq, lq, w), -1, dtype=torch.int64, device=dev) for w in widths
+    )
+    routed = torch.full((b, hq, lq, widths[1]), -1, dtype=torch.int32, device=dev)
+    out = torch.empty_like(q)
+    geo = dict(chunk_size=c, group_size=g, sink_chunks=config.sink_chunks, local_chunks=config.local_chunks)
+
+    # Slices start on chunk boundaries so that a query block is never split between launches.
+    s0 = start_pos
+    while s0 <= last:
+        s1 = min(last + 1, (s0 // c) * c + _ROWS_PER_SLICE)
+        rows = slice(s0 - start_pos, s1 - start_pos)
+        sl = tuple(t[:, :, rows] for t in (chunk_ids, group_ids, fetch_ids, routed))
+        _route(q[:, :, rows], chunk_summ, group_summ, s0, config, widths, sl)
+        if s1 - s0 == 1:
+            positions = torch.full((b,), s0, dtype=torch.int32, device=dev)
+            max_keys = (config.sink_chunks + config.local_chunks + 1) * c + widths[1] * g
+            splits = decode_num_splits(b, hq, max_keys)
+            ws = torch.empty(b, hq, splits, d + 2, dtype=torch.float32, device=dev)
+            sparse_decode(q[:, :, s0 - start_pos], k, v, positions, sl[3][:, :, 0], out[:, :, s0 - start_pos], ws, **geo)
+        else:
+            tab, num, vis = prefill_tables(sl[1], s0, c)
+            sparse_prefill(q[:, :, rows], k, v, tab, num, vis, out[:, :, rows], start_pos=s0, **geo)
+        s0 = s1
+
+    positions = torch.arange(start_pos, last + 1, device=dev)
+    keys = _fixed_keys(positions, config)[None, None, :] + g * (group_ids >= 0).sum(dim=-1)
+    return out, HGAStats(keys, positions + 1, RoutePlan(chunk_ids, group_ids, fetch_ids))

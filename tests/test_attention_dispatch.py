@@ -1,0 +1,130 @@
+"""kvtier.hga_attention: the kernel path equals the reference (interpreter in CI, bf16 on the GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvtier
+from kvtier import HGAConfig
+from kvtier.reference import dense_attention_ref
+from kvtier.reference import hga_attention as hga_ref
+
+CFG = HGAConfig(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=5, fetch_groups=8)
+THETA = 1e4
+
+
+def _compare(q, k, v, cfg, start_pos, *, floor=1e-5):
+    out, stats = kvtier.hga_attention(q, k, v, config=cfg, rope_theta=THETA, start_pos=start_pos, backend="triton")
+    ref, rstats = hga_ref(q.float(), k.float(), v.float(), config=cfg, rope_theta=THETA, start_pos=start_pos)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    for f in ("chunk_ids", "group_ids", "fetch_group_ids"):
+        assert torch.equal(getattr(stats.plan, f).cpu(), getattr(rstats.plan, f).cpu()), f
+    assert torch.equal(stats.keys_per_query.cpu(), rstats.keys_per_query.cpu())
+    assert torch.equal(stats.context_per_query.cpu(), rstats.context_per_query.cpu())
+    if q.dtype == torch.float32:
+        budget = floor
+    else:  # the reference run in the input dtype is torch's own error there
+        same, _ = hga_ref(q, k, v, config=cfg, rope_theta=THETA, start_pos=start_pos)
+        budget = 2 * (same.float() - ref).abs().max().item() + floor
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= budget, f"max error {err:.3g} over {budget:.3g}"
+    return stats
+
+
+@pytest.mark.parametrize(
+    "dtype,bsz,hq,hkv,lq,start_pos,lk",
+    [
+        (torch.float32, 2, 4, 1, 1, 200, 201),  # decode, batch 2, GQA 4
+        (torch.float16, 1, 2, 2, 1, 130, 140),  # decode, MHA, partial current chunk
+        (torch.float32, 1, 4, 2, 40, 150, 190),  # prefill over three chunks, GQA 2
+        (torch.float32, 1, 8, 1, 20, 0, 20),  # prefill from position 0: nothing routed yet
+    ],
+)
+def test_kernels_equal_reference(dtype, bsz, hq, hkv, lq, start_pos, lk):
+    torch.manual_seed(9)
+    d = 32
+    q = torch.randn(bsz, hq, lq, d, dtype=dtype)
+    k = torch.randn(bsz, hkv, lk, d, dtype=dtype)
+    v = torch.randn(bsz, hkv, lk, d, dtype=dtype)
+    _compare(q, k, v, CFG, start_pos)
+
+
+def test_non_contiguous_inputs_from_a_bshd_layout():
+    torch.manual_seed(10)
+    q = torch.randn(1, 30, 4, 32).transpose(1, 2)  # [B, L, H, D] -> [B, H, L, D] view
+    kv = torch.randn(1, 120, 2, 2, 32)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+    _compare(q, k, v, CFG, 90)
+
+
+def test_full_coverage_equals_dense():
+    torch.manual_seed(11)
+    cfg = HGAConfig.full_coverage(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=1)
+    q = torch.randn(1, 2, 3, 32)
+    k = torch.randn(1, 1, 120, 32)
+    v = torch.randn(1, 1, 120, 32)
+    out, _ = kvtier.hga_attention(q, k, v, config=cfg, rope_theta=THETA, start_pos=117, backend="triton")
+    dense = dense_attention_ref(q, k, v, start_pos=117)
+    assert (out - dense).abs().max().item() < 1e-5
+
+
+def test_backend_choice_and_errors():
+    q = torch.randn(1, 2, 1, 16)
+    k = torch.randn(1, 1, 40, 16)
+    out, _ = kvtier.hga_attention(q, k, k, config=CFG, rope_theta=THETA, start_pos=39)  # CPU: reference
+    ref, _ = hga_ref(q, k, k, config=CFG, rope_theta=THETA, start_pos=39)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="backend"):
+        kvtier.hga_attention(q, k, k, config=CFG, rope_theta=THETA, start_pos=39, backend="cuda")
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        ks = torch.randn(1, 1, 40, 32)[..., ::2]
+        kvtier.hga_attention(q, ks, ks, config=CFG, rope_theta=THETA, start_pos=39, backend="triton")
+    with pytest.raises(ValueError, match="key positions"):
+        kvtier.hga_attention(q, k, k, config=CFG, rope_theta=THETA, start_pos=40, backend="triton")
+
+
+# ---- GPU: bf16 at real sizes (Llama-3.1-8B attention shapes) -------------------------------
+
+LLAMA = dict(hq=32, hkv=8, d=128)
+
+
+def _gpu_case(lk, lq, start_pos, seed=0, bsz=1):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(bsz, LLAMA["hq"], lq, LLAMA["d"], device="cuda", generator=gen).bfloat16()
+    k = torch.randn(bsz, LLAMA["hkv"], lk, LLAMA["d"], device="cuda", generator=gen).bfloat16()
+    v = torch.randn(bsz, LLAMA["hkv"], lk, LLAMA["d"], device="cuda", generator=gen).bfloat16()
+    return q, k, v
+
+
+def _gpu_compare(q, k, v, start_pos):
+    cfg = HGAConfig()
+    out, stats = kvtier.hga_attention(q, k, v, config=cfg, rope_theta=5e5, start_pos=start_pos, backend="triton")
+    ref, rstats = hga_ref(q, k, v, config=cfg, rope_theta=5e5, start_pos=start_pos)
+    ref32, _ = hga_ref(q.float(), k.float(), v.float(), config=cfg, rope_theta=5e5, start_pos=start_pos)
+    # fp32 kernel scores against float64 reference scores: a near tie may flip; demand 99.5%
+    # identical rows and compare outputs on those rows.
+    same_rows = (stats.plan.group_ids == rstats.plan.group_ids).all(dim=-1)
+    assert same_rows.float().mean().item() >= 0.995
+    budget = 2 * (ref.float() - ref32).abs().max().item() + 1e-3
+    err = (out.float() - ref32).abs().amax(dim=-1)[same_rows].max().item()
+    assert err <= budget, f"max error {err:.3g} over {budget:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bsz", [1, 2])
+def test_gpu_decode_bf16_equals_reference(bsz):
+    q, k, v = _gpu_case(8192 + 37, 1, 8192 + 36, bsz=bsz)
+    _gpu_compare(q, k, v, 8192 + 36)
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_block_bf16_equals_reference():
+    q, k, v = _gpu_case(8192 + 64, 64, 8192)
+    _gpu_compare(q, k, v, 8192)
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_spanning_chunks_bf16_equals_reference():
+    q, k, v = _gpu_case(4096 + 100, 100, 4096)
+    _gpu_compare(q, k, v, 4096)
