@@ -1,0 +1,317 @@
+"""``kvtier eval``: HGA beside dense attention, Quest and oracle top-k on a real model.
+
+For each context length and method, one teacher-forced pass over the first ``length``
+tokens of a text gives the mean negative log-likelihood (nats per token) of the last part
+of it (``--score-fraction``, default the second half) and the gap to dense attention. All
+sparse methods attend the same number of keys per query: HGA's sinks, local window and
+current chunk plus ``budget - (sinks + local + 1) * chunk_size`` routed keys (HGA: groups of
+16, Quest: pages of 16 ranked by the min/max bound, oracle: the true top keys).
+
+``--needles`` adds a needle-in-a-haystack grid: a sentence ``"<key> <value>."`` is planted at
+several depths of the text, the text ends with ``"<key>"`` and a needle counts as found when
+the model's greedy choice is the value's token at every step (teacher-forced, the same as
+greedy generation producing the value first).
+
+Example (CPU, about 15 to 30 minutes at 8K on 2 cores)::
+
+    kvtier eval --model smollm2 --lengths 2048,4096,8192 --methods dense,hga,quest,oracle --needles --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvtier.config import HGAConfig
+
+__all__ = ["EvalRow", "NEEDLES", "add_arguments", "run", "hga_config_for_budget", "default_budget",
+           "sequence_nll", "plant_needle", "markdown_table"]
+
+METHODS = ("dense", "hga", "quest", "oracle")
+
+#: (key, value) pairs; the value is what the model must copy from the haystack.
+NEEDLES: tuple[tuple[str, str], ...] = (
+    ("The password for the lighthouse door is", " amber falcon"),
+    ("The name of the harbour master's cat is", " Pepperkorn"),
+    ("The ferry captain's lucky number is", " 4719"),
+)
+
+
+@dataclass
+class EvalRow:
+    """One result row (the JSON schema of ``--json``).
+
+    ``needle_accuracy`` is set on needle rows (``nats_per_token`` is then None); ``depth``
+    on per-needle rows only.
+    """
+
+    method: str
+    length: int
+    nats_per_token: float | None
+    gap_vs_dense: float | None
+    density: float
+    mean_keys_per_query: float
+    budget: int
+    seconds: float
+    scored_tokens: int = 0
+    needle_accuracy: float | None = None
+    depth: float | None = None
+
+
+def default_budget(config: HGAConfig) -> int:
+    """Keys per query of HGA with ``config``: sinks + local window + a full chunk + routed groups."""
+    return (config.sink_chunks + config.local_chunks + 1) * config.chunk_size + config.top_groups * config.group_size
+
+
+def hga_config_for_budget(budget: int, base: HGAConfig | None = None) -> tuple[HGAConfig, int]:
+    """HGA configuration attending ``budget`` keys per query (everything counted), and its routed keys.
+
+    Raises
+    ------
+    ValueError
+        If the budget is below the windows, or its routed part is not a whole number of groups.
+    """
+    from kvtier.reference.baselines import routed_keys_for_budget
+
+    base = HGAConfig() if base is None else base
+    routed = routed_keys_for_budget(base, budget)
+    if routed % base.group_size:
+        raise ValueError(
+            f"budget: expected the windows plus a multiple of group_size={base.group_size}, got {budget} "
+            f"({routed} routed keys)"
+        )
+    groups = routed // base.group_size
+    chunks = max(base.top_chunks, -(-groups // base.groups_per_chunk))
+    fields = {**asdict(base), "top_groups": groups, "top_chunks": chunks,
+              "fetch_groups": max(base.fetch_groups, groups)}
+    return HGAConfig(**fields), routed
+
+
+def _backbone(model: Any) -> Any:
+    return getattr(model, model.base_model_prefix)
+
+
+@torch.no_grad()
+def sequence_nll(model: Any, ids: torch.Tensor, score_from: int, *, slice_tokens: int = 512) -> tuple[float, int]:
+    """Mean NLL in nats of tokens ``score_from + 1 .. L - 1`` given their prefixes, and their count.
+
+    The LM head runs on slices of ``slice_tokens`` positions: full logits at 8K tokens and
+    a 49K vocabulary would be 1.6 GB in float32.
+
+    Parameters
+    ----------
+    model : transformers causal LM (its attention implementation already chosen)
+    ids : Tensor ``[1, L]`` int64
+    score_from : int
+        First position whose next-token prediction is scored.
+    """
+    hidden = _backbone(model)(input_ids=ids, use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    total, count = 0.0, 0
+    length = ids.shape[1]
+    for s in range(score_from, length - 1, slice_tokens):
+        e = min(length - 1, s + slice_tokens)
+        logp = torch.log_softmax(head(hidden[:, s:e]).float(), dim=-1)
+        target = ids[:, s + 1 : e + 1]
+        total -= float(logp.gather(-1, target[..., None]).sum())
+        count += target.numel()
+    return total / max(count, 1), count
+
+
+def plant_needle(haystack: list[int], tokenizer: Any, key: str, value: str, depth: float, length: int) -> tuple[torch.Tensor, int, int]:
+    """Token ids of ``length`` tokens: haystack with ``key value.`` at ``depth``, ending in ``key value``.
+
+    Returns
+    -------
+    ids : Tensor ``[1, length]``
+    answer_start : int
+        Position of the value's first token (the prediction of position ``answer_start - 1``
+        must be it).
+    answer_len : int
+    """
+    needle = tokenizer(f" {key}{value}.", add_special_tokens=False).input_ids
+    cue = tokenizer(f"\n\n{key}", add_special_tokens=False).input_ids
+    answer = tokenizer(value, add_special_tokens=False).input_ids
+    room = length - len(needle) - len(cue) - len(answer)
+    if room <= 0 or room > len(haystack):
+        raise ValueError(f"length: expected between {len(needle) + len(cue) + len(answer) + 1} and "
+                         f"{len(haystack) + len(needle) + len(cue) + len(answer)} tokens, got {length}")
+    at = int(round(depth * room))
+    body = haystack[:at] + needle + haystack[at:room]
+    ids = body + cue + answer
+    return torch.tensor([ids]), len(body) + len(cue), len(answer)
+
+
+def _use(model: Any, method: str, hga: HGAConfig, routed: int) -> Any:
+    """Switch the model to ``method``; return the stats accumulator (None for dense)."""
+    import kvtier.hf
+
+    if method == "dense":
+        model.set_attn_implementation("sdpa")
+        return None
+    model.set_attn_implementation(kvtier.hf.ATTN_IMPLEMENTATION)
+    return kvtier.hf.configure(model, hga=hga, method=method, routed_keys=routed)
+
+
+def _density_of(stats: Any, length: int) -> tuple[float, float]:
+    """``(density, keys per query)``; dense attends the whole causal context, (L + 1) / 2 keys on average."""
+    return (1.0, (length + 1) / 2) if stats is None else (stats.density, stats.mean_keys_per_query)
+
+
+def markdown_table(rows: list[EvalRow]) -> str:
+    """Two markdown tables: NLL rows, then needle accuracy per method and length."""
+    out = []
+    nll = [r for r in rows if r.nats_per_token is not None]
+    if nll:
+        out.append("| length | method | nats/token | gap vs dense | keys/query | density | seconds |")
+        out.append("|---:|---|---:|---:|---:|---:|---:|")
+        for r in nll:
+            keys = f"{r.mean_keys_per_query:.0f}"
+            gap = "" if r.gap_vs_dense is None else f"{r.gap_vs_dense:+.4f}"
+            out.append(f"| {r.length} | {r.method} | {r.nats_per_token:.4f} | {gap} | {keys} | {r.density:.3f} | {r.seconds:.0f} |")
+    needles = [r for r in rows if r.needle_accuracy is not None and r.depth is None]
+    if needles:
+        methods = list(dict.fromkeys(r.method for r in needles))
+        lengths = sorted({r.length for r in needles})
+        out.append("")
+        out.append("| length | " + " | ".join(methods) + " |")
+        out.append("|---:|" + "---:|" * len(methods))
+        for length in lengths:
+            acc = {r.method: r.needle_accuracy for r in needles if r.length == length}
+            out.append(f"| {length} | " + " | ".join(f"{100 * acc[m]:.0f}%" for m in methods if m in acc) + " |")
+    return "\n".join(out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``kvtier eval``."""
+    parser.add_argument("--model", default="smollm2", help="'smollm2' or a local model folder (default smollm2)")
+    parser.add_argument("--text-file", type=Path, default=None,
+                        help="text to score (default: the essay shipped in kvtier/data)")
+    parser.add_argument("--lengths", default="2048,4096,8192", help="comma-separated context lengths in tokens")
+    parser.add_argument("--methods", default="dense,hga,quest,oracle", help=f"comma-separated, from {METHODS}")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="keys per query for every sparse method, sinks + local + current chunk included "
+                             "(default: HGA's default configuration, 1216)")
+    parser.add_argument("--score-fraction", type=float, default=0.5,
+                        help="fraction of each length scored, at its end (default 0.5)")
+    parser.add_argument("--needles", action="store_true", help="add the needle-in-a-haystack grid")
+    parser.add_argument("--needles-only", action="store_true", help="run the needle grid without the NLL passes")
+    parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths as fractions (default 0.1,0.5,0.9)")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"kvtier eval: --{name}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 2:
+        raise SystemExit(f"kvtier eval: --{name}: expected integers >= 2, got {text!r}")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the evaluation; print the table; write JSON when asked. Returns the exit status."""
+    from tqdm import tqdm
+
+    import kvtier.hf  # noqa: F401  (registers "hga")
+    from kvtier.models import load_model
+
+    lengths = _ints(args.lengths, "lengths")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise SystemExit(f"kvtier eval: --methods: expected some of {METHODS}, got {args.methods!r}")
+    if "dense" in methods:  # gaps are measured against it, so it runs first
+        methods = ["dense"] + [m for m in methods if m != "dense"]
+    depths = [float(x) for x in args.depths.split(",") if x.strip()]
+    if not 0 < args.score_fraction <= 1:
+        raise SystemExit(f"kvtier eval: --score-fraction: expected a fraction in (0, 1], got {args.score_fraction}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = HGAConfig()
+    budget = default_budget(base) if args.budget is None else args.budget
+    try:
+        hga, routed = hga_config_for_budget(budget, base)
+    except ValueError as exc:
+        raise SystemExit(f"kvtier eval: --budget: {exc}") from None
+    text = args.text_file.read_text() if args.text_file else resources.files("kvtier").joinpath("data/essay.txt").read_text()
+    model, tokenizer = load_model(args.model, attn_implementation="sdpa", device=args.device)
+    device = next(model.parameters()).device
+    tokens = tokenizer(text, add_special_tokens=False).input_ids
+    too_long = [n for n in lengths if n > len(tokens)]
+    if too_long:
+        raise SystemExit(f"kvtier eval: --lengths: expected at most the text's {len(tokens)} tokens, got {too_long}")
+    print(f"kvtier eval: {args.model} on {device}, {len(tokens)} text tokens, budget {budget} keys/query "
+          f"({routed} routed), methods {','.join(methods)}, lengths {','.join(map(str, lengths))}", flush=True)
+    rows: list[EvalRow] = []
+    dense_nll: dict[int, float] = {}
+    jobs = [] if args.needles_only else [(n, m) for n in lengths for m in methods]
+    for length, method in tqdm(jobs, desc="nll", unit="pass", file=sys.stderr):
+        ids = torch.tensor([tokens[:length]], device=device)
+        stats = _use(model, method, hga, routed)
+        t0 = time.perf_counter()
+        nll, count = sequence_nll(model, ids, int(length * (1 - args.score_fraction)))
+        seconds = time.perf_counter() - t0
+        density, keys = _density_of(stats, length)
+        if method == "dense":
+            dense_nll[length] = nll
+        gap = nll - dense_nll[length] if length in dense_nll else None
+        rows.append(EvalRow(method, length, nll, gap, density, keys, budget, seconds, count))
+        tqdm.write(f"  {length:>6} {method:<7} {nll:.4f} nats/token" + ("" if gap is None else f"  gap {gap:+.4f}")
+                   + ("" if stats is None else f"  {keys:.0f} keys/query, density {density:.3f}"), file=sys.stderr)
+        if args.json:
+            _write_json(args.json, rows, args, budget)
+    if args.needles or args.needles_only:
+        cells = [(n, d, i % len(NEEDLES), m) for n in lengths for i, d in enumerate(depths) for m in methods]
+        found: dict[tuple[str, int], list[bool]] = {}
+        for length, depth, which, method in tqdm(cells, desc="needles", unit="pass", file=sys.stderr):
+            key, value = NEEDLES[which]
+            ids, start, n_ans = plant_needle(tokens, tokenizer, key, value, depth, length)
+            ids = ids.to(device)
+            stats = _use(model, method, hga, routed)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                hidden = _backbone(model)(input_ids=ids, use_cache=False).last_hidden_state
+                pred = model.get_output_embeddings()(hidden[:, start - 1 : start - 1 + n_ans]).argmax(-1)
+            ok = bool(torch.equal(pred[0], ids[0, start : start + n_ans]))
+            density, keys = _density_of(stats, length)
+            found.setdefault((method, length), []).append(ok)
+            rows.append(EvalRow(method, length, None, None, density, keys, budget, time.perf_counter() - t0,
+                                needle_accuracy=float(ok), depth=depth))
+            if args.json:
+                _write_json(args.json, rows, args, budget)
+        for (method, length), oks in found.items():
+            rows.append(EvalRow(method, length, None, None, float("nan"), float("nan"), budget, 0.0,
+                                needle_accuracy=sum(oks) / len(oks)))
+    print(markdown_table(rows))
+    if args.json:
+        _write_json(args.json, rows, args, budget)
+        print(f"rows written to {args.json}")
+    return 0
+
+
+def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budget: int) -> None:
+    def clean(x: Any) -> Any:
+        return None if isinstance(x, float) and math.isnan(x) else x
+
+    payload = {
+        "conditions": {"model": args.model, "budget": budget, "score_fraction": args.score_fraction,
+                       "lengths": args.lengths, "methods": args.methods, "torch": torch.__version__,
+                       "threads": torch.get_num_threads(),
+                       "text_file": str(args.text_file) if args.text_file else "kvtier/data/essay.txt"},
+        "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in rows],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
