@@ -162,6 +162,7 @@ class TieredStore:
             raise TypeError(f"config: expected a StoreConfig, got {type(config).__name__}")
         self.layout = layout
         self.config = config
+        self._cb = layout.chunk_bytes  # a property that builds a tensor: read it once
         self._lock = threading.RLock()
         self._closed = False
         self._host = HostTier(layout, int(config.host_bytes), pin=pin_host)
@@ -305,7 +306,7 @@ class TieredStore:
             self._disk.free(slot)
             self._stats["disk"].failures += 1
             raise
-        self._stats["disk"].bytes_written += self.layout.chunk_bytes
+        self._stats["disk"].bytes_written += self._cb
         self._stats["disk"].latency_s.append(time.perf_counter() - t0)
         entry.disk, entry.disk_generation = slot, generation
         self._policy["disk"].touch(entry.key)
@@ -340,7 +341,7 @@ class TieredStore:
                 self._unindex(old)
             self._install(_Entry(k, host=slot))
             self._policy["host"].touch(k)
-            self._stats["host"].bytes_written += self.layout.chunk_bytes
+            self._stats["host"].bytes_written += self._cb
 
     def drop(self, seq_id: int) -> int:
         """Forget every chunk of ``seq_id`` in every tier; return how many were dropped.
@@ -471,7 +472,7 @@ class TieredStore:
         """Per-thread page-aligned (pinned when possible) buffer of one chunk."""
         buf = getattr(self._local, "staging", None)
         if buf is None:
-            buf, _ = aligned_empty(self.layout.chunk_bytes, pin=torch.cuda.is_available())
+            buf, _ = aligned_empty(self._cb, pin=torch.cuda.is_available())
             self._local.staging = buf
         return buf
 
@@ -499,7 +500,7 @@ class TieredStore:
         with self._lock:
             st = self._stats["disk"]
             st.hits += 1
-            st.bytes_read += self.layout.chunk_bytes
+            st.bytes_read += self._cb
             st.latency_s.append(time.perf_counter() - t0)
             if self._index.get(entry.key) is entry:
                 self._policy["disk"].touch(entry.key)
@@ -585,7 +586,7 @@ class TieredStore:
     def _hit(self, tier: str, key: ChunkKey) -> None:
         st = self._stats[tier]
         st.hits += 1
-        st.bytes_read += self.layout.chunk_bytes
+        st.bytes_read += self._cb
         self._policy[tier].touch(key)
 
     def _read_batch(self, batch: list[tuple[_Entry, int, int, torch.Tensor]]) -> list[ChunkKey]:
@@ -703,7 +704,7 @@ class TieredStore:
             if self._index.get(entry.key) is entry and entry.host is None:
                 entry.host = host_slot
                 self._policy["host"].touch(entry.key)
-                self._stats["host"].bytes_written += self.layout.chunk_bytes
+                self._stats["host"].bytes_written += self._cb
             else:
                 self._host.free(host_slot)
         return True
@@ -758,7 +759,7 @@ class TieredStore:
                 else:
                     dev.free(dslot)
             st = self._stats["device"]
-            st.bytes_written += len(pairs) * self.layout.chunk_bytes
+            st.bytes_written += len(pairs) * self._cb
             if pairs:
                 st.latency_s.append(elapsed / len(pairs))
         return failed

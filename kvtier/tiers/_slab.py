@@ -38,6 +38,7 @@ class SlabTier:
     def __init__(self, layout: KVLayout, slab: torch.Tensor) -> None:
         self.layout = layout
         self._slab = slab
+        self._slot_bytes = layout.chunk_bytes
         self._alloc = SlotAllocator(slab.shape[0])
 
     @property
@@ -53,7 +54,7 @@ class SlabTier:
     @property
     def slot_bytes(self) -> int:
         """Bytes per slot (one chunk)."""
-        return self.layout.chunk_bytes
+        return self._slot_bytes
 
     @property
     def num_slots(self) -> int:

@@ -92,7 +92,9 @@ class DiskTier:
         self.layout = layout
         self.io: IOBackend = io if io is not None else PosixIO()
         self.directory = Path(directory)
-        self.payload_span = align_up(layout.chunk_bytes)
+        # layout.chunk_bytes builds a tensor to learn the item size: read it once.
+        self._chunk_bytes = layout.chunk_bytes
+        self.payload_span = align_up(self._chunk_bytes)
         self._slot_bytes = self.payload_span + PAGE_BYTES
         num_slots = capacity_bytes // self._slot_bytes
         if num_slots < 1:
@@ -140,8 +142,13 @@ class DiskTier:
 
     def locate(self, slot: int) -> tuple[Path, int]:
         """Slab file and byte offset of ``slot`` (tests and fault injection)."""
+        file_index, offset = self._where(slot)
+        return self.directory / _file_name(file_index), offset
+
+    def _where(self, slot: int) -> tuple[int, int]:
+        """(file index, byte offset) of ``slot``."""
         file_index, local = divmod(slot, self.slots_per_file)
-        return self.directory / _file_name(file_index), PAGE_BYTES + local * self._slot_bytes
+        return file_index, PAGE_BYTES + local * self._slot_bytes
 
     @property
     def direct(self) -> bool:
@@ -223,7 +230,7 @@ class DiskTier:
         lay = self.layout
         body = _SLOT_FMT.pack(SLOT_MAGIC, FORMAT_VERSION, self._fingerprint, key.seq_id, key.layer,
                               key.chunk_idx, generation, _DTYPE_CODES[lay.dtype], 4, *lay.chunk_shape,
-                              lay.chunk_bytes, payload_crc)
+                              self._chunk_bytes, payload_crc)
         return (body + _CRC.pack(crc32c.crc32c(body))).ljust(PAGE_BYTES, b"\0")
 
     def _parse_header(self, raw: bytes | memoryview) -> tuple[ChunkKey, int, int] | str:
@@ -243,7 +250,7 @@ class DiskTier:
         if fingerprint != self._fingerprint:
             return "layout fingerprint mismatch"
         if (dtype_code, ndim, (s0, s1, s2, s3), payload_len) != (
-            _DTYPE_CODES[lay.dtype], 4, lay.chunk_shape, lay.chunk_bytes
+            _DTYPE_CODES[lay.dtype], 4, lay.chunk_shape, self._chunk_bytes
         ):
             return "dtype, shape or payload length mismatch"
         return ChunkKey(seq_id, layer, chunk_idx), generation, payload_crc
@@ -323,10 +330,9 @@ class DiskTier:
                     self._alloc.free(s)
 
     def _clear_header(self, slot: int) -> bool:
-        file_index, _ = divmod(slot, self.slots_per_file)
+        file_index, offset = self._where(slot)
         if file_index not in self._fds:
             return True
-        _, offset = self.locate(slot)
         try:
             done = self.io.pwrite(self._fds[file_index], memoryview(bytes(PAGE_BYTES)), offset + self.payload_span)
         except OSError as exc:
@@ -356,15 +362,14 @@ class DiskTier:
         TransferError
             On an I/O error, a short write or a full disk. The slot then holds no valid data.
         """
-        nbytes = self.layout.chunk_bytes
+        nbytes = self._chunk_bytes
         if payload.dtype != torch.uint8 or payload.numel() != nbytes or payload.device.type != "cpu":
             raise ValueError(f"payload: expected [{nbytes}] uint8 on cpu, got {list(payload.shape)} "
                              f"{payload.dtype} on {payload.device}")
         with self._lock:
             generation = self._next_generation
             self._next_generation += 1
-        file_index, _ = divmod(slot, self.slots_per_file)
-        _, offset = self.locate(slot)
+        file_index, offset = self._where(slot)
         data = memoryview(payload.numpy())
         try:
             fd = self._fd(file_index)
@@ -399,9 +404,8 @@ class DiskTier:
         CorruptChunkError
             If the header or the payload checksum does not verify.
         """
-        nbytes = self.layout.chunk_bytes
-        file_index, _ = divmod(slot, self.slots_per_file)
-        _, offset = self.locate(slot)
+        nbytes = self._chunk_bytes
+        file_index, offset = self._where(slot)
         bounce = self._bounce()
         zero_copy = nbytes == self.payload_span and out.data_ptr() % PAGE_BYTES == 0
         try:

@@ -50,7 +50,9 @@ class HostTier(SlabTier):
             log.log(level, "kvtier: HostTier uses pageable memory (%s); host-to-GPU copies will be slower", reason)
         super().__init__(layout, raw.view(layout.dtype).view(slab_shape(num_slots, layout.chunk_shape)))
         self.pinned = pinned
+        self._bytes = raw.view(num_slots, -1)  # [num_slots, chunk_bytes] uint8, for disk I/O
 
     def payload(self, slot: int) -> torch.Tensor:
         """The slot's bytes as a uint8 view ``[chunk_bytes]`` (for disk I/O, no copy)."""
-        return self.view(slot).view(-1).view(torch.uint8)
+        self._check_slot(slot)
+        return self._bytes[slot]
