@@ -14,6 +14,8 @@ import os
 import torch
 
 from kvtier.config import HGAConfig
+from kvtier.kernels.assign_groups import assign_groups
+from kvtier.kernels.gather_groups import gather_groups
 from kvtier.kernels.route_chunks import route_chunks, route_chunks_tiles
 from kvtier.kernels.route_groups import route_groups
 from kvtier.kernels.sparse_decode import decode_num_splits, sparse_decode
@@ -24,7 +26,7 @@ from kvtier.reference.hga import HGAStats, RoutePlan, plan_widths
 from kvtier.reference.rope import rope_inv_freq
 from kvtier.reference.summaries import chunk_summaries_ref, group_summaries_ref
 
-__all__ = ["hga_attention", "BACKENDS"]
+__all__ = ["hga_attention", "BACKENDS", "HostKVDecode", "prefill_tables"]
 
 #: Accepted values of ``backend``.
 BACKENDS = ("auto", "triton", "reference")
@@ -167,17 +169,22 @@ def _route(
 
 
 def _hga_kernels(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: HGAConfig, rope_theta: float, start_pos: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: HGAConfig, rope_theta: float, start_pos: int,
+    summaries: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
+    """The kernel path; ``summaries`` (chunk, group) may be given when they are kept incrementally."""
     b, hq, lq, d = q.shape
     c, g = config.chunk_size, config.group_size
     dev = q.device
     last = start_pos + lq - 1
     n_closed = last // c
-    inv_freq = rope_inv_freq(d, rope_theta, device=dev)
-    closed = k[:, :, : n_closed * c]
-    chunk_summ = chunk_summaries_ref(closed, c, inv_freq, config.rope_cutoff_rad)
-    group_summ = group_summaries_ref(closed, c, g, inv_freq, config.rope_cutoff_rad)
+    if summaries is None:
+        inv_freq = rope_inv_freq(d, rope_theta, device=dev)
+        closed = k[:, :, : n_closed * c]
+        chunk_summ = chunk_summaries_ref(closed, c, inv_freq, config.rope_cutoff_rad)
+        group_summ = group_summaries_ref(closed, c, g, inv_freq, config.rope_cutoff_rad)
+    else:
+        chunk_summ, group_summ = summaries
     widths = plan_widths(config, last)
     chunk_ids, group_ids, fetch_ids = (
         torch.full((b, hq, lq, w), -1, dtype=torch.int64, device=dev) for w in widths
@@ -207,3 +214,166 @@ def _hga_kernels(
     positions = torch.arange(start_pos, last + 1, device=dev)
     keys = _fixed_keys(positions, config)[None, None, :] + g * (group_ids >= 0).sum(dim=-1)
     return out, HGAStats(keys, positions + 1, RoutePlan(chunk_ids, group_ids, fetch_ids))
+
+
+class HostKVDecode:
+    """One layer's HGA decode step with closed chunks in a host slab and an HBM group cache.
+
+    Every call routes the queries (``route_chunks``, ``route_groups``), deduplicates the
+    groups the query heads of each KV head ask for and finds them in the cache
+    (``assign_groups``), gathers the misses from the host slab (``gather_groups``, zero-copy
+    reads when the slab is pinned) and attends (``sparse_decode`` over the device slab).
+    Nothing synchronises with the host and nothing is allocated after construction, so a
+    step can be captured in a CUDA graph.
+
+    Parameters
+    ----------
+    host_slab : Tensor ``[S_host, 2, Hkv, C, D]``
+        Closed chunks (pinned host memory, or any memory the GPU can read).
+    host_slot : Tensor ``[B, N]`` int32 (device)
+        Host slab slot of chunk n of batch row b.
+    device_slab : Tensor ``[num_hot + B * E / M, 2, Hkv, C, D]`` (device)
+        Slots ``[0, num_hot)`` hold the window chunks (sinks, local, current) through
+        ``slot_map``; the rest is the group cache, E entries per (batch row, KV head).
+    slot_map : Tensor ``[B, N]`` int32 (device)
+        Device slab slot of each window chunk.
+    chunk_summ, group_summ : Tensor ``[B, Hkv, N, D]``, ``[B, Hkv, N, M, D]`` float32 (device)
+    config : HGAConfig
+    num_q_heads : int
+    num_hot : int
+        Device slab slots reserved for window chunks.
+    cache_entries : int
+        E, a power of two >= ``(Hq / Hkv) * fetch width``.
+    """
+
+    def __init__(
+        self, host_slab: torch.Tensor, host_slot: torch.Tensor, device_slab: torch.Tensor, slot_map: torch.Tensor,
+        chunk_summ: torch.Tensor, group_summ: torch.Tensor, *, config: HGAConfig, num_q_heads: int, position: int,
+        num_hot: int, cache_entries: int = 1024,
+    ) -> None:
+        self.config = config
+        c, g = config.chunk_size, config.group_size
+        m = c // g
+        b, hkv, n, d = chunk_summ.shape
+        dev = device_slab.device
+        if device_slab.shape[0] < num_hot + b * cache_entries // m:
+            raise ValueError(
+                f"device_slab: expected >= {num_hot + b * cache_entries // m} slots, got {device_slab.shape[0]}"
+            )
+        self.host_slab, self.host_slot, self.device_slab, self.slot_map = host_slab, host_slot, device_slab, slot_map
+        self.chunk_summ, self.group_summ = chunk_summ, group_summ
+        self.position = position
+        hq = num_q_heads
+        self.widths = plan_widths(config, position)
+        kc_w, kg_w, kf_w = self.widths
+        w = windows_at(position, c, config.sink_chunks, config.local_chunks)
+        self.num_cand_chunks = w.local_start
+        self.tiles = route_chunks_tiles(max(1, w.local_start), config.top_chunks)
+        bt, nt, kt = self.tiles
+        i32 = dict(dtype=torch.int32, device=dev)
+        self.q = torch.zeros(b, hq, 1, d, dtype=device_slab.dtype, device=dev)
+        self.cand = torch.empty(b, hq, 1, nt, kt, dtype=torch.int64, device=dev)
+        self.plan = tuple(torch.full((b, hq, 1, w_), -1, dtype=torch.int64, device=dev) for w_ in self.widths)
+        self.routed_dense = torch.full((b, hq, 1, kg_w), -1, **i32)
+        self.where = torch.empty(b, hkv, n * m, **i32)
+        self.tags = torch.empty(b, hkv, cache_entries, **i32)
+        self.stamp = torch.empty(b, hkv, cache_entries, **i32)
+        self.counter = torch.empty(b, hkv, **i32)
+        self.order = torch.empty(b, hkv, cache_entries, **i32)
+        self.misses = torch.zeros(b, hkv, **i32)
+        rows = 1 << max(0, (hq // hkv * kf_w - 1).bit_length())
+        self.table = torch.full((b * hkv * rows, 3), -1, **i32)
+        self.routed = torch.full((b, hq, kg_w), -1, **i32)
+        self.positions = torch.full((b,), position, **i32)
+        max_keys = (config.sink_chunks + config.local_chunks + 1) * c + kg_w * g
+        self.workspace = torch.empty(b, hq, decode_num_splits(b, hq, max_keys), d + 2, dtype=torch.float32, device=dev)
+        self.out = torch.empty(b, hq, d, dtype=device_slab.dtype, device=dev)
+        self.base_block = num_hot * m
+        self.reset_cache()
+
+    @classmethod
+    def from_dense(
+        cls, k: torch.Tensor, v: torch.Tensor, *, config: HGAConfig, num_q_heads: int, position: int,
+        rope_theta: float, pin: bool = False, cache_entries: int = 1024,
+        summaries: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> HostKVDecode:
+        """Lay dense ``k, v [B, Hkv, Lk, D]`` out as a host slab plus hot device slots.
+
+        Closed chunks before ``position``'s chunk go to the host slab (pinned when ``pin``);
+        the window chunks of ``position`` are copied to the device slab. ``summaries``
+        default to the reference's, computed from ``k``.
+        """
+        b, hkv, lk, d = k.shape
+        c, g = config.chunk_size, config.group_size
+        m = c // g
+        dev = k.device
+        n = position // c
+        if summaries is None:
+            inv_freq = rope_inv_freq(d, rope_theta, device=dev)
+            closed = k[:, :, : n * c]
+            summaries = (
+                chunk_summaries_ref(closed, c, inv_freq, config.rope_cutoff_rad),
+                group_summaries_ref(closed, c, g, inv_freq, config.rope_cutoff_rad),
+            )
+        host = torch.empty(max(1, b * n), 2, hkv, c, d, dtype=k.dtype, pin_memory=pin)
+        for bi in range(b):
+            for j, x in enumerate((k, v)):
+                host[bi * n : (bi + 1) * n, j].copy_(x[bi, :, : n * c].reshape(hkv, n, c, d).transpose(0, 1))
+        host_slot = torch.arange(b * n, dtype=torch.int32, device=dev).reshape(b, n)
+        w = windows_at(position, c, config.sink_chunks, config.local_chunks)
+        hot = list(range(w.sink_end)) + list(range(w.local_start, w.current + 1))
+        nh = len(hot)
+        dslab = torch.zeros(b * nh + b * cache_entries // m, 2, hkv, c, d, dtype=k.dtype, device=dev)
+        slot_map = torch.zeros(b, w.current + 1, dtype=torch.int32, device=dev)
+        for bi in range(b):
+            for i, ch in enumerate(hot):
+                rows = min(c, lk - ch * c)
+                for j, x in enumerate((k, v)):
+                    dslab[bi * nh + i, j, :, :rows].copy_(x[bi, :, ch * c : ch * c + rows])
+                slot_map[bi, ch] = bi * nh + i
+        return cls(host, host_slot, dslab, slot_map, *summaries, config=config, num_q_heads=num_q_heads,
+                   position=position, num_hot=b * nh, cache_entries=cache_entries)
+
+    def reset_cache(self) -> None:
+        """Forget every cached group (the next step is cold)."""
+        for t in (self.where, self.tags, self.stamp):
+            t.fill_(-1)
+        self.counter.zero_()
+
+    def route(self) -> None:
+        """Routing of ``self.q``: fills ``self.plan`` (chunk, group, fetch ids)."""
+        cfg = self.config
+        if self.widths[0] == 0:
+            return
+        bt = self.tiles[0]
+        route_chunks(self.q, self.chunk_summ[:, :, : self.num_cand_chunks], self.cand, start_pos=self.position,
+                     chunk_size=cfg.chunk_size, sink_chunks=cfg.sink_chunks, local_chunks=cfg.local_chunks, block_t=bt)
+        route_groups(self.cand, self.q, self.group_summ, *self.plan, self.routed_dense, top_chunks=cfg.top_chunks,
+                     top_groups=cfg.top_groups, fetch_groups=cfg.fetch_groups)
+
+    def assign(self) -> None:
+        """Dedup and cache lookup: fills the gather table and the attention block table."""
+        cfg = self.config
+        assign_groups(self.plan[2][:, :, 0], self.host_slot, self.where, self.tags, self.stamp, self.counter,
+                      self.order, self.misses, self.table, self.routed, group_size=cfg.group_size,
+                      chunk_size=cfg.chunk_size, base_block=self.base_block)
+
+    def gather(self) -> None:
+        """Copy this step's misses from the host slab into the cache."""
+        gather_groups(self.host_slab, self.table, self.device_slab, group_size=self.config.group_size)
+
+    def attend(self) -> torch.Tensor:
+        """Sparse decode attention over the device slab; returns ``[B, Hq, D]``."""
+        cfg = self.config
+        return sparse_decode(
+            self.q[:, :, 0], self.device_slab[:, 0], self.device_slab[:, 1], self.positions, self.routed, self.out,
+            self.workspace, chunk_size=cfg.chunk_size, group_size=cfg.group_size, sink_chunks=cfg.sink_chunks,
+            local_chunks=cfg.local_chunks, slot_map=self.slot_map,
+        )
+
+    def step(self) -> torch.Tensor:
+        """Route, assign, gather, attend for the queries in ``self.q`` ``[B, Hq, 1, D]``."""
+        self.route()
+        self.assign()
+        self.gather()
+        return self.attend()
