@@ -254,7 +254,9 @@ def _gpu_paths(store: TieredStore, keys: list[ChunkKey], dev_slots: int, reps: i
     got = []
     for _ in range(reps):
         _drop_cache(root)
-        gbps, failed = _sweep(store, keys, "device", dev_slots)
+        # Half the device tier per wave: two waves in flight must both fit, since keys in
+        # flight are pinned and cannot be evicted by the next wave.
+        gbps, failed = _sweep(store, keys, "device", max(1, dev_slots // 2))
         if failed:
             raise RuntimeError(f"bench io: {failed} chunks failed disk-to-GPU")
         got.append(gbps)

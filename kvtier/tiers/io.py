@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from kvtier.errors import TierUnavailableError
@@ -213,7 +214,8 @@ class _KvikioReader:
         futures = []
         pos = offset
         for buf in buffers:
-            futures.append(self._file.pread(buf, buf.nbytes, pos))
+            arr = np.asarray(buf)  # kvikio takes array-likes; a numpy view of the same memory
+            futures.append(self._file.pread(arr, buf.nbytes, pos))
             pos += buf.nbytes
         return int(sum(f.get() for f in futures))
 
