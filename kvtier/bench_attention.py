@@ -1,0 +1,400 @@
+"""``kvtier bench attention``: HGA decode and prefill on the kernels beside torch SDPA.
+
+Llama-3.1-8B attention shapes by default (32 query heads, 8 KV heads, head dim 128, bf16),
+one layer, contexts 8K .. 1M, batch 1 and 4, all in one run:
+
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with every K/V in HBM
+  (decode: one query over all keys; prefill: 64 queries over all keys, not causal);
+* ``hga_host``: one HGA decode step (routing + dedup/cache lookup + gather + attention,
+  :class:`kvtier.attention.HostKVDecode`) with closed chunks in pinned host memory and an
+  HBM group cache, replayed as a CUDA graph; ``cold`` empties the cache before every step,
+  ``steady`` follows a random walk of the queries (``q += sigma * |q| * noise`` per step,
+  normalised) after warm-up steps, and reports the reuse it got;
+* per-stage times of the steady step (each stage its own graph);
+* the gather's GB/s on the cold working set beside one large pinned copy of the same bytes
+  and beside one ``cudaMemcpyAsync`` per group and plane (the baseline that loses);
+* ``hga_prefill``: a 64-token block at the end of the context through the kernel path
+  (routing + tables + sparse prefill; K/V in HBM; summaries precomputed).
+
+Chunk and group summaries are random (fp32; chunk = sum of its groups): the timing of every
+stage is independent of their values, and the reuse between steps comes from the walk.
+Rows are appended to a long-format CSV (``bench, op, impl, metric, unit, x_name, x_value,
+p20, p50, p80, config_json, gpu, commit, timestamp``) and a markdown table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from kvtier.attention import HostKVDecode, _hga_kernels
+from kvtier.config import HGAConfig
+
+__all__ = ["add_arguments", "run", "main"]
+
+_COLUMNS = ["bench", "op", "impl", "metric", "unit", "x_name", "x_value", "p20", "p50", "p80",
+            "config_json", "gpu", "commit", "timestamp"]
+
+
+def _parse_tokens(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().upper()
+        mult = {"K": 1024, "M": 1024 * 1024}.get(part[-1:], 1)
+        out.append(int(float(part.rstrip("KM")) * mult))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``kvtier bench attention``."""
+    parser.add_argument("--contexts", default="8K,32K,128K,512K,1M", help="context lengths (tokens)")
+    parser.add_argument("--batch", default="1,4", help="batch sizes")
+    parser.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
+    parser.add_argument("--steps", type=int, default=48, help="timed decode steps per state")
+    parser.add_argument("--warmup-steps", type=int, default=24, help="random-walk steps before steady timing")
+    parser.add_argument("--sigma", type=float, default=0.05, help="random-walk step of the queries")
+    parser.add_argument("--rope-theta", type=float, default=5e5)
+    parser.add_argument("--csv", default="bench/results/attention.csv", help="CSV to append to")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs on the CPU interpreter too")
+
+
+def _env() -> dict[str, str]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    import triton
+
+    env = {"torch": torch.__version__, "triton": triton.__version__, "commit": commit,
+           "cuda": str(torch.version.cuda), "gpu": "cpu (interpreter)"}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env["gpu"] = f"{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB)"
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = "unknown"
+    return env
+
+
+def _quantiles(ms: list[float]) -> tuple[float, float, float]:
+    t = torch.tensor(ms, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+class _Timer:
+    """Times callables: CUDA events on a GPU, wall clock on the CPU interpreter."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def many(self, fn, n: int, before=None) -> list[float]:
+        """Milliseconds of ``fn()`` over n runs; ``before(i)`` runs untimed before each."""
+        out = []
+        if self.cuda:
+            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+            for i in range(n):
+                if before is not None:
+                    before(i)
+                ev[i][0].record()
+                fn()
+                ev[i][1].record()
+            torch.cuda.synchronize()
+            return [s.elapsed_time(e) for s, e in ev]
+        for i in range(n):
+            if before is not None:
+                before(i)
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    def staged(self, fns, n: int, before) -> list[list[float]]:
+        """Milliseconds of each of ``fns`` run in order, n times; ``before(i)`` untimed first."""
+        out: list[list[float]] = [[] for _ in fns]
+        if self.cuda:
+            ev = []
+            for i in range(n):
+                before(i)
+                row = []
+                for fn in fns:
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    fn()
+                    e.record()
+                    row.append((s, e))
+                ev.append(row)
+            torch.cuda.synchronize()
+            for row in ev:
+                for j, (s, e) in enumerate(row):
+                    out[j].append(s.elapsed_time(e))
+            return out
+        for i in range(n):
+            before(i)
+            for j, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                fn()
+                out[j].append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    def bench(self, fn, n: int = 50) -> list[float]:
+        """Warm, then time n runs of an eager callable."""
+        for _ in range(3):
+            fn()
+        self.sync()
+        return self.many(fn, n)
+
+
+def _graph(fn, cuda: bool):
+    """A replay callable: a captured CUDA graph of ``fn`` on a GPU, ``fn`` itself otherwise."""
+    if not cuda:
+        return fn
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # compiled already; one more run on the side stream before capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def _walk(q: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
+    """One random-walk step of the queries, norms kept."""
+    noise = torch.randn(q.shape, generator=gen, device=q.device, dtype=torch.float32)
+    qf = q.float()
+    nq = qf.norm(dim=-1, keepdim=True)
+    step = qf + sigma * nq * noise / noise.norm(dim=-1, keepdim=True)
+    return (step * (nq / step.norm(dim=-1, keepdim=True))).to(q.dtype)
+
+
+def _bench_one(bsz: int, ctx: int, hq: int, hkv: int, d: int, args: argparse.Namespace, cfg: HGAConfig,
+               timer: _Timer, dev: str, rows: list[dict]) -> None:
+    """All measurements at one (batch, context)."""
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    gen = torch.Generator(device=dev).manual_seed(ctx + bsz)
+    c, g = cfg.chunk_size, cfg.group_size
+    m = c // g
+    conf = {"batch": bsz, "context": ctx, "hq": hq, "hkv": hkv, "d": d, "dtype": str(dt).removeprefix("torch.")}
+
+    def add(op, impl, metric, unit, ms_or_vals, **extra):
+        vals = ms_or_vals if isinstance(ms_or_vals, tuple) else _quantiles(ms_or_vals)
+        rows.append({"op": op, "impl": impl, "metric": metric, "unit": unit, "x_name": "context", "x_value": ctx,
+                     "p20": vals[0], "p50": vals[1], "p80": vals[2], "config_json": json.dumps({**conf, **extra})})
+
+    k = torch.randn(bsz, hkv, ctx, d, generator=gen, device=dev).to(dt)
+    v = torch.randn(bsz, hkv, ctx, d, generator=gen, device=dev).to(dt)
+    q1 = torch.randn(bsz, hq, 1, d, generator=gen, device=dev).to(dt)
+    q64 = torch.randn(bsz, hq, 64, d, generator=gen, device=dev).to(dt)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    add("decode", "sdpa", "time", "ms", timer.bench(lambda: sdpa(q1, k, v, enable_gqa=True)))
+    add("prefill64", "sdpa", "time", "ms", timer.bench(lambda: sdpa(q64, k, v, enable_gqa=True), n=20))
+
+    pos = ctx - 1
+    n = pos // c
+    gs = torch.randn(bsz, hkv, n, m, d, generator=gen, device=dev)
+    cs = gs.sum(dim=3)
+    t0 = time.perf_counter()
+    dec = HostKVDecode.from_dense(k, v, config=cfg, num_q_heads=hq, position=pos, rope_theta=args.rope_theta,
+                                  pin=dev == "cuda", summaries=(cs, gs))
+    setup_s = time.perf_counter() - t0
+    dec.q.copy_(q1)
+    dec.step()  # compile every kernel before capture
+    timer.sync()
+    step = _graph(dec.step, timer.cuda)
+    stages = {name: _graph(getattr(dec, name), timer.cuda) for name in ("route", "assign", "gather", "attend")}
+
+    group_bytes = 2 * g * d * k.element_size()
+    # Cold: nothing cached before each step.
+    cold_misses = []
+
+    def cold_before(i):
+        if i > 0:
+            cold_misses.append(int(dec.misses.sum()))
+        dec.q.copy_(_walk(dec.q, 1.0, gen))
+        dec.reset_cache()
+
+    add("decode", "hga_host_cold", "time", "ms", timer.many(step, args.steps, cold_before),
+        setup_s=round(setup_s, 2))
+    timer.sync()
+    cold_misses.append(int(dec.misses.sum()))
+    # Gather alone on a cold working set, and its baselines on the same bytes.
+    dec.reset_cache()
+    stages["route"]()
+    stages["assign"]()
+    timer.sync()
+    n_groups = int(dec.misses.sum())
+    table = dec.table.clone()
+    nbytes = n_groups * group_bytes
+    gather_ms = timer.many(stages["gather"], args.steps)
+    gq = _quantiles(gather_ms)
+    add("gather", "triton_zero_copy", "bandwidth", "GB/s", tuple(nbytes / (x * 1e6) for x in reversed(gq)),
+        groups=n_groups, bytes=nbytes)
+    if timer.cuda and nbytes > 0:
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        cq = _quantiles(timer.bench(lambda: dst.copy_(src, non_blocking=True), n=20))
+        add("gather", "one_pinned_copy", "bandwidth", "GB/s", tuple(nbytes / (x * 1e6) for x in reversed(cq)),
+            bytes=nbytes)
+        live = table[table[:, 0] >= 0][:512].tolist()  # cap: one launch per copy makes this slow
+        host, dslab = dec.host_slab, dec.device_slab
+
+        def per_group():
+            for sb, db, kvh in live:
+                for j in (0, 1):
+                    dslab[db // m, j, kvh, (db % m) * g : (db % m + 1) * g].copy_(
+                        host[sb // m, j, kvh, (sb % m) * g : (sb % m + 1) * g], non_blocking=True)
+
+        mq = _quantiles(timer.bench(per_group, n=5))
+        add("gather", "memcpy_per_group", "bandwidth", "GB/s",
+            tuple(len(live) * group_bytes / (x * 1e6) for x in reversed(mq)), groups=len(live))
+
+    # Steady state: a random walk after warm-up steps.
+    dec.reset_cache()
+    for _ in range(args.warmup_steps):
+        dec.q.copy_(_walk(dec.q, args.sigma, gen))
+        step()
+    timer.sync()
+    steady_misses = []
+
+    def steady_before(i):
+        if i > 0:
+            steady_misses.append(int(dec.misses.sum()))
+        dec.q.copy_(_walk(dec.q, args.sigma, gen))
+
+    add("decode", "hga_host_steady", "time", "ms", timer.many(step, args.steps, steady_before), sigma=args.sigma)
+    timer.sync()
+    steady_misses.append(int(dec.misses.sum()))
+    cold_mean = sum(cold_misses) / max(1, len(cold_misses))
+    reuse = 1.0 - (sum(steady_misses) / max(1, len(steady_misses))) / max(1.0, cold_mean)
+    add("decode", "hga_host_steady", "reuse", "fraction", (reuse, reuse, reuse), sigma=args.sigma,
+        cold_groups=cold_mean, steady_groups=sum(steady_misses) / max(1, len(steady_misses)))
+    names = ("route", "assign", "gather", "attend")
+    staged = timer.staged([stages[x] for x in names], args.steps,
+                          lambda i: dec.q.copy_(_walk(dec.q, args.sigma, gen)))
+    for name, st in zip(names, staged):
+        add("decode_stage", f"hga_host_steady_{name}", "time", "ms", st)
+
+    # Prefill: one 64-token block at the end of the context, K/V in HBM.
+    start = ctx - 64
+    cur = q64[:, :, :1]
+    walk = [cur]
+    for _ in range(63):  # consecutive queries of a block drift like decode queries do
+        cur = _walk(cur, args.sigma, gen)
+        walk.append(cur)
+    qblk = torch.cat(walk, dim=2).contiguous()
+
+    def prefill():
+        return _hga_kernels(qblk, k, v, cfg, args.rope_theta, start, summaries=(cs, gs))
+
+    _, stats = prefill()
+    union = stats.plan.group_ids.reshape(bsz * hq, -1).tolist()
+    uniq = sum(len(set(row) - {-1}) for row in union) / max(1, bsz * hq)
+    add("prefill64", "hga_kernels", "time", "ms", timer.bench(prefill, n=10), routed_groups_per_head=round(uniq, 1))
+    del dec, k, v
+    if timer.cuda:
+        torch.cuda.empty_cache()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the sweep, append to ``args.csv`` and print a markdown table; returns 0."""
+    cuda = torch.cuda.is_available()
+    if args.smoke:
+        contexts, batches, (hq, hkv, d), steps = [1024], [1], (4, 2, 32), 2
+        args.steps, args.warmup_steps = steps, 2
+    else:
+        contexts, batches = _parse_tokens(args.contexts), [int(x) for x in args.batch.split(",")]
+        hq, hkv, d = (int(x) for x in args.heads.split(","))
+    if not cuda and not args.smoke:
+        print("kvtier bench attention: no CUDA GPU; only --smoke runs on the CPU interpreter")
+        return 2
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        print("kvtier bench attention --smoke without a GPU needs TRITON_INTERPRET=1")
+        return 2
+    dev = "cuda" if cuda else "cpu"
+    cfg = HGAConfig()
+    env = _env()
+    print("# kvtier bench attention | " + " | ".join(f"{k}={v}" for k, v in env.items()))
+    print(f"# HGAConfig defaults {cfg}; pinned host slab; CUDA graphs for decode steps")
+    timer = _Timer(cuda)
+    rows: list[dict] = []
+    path = Path(args.csv)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for bsz in batches:
+        for ctx in contexts:
+            t0 = time.perf_counter()
+            done = len(rows)
+            try:
+                _bench_one(bsz, ctx, hq, hkv, d, args, cfg, timer, dev, rows)
+            except torch.OutOfMemoryError as exc:  # report and go on: smaller configs stay valid
+                print(f"# batch {bsz} context {ctx}: out of memory ({str(exc).splitlines()[0]})")
+                if cuda:
+                    torch.cuda.empty_cache()
+            _append_csv(path, rows[done:], env)
+            print(f"# batch {bsz} context {ctx}: {time.perf_counter() - t0:.1f} s", flush=True)
+    print(_table(rows))
+    return 0
+
+
+def _append_csv(path: Path, rows: list[dict], env: dict[str, str]) -> None:
+    """Append rows in the long format of the style guide (header when the file is new)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=_COLUMNS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            r.update(bench="attention", gpu=env["gpu"], commit=env["commit"], timestamp=stamp)
+            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in _COLUMNS})
+
+
+def _table(rows: list[dict]) -> str:
+    """Markdown summary: per (batch, context), p50 of each row and ratios to SDPA."""
+    keyed: dict[tuple[int, int], dict[str, float]] = {}
+    for r in rows:
+        conf = json.loads(r["config_json"])
+        keyed.setdefault((conf["batch"], r["x_value"]), {})[f"{r['op']}/{r['impl']}/{r['metric']}"] = r["p50"]
+    head = ("| B | context | SDPA decode ms | HGA cold ms | HGA steady ms | steady/SDPA | reuse | route | assign | "
+            "gather | attend | gather GB/s | pinned copy GB/s | memcpy/group GB/s | SDPA 64q ms | HGA prefill64 ms |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (b, ctx), d in sorted(keyed.items()):
+        def f(key, fmt="{:.3f}"):
+            val = d.get(key)
+            return fmt.format(val) if val is not None and math.isfinite(val) else "-"
+        sd = d.get("decode/sdpa/time")
+        st = d.get("decode/hga_host_steady/time")
+        ratio = f"{st / sd:.2f}" if sd and st else "-"
+        lines.append(
+            f"| {b} | {ctx // 1024}K | {f('decode/sdpa/time')} | {f('decode/hga_host_cold/time')} | "
+            f"{f('decode/hga_host_steady/time')} | {ratio} | {f('decode/hga_host_steady/reuse', '{:.3f}')} | "
+            f"{f('decode_stage/hga_host_steady_route/time')} | {f('decode_stage/hga_host_steady_assign/time')} | "
+            f"{f('decode_stage/hga_host_steady_gather/time')} | {f('decode_stage/hga_host_steady_attend/time')} | "
+            f"{f('gather/triton_zero_copy/bandwidth', '{:.1f}')} | {f('gather/one_pinned_copy/bandwidth', '{:.1f}')} | "
+            f"{f('gather/memcpy_per_group/bandwidth', '{:.2f}')} | {f('prefill64/sdpa/time')} | "
+            f"{f('prefill64/hga_kernels/time')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python bench/attention.py`` entry point."""
+    parser = argparse.ArgumentParser(prog="bench/attention.py", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
