@@ -405,17 +405,31 @@ class TieredStore:
             self._local.staging = buf
         return buf
 
-    def _disk_read(self, entry: _Entry, slot: int, generation: int, out_bytes: torch.Tensor) -> bool:
-        """Read a disk slot into ``out_bytes`` (CPU uint8); on failure count it, drop corrupt copies."""
+    def _disk_read_many(self, reqs: list[tuple[_Entry, int, int, torch.Tensor]]) -> list[bool]:
+        """Read disk slots into CPU uint8 buffers ``[chunk_bytes]``; count failures and
+        discard corrupt copies. Returns one success flag per request."""
         assert self._disk is not None
         t0 = time.perf_counter()
-        try:
-            self._disk.read_into(slot, entry.key, generation, out_bytes)
-        except TransferError as exc:
-            log.warning("kvtier: %s", exc)
-            with self._lock:
-                self._stats["disk"].failures += 1
+        errors = self._disk.read_many([(slot, e.key, gen, out) for e, slot, gen, out in reqs])
+        # Service time per chunk: a run of adjacent slots is one call, so the call's time
+        # is shared among its chunks.
+        per_chunk = (time.perf_counter() - t0) / max(1, len(reqs))
+        oks = []
+        with self._lock:
+            st = self._stats["disk"]
+            for (entry, slot, _, _), exc in zip(reqs, errors):
                 live = self._index.get(entry.key) is entry
+                if exc is None:
+                    st.hits += 1
+                    st.bytes_read += self._cb
+                    st.latency_s.append(per_chunk)
+                    if live:
+                        self._policy["disk"].touch(entry.key)
+                    oks.append(True)
+                    continue
+                log.warning("kvtier: %s", exc)
+                st.failures += 1
+                oks.append(False)
                 if isinstance(exc, CorruptChunkError) and live and entry.disk == slot:
                     # Discard the corrupt copy. A reader still in flight on this slot fails
                     # its own generation check if the slot is reused, so freeing is safe.
@@ -425,15 +439,7 @@ class TieredStore:
                         self._policy["disk"].remove(entry.key)
                         self._disk.free(slot)
                         entry.disk = None
-            return False
-        with self._lock:
-            st = self._stats["disk"]
-            st.hits += 1
-            st.bytes_read += self._cb
-            st.latency_s.append(time.perf_counter() - t0)
-            if self._index.get(entry.key) is entry:
-                self._policy["disk"].touch(entry.key)
-        return True
+        return oks
 
     def _check_out(self, keys: list[ChunkKey], out: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if isinstance(out, torch.Tensor):
@@ -499,7 +505,7 @@ class TieredStore:
                     from_disk.append((entry, entry.disk, entry.disk_generation, o))
             self._hold(held)  # slots stay put while copies and disk reads are in flight
         try:
-            futures = [self._pool.submit(self._read_batch, b) for b in self._batches(from_disk)]
+            futures = [self._pool.submit(self._read_batch, b) for b in self._batches(from_disk, lambda r: r[1])]
             if on_gpu:
                 torch.cuda.current_stream().synchronize()
             for fut in futures:
@@ -520,16 +526,16 @@ class TieredStore:
 
     def _read_batch(self, batch: list[tuple[_Entry, int, int, torch.Tensor]]) -> list[ChunkKey]:
         """Worker: disk reads into caller buffers; return the keys that failed."""
-        return [e.key for e, slot, gen, out in batch if not self._read_disk_into(e, slot, gen, out)]
-
-    def _read_disk_into(self, entry: _Entry, slot: int, generation: int, out: torch.Tensor) -> bool:
-        if out.device.type == "cpu":
-            return self._disk_read(entry, slot, generation, out.view(-1).view(torch.uint8))
-        staging = self._staging()
-        if not self._disk_read(entry, slot, generation, staging):
-            return False
-        out.copy_(staging.view(self.layout.dtype).view(self.layout.chunk_shape))
-        return True
+        cpu = [(e, slot, gen, out.view(-1).view(torch.uint8)) for e, slot, gen, out in batch if not out.is_cuda]
+        failed = [req[0].key for req, ok in zip(cpu, self._disk_read_many(cpu)) if not ok]
+        for e, slot, gen, out in batch:
+            if out.is_cuda:  # through a pinned staging buffer: checksums are verified on the host
+                staging = self._staging()
+                if self._disk_read_many([(e, slot, gen, staging)])[0]:
+                    out.copy_(staging.view(self.layout.dtype).view(self.layout.chunk_shape))
+                else:
+                    failed.append(e.key)
+        return failed
 
     # ------------------------------------------------------------------ prefetch
     def prefetch(self, keys: Iterable[tuple[int, int, int]], to: str = "host") -> PrefetchHandle:
@@ -580,21 +586,22 @@ class TieredStore:
             issued = torch.cuda.Event()
             issued.record(torch.cuda.current_stream(self._copy_stream.device))
         futures: list[Future[list[ChunkKey]]] = []
-        for batch in self._batches(from_disk):
+        for batch in self._batches(from_disk, lambda e: e.disk):
             futures.append(self._pool.submit(self._promote, batch, to, issued, True))
         if from_host:
             futures.append(self._pool.submit(self._promote, from_host, to, issued, False))
         return PrefetchHandle(ks, futures, failed)
 
-    def _batches(self, items: list[Any]) -> list[list[Any]]:
-        """Split work for the I/O pool: one task per key costs about 0.1 ms of GIL time in
-        submission alone (as much as a 256 KiB O_DIRECT read), so workers take runs of up
-        to 16 keys, at least one batch per thread."""
+    def _batches(self, items: list[Any], disk_slot: Any) -> list[list[Any]]:
+        """Split disk work for the I/O pool, in disk-slot order.
+
+        One task per key costs about 0.1 ms of GIL time in submission alone (as much as a
+        256 KiB O_DIRECT read), so a task takes up to 16 keys, at least one task per
+        thread; consecutive keys let :meth:`DiskTier.read_many` read adjacent slots in one call.
+        """
+        items = sorted(items, key=disk_slot)
         size = max(1, min(16, -(-len(items) // self.config.io_threads)))
-        num = -(-len(items) // size)
-        # Interleaved (batch j takes items j, j + num, ...): the threads then read
-        # neighbouring slots at the same time, the near-sequential pattern a disk prefers.
-        return [items[j::num] for j in range(num)]
+        return [items[i : i + size] for i in range(0, len(items), size)]
 
     def _promote(self, entries: list[_Entry], to: str, issued: Any, from_disk: bool) -> list[ChunkKey]:
         """Worker: disk to host (verified), then host to device when asked. Unpins at the end."""
@@ -602,10 +609,9 @@ class TieredStore:
         try:
             todo = entries
             if from_disk:
-                for entry in entries:
-                    if not self._disk_to_host(entry):
-                        failed.append(entry.key)
-                todo = [e for e in entries if e.key not in failed]
+                failed = self._disk_to_host(entries)
+                gone = set(failed)
+                todo = [e for e in entries if e.key not in gone]
             if to == "device" and todo:
                 failed.extend(self._host_to_device(todo, issued))
         except Exception as exc:  # a worker must never lose keys silently
@@ -616,30 +622,34 @@ class TieredStore:
                 self._release(entries)
         return failed
 
-    def _disk_to_host(self, entry: _Entry) -> bool:
+    def _disk_to_host(self, entries: list[_Entry]) -> list[ChunkKey]:
+        """Read disk-resident entries into fresh host slots; return the keys that failed."""
+        failed: list[ChunkKey] = []
+        reqs: list[tuple[_Entry, int, int, int]] = []
         with self._lock:
-            if entry.host is not None:
-                return True
-            if self._index.get(entry.key) is not entry or entry.disk is None:
-                return False
-            slot, generation = entry.disk, entry.disk_generation
-            try:
-                host_slot = self._alloc_host()
-            except (CapacityError, TransferError) as exc:
-                log.warning("kvtier: no host room for %s: %s", tuple(entry.key), exc)
-                return False
-        if not self._disk_read(entry, slot, generation, self._host.payload(host_slot)):
-            with self._lock:
-                self._host.free(host_slot)
-            return False
+            for entry in entries:
+                if entry.host is not None:
+                    continue
+                if self._index.get(entry.key) is not entry or entry.disk is None:
+                    failed.append(entry.key)
+                    continue
+                try:
+                    reqs.append((entry, entry.disk, entry.disk_generation, self._alloc_host()))
+                except (CapacityError, TransferError) as exc:
+                    log.warning("kvtier: no host room for %s: %s", tuple(entry.key), exc)
+                    failed.append(entry.key)
+        oks = self._disk_read_many([(e, slot, gen, self._host.payload(h)) for e, slot, gen, h in reqs])
         with self._lock:
-            if self._index.get(entry.key) is entry and entry.host is None:
-                entry.host = host_slot
-                self._policy["host"].touch(entry.key)
-                self._stats["host"].bytes_written += self._cb
-            else:
-                self._host.free(host_slot)
-        return True
+            for (entry, _, _, host_slot), ok in zip(reqs, oks):
+                if ok and self._index.get(entry.key) is entry and entry.host is None:
+                    entry.host = host_slot
+                    self._policy["host"].touch(entry.key)
+                    self._stats["host"].bytes_written += self._cb
+                else:
+                    self._host.free(host_slot)
+                    if not ok:
+                        failed.append(entry.key)
+        return failed
 
     def _host_to_device(self, entries: list[_Entry], issued: Any) -> list[ChunkKey]:
         """Copy host slots into fresh device slots (entries are held, so host slots stay put).

@@ -31,12 +31,14 @@ from kvtier.layout import FORMAT_VERSION, KVLayout
 from kvtier.tiers.base import PAGE_BYTES, ChunkKey, SlotAllocator, align_up, aligned_empty
 from kvtier.tiers.io import IOBackend, PosixIO, Reader
 
-__all__ = ["DiskTier", "SlotRecord", "SLOT_MAGIC", "FILE_MAGIC", "FILE_TARGET_BYTES"]
+__all__ = ["DiskTier", "SlotRecord", "SLOT_MAGIC", "FILE_MAGIC", "FILE_TARGET_BYTES", "MAX_RUN"]
 
 log = logging.getLogger("kvtier.tiers")
 
 SLOT_MAGIC = b"KVTSLOT\x01"
 FILE_MAGIC = b"KVTSLAB\x01"
+#: Most slots one ``preadv`` reads (its iovec count, 2 per slot, stays far below IOV_MAX 1024).
+MAX_RUN = 32
 #: Slab files are about 1 GiB: large enough that opening them is rare, small enough that
 #: reserving one (posix_fallocate) on first use takes milliseconds.
 FILE_TARGET_BYTES = 1 << 30
@@ -422,17 +424,95 @@ class DiskTier:
         if got != self._slot_bytes:
             raise TransferError(f"disk read of {tuple(key)} from slot {slot}: expected {self._slot_bytes} "
                                 f"bytes, got {got} (short read)")
-        parsed = self._parse_header(memoryview(header_view.numpy()))
+        if not zero_copy:
+            out.copy_(bounce[:nbytes])
+        self._verify(slot, key, generation, header_view, out)
+
+    def _verify(self, slot: int, key: ChunkKey, generation: int, header: torch.Tensor, out: torch.Tensor) -> None:
+        """Raise :class:`CorruptChunkError` unless header and payload checksum match."""
+        parsed = self._parse_header(memoryview(header.numpy()))
         if isinstance(parsed, str):
             raise CorruptChunkError(f"disk slot {slot} for {tuple(key)}: {parsed}")
         got_key, got_generation, payload_crc = parsed
         if got_key != key or got_generation != generation:
             raise CorruptChunkError(f"disk slot {slot}: expected {tuple(key)} generation {generation}, "
                                     f"got {tuple(got_key)} generation {got_generation}")
-        if not zero_copy:
-            out.copy_(bounce[:nbytes])
         if crc32c.crc32c(memoryview(out.numpy())) != payload_crc:
             raise CorruptChunkError(f"disk slot {slot} for {tuple(key)}: payload checksum mismatch")
+
+    def read_many(self, reqs: list[tuple[int, ChunkKey, int, torch.Tensor]]) -> list[TransferError | None]:
+        """Read and verify many slots; slots adjacent on disk are read with one ``preadv``.
+
+        Adjacent slots whose destinations are page-aligned (and ``chunk_bytes`` a 4 KiB
+        multiple) form runs of up to :data:`MAX_RUN` slots read in one call: payloads land
+        straight in their destinations and headers in a bounce buffer. On the H200
+        machine's disk one O_DIRECT read of 4 MiB moves 1.74 GB/s against 1.00 GB/s for
+        128 KiB reads (platform.md).
+
+        Parameters
+        ----------
+        reqs : list of (slot, key, generation, out)
+            As for :meth:`read_into`.
+
+        Returns
+        -------
+        list
+            Per request: None when the chunk verified, else the :class:`TransferError` (or
+            :class:`CorruptChunkError`) it failed with. A failed run call fails every slot
+            of the run: a fault is never retried into silence.
+        """
+        results: list[TransferError | None] = [None] * len(reqs)
+        runs: list[list[int]] = []
+        zero_copy = self._chunk_bytes == self.payload_span
+        for i in sorted(range(len(reqs)), key=lambda i: reqs[i][0]):
+            slot, out = reqs[i][0], reqs[i][3]
+            if runs and zero_copy and out.data_ptr() % PAGE_BYTES == 0 and len(runs[-1]) < MAX_RUN:
+                prev = reqs[runs[-1][-1]]
+                if (prev[0] + 1 == slot and slot % self.slots_per_file != 0
+                        and prev[3].data_ptr() % PAGE_BYTES == 0):
+                    runs[-1].append(i)
+                    continue
+            runs.append([i])
+        for run in runs:
+            if len(run) == 1:
+                try:
+                    self.read_into(*reqs[run[0]])
+                except TransferError as exc:
+                    results[run[0]] = exc
+                continue
+            first = reqs[run[0]][0]
+            file_index, offset = self._where(first)
+            headers = self._headers(len(run))
+            buffers = []
+            for j, i in enumerate(run):
+                buffers.append(memoryview(reqs[i][3].numpy()))
+                buffers.append(memoryview(headers[j * PAGE_BYTES : (j + 1) * PAGE_BYTES].numpy()))
+            try:
+                got = self._reader(file_index).readv(buffers, offset)
+            except OSError as exc:
+                for i in run:
+                    results[i] = TransferError(f"disk read of {tuple(reqs[i][1])} (slots {first}.."
+                                               f"{first + len(run) - 1} in one call): {exc}")
+                continue
+            for j, i in enumerate(run):
+                slot, key, generation, out = reqs[i]
+                if got < (j + 1) * self._slot_bytes:
+                    results[i] = TransferError(f"disk read of {tuple(key)} from slot {slot}: short read "
+                                               f"({got} of {len(run) * self._slot_bytes} bytes of its run)")
+                    continue
+                try:
+                    self._verify(slot, key, generation, headers[j * PAGE_BYTES : (j + 1) * PAGE_BYTES], out)
+                except CorruptChunkError as exc:
+                    results[i] = exc
+        return results
+
+    def _headers(self, n: int) -> torch.Tensor:
+        """A page-aligned per-thread buffer of ``n`` header blocks."""
+        buf = getattr(self._local, "headers", None)
+        if buf is None or buf.numel() < n * PAGE_BYTES:
+            buf, _ = aligned_empty(MAX_RUN * PAGE_BYTES, pin=False)
+            self._local.headers = buf
+        return buf
 
     def sync(self) -> None:
         """Flush dirty pages of every slab file (benchmarks; not needed for correctness)."""

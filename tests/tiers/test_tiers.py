@@ -137,3 +137,57 @@ def test_posix_reader_reports_o_direct(tiny_layout: KVLayout, tmp_path, make_chu
     disk.read_into(slot, ChunkKey(0, 0, 0), gen, torch.empty(tiny_layout.chunk_bytes, dtype=torch.uint8))
     assert disk.direct is False and disk.direct_reason == "O_DIRECT not requested"
     disk.close()
+
+
+def _run_setup(layout, tmp_path, make_chunk, io=None):
+    disk = DiskTier(layout, 12 * (layout.chunk_bytes + 2 * PAGE_BYTES), tmp_path, io=io)
+    reqs = []
+    host = HostTier(layout, 8 * layout.chunk_bytes)
+    for i in range(6):
+        slot, key = disk.allocate(), ChunkKey(0, 0, i)
+        gen = disk.write(slot, key, make_chunk(layout, i).view(-1).view(torch.uint8))
+        h = host.allocate()
+        reqs.append((slot, key, gen, host.payload(h)))
+    return disk, host, reqs
+
+
+def test_read_many_reads_adjacent_slots_in_one_call(page_layout, tmp_path, make_chunk) -> None:
+    calls = []
+
+    class CountingIO(PosixIO):
+        def open_reader(self, path):
+            reader = super().open_reader(path)
+            inner = reader.readv
+
+            def readv(buffers, offset):
+                calls.append(len(buffers))
+                return inner(buffers, offset)
+
+            reader.readv = readv  # type: ignore[method-assign]
+            return reader
+
+    disk, host, reqs = _run_setup(page_layout, tmp_path, make_chunk, CountingIO())
+    shuffled = [reqs[i] for i in (3, 0, 5, 1, 4, 2)]
+    assert disk.read_many(shuffled) == [None] * 6
+    assert calls == [12]  # six slots, payload + header each, one preadv
+    for i, (_, _, _, out) in enumerate(reqs):
+        assert torch.equal(out, make_chunk(page_layout, i).view(-1).view(torch.uint8))
+    disk.close()
+
+
+def test_read_many_faults_fail_exactly_the_affected_slots(page_layout, tmp_path, make_chunk) -> None:
+    from kvtier._faults import FaultyIO
+    from kvtier.errors import TransferError
+
+    io = FaultyIO(payload_bytes=page_layout.chunk_bytes)
+    disk, host, reqs = _run_setup(page_layout, tmp_path, make_chunk, io)
+    io.inject("read_error")
+    assert all(isinstance(e, TransferError) for e in disk.read_many(reqs))  # the whole run failed
+    io.inject("short_read")
+    errs = disk.read_many(reqs)
+    assert errs[:5] == [None] * 5 and isinstance(errs[5], TransferError)  # only the cut slot
+    io.inject("bitflip_read")
+    errs = disk.read_many(reqs)
+    assert isinstance(errs[0], CorruptChunkError) and errs[1:] == [None] * 5  # flip lands in the first payload
+    assert io.injected["read_error"] == io.injected["short_read"] == io.injected["bitflip_read"] == 1
+    disk.close()
