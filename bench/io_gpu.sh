@@ -12,12 +12,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=/tmp/site:$PWD
 python3 -c "import torch, kvtier.tiers.io as io; print(torch.__version__, torch.cuda.get_device_name(0)); print(io.kvikio_status())" 2>&1 | tee "$OUT/env.txt"
+python3 -c "import kvtier.kernels.gather_groups; print('gather kernel importable')" >> "$OUT/env.txt" 2>&1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> "$OUT/env.txt" 2>&1
 grep -E " / | /tmp " /proc/mounts >> "$OUT/env.txt"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_store.py tests/tiers/test_tiers.py \
-    tests/tiers/test_crash.py tests/tiers/test_faults.py tests/test_stress.py tests/test_bench_io.py \
+    tests/tiers/test_crash.py tests/tiers/test_faults.py tests/tiers/test_transfer.py tests/test_stress.py tests/test_bench_io.py \
     2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15
 timeout 240 python3 -m kvtier bench io --dir /tmp/kvb --size "${SIZE:-4GiB}" --json "$OUT/io_gpu.json" \
     --csv "$OUT/io_gpu.csv" 2>&1 | tee "$OUT/bench_io_gpu.txt"
-timeout 60 python3 -m kvtier stress --seconds "${STRESS_S:-20}" --dir /tmp/kvs --json "$OUT/stress_gpu.json" \
+timeout 60 python3 -m kvtier stress --seconds "${STRESS_S:-15}" --dir /tmp/kvs --json "$OUT/stress_gpu.json" \
     --no-progress 2>&1 | tee "$OUT/stress_gpu.txt"
