@@ -51,8 +51,8 @@ def _route_chunks_kernel(
     # meta
     NUM_KV_HEADS: tl.constexpr, REP: tl.constexpr,
     C: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
-    KT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    KT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, SORT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -65,28 +65,34 @@ def _route_chunks_kernel(
     r = rows // num_q
     l = rows % num_q
     hq = kvh * REP + r
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    q = tl.load(
-        q_ptr + b * stride_qb + hq[:, None] * stride_qh + l[:, None] * stride_ql + offs_d[None, :],
-        mask=row_ok[:, None] & mask_d[None, :], other=0.0,
-    ).to(tl.float32)
-
     n = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    s_tile = tl.load(
-        summ_ptr + b * stride_sb + kvh * stride_sh + n[:, None] * stride_sn + offs_d[None, :],
-        mask=(n < num_chunks)[:, None] & mask_d[None, :], other=0.0,
-    )
-    scores = tl.dot(q, tl.trans(s_tile), input_precision="ieee")  # [BLOCK_R, BLOCK_T]
+    # D in slices of BLOCK_DK: a [512, 128] fp32 tile would need 256 KiB of shared memory
+    # (the H200 has 227 KiB per block); slices also pipeline the summary loads.
+    scores = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
+    s_base = summ_ptr + b * stride_sb + kvh * stride_sh + n[:, None] * stride_sn
+    q_base = q_ptr + b * stride_qb + hq[:, None] * stride_qh + l[:, None] * stride_ql
+    for d0 in range(0, HEAD_DIM, BLOCK_DK):
+        offs_d = d0 + tl.arange(0, BLOCK_DK)
+        mask_d = offs_d < HEAD_DIM
+        q = tl.load(q_base + offs_d[None, :], mask=row_ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        s_tile = tl.load(s_base + offs_d[None, :], mask=(n < num_chunks)[:, None] & mask_d[None, :], other=0.0)
+        scores = tl.dot(q, tl.trans(s_tile), acc=scores, input_precision="ieee")
 
     sink_end, local_start, cur = _windows(start_pos + l, C, SINK, LOCAL)
     ok = (n[None, :] >= sink_end[:, None]) & (n[None, :] < local_start[:, None]) & row_ok[:, None]
     keys = tl.where(ok, _pack(scores, n[None, :]), -9223372036854775808)
-    keys = tl.sort(keys, dim=1, descending=True)
-
-    cols = tl.arange(0, BLOCK_T)
-    dst = cand_ptr + b * stride_cb + hq[:, None] * stride_ch + l[:, None] * stride_cl + pid_t * stride_ct + cols[None, :]
-    tl.store(dst, keys, mask=row_ok[:, None] & (cols < KT)[None, :])
+    dst = cand_ptr + b * stride_cb + hq * stride_ch + l * stride_cl + pid_t * stride_ct
+    if SORT:
+        keys = tl.sort(keys, dim=1, descending=True)
+        cols = tl.arange(0, BLOCK_T)
+        tl.store(dst[:, None] + cols[None, :], keys, mask=row_ok[:, None] & (cols < KT)[None, :])
+    else:
+        # KT rounds of "take the row maximum, remove it": 16 reductions over the tile cost less
+        # than a bitonic sort of all of it, and keys are unique (chunk index in the low bits).
+        for i in tl.static_range(KT):
+            best = tl.max(keys, axis=1)
+            tl.store(dst + i, best, mask=row_ok)
+            keys = tl.where(keys == best[:, None], -9223372036854775808, keys)
 
 
 def route_chunks_tiles(num_chunks: int, top_chunks: int, *, block_t: int | None = None) -> tuple[int, int, int]:
@@ -113,6 +119,7 @@ def route_chunks(
     block_t: int,
     block_r: int = 16,
     num_warps: int = 4,
+    sort: bool = False,
 ) -> torch.Tensor:
     """Each query row's best candidate chunks per tile of ``block_t`` chunks (packed int64 keys).
 
@@ -129,6 +136,9 @@ def route_chunks(
         Position of the first query and the window geometry (``HGAConfig``).
     block_t : int
         Chunks per tile, a power of two >= 16.
+    sort : bool
+        Select each tile's best with one bitonic sort instead of KT max-extractions (kept
+        for the benchmark's comparison).
 
     Returns
     -------
@@ -163,7 +173,7 @@ def route_chunks(
         chunk_summ.stride(0), chunk_summ.stride(1), chunk_summ.stride(2),
         cand.stride(0), cand.stride(1), cand.stride(2), cand.stride(3),
         NUM_KV_HEADS=hkv, REP=rep, C=chunk_size, SINK=sink_chunks, LOCAL=local_chunks,
-        KT=kt, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BLOCK_R=block_r, BLOCK_T=block_t, num_warps=num_warps,
+        KT=kt, HEAD_DIM=d, BLOCK_DK=min(32, max(16, triton.next_power_of_2(d))),
+        BLOCK_R=block_r, BLOCK_T=block_t, SORT=sort, num_warps=num_warps,
     )
     return cand

@@ -52,14 +52,17 @@ def _route_groups_kernel(
     kvh = hq // REP
     EMPTY: tl.constexpr = -9223372036854775808
 
-    # Merge: the best top_chunks of all tiles' candidates.
+    # Merge: the best top_chunks of all tiles' candidates, by repeated max-extraction (top_chunks
+    # rounds over num_tiles * KT keys instead of sorting them all).
     offs_c = tl.arange(0, BLOCK_CAND)
     keys = tl.load(cand_ptr + b * stride_cb + hq * stride_ch + l * stride_cl + offs_c, mask=offs_c < num_cand, other=EMPTY)
-    keys = tl.sort(keys, descending=True)
-    chunk = 2147483647 - (keys & 0xFFFFFFFF).to(tl.int32)
-    chunk = tl.where((keys != EMPTY) & (offs_c < top_chunks), chunk, -1)
     chunk_row = chunk_out_ptr + b * stride_ob + hq * stride_oh + l * stride_ol
-    tl.store(chunk_row + offs_c, chunk.to(tl.int64), mask=offs_c < kc_w)
+    for i in range(0, kc_w):
+        best = tl.max(keys, axis=0)
+        chunk = 2147483647 - (best & 0xFFFFFFFF).to(tl.int32)
+        chunk = tl.where((best != EMPTY) & (i < top_chunks), chunk, -1)
+        tl.store(chunk_row + i, chunk.to(tl.int64))
+        keys = tl.where(keys == best, EMPTY, keys)
     tl.debug_barrier()
 
     # Groups of the chosen chunks, candidate j = rank * M + g.
@@ -139,7 +142,7 @@ def route_groups(
         if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"{name}: expected a contiguous last dim, got strides {t.stride()}")
     if cand.shape[3] > 1 and cand.stride(3) != cand.shape[4]:
-        raise ValueError(f"cand: expected contiguous tiles, got strides {cand.stride()}")
+        raise ValueError(f"cand: expected tiles contiguous in dims 3 and 4, got strides {cand.stride()}")
     for name, t, dt in (("chunk_ids", chunk_ids, torch.int64), ("group_ids", group_ids, torch.int64),
                         ("fetch_ids", fetch_ids, torch.int64), ("routed", routed, torch.int32)):
         if t.dtype != dt or tuple(t.shape[:3]) != (bsz, hq, lq):

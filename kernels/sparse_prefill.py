@@ -94,6 +94,9 @@ def _sparse_prefill_kernel(
             u, t, hi, num_fixed, total, b, routed_row, slot_map_ptr, stride_sm_b,
             C, G, SINK, LOCAL, HAS_SLOT_MAP,
         )
+        # Keys past the block's last query may lie past Lk: never load them (they would be masked
+        # anyway, but garbage V times p = 0 is NaN when the garbage is Inf or NaN).
+        valid = valid & (kpos <= hi)
         kc = (blk // M).to(tl.int64)
         kr = (blk % M) * G + t
         kv_mask = valid[:, None] & mask_d[None, :]

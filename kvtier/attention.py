@@ -160,10 +160,17 @@ def _route(
     if widths[0] == 0 or w_last.num_candidates == 0:
         return  # outputs were created -1 filled
     n = w_last.local_start  # chunks any row can pick lie below this
+    rows = q.shape[1] // chunk_summ.shape[1] * lq
+    # Many rows per KV head (prefill): 64-row blocks read each summary tile 4x less often than
+    # 16-row blocks; narrower tiles keep the [64, block_t] fp32 scores in registers.
+    block_r, warps = (64, 8) if rows >= 64 else (16, 4)
     bt, nt, kt = route_chunks_tiles(n, config.top_chunks)
+    if block_r == 64 and bt > 128:  # noqa: PLR2004
+        bt, nt, kt = route_chunks_tiles(n, config.top_chunks, block_t=128)
     cand = torch.empty(q.shape[0], q.shape[1], lq, nt, kt, dtype=torch.int64, device=q.device)
     route_chunks(q, chunk_summ[:, :, :n], cand, start_pos=start_pos, chunk_size=config.chunk_size,
-                 sink_chunks=config.sink_chunks, local_chunks=config.local_chunks, block_t=bt)
+                 sink_chunks=config.sink_chunks, local_chunks=config.local_chunks, block_t=bt, block_r=block_r,
+                 num_warps=warps)
     route_groups(cand, q, group_summ, *out, top_chunks=config.top_chunks, top_groups=config.top_groups,
                  fetch_groups=config.fetch_groups)
 
@@ -268,11 +275,13 @@ class HostKVDecode:
         kc_w, kg_w, kf_w = self.widths
         w = windows_at(position, c, config.sink_chunks, config.local_chunks)
         self.num_cand_chunks = w.local_start
-        self.tiles = route_chunks_tiles(max(1, w.local_start), config.top_chunks)
+        self.route_options: dict[str, object] = {}
+        self.set_route_tiles(None)
         bt, nt, kt = self.tiles
         i32 = dict(dtype=torch.int32, device=dev)
         self.q = torch.zeros(b, hq, 1, d, dtype=device_slab.dtype, device=dev)
-        self.cand = torch.empty(b, hq, 1, nt, kt, dtype=torch.int64, device=dev)
+        # Room for the smallest tile width (most tiles) the benchmark may choose.
+        self.cand = torch.empty(b, hq, 1, max(nt, -(-self.num_cand_chunks // 16)), kt, dtype=torch.int64, device=dev)
         self.plan = tuple(torch.full((b, hq, 1, w_), -1, dtype=torch.int64, device=dev) for w_ in self.widths)
         self.routed_dense = torch.full((b, hq, 1, kg_w), -1, **i32)
         self.where = torch.empty(b, hkv, n * m, **i32)
@@ -340,15 +349,22 @@ class HostKVDecode:
             t.fill_(-1)
         self.counter.zero_()
 
+    def set_route_tiles(self, block_t: int | None, **options: object) -> None:
+        """Tile width of chunk routing (None: the default) and launch options of route_chunks."""
+        self.tiles = route_chunks_tiles(max(1, self.num_cand_chunks), self.config.top_chunks, block_t=block_t)
+        self.route_options = dict(options)
+
     def route(self) -> None:
         """Routing of ``self.q``: fills ``self.plan`` (chunk, group, fetch ids)."""
         cfg = self.config
         if self.widths[0] == 0:
             return
-        bt = self.tiles[0]
-        route_chunks(self.q, self.chunk_summ[:, :, : self.num_cand_chunks], self.cand, start_pos=self.position,
-                     chunk_size=cfg.chunk_size, sink_chunks=cfg.sink_chunks, local_chunks=cfg.local_chunks, block_t=bt)
-        route_groups(self.cand, self.q, self.group_summ, *self.plan, self.routed_dense, top_chunks=cfg.top_chunks,
+        bt, nt, kt = self.tiles
+        cand = self.cand[:, :, :, :nt, :kt]
+        route_chunks(self.q, self.chunk_summ[:, :, : self.num_cand_chunks], cand, start_pos=self.position,
+                     chunk_size=cfg.chunk_size, sink_chunks=cfg.sink_chunks, local_chunks=cfg.local_chunks, block_t=bt,
+                     **self.route_options)
+        route_groups(cand, self.q, self.group_summ, *self.plan, self.routed_dense, top_chunks=cfg.top_chunks,
                      top_groups=cfg.top_groups, fetch_groups=cfg.fetch_groups)
 
     def assign(self) -> None:

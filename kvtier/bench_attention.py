@@ -35,8 +35,10 @@ from pathlib import Path
 
 import torch
 
-from kvtier.attention import HostKVDecode, _hga_kernels
+from kvtier.attention import HostKVDecode, _hga_kernels, _route, prefill_tables
 from kvtier.config import HGAConfig
+from kvtier.kernels.sparse_prefill import sparse_prefill
+from kvtier.reference.hga import plan_widths
 
 __all__ = ["add_arguments", "run", "main"]
 
@@ -64,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rope-theta", type=float, default=5e5)
     parser.add_argument("--csv", default="bench/results/attention.csv", help="CSV to append to")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs on the CPU interpreter too")
+    parser.add_argument("--route-sweep", action="store_true", help="also time chunk-routing tile variants")
 
 
 def _env() -> dict[str, str]:
@@ -291,6 +294,23 @@ def _bench_one(bsz: int, ctx: int, hq: int, hkv: int, d: int, args: argparse.Nam
     for name, st in zip(names, staged):
         add("decode_stage", f"hga_host_steady_{name}", "time", "ms", st)
 
+    # Chunk-routing variants (tile width, selection by sort or max-extraction, warps).
+    if args.route_sweep:
+        for bt in (64, 128, 256, 512):
+            for sort in (False, True):
+                for nw in (4, 8):
+                    if sort and bt > 256:
+                        continue
+                    dec.set_route_tiles(bt, sort=sort, num_warps=nw)
+                    try:
+                        dec.route()
+                        fn = _graph(dec.route, timer.cuda)
+                        add("route_variant", f"bt{bt}_{'sort' if sort else 'max'}_w{nw}", "time", "ms",
+                            timer.many(fn, args.steps))
+                    except Exception as exc:  # a variant out of resources is a result, not a failure
+                        print(f"# route variant bt={bt} sort={sort} warps={nw}: {type(exc).__name__}")
+        dec.set_route_tiles(None)
+
     # Prefill: one 64-token block at the end of the context, K/V in HBM.
     start = ctx - 64
     cur = q64[:, :, :1]
@@ -307,6 +327,19 @@ def _bench_one(bsz: int, ctx: int, hq: int, hkv: int, d: int, args: argparse.Nam
     union = stats.plan.group_ids.reshape(bsz * hq, -1).tolist()
     uniq = sum(len(set(row) - {-1}) for row in union) / max(1, bsz * hq)
     add("prefill64", "hga_kernels", "time", "ms", timer.bench(prefill, n=10), routed_groups_per_head=round(uniq, 1))
+    # Its stages: routing, block tables (torch, one host sync), the attention kernel.
+    geo = dict(chunk_size=c, group_size=g, sink_chunks=cfg.sink_chunks, local_chunks=cfg.local_chunks)
+    widths = plan_widths(cfg, ctx - 1)
+    plan = [torch.full((bsz, hq, 64, w_), -1, dtype=torch.int64, device=dev) for w_ in widths]
+    plan.append(torch.full((bsz, hq, 64, widths[1]), -1, dtype=torch.int32, device=dev))
+    add("prefill64_stage", "hga_route", "time", "ms",
+        timer.bench(lambda: _route(qblk, cs, gs, start, cfg, widths, tuple(plan)), n=10))
+    add("prefill64_stage", "hga_tables", "time", "ms",
+        timer.bench(lambda: prefill_tables(stats.plan.group_ids, start, c), n=10))
+    tab, num, vis = prefill_tables(stats.plan.group_ids, start, c)
+    obuf = torch.empty_like(qblk)
+    add("prefill64_stage", "hga_attend", "time", "ms",
+        timer.bench(lambda: sparse_prefill(qblk, k, v, tab, num, vis, obuf, start_pos=start, **geo), n=10))
     del dec, k, v
     if timer.cuda:
         torch.cuda.empty_cache()

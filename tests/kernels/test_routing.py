@@ -14,7 +14,7 @@ CFG = HGAConfig(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_
 THETA = 1e4
 
 
-def kernel_plan(q, k, cfg, start_pos, block_t=None):
+def kernel_plan(q, k, cfg, start_pos, block_t=None, **options):
     """RoutePlan tensors of the routing kernels for queries at start_pos .. start_pos + Lq - 1."""
     bsz, hq, lq, d = q.shape
     c = cfg.chunk_size
@@ -27,7 +27,7 @@ def kernel_plan(q, k, cfg, start_pos, block_t=None):
     bt, nt, kt = route_chunks_tiles(n, cfg.top_chunks, block_t=block_t)
     cand = torch.empty(bsz, hq, lq, nt, kt, dtype=torch.int64)
     route_chunks(q, cs, cand, start_pos=start_pos, chunk_size=c, sink_chunks=cfg.sink_chunks,
-                 local_chunks=cfg.local_chunks, block_t=bt)
+                 local_chunks=cfg.local_chunks, block_t=bt, **options)
     out = [torch.full((bsz, hq, lq, w), -7, dtype=torch.int64) for w in (kc_w, kg_w, kf_w)]
     routed = torch.full((bsz, hq, lq, kg_w), -7, dtype=torch.int32)
     route_groups(cand, q, gs, *out, routed, top_chunks=cfg.top_chunks, top_groups=cfg.top_groups,
@@ -66,4 +66,16 @@ def test_routing_full_coverage_selects_every_candidate():
     chunk_ids, group_ids, fetch_ids = kernel_plan(q, k, cfg, 199)
     assert torch.equal(chunk_ids, stats.plan.chunk_ids)
     assert torch.equal(group_ids, stats.plan.group_ids)
+    assert torch.equal(fetch_ids, stats.plan.fetch_group_ids)
+
+
+@pytest.mark.parametrize("options", [dict(sort=True), dict(block_r=64, num_warps=8)])
+def test_routing_variants_agree(options):
+    """Selection by bitonic sort, and 64-row blocks, give the same plan."""
+    torch.manual_seed(13)
+    q = torch.randn(1, 4, 20, 32)
+    k = torch.randn(1, 2, 200, 32)
+    _, stats = hga_attention(q, k, k, config=CFG, rope_theta=THETA, start_pos=180)
+    chunk_ids, group_ids, fetch_ids = kernel_plan(q, k, CFG, 180, 16, **options)
+    assert torch.equal(chunk_ids, stats.plan.chunk_ids)
     assert torch.equal(fetch_ids, stats.plan.fetch_group_ids)

@@ -46,10 +46,12 @@ def random_tables(bsz, hq, lq, start_pos, width, *, fill=0.6, seed=0):
 def test_sparse_prefill_matches_ref(dtype, hq, hkv, lq, start_pos, width):
     torch.manual_seed(5)
     d, bsz = 32, 2
-    lk = start_pos + lq + 3
+    lk = start_pos + lq  # the last block ends inside its chunk: keys past Lk must not be read
     q = torch.randn(bsz, hq, lq, d, dtype=dtype)
-    k = torch.randn(bsz, hkv, lk, d, dtype=dtype)
-    v = torch.randn(bsz, hkv, lk, d, dtype=dtype)
+    # K/V are views of longer tensors holding NaN past Lk: reading a key past Lk shows.
+    kv = torch.randn(2, bsz, hkv, lk + 16, d, dtype=dtype)
+    kv[..., lk:, :] = float("nan")
+    k, v = kv[0, :, :, :lk], kv[1, :, :, :lk]
     routed, num, vis = random_tables(bsz, hq, lq, start_pos, width)
     out = torch.full_like(q, float("nan"))
     sparse_prefill(q, k, v, routed, num, vis, out, start_pos=start_pos, block_n=16, **GEO)
