@@ -43,7 +43,7 @@ def _assign_groups_kernel(
     stride_rb, stride_rh,
     # meta
     NUM_KV_HEADS: tl.constexpr, REP: tl.constexpr, KF: tl.constexpr, KG: tl.constexpr, M: tl.constexpr,
-    E: tl.constexpr, BLOCK_R: tl.constexpr,
+    E: tl.constexpr, BLOCK_R: tl.constexpr, EXTRACT_MAX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // NUM_KV_HEADS
@@ -72,12 +72,21 @@ def _assign_groups_kernel(
     winner = miss & (old == -1)
     tl.debug_barrier()
 
-    # Free entries (not used this step), least recently used first.
+    # Free entries (not used this step), least recently used first. Few misses (a steady
+    # decode step has a handful per KV head): extract that many minima; many (a cold step):
+    # one bitonic sort of all E entries is cheaper than hundreds of reductions.
     offs_e = tl.arange(0, E)
     st = tl.load(stamp_row + offs_e)
     key = tl.where(st != step, (st.to(tl.int64) << 32) | offs_e.to(tl.int64), 9223372036854775807)
-    key = tl.sort(key)
-    tl.store(order_row + offs_e, (key & 0xFFFFFFFF).to(tl.int32))
+    n_win = tl.sum(winner.to(tl.int32), axis=0)
+    if n_win > EXTRACT_MAX:
+        key = tl.sort(key)
+        tl.store(order_row + offs_e, (key & 0xFFFFFFFF).to(tl.int32))
+    else:
+        for i in range(0, n_win):
+            best = tl.min(key, axis=0)
+            tl.store(order_row + i, (best & 0xFFFFFFFF).to(tl.int32))
+            key = tl.where(key == best, 9223372036854775807, key)
     tl.debug_barrier()
 
     rank = tl.cumsum(winner.to(tl.int32), axis=0) - 1
@@ -173,6 +182,6 @@ def assign_groups(
         fetch.stride(0), fetch.stride(1),
         host_slot.stride(0),
         routed.stride(0), routed.stride(1),
-        NUM_KV_HEADS=hkv, REP=rep, KF=kf, KG=kg, M=chunk_size // group_size, E=e, BLOCK_R=block_r,
+        NUM_KV_HEADS=hkv, REP=rep, KF=kf, KG=kg, M=chunk_size // group_size, E=e, BLOCK_R=block_r, EXTRACT_MAX=32,
         num_warps=4,
     )

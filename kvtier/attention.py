@@ -294,8 +294,8 @@ class HostKVDecode:
         self.table = torch.full((b * hkv * rows, 3), -1, **i32)
         self.routed = torch.full((b, hq, kg_w), -1, **i32)
         self.positions = torch.full((b,), position, **i32)
-        max_keys = (config.sink_chunks + config.local_chunks + 1) * c + kg_w * g
-        self.workspace = torch.empty(b, hq, decode_num_splits(b, hq, max_keys), d + 2, dtype=torch.float32, device=dev)
+        self.max_keys = (config.sink_chunks + config.local_chunks + 1) * c + kg_w * g
+        self.set_decode_splits(None)
         self.out = torch.empty(b, hq, d, dtype=device_slab.dtype, device=dev)
         self.base_block = num_hot * m
         self.reset_cache()
@@ -349,6 +349,14 @@ class HostKVDecode:
             t.fill_(-1)
         self.counter.zero_()
 
+    def set_decode_splits(self, num_splits: int | None, block_n: int = 64) -> None:
+        """Splits per query of the decode kernel (None: ``decode_num_splits``) and its key tile."""
+        b, hq, d = self.out.shape if hasattr(self, "out") else (self.q.shape[0], self.q.shape[1], self.q.shape[3])
+        if num_splits is None:
+            num_splits = decode_num_splits(b, hq, self.max_keys, block_n=block_n)
+        self.block_n = block_n
+        self.workspace = torch.empty(b, hq, num_splits, d + 2, dtype=torch.float32, device=self.q.device)
+
     def set_route_tiles(self, block_t: int | None, **options: object) -> None:
         """Tile width of chunk routing (None: the default) and launch options of route_chunks."""
         self.tiles = route_chunks_tiles(max(1, self.num_cand_chunks), self.config.top_chunks, block_t=block_t)
@@ -384,7 +392,7 @@ class HostKVDecode:
         return sparse_decode(
             self.q[:, :, 0], self.device_slab[:, 0], self.device_slab[:, 1], self.positions, self.routed, self.out,
             self.workspace, chunk_size=cfg.chunk_size, group_size=cfg.group_size, sink_chunks=cfg.sink_chunks,
-            local_chunks=cfg.local_chunks, slot_map=self.slot_map,
+            local_chunks=cfg.local_chunks, slot_map=self.slot_map, block_n=self.block_n,
         )
 
     def step(self) -> torch.Tensor:

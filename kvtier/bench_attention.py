@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rope-theta", type=float, default=5e5)
     parser.add_argument("--csv", default="bench/results/attention.csv", help="CSV to append to")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs on the CPU interpreter too")
-    parser.add_argument("--route-sweep", action="store_true", help="also time chunk-routing tile variants")
+    parser.add_argument("--sweep", action="store_true", help="also time routing and attention launch variants")
 
 
 def _env() -> dict[str, str]:
@@ -295,7 +295,7 @@ def _bench_one(bsz: int, ctx: int, hq: int, hkv: int, d: int, args: argparse.Nam
         add("decode_stage", f"hga_host_steady_{name}", "time", "ms", st)
 
     # Chunk-routing variants (tile width, selection by sort or max-extraction, warps).
-    if args.route_sweep:
+    if args.sweep:
         for bt in (64, 128, 256, 512):
             for sort in (False, True):
                 for nw in (4, 8):
@@ -310,6 +310,14 @@ def _bench_one(bsz: int, ctx: int, hq: int, hkv: int, d: int, args: argparse.Nam
                     except Exception as exc:  # a variant out of resources is a result, not a failure
                         print(f"# route variant bt={bt} sort={sort} warps={nw}: {type(exc).__name__}")
         dec.set_route_tiles(None)
+        base = dec.workspace.shape[2]
+        for splits in (base, 2 * base, 4 * base):
+            for bn in (32, 64):
+                dec.set_decode_splits(splits, block_n=bn)
+                dec.attend()
+                add("attend_variant", f"splits{splits}_bn{bn}", "time", "ms",
+                    timer.many(_graph(dec.attend, timer.cuda), args.steps))
+        dec.set_decode_splits(None)
 
     # Prefill: one 64-token block at the end of the context, K/V in HBM.
     start = ctx - 64

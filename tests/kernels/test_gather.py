@@ -63,11 +63,11 @@ def _step(cache, fetch, host_slot, kg, *, g, c, base_block):
     return table, routed
 
 
-def test_assign_groups_dedups_hits_and_gathers_the_right_bytes():
+@pytest.mark.parametrize("hq,hkv,kf,kg,e", [(4, 2, 5, 3, 16), (8, 1, 8, 4, 64)])  # few misses; > 32 misses
+def test_assign_groups_dedups_hits_and_gathers_the_right_bytes(hq, hkv, kf, kg, e):
     torch.manual_seed(8)
-    bsz, hq, hkv, g, c, d, n = 2, 4, 2, 4, 16, 8, 12
+    bsz, g, c, d, n = 2, 4, 16, 8, 12
     m = c // g
-    kf, kg, e = 5, 3, 16
     host = torch.randn(n * bsz, 2, hkv, c, d)
     host_slot = torch.stack([torch.randperm(n * bsz)[:n] for _ in range(bsz)]).to(torch.int32)
     hot_slots = 2
@@ -82,7 +82,8 @@ def test_assign_groups_dedups_hits_and_gathers_the_right_bytes():
         if step == 0:
             for b in range(bsz):
                 for h in range(hkv):
-                    want = fetch[b, h * 2 : h * 2 + 2].flatten()
+                    rep = hq // hkv
+                    want = fetch[b, h * rep : (h + 1) * rep].flatten()
                     assert int(cache.misses[b, h]) == len(set(want[want >= 0].tolist()))
         else:
             assert rows.shape[0] == 0 and int(cache.misses.sum()) == 0  # same request: all hits
