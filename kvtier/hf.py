@@ -480,7 +480,14 @@ class TieredLayer(DynamicLayer):
             routed = torch.full((b, width), -1, dtype=torch.long, device=q.device)
             for i, r in enumerate(per_seq):
                 routed[i, : len(r)] = r
-        routed_kv = self._cache._read_chunks(self.layer_idx, routed)  # [B, R, 2, Hkv, C, D]
+            fetch_of = torch.where(plan.fetch_group_ids >= 0, plan.fetch_group_ids // m, -1).reshape(b, -1)
+            fetch = [torch.unique(row[row >= 0]) for row in fetch_of]
+            prefetch = torch.full((b, max(len(f) for f in fetch)), -1, dtype=torch.long, device=q.device)
+            for i, f in enumerate(fetch):
+                prefetch[i, : len(f)] = f
+        else:
+            prefetch = None
+        routed_kv = self._cache._read_chunks(self.layer_idx, routed, prefetch)  # [B, R, 2, Hkv, C, D]
         parts = [self._windows[j] for j in fixed]  # each [B, 2, Hkv, C, D]
         kv = torch.cat([p.unsqueeze(1) for p in parts] + [routed_kv], dim=1) if parts or routed.numel() else None
         hkv = cur_k.shape[1]
@@ -528,6 +535,10 @@ class TieredCache(Cache):
         Budgets and windows; the paper's defaults when omitted.
     store : StoreConfig, optional
         Budgets and disk folder of the store; ``StoreConfig()`` when omitted (no disk tier).
+    prefetch : bool
+        After each block's reads, ask the store to make the block's fetch set (the routed
+        chunks and the next best, ``HGAConfig.fetch_groups``) resident in its device tier,
+        asynchronously, so that later blocks and decode steps hit there. Default True.
 
     Raises
     ------
@@ -543,7 +554,9 @@ class TieredCache(Cache):
     Sequences of a batch have equal lengths; sequence b's chunks are stored under seq_id b.
     """
 
-    def __init__(self, model_config: Any, hga: HGAConfig | None = None, store: StoreConfig | None = None) -> None:
+    def __init__(
+        self, model_config: Any, hga: HGAConfig | None = None, store: StoreConfig | None = None, *, prefetch: bool = True
+    ) -> None:
         hga = HGAConfig() if hga is None else hga
         store = StoreConfig() if store is None else store
         if not isinstance(hga, HGAConfig):
@@ -556,6 +569,10 @@ class TieredCache(Cache):
         self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim = _model_geometry(model_config)
         self.store: Any = None
         self.attention_stats = AttentionStats()
+        #: Routed-chunk reads by the tier that served them ("device", "host", "disk").
+        self.reads_by_tier = {"device": 0, "host": 0, "disk": 0}
+        #: Ask the store to bring each block's fetch set to its device tier (router-driven prefetch).
+        self.prefetch = prefetch
         self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {}
         super().__init__(layers=[TieredLayer(self, i) for i in range(self.num_layers)])
 
@@ -604,24 +621,35 @@ class TieredCache(Cache):
         for b in range(kv.shape[0]):
             self.store.write((b, layer, chunk), kv[b].contiguous())
 
-    def _read_chunks(self, layer: int, chunk_ids: torch.Tensor) -> torch.Tensor:
-        """``chunk_ids [B, R]`` (-1: padding) -> ``[B, R, 2, Hkv, C, D]`` read from the store."""
+    def _read_chunks(self, layer: int, chunk_ids: torch.Tensor, prefetch_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``chunk_ids [B, R]`` (-1: padding) -> ``[B, R, 2, Hkv, C, D]`` read from the store.
+
+        ``prefetch_ids [B, F]`` (the routed chunks plus the next best) are then made resident in
+        the store's device tier, asynchronously, for the next blocks and decode steps.
+        """
         b, r = chunk_ids.shape
-        lay = self.store.layout
+        store = self.store
+        lay = store.layout
         out = torch.zeros(b, r, *lay.chunk_shape, dtype=lay.dtype, device=self.store_device)
         ids = chunk_ids.tolist()
         keys = [(i, layer, j) for i in range(b) for j in ids[i] if j >= 0]
-        if not keys:
-            return out
-        bufs = [out[i, s] for i in range(b) for s, j in enumerate(ids[i]) if j >= 0]
-        if self.store._device is not None:  # the device tier is the bounded cache of routed chunks
-            self.store.prefetch(keys, to="device").wait()
-        missed = self.store.read(keys, bufs)
-        if missed:
-            raise TransferError(
-                f"TieredCache: expected every routed chunk in the store, got {len(missed)} missing "
-                f"(first {tuple(missed[0])}); give the store a disk_dir or a larger host_bytes"
-            )
+        if keys:
+            bufs = [out[i, s] for i in range(b) for s, j in enumerate(ids[i]) if j >= 0]
+            for key in keys:  # where each read is served from: the fastest tier holding it
+                where = store.where(key)
+                tier = "device" if "device" in where else "host" if "host" in where else "disk"
+                self.reads_by_tier[tier] += 1
+            missed = store.read(keys, bufs)
+            if missed:
+                raise TransferError(
+                    f"TieredCache: expected every routed chunk in the store, got {len(missed)} missing "
+                    f"(first {tuple(missed[0])}); give the store a disk_dir or a larger host_bytes"
+                )
+        if prefetch_ids is not None and store._device is not None and self.prefetch:
+            wanted = prefetch_ids.tolist()
+            hints = [(i, layer, j) for i in range(b) for j in wanted[i] if j >= 0]
+            if hints:
+                store.prefetch(hints, to="device")
         return out
 
     @property
@@ -644,6 +672,7 @@ class TieredCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.attention_stats.reset()
+        self.reads_by_tier = dict.fromkeys(self.reads_by_tier, 0)
 
     def stats(self) -> dict[str, Any]:
         """Tokens, keys per query, density and the store's counters.
@@ -653,7 +682,8 @@ class TieredCache(Cache):
         dict
             ``tokens``, ``closed_chunks`` (per layer, layer 0), ``mean_keys_per_query``,
             ``density``, ``device_resident_bytes`` (summaries, windows and open chunks on
-            the compute device) and ``store`` (:meth:`kvtier.TieredStore.stats`, or None).
+            the compute device), ``reads_by_tier`` (routed-chunk reads by the tier that
+            served them) and ``store`` (:meth:`kvtier.TieredStore.stats`, or None).
         """
         resident = 0
         for layer in self.layers:
@@ -666,6 +696,7 @@ class TieredCache(Cache):
             "mean_keys_per_query": self.attention_stats.mean_keys_per_query,
             "density": self.attention_stats.density,
             "device_resident_bytes": resident,
+            "reads_by_tier": dict(self.reads_by_tier),
             "store": None if self.store is None else self.store.stats(),
         }
 

