@@ -22,7 +22,7 @@ def test_bench_io_tiny_run(tmp_path, capsys) -> None:
     assert res["num_chunks"] == 32 and isinstance(res["o_direct"], bool)
     with rows.open() as f:
         table = list(csv.DictReader(f))
-    assert tuple(table[0]) == CSV_COLUMNS and {r["impl"] for r in table} >= {"raw_odirect", "kvtier_posix"}
+    assert tuple(table[0]) == CSV_COLUMNS and {r["impl"] for r in table} >= {"raw_odirect_beside_posix", "kvtier_posix"}
     assert "| raw O_DIRECT reader (baseline) |" in capsys.readouterr().out
     assert list((tmp_path / "d").iterdir()) == []
 
