@@ -18,7 +18,7 @@ from pathlib import Path
 
 from kvtier.tiers.io import IOBackend, PosixIO, Reader
 
-__all__ = ["FaultyIO", "READ_FAULTS", "WRITE_FAULTS", "flip_bit_on_disk", "truncate_file"]
+__all__ = ["READ_FAULTS", "WRITE_FAULTS", "FaultyIO", "flip_bit_on_disk", "truncate_file"]
 
 #: Faults of the read path: each makes one slot read fail (a reported miss).
 READ_FAULTS = ("read_error", "short_read", "bitflip_read")
@@ -86,7 +86,9 @@ class FaultyIO:
         self.payload_bytes = payload_bytes
         unknown = set(rates or {}) - set(READ_FAULTS) - set(WRITE_FAULTS)
         if unknown:
-            raise ValueError(f"rates: expected faults from {READ_FAULTS + WRITE_FAULTS}, got {sorted(unknown)}")
+            raise ValueError(
+                f"rates: expected faults from {READ_FAULTS + WRITE_FAULTS}, got {sorted(unknown)}"
+            )
         self.rates = dict(rates or {})
         self.injected: Counter[str] = Counter()
         self._queue: deque[str] = deque()

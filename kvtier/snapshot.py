@@ -37,18 +37,21 @@ _NP_DTYPES: dict[torch.dtype, Any] = {
 }
 _ZARR_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # Reinterpret without conversion: same-width integer views carry the exact bits.
-_INT_VIEW = {torch.float32: (torch.int32, np.int32), torch.float16: (torch.int16, np.int16),
-             torch.bfloat16: (torch.int16, np.int16)}
+_INT_VIEW = {
+    torch.float32: (torch.int32, np.int32),
+    torch.float16: (torch.int16, np.int16),
+    torch.bfloat16: (torch.int16, np.int16),
+}
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     """Bit-exact numpy view of a CPU tensor (numpy has no bfloat16: go through int16)."""
-    int_dtype, np_int = _INT_VIEW[t.dtype]
+    int_dtype, _ = _INT_VIEW[t.dtype]
     return t.contiguous().view(int_dtype).numpy().view(_NP_DTYPES[t.dtype])
 
 
 def _to_torch(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    int_dtype, np_int = _INT_VIEW[dtype]
+    _, np_int = _INT_VIEW[dtype]
     return torch.from_numpy(np.ascontiguousarray(a).view(np_int)).view(dtype)
 
 
@@ -82,13 +85,13 @@ def export_sequence(store: TieredStore, seq_id: int, path: str | Path) -> Path:
     FileExistsError
         If ``path`` exists.
     """
-    import tensorstore as ts  # noqa: PLC0415  (heavy import, snapshots only)
+    import tensorstore as ts
 
     layout = store.layout
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"path: expected a new folder, got existing {path}")
-    keys = [k for k in store.keys() if k.seq_id == seq_id]
+    keys = [k for k in store.keys() if k.seq_id == seq_id]  # noqa: SIM118  (a store, not a dict)
     if not keys:
         raise KeyError(f"seq_id: expected a stored sequence, got {seq_id} with no chunks")
     num_chunks = 1 + max(k.chunk_idx for k in keys)
@@ -96,35 +99,51 @@ def export_sequence(store: TieredStore, seq_id: int, path: str | Path) -> Path:
     have = set(keys)
     missing = [k for k in want if k not in have]
     if missing:
-        raise KeyError(f"sequence {seq_id}: expected chunks 0..{num_chunks - 1} of all {layout.num_layers} layers, "
-                       f"got {len(missing)} missing, first {tuple(missing[0])}")
+        raise KeyError(
+            f"sequence {seq_id}: expected chunks 0..{num_chunks - 1} of all {layout.num_layers} layers, "
+            f"got {len(missing)} missing, first {tuple(missing[0])}"
+        )
     shape = [layout.num_layers, num_chunks, *layout.chunk_shape]
-    attrs = {"kvtier": {"fingerprint": layout.fingerprint(), "layout": layout.describe(), "seq_id": seq_id,
-                        "num_chunks": num_chunks, "format_version": FORMAT_VERSION}}
-    arr = ts.open({
-        **_spec(path),
-        "metadata": {
-            "shape": shape,
-            "data_type": _ZARR_NAMES[layout.dtype],
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1, 1, *layout.chunk_shape]}},
-            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
-            "attributes": attrs,
-        },
-        "create": True,
-    }).result()
+    attrs = {
+        "kvtier": {
+            "fingerprint": layout.fingerprint(),
+            "layout": layout.describe(),
+            "seq_id": seq_id,
+            "num_chunks": num_chunks,
+            "format_version": FORMAT_VERSION,
+        }
+    }
+    arr = ts.open(
+        {
+            **_spec(path),
+            "metadata": {
+                "shape": shape,
+                "data_type": _ZARR_NAMES[layout.dtype],
+                "chunk_grid": {
+                    "name": "regular",
+                    "configuration": {"chunk_shape": [1, 1, *layout.chunk_shape]},
+                },
+                "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+                "attributes": attrs,
+            },
+            "create": True,
+        }
+    ).result()
     buf = torch.empty(num_chunks, *layout.chunk_shape, dtype=layout.dtype)
     for layer in range(layout.num_layers):
         layer_keys = want[layer * num_chunks : (layer + 1) * num_chunks]
         missed = store.read(layer_keys, buf)
         if missed:
-            raise TransferError(f"sequence {seq_id}: {len(missed)} chunks failed to read, first {tuple(missed[0])}")
+            raise TransferError(
+                f"sequence {seq_id}: {len(missed)} chunks failed to read, first {tuple(missed[0])}"
+            )
         arr[layer].write(_to_numpy(buf)).result()
     return path
 
 
 def read_snapshot_layout(path: str | Path) -> dict[str, Any]:
     """The ``kvtier`` attributes of a snapshot (fingerprint, layout, seq_id, num_chunks)."""
-    import tensorstore as ts  # noqa: PLC0415
+    import tensorstore as ts
 
     arr = ts.open(_spec(Path(path))).result()
     attrs = arr.spec().to_json().get("metadata", {}).get("attributes", {})
@@ -156,7 +175,7 @@ def import_sequence(store: TieredStore, path: str | Path, *, seq_id: int | None 
         If the snapshot was written for another layout (model shape, dtype, chunk size or
         format version); nothing is written then.
     """
-    import tensorstore as ts  # noqa: PLC0415
+    import tensorstore as ts
 
     meta = read_snapshot_layout(path)
     layout: KVLayout = store.layout
@@ -169,8 +188,10 @@ def import_sequence(store: TieredStore, path: str | Path, *, seq_id: int | None 
     target = int(meta["seq_id"]) if seq_id is None else seq_id
     num_chunks = int(meta["num_chunks"])
     if list(arr.shape) != [layout.num_layers, num_chunks, *layout.chunk_shape]:
-        raise LayoutMismatchError(f"{path}: expected shape {[layout.num_layers, num_chunks, *layout.chunk_shape]}, "
-                                  f"got {list(arr.shape)}")
+        raise LayoutMismatchError(
+            f"{path}: expected shape {[layout.num_layers, num_chunks, *layout.chunk_shape]}, "
+            f"got {list(arr.shape)}"
+        )
     written = 0
     for layer in range(layout.num_layers):
         chunks = _to_torch(arr[layer].read().result(), layout.dtype)
@@ -192,8 +213,8 @@ def register_zarr_bfloat16() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from zarr.core.dtype import data_type_registry  # noqa: PLC0415
-    from zarr.core.dtype.npy.float import BaseFloat  # noqa: PLC0415
+    from zarr.core.dtype import data_type_registry
+    from zarr.core.dtype.npy.float import BaseFloat
 
     native = np.dtype(ml_dtypes.bfloat16)
 

@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -38,7 +38,7 @@ from kvtier.tiers.policy import EvictionPolicy, make_policy
 from kvtier.tiers.records import PrefetchHandle, _Entry, _TierStats
 from kvtier.tiers.transfer import copy_chunks
 
-__all__ = ["TieredStore", "PrefetchHandle", "ChunkKey"]
+__all__ = ["ChunkKey", "PrefetchHandle", "TieredStore"]
 
 log = logging.getLogger("kvtier.store")
 
@@ -79,7 +79,12 @@ class TieredStore:
     """
 
     def __init__(
-        self, layout: KVLayout, config: StoreConfig, *, io: IOBackend | None = None, pin_host: bool | None = None
+        self,
+        layout: KVLayout,
+        config: StoreConfig,
+        *,
+        io: IOBackend | None = None,
+        pin_host: bool | None = None,
     ) -> None:
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout: expected a KVLayout, got {type(layout).__name__}")
@@ -94,12 +99,16 @@ class TieredStore:
         self._host = HostTier(layout, int(config.host_bytes), pin=pin_host)
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise TierUnavailableError(f"StoreConfig.device: expected an available device, got {device} without CUDA")
+            raise TierUnavailableError(
+                f"StoreConfig.device: expected an available device, got {device} without CUDA"
+            )
         self._device: DeviceTier | None = None
         if int(config.gpu_bytes) > 0:
             if int(config.gpu_bytes) < layout.chunk_bytes:
-                raise ConfigError(f"StoreConfig.gpu_bytes: expected 0 or at least one chunk "
-                                  f"({layout.chunk_bytes} bytes), got {config.gpu_bytes} bytes")
+                raise ConfigError(
+                    f"StoreConfig.gpu_bytes: expected 0 or at least one chunk "
+                    f"({layout.chunk_bytes} bytes), got {config.gpu_bytes} bytes"
+                )
             self._device = DeviceTier(layout, int(config.gpu_bytes), device)
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" and self._device else None
         self._disk: DiskTier | None = None
@@ -127,8 +136,15 @@ class TieredStore:
 
     # ------------------------------------------------------------------ keys
     def _key(self, key: object) -> ChunkKey:
-        if (type(key) is ChunkKey and type(key[0]) is int and type(key[1]) is int and type(key[2]) is int
-                and 0 <= key[0] < _MAX_ID and 0 <= key[1] < self._num_layers and 0 <= key[2] < _MAX_ID):
+        if (
+            type(key) is ChunkKey
+            and type(key[0]) is int
+            and type(key[1]) is int
+            and type(key[2]) is int
+            and 0 <= key[0] < _MAX_ID
+            and 0 <= key[1] < self._num_layers
+            and 0 <= key[2] < _MAX_ID
+        ):
             return key  # the common case, about 4x cheaper than the checks below
         if not isinstance(key, tuple) or len(key) != 3:
             raise TypeError(f"key: expected a (seq_id, layer, chunk_idx) tuple, got {type(key).__name__}")
@@ -302,7 +318,9 @@ class TieredStore:
         with self._lock:
             missing = [k for k in ks if k not in self._index]
             if missing:
-                raise KeyError(f"pin: expected stored keys, got {len(missing)} missing, first {tuple(missing[0])}")
+                raise KeyError(
+                    f"pin: expected stored keys, got {len(missing)} missing, first {tuple(missing[0])}"
+                )
             entries = [self._index[k] for k in ks]
             self._hold(entries)
             for k, e in zip(ks, entries):
@@ -441,11 +459,15 @@ class TieredStore:
                         entry.disk = None
         return oks
 
-    def _check_out(self, keys: list[ChunkKey], out: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def _check_out(
+        self, keys: list[ChunkKey], out: torch.Tensor | Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
         if isinstance(out, torch.Tensor):
             if out.dim() != 5 or tuple(out.shape[1:]) != self.layout.chunk_shape or out.shape[0] != len(keys):
-                raise ValueError(f"out: expected shape [{len(keys)}, {', '.join(map(str, self.layout.chunk_shape))}] "
-                                 f"[num_keys, 2, Hkv, C, D], got {list(out.shape)}")
+                raise ValueError(
+                    f"out: expected shape [{len(keys)}, {', '.join(map(str, self.layout.chunk_shape))}] "
+                    f"[num_keys, 2, Hkv, C, D], got {list(out.shape)}"
+                )
             if out.dtype != self.layout.dtype:
                 raise TypeError(f"out: expected dtype {self.layout.dtype}, got {out.dtype}")
             if not out.is_contiguous():
@@ -505,7 +527,9 @@ class TieredStore:
                     from_disk.append((entry, entry.disk, entry.disk_generation, o))
             self._hold(held)  # slots stay put while copies and disk reads are in flight
         try:
-            futures = [self._pool.submit(self._read_batch, b) for b in self._batches(from_disk, lambda r: r[1])]
+            futures = [
+                self._pool.submit(self._read_batch, b) for b in self._batches(from_disk, lambda r: r[1])
+            ]
             if on_gpu:
                 torch.cuda.current_stream().synchronize()
             for fut in futures:
@@ -526,7 +550,9 @@ class TieredStore:
 
     def _read_batch(self, batch: list[tuple[_Entry, int, int, torch.Tensor]]) -> list[ChunkKey]:
         """Worker: disk reads into caller buffers; return the keys that failed."""
-        cpu = [(e, slot, gen, out.view(-1).view(torch.uint8)) for e, slot, gen, out in batch if not out.is_cuda]
+        cpu = [
+            (e, slot, gen, out.view(-1).view(torch.uint8)) for e, slot, gen, out in batch if not out.is_cuda
+        ]
         failed = [req[0].key for req, ok in zip(cpu, self._disk_read_many(cpu)) if not ok]
         for e, slot, gen, out in batch:
             if out.is_cuda:  # through a pinned staging buffer: checksums are verified on the host
@@ -614,7 +640,7 @@ class TieredStore:
                 todo = [e for e in entries if e.key not in gone]
             if to == "device" and todo:
                 failed.extend(self._host_to_device(todo, issued))
-        except Exception as exc:  # a worker must never lose keys silently
+        except Exception as exc:  # noqa: BLE001  (a worker must never lose keys silently)
             log.warning("kvtier: prefetch failed: %s", exc)
             failed.extend(e.key for e in entries if e.key not in failed)
         finally:
@@ -678,8 +704,12 @@ class TieredStore:
                             batch.append((entry, entry.host, self._alloc_device()))  # type: ignore[arg-type]
                         except CapacityError:
                             failed.append(entry.key)
-                copy_chunks(self._host.slab, dev.slab, [(h, d) for _, h, d in batch],
-                            group_size=self.layout.group_size)
+                copy_chunks(
+                    self._host.slab,
+                    dev.slab,
+                    [(h, d) for _, h, d in batch],
+                    group_size=self.layout.group_size,
+                )
                 pairs.extend(batch)
             if self._copy_stream is not None:
                 done = torch.cuda.Event()
@@ -750,8 +780,11 @@ class TieredStore:
             out["host_pinned"] = self._host.pinned
             out["pinned_keys"] = len(self._user_pins)
             if self._disk is not None:
-                out["disk_io"] = {"backend": self._disk.io.name, "direct": self._disk.direct,
-                                  "reason": self._disk.direct_reason}
+                out["disk_io"] = {
+                    "backend": self._disk.io.name,
+                    "direct": self._disk.direct,
+                    "reason": self._disk.direct_reason,
+                }
             return out
 
     def reset_stats(self) -> None:
@@ -772,7 +805,7 @@ class TieredStore:
             if self._disk is not None:
                 self._disk.close()
 
-    def __enter__(self) -> TieredStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

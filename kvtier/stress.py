@@ -42,17 +42,33 @@ __all__ = ["add_arguments", "run", "stress"]
 # stress runs hundreds of operations even on 2 CPU cores.
 _LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float16, chunk_size=8, group_size=4)
 _KEYS = [ChunkKey(s, layer, c) for s in range(4) for layer in range(2) for c in range(6)]  # 48 keys
-_OPS = {"write": 30, "read": 25, "prefetch_host": 8, "prefetch_device": 8, "pin": 5, "unpin": 5, "drop": 3,
-        "reopen": 2, "crash": 1, "flip_at_rest": 2}
+_OPS = {
+    "write": 30,
+    "read": 25,
+    "prefetch_host": 8,
+    "prefetch_device": 8,
+    "pin": 5,
+    "unpin": 5,
+    "drop": 3,
+    "reopen": 2,
+    "crash": 1,
+    "flip_at_rest": 2,
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``kvtier stress``."""
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to run (default 10)")
-    parser.add_argument("--dir", required=True, type=Path, help="folder for the store's files (removed afterwards)")
+    parser.add_argument(
+        "--dir", required=True, type=Path, help="folder for the store's files (removed afterwards)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload and of the faults")
-    parser.add_argument("--fault-rate", type=float, default=0.02,
-                        help="probability of each injected I/O fault per operation (default 0.02)")
+    parser.add_argument(
+        "--fault-rate",
+        type=float,
+        default=0.02,
+        help="probability of each injected I/O fault per operation (default 0.02)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -70,8 +86,14 @@ class _Stress:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # 6 host slots, 4 device slots, 64 disk slots for 48 keys: disk evictions should
         # not happen (3 pins at most), so every miss must have a fault or crash behind it.
-        self.config = StoreConfig(gpu_bytes=4 * cb, host_bytes=6 * cb, disk_bytes=64 * (cb + 8192),
-                                  disk_dir=directory, device=self.device, io_threads=2)
+        self.config = StoreConfig(
+            gpu_bytes=4 * cb,
+            host_bytes=6 * cb,
+            disk_bytes=64 * (cb + 8192),
+            disk_dir=directory,
+            device=self.device,
+            io_threads=2,
+        )
         self.store = TieredStore(_LAYOUT, self.config, io=self.io)
         self.shadow: dict[ChunkKey, torch.Tensor] = {}
         self.tainted: set[ChunkKey] = set()
@@ -102,8 +124,11 @@ class _Stress:
 
     def _check_invariants(self) -> None:
         st = self.store.stats()
-        for tier, budget in (("device", self.config.gpu_bytes), ("host", self.config.host_bytes),
-                             ("disk", self.config.disk_bytes)):
+        for tier, budget in (
+            ("device", self.config.gpu_bytes),
+            ("host", self.config.host_bytes),
+            ("disk", self.config.disk_bytes),
+        ):
             if not st[tier]["used_bytes"] <= st[tier]["capacity_bytes"] <= int(budget):
                 self.c["budget_violations"] += 1
         if st["disk"]["evictions"] > self._evictions_seen:  # cannot tell which chunk left: taint all
@@ -166,7 +191,9 @@ class _Stress:
         # A prefetch may also fail for room (every slot pinned or in flight): a key still
         # stored was not lost, so only keys that vanished need a fault to explain them.
         self.c["prefetch_failures"] += len(failed & set(self.shadow))  # absent keys fail too: not counted
-        self._check_missed(keys, {k for k in failed if k in self.shadow and not self.store.contains(k)}, before)
+        self._check_missed(
+            keys, {k for k in failed if k in self.shadow and not self.store.contains(k)}, before
+        )
 
     def op_prefetch_host(self) -> None:
         self._op_prefetch("host")
@@ -269,25 +296,34 @@ class _Stress:
         self.store.close()
 
 
-def stress(directory: Path, seconds: float, seed: int = 0, fault_rate: float = 0.02,
-           progress: bool = True) -> dict[str, Any]:
+def stress(
+    directory: Path, seconds: float, seed: int = 0, fault_rate: float = 0.02, progress: bool = True
+) -> dict[str, Any]:
     """Run the workload for ``seconds`` and return the report (see module docstring)."""
-    from tqdm import tqdm  # noqa: PLC0415
+    from tqdm import tqdm
 
     root = Path(tempfile.mkdtemp(prefix="kvtier-stress-", dir=directory))
     t0 = time.monotonic()
     try:
         s = _Stress(root, seed, fault_rate)
-        with tqdm(total=round(seconds, 1), unit="s", disable=not progress, desc="kvtier stress",
-                  bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s {postfix}") as bar:
+        with tqdm(
+            total=round(seconds, 1),
+            unit="s",
+            disable=not progress,
+            desc="kvtier stress",
+            bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s {postfix}",
+        ) as bar:
             last = t0
             while (now := time.monotonic()) - t0 < seconds:
                 s.step()
                 if now - last > 0.2:
                     bar.update(round(now - last, 1))
                     last = now
-                    bar.set_postfix(ops=s.c["ops"], faults=sum(s.io.injected.values()) + s.c["faults_at_rest"],
-                                    mismatches=s.c["mismatches"])
+                    bar.set_postfix(
+                        ops=s.c["ops"],
+                        faults=sum(s.io.injected.values()) + s.c["faults_at_rest"],
+                        mismatches=s.c["mismatches"],
+                    )
         s.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -321,8 +357,17 @@ def run(args: argparse.Namespace) -> int:
     # Injected faults log a warning each (thousands per run): keep the terminal for the bar.
     logging.getLogger("kvtier").setLevel(logging.ERROR)
     report = stress(args.dir, args.seconds, args.seed, args.fault_rate, progress=not args.no_progress)
-    for key in ("ops", "bytes_verified", "faults_injected", "mismatches", "budget_violations",
-                "unexpected_misses", "misses", "reopens", "crashes"):
+    for key in (
+        "ops",
+        "bytes_verified",
+        "faults_injected",
+        "mismatches",
+        "budget_violations",
+        "unexpected_misses",
+        "misses",
+        "reopens",
+        "crashes",
+    ):
         print(f"{key:>18}: {report[key]}")
     print(f"{'faults_by_kind':>18}: {report['faults_by_kind']}")
     if args.json is not None:

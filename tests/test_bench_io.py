@@ -13,8 +13,24 @@ from kvtier.cli import main
 
 def test_bench_io_tiny_run(tmp_path, capsys) -> None:
     out, rows = tmp_path / "io.json", tmp_path / "io.csv"
-    argv = ["bench", "io", "--dir", str(tmp_path / "d"), "--size", "4MiB", "--chunk-bytes", "128KiB",
-            "--reps", "1", "--threads", "2", "--json", str(out), "--csv", str(rows)]
+    argv = [
+        "bench",
+        "io",
+        "--dir",
+        str(tmp_path / "d"),
+        "--size",
+        "4MiB",
+        "--chunk-bytes",
+        "128KiB",
+        "--reps",
+        "1",
+        "--threads",
+        "2",
+        "--json",
+        str(out),
+        "--csv",
+        str(rows),
+    ]
     assert main(argv) == 0
     res = json.loads(out.read_text())
     assert res["baseline_read_GBps"] > 0 and res["kvtier_read_GBps"] > 0
@@ -22,7 +38,10 @@ def test_bench_io_tiny_run(tmp_path, capsys) -> None:
     assert res["num_chunks"] == 32 and isinstance(res["o_direct"], bool)
     with rows.open() as f:
         table = list(csv.DictReader(f))
-    assert tuple(table[0]) == CSV_COLUMNS and {r["impl"] for r in table} >= {"raw_odirect_beside_posix", "kvtier_posix"}
+    assert tuple(table[0]) == CSV_COLUMNS and {r["impl"] for r in table} >= {
+        "raw_odirect_beside_posix",
+        "kvtier_posix",
+    }
     assert "| raw O_DIRECT reader (baseline) |" in capsys.readouterr().out
     assert list((tmp_path / "d").iterdir()) == []
 

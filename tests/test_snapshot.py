@@ -20,8 +20,12 @@ def _chunk(layout: KVLayout, seed: int) -> torch.Tensor:
 
 
 def _store(layout: KVLayout, tmp_path=None) -> TieredStore:
-    return TieredStore(layout, StoreConfig(gpu_bytes=0, host_bytes=8 * layout.chunk_bytes, device="cpu",
-                                           disk_bytes="1MiB", disk_dir=tmp_path))
+    return TieredStore(
+        layout,
+        StoreConfig(
+            gpu_bytes=0, host_bytes=8 * layout.chunk_bytes, device="cpu", disk_bytes="1MiB", disk_dir=tmp_path
+        ),
+    )
 
 
 def _fill(store: TieredStore, seq: int, num_chunks: int) -> None:
@@ -45,7 +49,9 @@ def test_export_import_round_trip_bit_exact(tmp_path, dtype: torch.dtype) -> Non
         for layer in range(3):
             for c in range(5):
                 assert dst.read([ChunkKey(3, layer, c)], out) == []
-                assert torch.equal(out[0].view(torch.int16), _chunk(layout, 100 * layer + c).view(torch.int16))
+                assert torch.equal(
+                    out[0].view(torch.int16), _chunk(layout, 100 * layer + c).view(torch.int16)
+                )
 
 
 def test_bfloat16_is_native_and_zarr_python_reads_it(tmp_path) -> None:
@@ -70,7 +76,9 @@ def test_import_refuses_another_layout(tmp_path) -> None:
     with _store(_layout()) as src:
         _fill(src, 1, 1)
         export_sequence(src, 1, tmp_path / "snap")
-    other = KVLayout(num_layers=3, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16, chunk_size=2, group_size=2)
+    other = KVLayout(
+        num_layers=3, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16, chunk_size=2, group_size=2
+    )
     with _store(other) as dst:
         with pytest.raises(LayoutMismatchError, match="expected layout fingerprint"):
             import_sequence(dst, tmp_path / "snap")

@@ -12,11 +12,13 @@ from kvtier import (
     KVLayout,
     LayoutMismatchError,
     StoreConfig,
-    TierUnavailableError,
     TieredStore,
+    TierUnavailableError,
 )
 
-LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, chunk_size=16, group_size=8)
+LAYOUT = KVLayout(
+    num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, chunk_size=16, group_size=8
+)
 CB = LAYOUT.chunk_bytes  # 8 KiB: host slots land page-aligned, so disk reads are zero-copy
 
 
@@ -31,8 +33,15 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def make(tmp_path, *, host=3, gpu=2, disk=20, **kw) -> TieredStore:
-    cfg = StoreConfig(gpu_bytes=gpu * CB, host_bytes=host * CB, disk_bytes=disk * (CB + 4096),
-                      disk_dir=tmp_path if disk else None, device="cpu", io_threads=2, **kw)
+    cfg = StoreConfig(
+        gpu_bytes=gpu * CB,
+        host_bytes=host * CB,
+        disk_bytes=disk * (CB + 4096),
+        disk_dir=tmp_path if disk else None,
+        device="cpu",
+        io_threads=2,
+        **kw,
+    )
     return TieredStore(LAYOUT, cfg)
 
 
@@ -150,8 +159,12 @@ def test_close_flushes_and_reopen_rebuilds_index(tmp_path) -> None:
 def test_reopen_with_other_layout_raises(tmp_path) -> None:
     with make(tmp_path) as store:
         store.write((0, 0, 0), chunk(0))
-    other = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float16, chunk_size=16, group_size=8)
-    cfg = StoreConfig(gpu_bytes=0, host_bytes=4 * CB, disk_bytes=20 * (CB + 4096), disk_dir=tmp_path, device="cpu")
+    other = KVLayout(
+        num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.float16, chunk_size=16, group_size=8
+    )
+    cfg = StoreConfig(
+        gpu_bytes=0, host_bytes=4 * CB, disk_bytes=20 * (CB + 4096), disk_dir=tmp_path, device="cpu"
+    )
     with pytest.raises(LayoutMismatchError, match="expected layout fingerprint"):
         TieredStore(other, cfg)
 
@@ -194,9 +207,9 @@ def test_bad_inputs_raise_clear_errors(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        (dict(host_bytes=CB - 1), "HostTier.capacity_bytes: expected a budget of at least one slot"),
-        (dict(gpu_bytes=CB - 1), "gpu_bytes: expected 0 or at least one chunk"),
-        (dict(disk_bytes=CB, disk_dir="DIR"), "disk_bytes: expected at least one disk slot"),
+        ({"host_bytes": CB - 1}, "HostTier.capacity_bytes: expected a budget of at least one slot"),
+        ({"gpu_bytes": CB - 1}, "gpu_bytes: expected 0 or at least one chunk"),
+        ({"disk_bytes": CB, "disk_dir": "DIR"}, "disk_bytes: expected at least one disk slot"),
     ],
 )
 def test_budgets_too_small_for_one_chunk(tmp_path, kw: dict, match: str) -> None:
@@ -221,8 +234,14 @@ def test_device_tier_needs_the_device(tmp_path) -> None:
 # ---------------------------------------------------------------- GPU machine only
 @pytest.mark.gpu
 def test_gpu_prefetch_to_device_and_read_into_cuda(tmp_path) -> None:
-    cfg = StoreConfig(gpu_bytes=4 * CB, host_bytes=4 * CB, disk_bytes=64 * (CB + 4096), disk_dir=tmp_path,
-                      device="cuda", io_backend="posix")
+    cfg = StoreConfig(
+        gpu_bytes=4 * CB,
+        host_bytes=4 * CB,
+        disk_bytes=64 * (CB + 4096),
+        disk_dir=tmp_path,
+        device="cuda",
+        io_backend="posix",
+    )
     with TieredStore(LAYOUT, cfg) as store:
         assert store.host_pinned and store.device_slab.is_cuda
         keys = [ChunkKey(0, 0, i) for i in range(12)]
@@ -248,8 +267,14 @@ def test_gpu_kvikio_backend_round_trip(tmp_path) -> None:
     status = kvikio_status()
     if not status["available"]:
         pytest.skip(f"kvikio unavailable: {status['reason']}")
-    cfg = StoreConfig(gpu_bytes=2 * CB, host_bytes=2 * CB, disk_bytes=64 * (CB + 4096), disk_dir=tmp_path,
-                      device="cuda", io_backend="kvikio")
+    cfg = StoreConfig(
+        gpu_bytes=2 * CB,
+        host_bytes=2 * CB,
+        disk_bytes=64 * (CB + 4096),
+        disk_dir=tmp_path,
+        device="cuda",
+        io_backend="kvikio",
+    )
     with TieredStore(LAYOUT, cfg) as store:
         for i in range(8):
             store.write((0, 0, i), chunk(i))

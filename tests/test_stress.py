@@ -20,7 +20,12 @@ def test_stress_short_run_holds_every_invariant(tmp_path) -> None:
 
 def test_stress_cli_writes_json(tmp_path, capsys) -> None:
     out = tmp_path / "r.json"
-    assert main(["stress", "--seconds", "0.5", "--dir", str(tmp_path / "d"), "--json", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            ["stress", "--seconds", "0.5", "--dir", str(tmp_path / "d"), "--json", str(out), "--no-progress"]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     for key in ("ops", "bytes_verified", "faults_injected", "mismatches", "budget_violations"):
         assert key in report

@@ -22,11 +22,15 @@ def slots_for_budget(name: str, budget_bytes: int, slot_bytes: int) -> int:
     return num_slots
 
 
-def check_chunk(name: str, chunk: object, layout: KVLayout, device: torch.device | None = None) -> torch.Tensor:
+def check_chunk(
+    name: str, chunk: object, layout: KVLayout, device: torch.device | None = None
+) -> torch.Tensor:
     """Validate one chunk ``[2, Hkv, C, D]`` of ``layout.dtype``, contiguous."""
     t = check_tensor(name, chunk, ndim=4, dtypes=(layout.dtype,), device=device)
     if tuple(t.shape) != layout.chunk_shape:
-        raise ValueError(f"{name}: expected shape {list(layout.chunk_shape)} [2, Hkv, C, D], got {list(t.shape)}")
+        raise ValueError(
+            f"{name}: expected shape {list(layout.chunk_shape)} [2, Hkv, C, D], got {list(t.shape)}"
+        )
     if not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
     return t

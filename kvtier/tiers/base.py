@@ -17,10 +17,10 @@ import torch
 from kvtier.errors import CapacityError
 
 __all__ = [
-    "ChunkKey",
-    "Tier",
-    "SlotAllocator",
     "PAGE_BYTES",
+    "ChunkKey",
+    "SlotAllocator",
+    "Tier",
     "align_up",
     "aligned_empty",
     "slab_shape",

@@ -31,7 +31,7 @@ from kvtier.layout import FORMAT_VERSION, KVLayout
 from kvtier.tiers.base import PAGE_BYTES, ChunkKey, SlotAllocator, align_up, aligned_empty
 from kvtier.tiers.io import IOBackend, PosixIO, Reader
 
-__all__ = ["DiskTier", "SlotRecord", "SLOT_MAGIC", "FILE_MAGIC", "FILE_TARGET_BYTES", "MAX_RUN"]
+__all__ = ["FILE_MAGIC", "FILE_TARGET_BYTES", "MAX_RUN", "SLOT_MAGIC", "DiskTier", "SlotRecord"]
 
 log = logging.getLogger("kvtier.tiers")
 
@@ -165,14 +165,17 @@ class DiskTier:
 
     # ------------------------------------------------------------------ files
     def _file_header(self, file_index: int) -> bytes:
-        body = _FILE_FMT.pack(FILE_MAGIC, FORMAT_VERSION, self._fingerprint, self._slot_bytes,
-                              self.slots_per_file, file_index)
+        body = _FILE_FMT.pack(
+            FILE_MAGIC, FORMAT_VERSION, self._fingerprint, self._slot_bytes, self.slots_per_file, file_index
+        )
         return (body + _CRC.pack(crc32c.crc32c(body))).ljust(PAGE_BYTES, b"\0")
 
     def _check_file_header(self, raw: bytes, path: Path) -> None:
         n = _FILE_FMT.size
         if len(raw) < n + 4 or raw[:8] != FILE_MAGIC or _CRC.unpack_from(raw, n)[0] != crc32c.crc32c(raw[:n]):
-            raise LayoutMismatchError(f"{path}: expected a kvtier slab file header, got {len(raw)} unreadable bytes")
+            raise LayoutMismatchError(
+                f"{path}: expected a kvtier slab file header, got {len(raw)} unreadable bytes"
+            )
         _, version, fingerprint, slot_bytes, per_file, _ = _FILE_FMT.unpack_from(raw)
         if version != FORMAT_VERSION or fingerprint != self._fingerprint:
             raise LayoutMismatchError(
@@ -215,7 +218,9 @@ class DiskTier:
                 if reader is None:
                     reader = self.io.open_reader(str(self.directory / _file_name(file_index)))
                     if not reader.direct:
-                        log.info("kvtier: disk reads of %s use the page cache (%s)", self.directory, reader.reason)
+                        log.info(
+                            "kvtier: disk reads of %s use the page cache (%s)", self.directory, reader.reason
+                        )
                     self._readers[file_index] = reader
         return reader
 
@@ -230,9 +235,20 @@ class DiskTier:
     # ------------------------------------------------------------------ headers
     def _slot_header(self, key: ChunkKey, generation: int, payload_crc: int) -> bytes:
         lay = self.layout
-        body = _SLOT_FMT.pack(SLOT_MAGIC, FORMAT_VERSION, self._fingerprint, key.seq_id, key.layer,
-                              key.chunk_idx, generation, _DTYPE_CODES[lay.dtype], 4, *lay.chunk_shape,
-                              self._chunk_bytes, payload_crc)
+        body = _SLOT_FMT.pack(
+            SLOT_MAGIC,
+            FORMAT_VERSION,
+            self._fingerprint,
+            key.seq_id,
+            key.layer,
+            key.chunk_idx,
+            generation,
+            _DTYPE_CODES[lay.dtype],
+            4,
+            *lay.chunk_shape,
+            self._chunk_bytes,
+            payload_crc,
+        )
         return (body + _CRC.pack(crc32c.crc32c(body))).ljust(PAGE_BYTES, b"\0")
 
     def _parse_header(self, raw: bytes | memoryview) -> tuple[ChunkKey, int, int] | str:
@@ -244,15 +260,33 @@ class DiskTier:
             return "no slot header (bad magic)"
         if _CRC.unpack_from(raw, n)[0] != crc32c.crc32c(bytes(raw[:n])):
             return "header checksum mismatch"
-        (_, version, fingerprint, seq_id, layer, chunk_idx, generation, dtype_code, ndim,
-         s0, s1, s2, s3, payload_len, payload_crc) = _SLOT_FMT.unpack_from(raw)
+        (
+            _,
+            version,
+            fingerprint,
+            seq_id,
+            layer,
+            chunk_idx,
+            generation,
+            dtype_code,
+            ndim,
+            s0,
+            s1,
+            s2,
+            s3,
+            payload_len,
+            payload_crc,
+        ) = _SLOT_FMT.unpack_from(raw)
         lay = self.layout
         if version != FORMAT_VERSION:
             return f"format version {version}, expected {FORMAT_VERSION}"
         if fingerprint != self._fingerprint:
             return "layout fingerprint mismatch"
         if (dtype_code, ndim, (s0, s1, s2, s3), payload_len) != (
-            _DTYPE_CODES[lay.dtype], 4, lay.chunk_shape, self._chunk_bytes
+            _DTYPE_CODES[lay.dtype],
+            4,
+            lay.chunk_shape,
+            self._chunk_bytes,
         ):
             return "dtype, shape or payload length mismatch"
         return ChunkKey(seq_id, layer, chunk_idx), generation, payload_crc
@@ -336,7 +370,9 @@ class DiskTier:
         if file_index not in self._fds:
             return True
         try:
-            done = self.io.pwrite(self._fds[file_index], memoryview(bytes(PAGE_BYTES)), offset + self.payload_span)
+            done = self.io.pwrite(
+                self._fds[file_index], memoryview(bytes(PAGE_BYTES)), offset + self.payload_span
+            )
         except OSError as exc:
             log.warning("kvtier: could not clear the header of disk slot %d (%s); will retry", slot, exc)
             return False
@@ -366,8 +402,10 @@ class DiskTier:
         """
         nbytes = self._chunk_bytes
         if payload.dtype != torch.uint8 or payload.numel() != nbytes or payload.device.type != "cpu":
-            raise ValueError(f"payload: expected [{nbytes}] uint8 on cpu, got {list(payload.shape)} "
-                             f"{payload.dtype} on {payload.device}")
+            raise ValueError(
+                f"payload: expected [{nbytes}] uint8 on cpu, got {list(payload.shape)} "
+                f"{payload.dtype} on {payload.device}"
+            )
         with self._lock:
             generation = self._next_generation
             self._next_generation += 1
@@ -422,21 +460,27 @@ class DiskTier:
         except OSError as exc:
             raise TransferError(f"disk read of {tuple(key)} from slot {slot}: {exc}") from exc
         if got != self._slot_bytes:
-            raise TransferError(f"disk read of {tuple(key)} from slot {slot}: expected {self._slot_bytes} "
-                                f"bytes, got {got} (short read)")
+            raise TransferError(
+                f"disk read of {tuple(key)} from slot {slot}: expected {self._slot_bytes} "
+                f"bytes, got {got} (short read)"
+            )
         if not zero_copy:
             out.copy_(bounce[:nbytes])
         self._verify(slot, key, generation, header_view, out)
 
-    def _verify(self, slot: int, key: ChunkKey, generation: int, header: torch.Tensor, out: torch.Tensor) -> None:
+    def _verify(
+        self, slot: int, key: ChunkKey, generation: int, header: torch.Tensor, out: torch.Tensor
+    ) -> None:
         """Raise :class:`CorruptChunkError` unless header and payload checksum match."""
         parsed = self._parse_header(memoryview(header.numpy()))
         if isinstance(parsed, str):
             raise CorruptChunkError(f"disk slot {slot} for {tuple(key)}: {parsed}")
         got_key, got_generation, payload_crc = parsed
         if got_key != key or got_generation != generation:
-            raise CorruptChunkError(f"disk slot {slot}: expected {tuple(key)} generation {generation}, "
-                                    f"got {tuple(got_key)} generation {got_generation}")
+            raise CorruptChunkError(
+                f"disk slot {slot}: expected {tuple(key)} generation {generation}, "
+                f"got {tuple(got_key)} generation {got_generation}"
+            )
         if crc32c.crc32c(memoryview(out.numpy())) != payload_crc:
             raise CorruptChunkError(f"disk slot {slot} for {tuple(key)}: payload checksum mismatch")
 
@@ -468,8 +512,11 @@ class DiskTier:
             slot, out = reqs[i][0], reqs[i][3]
             if runs and zero_copy and out.data_ptr() % PAGE_BYTES == 0 and len(runs[-1]) < MAX_RUN:
                 prev = reqs[runs[-1][-1]]
-                if (prev[0] + 1 == slot and slot % self.slots_per_file != 0
-                        and prev[3].data_ptr() % PAGE_BYTES == 0):
+                if (
+                    prev[0] + 1 == slot
+                    and slot % self.slots_per_file != 0
+                    and prev[3].data_ptr() % PAGE_BYTES == 0
+                ):
                     runs[-1].append(i)
                     continue
             runs.append([i])
@@ -491,14 +538,18 @@ class DiskTier:
                 got = self._reader(file_index).readv(buffers, offset)
             except OSError as exc:
                 for i in run:
-                    results[i] = TransferError(f"disk read of {tuple(reqs[i][1])} (slots {first}.."
-                                               f"{first + len(run) - 1} in one call): {exc}")
+                    results[i] = TransferError(
+                        f"disk read of {tuple(reqs[i][1])} (slots {first}.."
+                        f"{first + len(run) - 1} in one call): {exc}"
+                    )
                 continue
             for j, i in enumerate(run):
                 slot, key, generation, out = reqs[i]
                 if got < (j + 1) * self._slot_bytes:
-                    results[i] = TransferError(f"disk read of {tuple(key)} from slot {slot}: short read "
-                                               f"({got} of {len(run) * self._slot_bytes} bytes of its run)")
+                    results[i] = TransferError(
+                        f"disk read of {tuple(key)} from slot {slot}: short read "
+                        f"({got} of {len(run) * self._slot_bytes} bytes of its run)"
+                    )
                     continue
                 try:
                     self._verify(slot, key, generation, headers[j * PAGE_BYTES : (j + 1) * PAGE_BYTES], out)
@@ -526,8 +577,10 @@ class DiskTier:
                 self._uncleared.discard(slot)
                 self._alloc.free(slot)
         if self._uncleared:
-            log.warning("kvtier: %d dropped disk slots kept their headers; they may reappear on reopen",
-                        len(self._uncleared))
+            log.warning(
+                "kvtier: %d dropped disk slots kept their headers; they may reappear on reopen",
+                len(self._uncleared),
+            )
         with self._lock:
             for reader in self._readers.values():
                 reader.close()

@@ -45,9 +45,13 @@ class HostTier(SlabTier):
         want_pin = torch.cuda.is_available() if pin is None else pin
         raw, pinned = aligned_empty(num_slots * layout.chunk_bytes, pin=want_pin)
         if not pinned:
-            reason = "pinning failed" if torch.cuda.is_available() else "this torch has no CUDA pinned allocator"
+            reason = (
+                "pinning failed" if torch.cuda.is_available() else "this torch has no CUDA pinned allocator"
+            )
             level = logging.WARNING if want_pin else logging.INFO
-            log.log(level, "kvtier: HostTier uses pageable memory (%s); host-to-GPU copies will be slower", reason)
+            log.log(
+                level, "kvtier: HostTier uses pageable memory (%s); host-to-GPU copies will be slower", reason
+            )
         super().__init__(layout, raw.view(layout.dtype).view(slab_shape(num_slots, layout.chunk_shape)))
         self.pinned = pinned
         self._bytes = raw.view(num_slots, -1)  # [num_slots, chunk_bytes] uint8, for disk I/O

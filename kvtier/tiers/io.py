@@ -20,7 +20,7 @@ import torch
 from kvtier.errors import TierUnavailableError
 from kvtier.tiers.base import PAGE_BYTES, aligned_empty
 
-__all__ = ["Reader", "IOBackend", "PosixIO", "KvikioIO", "make_backend", "kvikio_status"]
+__all__ = ["IOBackend", "KvikioIO", "PosixIO", "Reader", "kvikio_status", "make_backend"]
 
 log = logging.getLogger("kvtier.tiers")
 
@@ -163,14 +163,18 @@ def kvikio_status() -> dict[str, object]:
         ``reason``.
     """
     try:
-        import kvikio  # noqa: PLC0415  (optional dependency)
-        import kvikio.defaults  # noqa: PLC0415
-    except Exception as exc:  # ImportError, or a missing libcuda raising OSError
+        import kvikio
+        import kvikio.defaults
+    except Exception as exc:  # noqa: BLE001  (ImportError, or a missing libcuda raising OSError)
         return {"available": False, "version": None, "mode": "unavailable", "reason": f"import kvikio: {exc}"}
     if not torch.cuda.is_available():
         # Without libcuda every kvikio read fails (platform.md); do not pretend.
-        return {"available": False, "version": getattr(kvikio, "__version__", "?"), "mode": "unavailable",
-                "reason": "no CUDA device"}
+        return {
+            "available": False,
+            "version": getattr(kvikio, "__version__", "?"),
+            "mode": "unavailable",
+            "reason": "no CUDA device",
+        }
     compat: object = None
     for probe in ("is_compat_mode_preferred", "compat_mode"):
         fn = getattr(kvikio.defaults, probe, None)
@@ -178,33 +182,37 @@ def kvikio_status() -> dict[str, object]:
             try:
                 compat = fn()
                 break
-            except Exception:  # an API that moved between kvikio releases
+            except Exception:  # noqa: BLE001, S112  (an API that moved between kvikio releases)
                 continue
     if compat is None and hasattr(kvikio.defaults, "get"):
         try:
             compat = kvikio.defaults.get("compat_mode")
-        except Exception:
+        except Exception:  # noqa: BLE001  (older kvikio: no such key)
             compat = None
     on = str(compat).upper()
     is_compat = compat is True or on.endswith("ON") or on == "TRUE"
     if not is_compat:
         # AUTO resolves to compat when nvidia-fs cannot register files; ask the driver.
         try:
-            import kvikio.cufile_driver  # noqa: PLC0415
+            import kvikio.cufile_driver
 
             props = kvikio.cufile_driver.DriverProperties()
             is_compat = not bool(getattr(props, "is_gds_available", False))
-        except Exception:
+        except Exception:  # noqa: BLE001  (no driver: compatibility mode)
             is_compat = True
-    return {"available": True, "version": getattr(kvikio, "__version__", "?"),
-            "mode": "compat" if is_compat else "gds", "reason": f"compat_mode={compat}"}
+    return {
+        "available": True,
+        "version": getattr(kvikio, "__version__", "?"),
+        "mode": "compat" if is_compat else "gds",
+        "reason": f"compat_mode={compat}",
+    }
 
 
 class _KvikioReader:
     """kvikio ``CuFile`` reads into host buffers (checksums are verified on the host)."""
 
     def __init__(self, path: str, mode: str) -> None:
-        import kvikio  # noqa: PLC0415
+        import kvikio
 
         self._file = kvikio.CuFile(path, "r")
         self.direct = mode == "gds"
@@ -238,9 +246,13 @@ class KvikioIO(PosixIO):
         super().__init__(direct=False)
         self.status = kvikio_status()
         if not self.status["available"]:
-            raise TierUnavailableError(f"io_backend='kvikio': expected a working kvikio, got {self.status['reason']}")
+            raise TierUnavailableError(
+                f"io_backend='kvikio': expected a working kvikio, got {self.status['reason']}"
+            )
         if self.status["mode"] != "gds":
-            log.warning("kvtier: kvikio runs in compatibility mode (no GPUDirect Storage): reads go through POSIX")
+            log.warning(
+                "kvtier: kvikio runs in compatibility mode (no GPUDirect Storage): reads go through POSIX"
+            )
 
     def open_reader(self, path: str) -> Reader:
         return _KvikioReader(path, str(self.status["mode"]))
@@ -255,7 +267,9 @@ def make_backend(name: str) -> IOBackend:
     if name == "auto":
         # kvikio only when it really does GPUDirect Storage: in compatibility mode it is
         # POSIX I/O behind another layer, and kvtier's own O_DIRECT path is first-class.
-        status = kvikio_status() if torch.cuda.is_available() else {"mode": "unavailable", "reason": "no CUDA"}
+        status = (
+            kvikio_status() if torch.cuda.is_available() else {"mode": "unavailable", "reason": "no CUDA"}
+        )
         if status["mode"] == "gds":
             return KvikioIO()
         log.info("kvtier: io_backend=auto chose POSIX (kvikio %s: %s)", status["mode"], status["reason"])

@@ -36,7 +36,9 @@ class PrefetchHandle:
     chunks are evicted by later operations.
     """
 
-    def __init__(self, keys: list[ChunkKey], futures: list[Future[list[ChunkKey]]], failed: list[ChunkKey]) -> None:
+    def __init__(
+        self, keys: list[ChunkKey], futures: list[Future[list[ChunkKey]]], failed: list[ChunkKey]
+    ) -> None:
         self.keys = keys
         self._futures = futures
         self._failed = list(failed)
@@ -85,6 +87,12 @@ class _TierStats:
     def as_dict(self) -> dict[str, Any]:
         lat = sorted(self.latency_s)
         pick = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3) if lat else (lambda q: 0.0)
-        return {"hits": self.hits, "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
-                "evictions": self.evictions, "failures": self.failures,
-                "read_latency_p50_ms": pick(0.5), "read_latency_p99_ms": pick(0.99)}
+        return {
+            "hits": self.hits,
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "evictions": self.evictions,
+            "failures": self.failures,
+            "read_latency_p50_ms": pick(0.5),
+            "read_latency_p99_ms": pick(0.99),
+        }

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["copy_chunks", "MIN_RUN"]
+__all__ = ["MIN_RUN", "copy_chunks"]
 
 log = logging.getLogger("kvtier.tiers")
 
@@ -29,10 +29,10 @@ def _gather_kernel():  # type: ignore[no-untyped-def]
     global _GATHER
     if _GATHER is None:
         try:
-            from kvtier.kernels.gather_groups import gather_groups  # noqa: PLC0415
+            from kvtier.kernels.gather_groups import gather_groups
 
             _GATHER = gather_groups
-        except Exception as exc:  # no Triton, or kernels not installed: copy_ per chunk
+        except Exception as exc:  # noqa: BLE001  (no Triton or no kernels: one copy_ per chunk)
             log.info("kvtier: gather kernel unavailable (%s); scattered chunks use one copy_ each", exc)
             _GATHER = False
     return _GATHER or None
@@ -52,7 +52,11 @@ def _runs(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
 
 
 def copy_chunks(
-    src: torch.Tensor, dst: torch.Tensor, pairs: Sequence[tuple[int, int]], *, group_size: int,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    pairs: Sequence[tuple[int, int]],
+    *,
+    group_size: int,
     use_kernel: bool = True,
 ) -> int:
     """Enqueue copies of chunks ``src[h] -> dst[d]`` for each ``(h, d)`` on the current stream.
@@ -97,8 +101,12 @@ def copy_chunks(
     g = torch.arange(m, dtype=torch.int32)[None, :, None]
     shape = (hs.numel(), m, num_kv_heads)
     table = torch.stack(
-        [(hs[:, None, None] * m + g).expand(shape), (ds[:, None, None] * m + g).expand(shape),
-         torch.arange(num_kv_heads, dtype=torch.int32)[None, None, :].expand(shape)], dim=-1,
+        [
+            (hs[:, None, None] * m + g).expand(shape),
+            (ds[:, None, None] * m + g).expand(shape),
+            torch.arange(num_kv_heads, dtype=torch.int32)[None, None, :].expand(shape),
+        ],
+        dim=-1,
     ).reshape(-1, 3)
     kernel(src, table.to(dst.device), dst, group_size=group_size)
     return ops + 1

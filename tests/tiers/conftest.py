@@ -30,4 +30,6 @@ def tiny_layout() -> KVLayout:
 @pytest.fixture
 def page_layout() -> KVLayout:
     """chunk_bytes = 2*2*16*64*2 = 8 KiB: a 4 KiB multiple (zero-copy O_DIRECT path)."""
-    return KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, chunk_size=16, group_size=8)
+    return KVLayout(
+        num_layers=2, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, chunk_size=16, group_size=8
+    )

@@ -17,8 +17,14 @@ KEYS = [ChunkKey(1, i % 2, i) for i in range(6)]
 
 
 def _config(layout: KVLayout, tmp_path) -> StoreConfig:
-    return StoreConfig(gpu_bytes=0, host_bytes=layout.chunk_bytes, disk_bytes=16 * (layout.chunk_bytes + 8192),
-                       disk_dir=tmp_path, device="cpu", io_threads=1)
+    return StoreConfig(
+        gpu_bytes=0,
+        host_bytes=layout.chunk_bytes,
+        disk_bytes=16 * (layout.chunk_bytes + 8192),
+        disk_dir=tmp_path,
+        device="cpu",
+        io_threads=1,
+    )
 
 
 def _fill(layout: KVLayout, tmp_path, make_chunk, io=None) -> dict[ChunkKey, torch.Tensor]:
@@ -55,7 +61,9 @@ def test_bit_flip_at_rest_is_a_miss(layout_name, where, request, tmp_path, make_
     disk, slot = _slot_of(layout, tmp_path, KEYS[2])
     path, offset = disk.locate(slot)
     disk.close()
-    flip_bit_on_disk(path, offset + (layout.chunk_bytes // 2 if where == "payload" else disk.payload_span + 40), 3)
+    flip_bit_on_disk(
+        path, offset + (layout.chunk_bytes // 2 if where == "payload" else disk.payload_span + 40), 3
+    )
     _check_after_reopen(layout, tmp_path, data, {KEYS[2]})
 
 
@@ -96,8 +104,10 @@ def test_stale_generation_never_wins(tiny_layout, tmp_path, make_chunk) -> None:
     assert [(r.key, r.slot, r.generation) for r in reopened.scan()] == [(key, new, gen_new)]
     assert reopened.num_free == reopened.num_slots - 1
     reopened.close()
-    with TieredStore(tiny_layout, StoreConfig(gpu_bytes=0, host_bytes=1024, disk_bytes=cap, disk_dir=tmp_path,
-                                              device="cpu")) as store:
+    with TieredStore(
+        tiny_layout,
+        StoreConfig(gpu_bytes=0, host_bytes=1024, disk_bytes=cap, disk_dir=tmp_path, device="cpu"),
+    ) as store:
         out = torch.empty(1, *tiny_layout.chunk_shape, dtype=tiny_layout.dtype)
         assert store.read([key], out) == []
         assert torch.equal(out[0].view(torch.uint8), make_chunk(tiny_layout, 2).view(torch.uint8))

@@ -11,8 +11,14 @@ from kvtier.errors import TransferError
 
 
 def _store(layout: KVLayout, tmp_path, io: FaultyIO, host: int = 2) -> TieredStore:
-    cfg = StoreConfig(gpu_bytes=layout.chunk_bytes * 2, host_bytes=host * layout.chunk_bytes,
-                      disk_bytes=32 * (layout.chunk_bytes + 8192), disk_dir=tmp_path, device="cpu", io_threads=2)
+    cfg = StoreConfig(
+        gpu_bytes=layout.chunk_bytes * 2,
+        host_bytes=host * layout.chunk_bytes,
+        disk_bytes=32 * (layout.chunk_bytes + 8192),
+        disk_dir=tmp_path,
+        device="cpu",
+        io_threads=2,
+    )
     return TieredStore(layout, cfg, io=io)
 
 

@@ -42,8 +42,14 @@ class StoreMachine(RuleBasedStateMachine):
         self.dir = tempfile.mkdtemp(prefix="kvtier-sm-")
         # 3 host slots, 2 device slots, 12 disk slots: one per possible key, so no key may
         # ever be lost ("while disk space allows").
-        self.config = StoreConfig(gpu_bytes=2 * CB, host_bytes=3 * CB, disk_bytes=12 * 8192, disk_dir=self.dir,
-                                  device="cpu", io_threads=2)
+        self.config = StoreConfig(
+            gpu_bytes=2 * CB,
+            host_bytes=3 * CB,
+            disk_bytes=12 * 8192,
+            disk_dir=self.dir,
+            device="cpu",
+            io_threads=2,
+        )
         self.store = TieredStore(LAYOUT, self.config)
         self.shadow: dict[ChunkKey, int] = {}
         self.pins: Counter[ChunkKey] = Counter()
@@ -75,8 +81,11 @@ class StoreMachine(RuleBasedStateMachine):
         assert failed == {k for k in keys if k not in self.shadow} | (failed & set(self.shadow))
         for k in keys:
             if k in self.shadow and k not in failed:
-                slab, slots = ((self.store.host_slab, self.store.host_slots([k])) if to == "host"
-                               else (self.store.device_slab, self.store.device_slots([k])))
+                slab, slots = (
+                    (self.store.host_slab, self.store.host_slots([k]))
+                    if to == "host"
+                    else (self.store.device_slab, self.store.device_slots([k]))
+                )
                 if slots.item() >= 0:
                     assert _same(slab[slots.item()], _chunk(self.shadow[k])), f"wrong bytes for {k} in {to}"
 
@@ -120,8 +129,11 @@ class StoreMachine(RuleBasedStateMachine):
     @invariant()
     def budgets_hold(self) -> None:
         stats = self.store.stats()
-        for tier, budget in (("device", self.config.gpu_bytes), ("host", self.config.host_bytes),
-                             ("disk", self.config.disk_bytes)):
+        for tier, budget in (
+            ("device", self.config.gpu_bytes),
+            ("host", self.config.host_bytes),
+            ("disk", self.config.disk_bytes),
+        ):
             assert stats[tier]["used_bytes"] <= stats[tier]["capacity_bytes"] <= budget
 
     @invariant()

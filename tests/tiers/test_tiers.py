@@ -45,7 +45,9 @@ def test_memory_tiers_round_trip_bit_exact(dtype: torch.dtype, make_chunk) -> No
             assert torch.equal(out.view(torch.uint8), c.view(torch.uint8))
 
 
-def test_host_tier_pageable_fallback_is_logged(tiny_layout: KVLayout, caplog: pytest.LogCaptureFixture) -> None:
+def test_host_tier_pageable_fallback_is_logged(
+    tiny_layout: KVLayout, caplog: pytest.LogCaptureFixture
+) -> None:
     if torch.cuda.is_available():
         pytest.skip("pinning works here; the fallback is for CPU-only torch")
     with caplog.at_level(logging.INFO, logger="kvtier.tiers"):
@@ -72,7 +74,9 @@ def test_memory_tier_bad_inputs(tiny_layout: KVLayout, make_chunk) -> None:
 
 
 @pytest.mark.parametrize("layout_name", ["tiny_layout", "page_layout"])
-def test_disk_round_trip_and_reopen(layout_name: str, request: pytest.FixtureRequest, tmp_path, make_chunk) -> None:
+def test_disk_round_trip_and_reopen(
+    layout_name: str, request: pytest.FixtureRequest, tmp_path, make_chunk
+) -> None:
     layout: KVLayout = request.getfixturevalue(layout_name)
     disk = DiskTier(layout, 10 * (layout.chunk_bytes + 2 * PAGE_BYTES), tmp_path)
     assert disk.slot_bytes % PAGE_BYTES == 0
@@ -115,7 +119,9 @@ def test_disk_layout_mismatch_on_reopen(tiny_layout: KVLayout, tmp_path, make_ch
     slot = disk.allocate()
     disk.write(slot, ChunkKey(1, 0, 0), make_chunk(tiny_layout, 1).view(-1).view(torch.uint8))
     disk.close()
-    other = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype=torch.bfloat16, chunk_size=4, group_size=2)
+    other = KVLayout(
+        num_layers=2, num_kv_heads=1, head_dim=8, dtype=torch.bfloat16, chunk_size=4, group_size=2
+    )
     with pytest.raises(LayoutMismatchError, match="expected layout fingerprint"):
         DiskTier(other, 4 * 8192, tmp_path)
 
@@ -166,7 +172,7 @@ def test_read_many_reads_adjacent_slots_in_one_call(page_layout, tmp_path, make_
             reader.readv = readv  # type: ignore[method-assign]
             return reader
 
-    disk, host, reqs = _run_setup(page_layout, tmp_path, make_chunk, CountingIO())
+    disk, _host, reqs = _run_setup(page_layout, tmp_path, make_chunk, CountingIO())
     shuffled = [reqs[i] for i in (3, 0, 5, 1, 4, 2)]
     assert disk.read_many(shuffled) == [None] * 6
     assert calls == [12]  # six slots, payload + header each, one preadv
@@ -180,7 +186,7 @@ def test_read_many_faults_fail_exactly_the_affected_slots(page_layout, tmp_path,
     from kvtier.errors import TransferError
 
     io = FaultyIO(payload_bytes=page_layout.chunk_bytes)
-    disk, host, reqs = _run_setup(page_layout, tmp_path, make_chunk, io)
+    disk, _host, reqs = _run_setup(page_layout, tmp_path, make_chunk, io)
     io.inject("read_error")
     assert all(isinstance(e, TransferError) for e in disk.read_many(reqs))  # the whole run failed
     io.inject("short_read")
@@ -188,6 +194,8 @@ def test_read_many_faults_fail_exactly_the_affected_slots(page_layout, tmp_path,
     assert errs[:5] == [None] * 5 and isinstance(errs[5], TransferError)  # only the cut slot
     io.inject("bitflip_read")
     errs = disk.read_many(reqs)
-    assert isinstance(errs[0], CorruptChunkError) and errs[1:] == [None] * 5  # flip lands in the first payload
+    assert (
+        isinstance(errs[0], CorruptChunkError) and errs[1:] == [None] * 5
+    )  # flip lands in the first payload
     assert io.injected["read_error"] == io.injected["short_read"] == io.injected["bitflip_read"] == 1
     disk.close()

@@ -15,7 +15,9 @@ def test_runs_split_where_either_side_jumps() -> None:
 
 def _slabs(device: str) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    src = torch.randint(-2**15, 2**15, (40, 2, 2, 16, 8), dtype=torch.int16, generator=g).view(torch.bfloat16)
+    src = torch.randint(-(2**15), 2**15, (40, 2, 2, 16, 8), dtype=torch.int16, generator=g).view(
+        torch.bfloat16
+    )
     if device == "cuda":
         src = src.pin_memory()
     return src, torch.zeros(40, 2, 2, 16, 8, dtype=torch.bfloat16, device=device)
