@@ -34,7 +34,7 @@ import torch
 from kvtier.config import HGAConfig
 
 __all__ = ["EvalRow", "NEEDLES", "add_arguments", "run", "hga_config_for_budget", "default_budget",
-           "sequence_nll", "plant_needle", "markdown_table"]
+           "sequence_nll", "plant_needle", "markdown_table", "diagnose", "diagnosis_table"]
 
 METHODS = ("dense", "hga", "quest", "oracle")
 
@@ -191,6 +191,114 @@ def markdown_table(rows: list[EvalRow]) -> str:
     return "\n".join(out)
 
 
+@torch.no_grad()
+def diagnose(model: Any, ids: torch.Tensor, hga: HGAConfig, routed: int, *, num_blocks: int = 4) -> list[dict[str, float]]:
+    """Per layer, where the routed selections put the dense attention mass (last ``num_blocks`` chunks).
+
+    One dense pass records each layer's post-RoPE q, k, v. For the queries of the last
+    ``num_blocks`` chunks, with ``p`` the dense causal attention probabilities:
+
+    * ``window_mass``: mass on the sinks, local window and current chunk (common to all);
+    * ``hga_mass``, ``quest_mass``, ``oracle_mass``: mass on each method's routed keys (the
+      oracle's is the most any selection of ``routed`` candidate keys can get);
+    * ``hga_chunk_recall``: share of the oracle's routed mass inside HGA's routed *chunks*
+      (what the first level kept); ``hga_mass / oracle_mass`` is what survived both levels;
+    * ``*_err``: relative error ``|o - o_dense| / |o_dense|`` of the attention output.
+
+    Averages are over heads and positions. ``ids`` is ``[1, L]`` with L a multiple of the
+    chunk size.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from kvtier.layout import windows_at
+    from kvtier.reference.attention import expand_kv_heads, masked_attention_ref
+    from kvtier.reference.baselines import quest_bounds_ref
+    from kvtier.reference.hga import hga_attention as hga_ref
+    import kvtier.hf
+
+    c, g, m = hga.chunk_size, hga.group_size, hga.groups_per_chunk
+    length = ids.shape[1]
+    first = length - num_blocks * c
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def capture(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kw: Any):
+        captured[module.layer_idx] = (query[:, :, first:].float(), key.float(), value.float())
+        return sdpa_attention_forward(module, query, key, value, *args, **kw)
+
+    AttentionInterface.register("kvtier_capture", capture)
+    model.set_attn_implementation("kvtier_capture")
+    try:
+        _backbone(model)(input_ids=ids, use_cache=False)
+    finally:
+        model.set_attn_implementation("sdpa")
+    theta = kvtier.hf.rope_theta_of(model.config)
+    rows = []
+    for layer in sorted(captured):
+        q, k, v = captured[layer]
+        acc: dict[str, float] = {}
+        n = 0
+        _, hstats = hga_ref(q, k, v, config=hga, rope_theta=theta, start_pos=first)
+        for blk in range(num_blocks):
+            pos0 = first + blk * c
+            rows_b = slice(blk * c, (blk + 1) * c)
+            qb = q[:, :, rows_b]
+            win = windows_at(pos0, c, hga.sink_chunks, hga.local_chunks)
+            lo, hi = win.sink_end * c, win.local_start * c
+            kk = expand_kv_heads(k[:, :, : pos0 + c], q.shape[1])
+            scores = torch.matmul(qb, kk.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            qpos = torch.arange(pos0, pos0 + c)
+            kpos = torch.arange(pos0 + c)
+            causal = kpos[None, :] <= qpos[:, None]
+            p = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+            window = causal & ~((kpos >= lo) & (kpos < hi))[None, :]
+            cand = p[..., lo:hi]
+            top = min(routed, hi - lo)
+            oracle_sel = torch.zeros_like(cand, dtype=torch.bool).scatter_(-1, torch.topk(cand, top, dim=-1).indices, True)
+            bound = quest_bounds_ref(qb, k[:, :, lo:hi], g)
+            pages = torch.zeros_like(bound, dtype=torch.bool)
+            pages.scatter_(-1, torch.topk(bound, min(routed // g, bound.shape[-1]), dim=-1).indices, True)
+            quest_sel = pages.repeat_interleave(g, dim=-1)
+            gids = hstats.plan.group_ids[:, :, rows_b]
+            cids = hstats.plan.chunk_ids[:, :, rows_b]
+            groups = torch.zeros(*gids.shape[:3], hi // g + 1, dtype=torch.bool)
+            groups.scatter_(-1, torch.where(gids < 0, hi // g, gids), True)
+            hga_sel = groups[..., lo // g : hi // g].repeat_interleave(g, dim=-1)
+            chunks = torch.zeros(*cids.shape[:3], hi // c + 1, dtype=torch.bool)
+            chunks.scatter_(-1, torch.where(cids < 0, hi // c, cids), True)
+            in_chunks = chunks[..., lo // c : hi // c].repeat_interleave(c, dim=-1)
+            dense_out = torch.matmul(p, expand_kv_heads(v[:, :, : pos0 + c], q.shape[1]))
+            oracle_mass = (cand * oracle_sel).sum(-1)
+            vals = {
+                "window_mass": (p * window).sum(-1),
+                "hga_mass": (cand * hga_sel).sum(-1),
+                "quest_mass": (cand * quest_sel).sum(-1),
+                "oracle_mass": oracle_mass,
+                "hga_chunk_recall": (cand * oracle_sel * in_chunks).sum(-1) / oracle_mass.clamp_min(1e-12),
+            }
+            for name, sel in (("hga", hga_sel), ("quest", quest_sel), ("oracle", oracle_sel)):
+                vis = window.expand_as(p).clone()
+                vis[..., lo:hi] = sel
+                o = masked_attention_ref(qb, k[:, :, : pos0 + c], v[:, :, : pos0 + c], vis)
+                vals[f"{name}_err"] = (o - dense_out).norm(dim=-1) / dense_out.norm(dim=-1).clamp_min(1e-12)
+            for key, t in vals.items():
+                acc[key] = acc.get(key, 0.0) + float(t.mean())
+            n += 1
+        rows.append({"layer": layer, **{key: val / n for key, val in acc.items()}})
+    return rows
+
+
+def diagnosis_table(rows: list[dict[str, float]]) -> str:
+    """Markdown table of :func:`diagnose` rows plus their mean."""
+    cols = ["window_mass", "oracle_mass", "quest_mass", "hga_mass", "hga_chunk_recall", "oracle_err", "quest_err", "hga_err"]
+    out = ["| layer | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
+    for r in rows:
+        out.append(f"| {int(r['layer'])} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+    mean = {c: sum(r[c] for r in rows) / len(rows) for c in cols}
+    out.append("| mean | " + " | ".join(f"{mean[c]:.3f}" for c in cols) + " |")
+    return "\n".join(out)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``kvtier eval``."""
     parser.add_argument("--model", default="smollm2", help="'smollm2' or a local model folder (default smollm2)")
@@ -206,6 +314,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--needles", action="store_true", help="add the needle-in-a-haystack grid")
     parser.add_argument("--needles-only", action="store_true", help="run the needle grid without the NLL passes")
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths as fractions (default 0.1,0.5,0.9)")
+    parser.add_argument("--diagnose", type=int, default=None, metavar="LENGTH",
+                        help="only: per-layer attention mass captured by each selection at LENGTH tokens")
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -253,6 +363,14 @@ def run(args: argparse.Namespace) -> int:
     too_long = [n for n in lengths if n > len(tokens)]
     if too_long:
         raise SystemExit(f"kvtier eval: --lengths: expected at most the text's {len(tokens)} tokens, got {too_long}")
+    if args.diagnose:
+        length = args.diagnose - args.diagnose % hga.chunk_size
+        rows_d = diagnose(model, torch.tensor([tokens[:length]], device=device), hga, routed)
+        print(f"kvtier eval --diagnose: {args.model}, {length} tokens, last 4 chunks, budget {budget} ({routed} routed)")
+        print(diagnosis_table(rows_d))
+        if args.json:
+            args.json.write_text(json.dumps({"length": length, "budget": budget, "rows": rows_d}, indent=1))
+        return 0
     print(f"kvtier eval: {args.model} on {device}, {len(tokens)} text tokens, budget {budget} keys/query "
           f"({routed} routed), methods {','.join(methods)}, lengths {','.join(map(str, lengths))}", flush=True)
     rows: list[EvalRow] = []

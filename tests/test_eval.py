@@ -49,3 +49,26 @@ def test_eval_smoke(tmp_path, capsys) -> None:
     acc = [r for r in rows if r["needle_accuracy"] is not None and r["depth"] is None]
     assert {r["method"] for r in acc} == {"dense", "hga", "quest", "oracle"}
     assert "| 768 | dense |" in capsys.readouterr().out
+
+
+def test_diagnose_on_a_tiny_model() -> None:
+    """The oracle's routed mass bounds HGA's and Quest's at the same number of keys."""
+    import torch
+    import transformers
+
+    from kvtier.eval import diagnose, diagnosis_table
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("sdpa")
+    hga = HGAConfig(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=2, top_groups=3)
+    ids = torch.randint(0, 64, (1, 16 * 10), generator=torch.Generator().manual_seed(2))
+    rows = diagnose(model, ids, hga, routed=12, num_blocks=2)
+    assert [r["layer"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["oracle_mass"] >= r["hga_mass"] - 1e-6 and r["oracle_mass"] >= r["quest_mass"] - 1e-6
+        assert 0 < r["window_mass"] + r["oracle_mass"] <= 1 + 1e-6
+        assert 0 <= r["hga_chunk_recall"] <= 1 + 1e-6
+    assert "| mean |" in diagnosis_table(rows)

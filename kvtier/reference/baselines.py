@@ -17,7 +17,6 @@ query. Selection looks only at keys before the query's chunk, so all of it is ca
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,7 @@ from kvtier.config import HGAConfig
 from kvtier.layout import SUPPORTED_DTYPES, windows_at
 from kvtier.reference.attention import expand_kv_heads, masked_attention_ref
 
-__all__ = ["SparseStats", "quest_attention_ref", "oracle_attention_ref", "routed_keys_for_budget"]
+__all__ = ["SparseStats", "quest_attention_ref", "oracle_attention_ref", "quest_bounds_ref", "routed_keys_for_budget"]
 
 
 @dataclass
@@ -128,6 +127,28 @@ def _run(
     return out, SparseStats(keys, context)
 
 
+def quest_bounds_ref(q: torch.Tensor, k: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Quest's page scores: ``sum_i max(q_i * min_i, q_i * max_i)``, an upper bound of ``q . k`` over each page.
+
+    Parameters
+    ----------
+    q : Tensor ``[B, Hq, Lq, D]``
+    k : Tensor ``[B, Hkv, P * page_size, D]``
+        The keys of P whole pages.
+
+    Returns
+    -------
+    Tensor ``[B, Hq, Lq, P]`` float32 (unscaled).
+    """
+    b, hkv, n, d = k.shape
+    pages = k.float().reshape(b, hkv, n // page_size, page_size, d)
+    kmin = expand_kv_heads(pages.amin(dim=3), q.shape[1])  # [B, Hq, P, D]
+    kmax = expand_kv_heads(pages.amax(dim=3), q.shape[1])
+    qf = q.float()
+    # max(q*mn, q*mx) is q*mx where q >= 0 and q*mn where q < 0: two matmuls.
+    return torch.matmul(qf.clamp(min=0), kmax.transpose(-1, -2)) + torch.matmul(qf.clamp(max=0), kmin.transpose(-1, -2))
+
+
 def quest_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -165,21 +186,14 @@ def quest_attention_ref(
     check_positive_int("page_size", page_size)
     if config.chunk_size % page_size != 0:
         raise ValueError(f"page_size: expected a divisor of chunk_size={config.chunk_size}, got {page_size}")
-    hq = q.shape[1]
     num_pages = routed_keys // page_size
-    scale = 1.0 / math.sqrt(q.shape[-1])
 
     def select(qb: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        b, _, lb, d = qb.shape
-        pages = k[:, :, lo:hi].float().reshape(b, k.shape[1], (hi - lo) // page_size, page_size, d)
-        kmin = expand_kv_heads(pages.amin(dim=3), hq)  # [B, Hq, P, D]
-        kmax = expand_kv_heads(pages.amax(dim=3), hq)
-        # max(q*mn, q*mx) is q*mx where q >= 0 and q*mn where q < 0: two matmuls.
-        bound = torch.matmul(qb.clamp(min=0), kmax.transpose(-1, -2)) + torch.matmul(qb.clamp(max=0), kmin.transpose(-1, -2))
+        bound = quest_bounds_ref(qb, k[:, :, lo:hi], page_size)
         top = min(num_pages, bound.shape[-1])
         chosen = torch.zeros_like(bound, dtype=torch.bool)
         if top > 0:
-            chosen.scatter_(-1, torch.topk(bound * scale, top, dim=-1).indices, True)
+            chosen.scatter_(-1, torch.topk(bound, top, dim=-1).indices, True)
         return chosen.repeat_interleave(page_size, dim=-1)
 
     return _run(q, k, v, config, start_pos, select)
