@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Self
 
@@ -60,6 +60,9 @@ class TieredStore:
         Replaces the disk backend chosen by ``config.io_backend`` (fault-injection seam).
     pin_host : bool or None
         Forwarded to :class:`HostTier` (None: pin when CUDA is available).
+    policy : callable, optional
+        Factory of an :class:`~kvtier.tiers.EvictionPolicy`, one instance per tier;
+        replaces ``config.eviction`` (the pluggable eviction order).
 
     Raises
     ------
@@ -85,6 +88,7 @@ class TieredStore:
         *,
         io: IOBackend | None = None,
         pin_host: bool | None = None,
+        policy: Callable[[], EvictionPolicy] | None = None,
     ) -> None:
         if not isinstance(layout, KVLayout):
             raise TypeError(f"layout: expected a KVLayout, got {type(layout).__name__}")
@@ -115,7 +119,9 @@ class TieredStore:
         if config.disk_dir is not None:
             backend = io if io is not None else make_backend(config.io_backend)
             self._disk = DiskTier(layout, int(config.disk_bytes), config.disk_dir, io=backend)
-        self._policy: dict[str, EvictionPolicy] = {t: make_policy(config.eviction) for t in _TIERS}
+        self._policy: dict[str, EvictionPolicy] = {
+            t: (policy() if policy is not None else make_policy(config.eviction)) for t in _TIERS
+        }
         self._index: dict[ChunkKey, _Entry] = {}
         self._by_seq: dict[int, set[ChunkKey]] = {}
         # Pins belong to one version of a key (an entry): overwriting a pinned key makes a

@@ -283,3 +283,34 @@ def test_gpu_kvikio_backend_round_trip(tmp_path) -> None:
         assert all(same(out[i], chunk(i)) for i in range(8))
         assert store.stats()["disk_io"]["backend"] == "kvikio"
         assert "kvikio" in store.stats()["disk_io"]["reason"]
+
+
+def test_eviction_policy_is_pluggable(tmp_path) -> None:
+    from collections import OrderedDict
+
+    class MostRecentFirst:
+        """Evicts the most recently used chunk first (the opposite of LRU)."""
+
+        def __init__(self) -> None:
+            self._order: OrderedDict = OrderedDict()
+
+        def touch(self, key) -> None:
+            self._order[key] = None
+            self._order.move_to_end(key, last=False)
+
+        def remove(self, key) -> None:
+            self._order.pop(key, None)
+
+        def candidates(self):
+            return iter(self._order)
+
+        def __len__(self) -> int:
+            return len(self._order)
+
+    cfg = StoreConfig(
+        gpu_bytes=0, host_bytes=2 * CB, disk_bytes=8 * (CB + 4096), disk_dir=tmp_path, device="cpu"
+    )
+    with TieredStore(LAYOUT, cfg, policy=MostRecentFirst) as store:
+        for i in range(3):
+            store.write((0, 0, i), chunk(i))
+        assert store.where((0, 0, 1)) == ("disk",) and store.where((0, 0, 0)) == ("host",)
