@@ -523,6 +523,7 @@ class TieredStore:
                 if entry.device is not None and dev is not None and o.device == dev.device:
                     o.copy_(dev.slab[entry.device])
                     self._hit("device", k)
+                    held.append(entry)
                 elif entry.host is not None:
                     o.copy_(self._host.slab[entry.host], non_blocking=True)
                     self._hit("host", k)
@@ -618,7 +619,8 @@ class TieredStore:
             issued = torch.cuda.Event()
             issued.record(torch.cuda.current_stream(self._copy_stream.device))
         futures: list[Future[list[ChunkKey]]] = []
-        for batch in self._batches(from_disk, lambda e: e.disk):
+        # e.disk is read without the lock: a corrupt copy found meanwhile may have become None.
+        for batch in self._batches(from_disk, lambda e: -1 if e.disk is None else e.disk):
             futures.append(self._pool.submit(self._promote, batch, to, issued, True))
         if from_host:
             futures.append(self._pool.submit(self._promote, from_host, to, issued, False))

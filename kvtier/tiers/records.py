@@ -31,9 +31,10 @@ class _Entry:
 class PrefetchHandle:
     """Completion of one :meth:`TieredStore.prefetch` call.
 
-    When :meth:`wait` returns, every key not in :meth:`failed_keys` is resident in the
-    requested tier and its bytes are complete (device copies included), until unpinned
-    chunks are evicted by later operations.
+    When :meth:`wait` returns, every key not in :meth:`failed_keys` was made resident in
+    the requested tier with complete bytes (device copies included). Unpinned chunks can
+    be evicted again by later operations, and by later keys of the same call when the
+    call asks for more than the tier holds: pin what must stay.
     """
 
     def __init__(
