@@ -221,6 +221,10 @@ def test_cuda_full_coverage_and_sparse_disk(family: str, ids: torch.Tensor, tmp_
     assert (logits_with(model, "hga", ids) - ref).abs().max().item() < 1e-4
     with kvtier.hf.TieredCache(model.config, hga=FULL, store=StoreConfig(gpu_bytes="64KiB", host_bytes="1MiB")) as cache:
         assert (prefill_in_pieces(model, ids, cache, [37, 100]) - ref).abs().max().item() < 1e-4
+    kvtier.hf.configure(model, hga=SPARSE)  # cache-less: the Triton kernels; cached: torch on CUDA + store
+    kernels = logits_with(model, "hga", ids)
+    with kvtier.hf.TieredCache(model.config, hga=SPARSE, store=StoreConfig(gpu_bytes="16KiB", host_bytes="1MiB")) as cache:
+        assert (prefill_in_pieces(model, ids, cache, [64, 65]) - kernels).abs().max().item() < 1e-4
     prompt = ids[:, :150]
     runs = []
     for run in range(2):
