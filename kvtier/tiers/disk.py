@@ -466,13 +466,13 @@ class DiskTier:
             )
         if not zero_copy:
             out.copy_(bounce[:nbytes])
-        self._verify(slot, key, generation, header_view, out)
+        self._verify(slot, key, generation, memoryview(header_view.numpy()), memoryview(out.numpy()))
 
     def _verify(
-        self, slot: int, key: ChunkKey, generation: int, header: torch.Tensor, out: torch.Tensor
+        self, slot: int, key: ChunkKey, generation: int, header: memoryview, payload: memoryview
     ) -> None:
         """Raise :class:`CorruptChunkError` unless header and payload checksum match."""
-        parsed = self._parse_header(memoryview(header.numpy()))
+        parsed = self._parse_header(header)
         if isinstance(parsed, str):
             raise CorruptChunkError(f"disk slot {slot} for {tuple(key)}: {parsed}")
         got_key, got_generation, payload_crc = parsed
@@ -481,7 +481,7 @@ class DiskTier:
                 f"disk slot {slot}: expected {tuple(key)} generation {generation}, "
                 f"got {tuple(got_key)} generation {got_generation}"
             )
-        if crc32c.crc32c(memoryview(out.numpy())) != payload_crc:
+        if crc32c.crc32c(payload) != payload_crc:
             raise CorruptChunkError(f"disk slot {slot} for {tuple(key)}: payload checksum mismatch")
 
     def read_many(self, reqs: list[tuple[int, ChunkKey, int, torch.Tensor]]) -> list[TransferError | None]:
@@ -529,11 +529,13 @@ class DiskTier:
                 continue
             first = reqs[run[0]][0]
             file_index, offset = self._where(first)
-            headers = self._headers(len(run))
+            # memoryviews of numpy views: slicing them costs ~0.2 us against ~2 us for torch.
+            head = memoryview(self._headers(len(run)).numpy())
+            payloads = [memoryview(reqs[i][3].numpy()) for i in run]
             buffers = []
-            for j, i in enumerate(run):
-                buffers.append(memoryview(reqs[i][3].numpy()))
-                buffers.append(memoryview(headers[j * PAGE_BYTES : (j + 1) * PAGE_BYTES].numpy()))
+            for j, payload in enumerate(payloads):
+                buffers.append(payload)
+                buffers.append(head[j * PAGE_BYTES : (j + 1) * PAGE_BYTES])
             try:
                 got = self._reader(file_index).readv(buffers, offset)
             except OSError as exc:
@@ -544,7 +546,7 @@ class DiskTier:
                     )
                 continue
             for j, i in enumerate(run):
-                slot, key, generation, out = reqs[i]
+                slot, key, generation, _ = reqs[i]
                 if got < (j + 1) * self._slot_bytes:
                     results[i] = TransferError(
                         f"disk read of {tuple(key)} from slot {slot}: short read "
@@ -552,7 +554,9 @@ class DiskTier:
                     )
                     continue
                 try:
-                    self._verify(slot, key, generation, headers[j * PAGE_BYTES : (j + 1) * PAGE_BYTES], out)
+                    self._verify(
+                        slot, key, generation, head[j * PAGE_BYTES : (j + 1) * PAGE_BYTES], payloads[j]
+                    )
                 except CorruptChunkError as exc:
                     results[i] = exc
         return results

@@ -40,12 +40,13 @@ class StoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="kvtier-sm-")
-        # 3 host slots, 2 device slots, 12 disk slots: one per possible key, so no key may
-        # ever be lost ("while disk space allows").
+        # 3 host slots, 2 device slots, 14 disk slots: one per possible key plus one for each
+        # of the (at most 2) pinned old versions, which keep their disk slots until unpinned;
+        # so no key may ever be lost ("while disk space allows").
         self.config = StoreConfig(
             gpu_bytes=2 * CB,
             host_bytes=3 * CB,
-            disk_bytes=12 * 8192,
+            disk_bytes=14 * 8192,
             disk_dir=self.dir,
             device="cpu",
             io_threads=2,
