@@ -53,6 +53,7 @@ def _route_chunks_kernel(
     C: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
     KT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, SORT: tl.constexpr,
+    USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -76,7 +77,10 @@ def _route_chunks_kernel(
         mask_d = offs_d < HEAD_DIM
         q = tl.load(q_base + offs_d[None, :], mask=row_ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
         s_tile = tl.load(s_base + offs_d[None, :], mask=(n < num_chunks)[:, None] & mask_d[None, :], other=0.0)
-        scores = tl.dot(q, tl.trans(s_tile), acc=scores, input_precision="ieee")
+        if USE_DOT:
+            scores = tl.dot(q, tl.trans(s_tile), acc=scores, input_precision=PRECISION)
+        else:  # few rows (decode: rep of them): FMAs without padding the rows to 16
+            scores += tl.sum(q[:, None, :] * s_tile[None, :, :], axis=2)
 
     sink_end, local_start, cur = _windows(start_pos + l, C, SINK, LOCAL)
     ok = (n[None, :] >= sink_end[:, None]) & (n[None, :] < local_start[:, None]) & row_ok[:, None]
@@ -120,6 +124,8 @@ def route_chunks(
     block_r: int = 16,
     num_warps: int = 4,
     sort: bool = False,
+    use_dot: bool = True,
+    precision: str = "ieee",
 ) -> torch.Tensor:
     """Each query row's best candidate chunks per tile of ``block_t`` chunks (packed int64 keys).
 
@@ -139,6 +145,10 @@ def route_chunks(
     sort : bool
         Select each tile's best with one bitonic sort instead of KT max-extractions (kept
         for the benchmark's comparison).
+    use_dot, precision : bool, str
+        Scores by ``tl.dot`` (rows padded to 16) with ``input_precision`` "ieee" (fp32 FMA)
+        or "tf32x3" (three tf32 tensor-core products, about fp32 accurate), or by FMAs with
+        ``block_r`` rows (no padding; for decode, ``block_r = rep``).
 
     Returns
     -------
@@ -164,7 +174,10 @@ def route_chunks(
             f"cand: expected [B, Hq, Lq, >= {-(-n // block_t)}, <= {block_t}], got {tuple(cand.shape)}"
         )
     rep = hq // hkv
-    block_r = max(16, min(block_r, triton.next_power_of_2(rep * lq)))
+    if use_dot:
+        block_r = max(16, min(block_r, triton.next_power_of_2(rep * lq)))
+    else:
+        block_r = min(block_r, triton.next_power_of_2(rep * lq))
     grid = (bsz * hkv, triton.cdiv(rep * lq, block_r), num_tiles)
     _route_chunks_kernel[grid](
         q, chunk_summ, cand,
@@ -173,7 +186,7 @@ def route_chunks(
         chunk_summ.stride(0), chunk_summ.stride(1), chunk_summ.stride(2),
         cand.stride(0), cand.stride(1), cand.stride(2), cand.stride(3),
         NUM_KV_HEADS=hkv, REP=rep, C=chunk_size, SINK=sink_chunks, LOCAL=local_chunks,
-        KT=kt, HEAD_DIM=d, BLOCK_DK=min(32, max(16, triton.next_power_of_2(d))),
-        BLOCK_R=block_r, BLOCK_T=block_t, SORT=sort, num_warps=num_warps,
+        KT=kt, HEAD_DIM=d, BLOCK_DK=min(32, max(16, triton.next_power_of_2(d))) if use_dot else 8,
+        BLOCK_R=block_r, BLOCK_T=block_t, SORT=sort, USE_DOT=use_dot, PRECISION=precision, num_warps=num_warps,
     )
     return cand

@@ -41,7 +41,7 @@ def _route_groups_kernel(
     stride_rb, stride_rh, stride_rl,
     # meta
     NUM_Q_HEADS: tl.constexpr, REP: tl.constexpr, M: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr,
     BLOCK_CAND: tl.constexpr, BLOCK_KC: tl.constexpr, BLOCK_OUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -72,15 +72,17 @@ def _route_groups_kernel(
     g = j % M
     gchunk = tl.load(chunk_row + rank, mask=rank < tl.minimum(kc_w, top_chunks), other=-1)
     ok = gchunk >= 0
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + hq * stride_qh + l * stride_ql + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    gs = tl.load(
-        gsumm_ptr + b * stride_gb + kvh * stride_gh + gchunk.to(tl.int64)[:, None] * stride_gn
-        + g[:, None] * stride_gm + offs_d[None, :],
-        mask=ok[:, None] & mask_d[None, :], other=0.0,
-    )
-    scores = tl.sum(gs * q[None, :], axis=1)
+    # D in slices: a [64, 128] fp32 tile of group summaries would hold 64 registers per thread
+    # at 4 warps; slices of 32 keep it small and overlap the loads.
+    scores = tl.zeros([BLOCK_G], dtype=tl.float32)
+    g_base = gsumm_ptr + b * stride_gb + kvh * stride_gh + gchunk.to(tl.int64)[:, None] * stride_gn + g[:, None] * stride_gm
+    q_row = q_ptr + b * stride_qb + hq * stride_qh + l * stride_ql
+    for d0 in range(0, HEAD_DIM, BLOCK_DK):
+        offs_d = d0 + tl.arange(0, BLOCK_DK)
+        mask_d = offs_d < HEAD_DIM
+        q = tl.load(q_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        gs = tl.load(g_base + offs_d[None, :], mask=ok[:, None] & mask_d[None, :], other=0.0)
+        scores += tl.sum(gs * q[None, :], axis=1)
     gkeys = tl.where(ok, _pack(scores, j), EMPTY)
     gkeys = tl.sort(gkeys, descending=True)
     num_ok = tl.sum(ok.to(tl.int32), axis=0)
@@ -163,7 +165,7 @@ def route_groups(
         group_ids.stride(0), group_ids.stride(1), group_ids.stride(2),
         fetch_ids.stride(0), fetch_ids.stride(1), fetch_ids.stride(2),
         routed.stride(0), routed.stride(1), routed.stride(2),
-        NUM_Q_HEADS=hq, REP=hq // hkv, M=m, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        NUM_Q_HEADS=hq, REP=hq // hkv, M=m, HEAD_DIM=d, BLOCK_DK=min(32, triton.next_power_of_2(d)),
         BLOCK_CAND=max(triton.next_power_of_2(num_cand), block_kc), BLOCK_KC=block_kc,
         BLOCK_OUT=max(block_g, triton.next_power_of_2(max(1, kf_w))),
         num_warps=num_warps,

@@ -153,6 +153,7 @@ def prefill_tables(group_ids: torch.Tensor, start_pos: int, chunk_size: int) -> 
 def _route(
     q: torch.Tensor, chunk_summ: torch.Tensor, group_summ: torch.Tensor, start_pos: int, config: HGAConfig,
     widths: tuple[int, int, int], out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    precision: str = "ieee",
 ) -> None:
     """Fill the plan tensors ``out`` (chunk, group, fetch ids and the int32 routed table)."""
     lq = q.shape[2]
@@ -170,7 +171,7 @@ def _route(
     cand = torch.empty(q.shape[0], q.shape[1], lq, nt, kt, dtype=torch.int64, device=q.device)
     route_chunks(q, chunk_summ[:, :, :n], cand, start_pos=start_pos, chunk_size=config.chunk_size,
                  sink_chunks=config.sink_chunks, local_chunks=config.local_chunks, block_t=bt, block_r=block_r,
-                 num_warps=warps)
+                 num_warps=warps, precision=precision)
     route_groups(cand, q, group_summ, *out, top_chunks=config.top_chunks, top_groups=config.top_groups,
                  fetch_groups=config.fetch_groups)
 
@@ -276,6 +277,7 @@ class HostKVDecode:
         w = windows_at(position, c, config.sink_chunks, config.local_chunks)
         self.num_cand_chunks = w.local_start
         self.route_options: dict[str, object] = {}
+        self.gather_rows = 1
         self.set_route_tiles(None)
         bt, nt, kt = self.tiles
         i32 = dict(dtype=torch.int32, device=dev)
@@ -357,10 +359,11 @@ class HostKVDecode:
         self.block_n = block_n
         self.workspace = torch.empty(b, hq, num_splits, d + 2, dtype=torch.float32, device=self.q.device)
 
-    def set_route_tiles(self, block_t: int | None, **options: object) -> None:
-        """Tile width of chunk routing (None: the default) and launch options of route_chunks."""
+    def set_route_tiles(self, block_t: int | None, group_warps: int = 4, **options: object) -> None:
+        """Tile width of chunk routing (None: the default), launch options of route_chunks, warps of route_groups."""
         self.tiles = route_chunks_tiles(max(1, self.num_cand_chunks), self.config.top_chunks, block_t=block_t)
         self.route_options = dict(options)
+        self.group_warps = group_warps
 
     def route(self) -> None:
         """Routing of ``self.q``: fills ``self.plan`` (chunk, group, fetch ids)."""
@@ -373,7 +376,7 @@ class HostKVDecode:
                      chunk_size=cfg.chunk_size, sink_chunks=cfg.sink_chunks, local_chunks=cfg.local_chunks, block_t=bt,
                      **self.route_options)
         route_groups(cand, self.q, self.group_summ, *self.plan, self.routed_dense, top_chunks=cfg.top_chunks,
-                     top_groups=cfg.top_groups, fetch_groups=cfg.fetch_groups)
+                     top_groups=cfg.top_groups, fetch_groups=cfg.fetch_groups, num_warps=self.group_warps)
 
     def assign(self) -> None:
         """Dedup and cache lookup: fills the gather table and the attention block table."""
@@ -384,7 +387,8 @@ class HostKVDecode:
 
     def gather(self) -> None:
         """Copy this step's misses from the host slab into the cache."""
-        gather_groups(self.host_slab, self.table, self.device_slab, group_size=self.config.group_size)
+        gather_groups(self.host_slab, self.table, self.device_slab, group_size=self.config.group_size,
+                      rows_per_program=self.gather_rows)
 
     def attend(self) -> torch.Tensor:
         """Sparse decode attention over the device slab; returns ``[B, Hq, D]``."""

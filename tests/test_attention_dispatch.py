@@ -157,3 +157,25 @@ def test_host_decode_equals_dense_kernel_path():
 @pytest.mark.gpu
 def test_gpu_host_decode_bf16_equals_dense_kernel_path():
     _host_decode_case(torch.bfloat16, "cuda", 16384 + 5, 32, 8, 128, HGAConfig(), 5e5, bsz=2)
+
+
+@pytest.mark.gpu
+def test_gpu_route_tf32x3_matches_reference_plan():
+    """Chunk scores by three tf32 products (the fast variant) still give the reference's plan."""
+    from kvtier.attention import _route
+    from kvtier.reference import chunk_summaries_ref, group_summaries_ref, plan_widths, rope_inv_freq
+
+    cfg = HGAConfig()
+    q, k, v = _gpu_case(65536 + 64, 64, 65536)
+    inv = rope_inv_freq(128, 5e5, device="cuda")
+    closed = k[:, :, :65536]
+    cs = chunk_summaries_ref(closed, 64, inv, cfg.rope_cutoff_rad)
+    gs = group_summaries_ref(closed, 64, 16, inv, cfg.rope_cutoff_rad)
+    widths = plan_widths(cfg, 65536 + 63)
+    _, rstats = hga_ref(q, k, v, config=cfg, rope_theta=5e5, start_pos=65536)
+    for precision in ("ieee", "tf32x3"):
+        out = [torch.full((1, 32, 64, w), -1, dtype=torch.int64, device="cuda") for w in widths]
+        out.append(torch.full((1, 32, 64, widths[1]), -1, dtype=torch.int32, device="cuda"))
+        _route(q, cs, gs, 65536, cfg, widths, tuple(out), precision=precision)
+        same = (out[1] == rstats.plan.group_ids).all(dim=-1).float().mean().item()
+        assert same >= 0.995, (precision, same)

@@ -69,7 +69,9 @@ def test_routing_full_coverage_selects_every_candidate():
     assert torch.equal(fetch_ids, stats.plan.fetch_group_ids)
 
 
-@pytest.mark.parametrize("options", [dict(sort=True), dict(block_r=64, num_warps=8)])
+@pytest.mark.parametrize(
+    "options", [dict(sort=True), dict(block_r=64, num_warps=8), dict(use_dot=False, block_r=4)]
+)
 def test_routing_variants_agree(options):
     """Selection by bitonic sort, and 64-row blocks, give the same plan."""
     torch.manual_seed(13)
