@@ -43,6 +43,9 @@ __all__ = ["ChunkKey", "PrefetchHandle", "TieredStore"]
 log = logging.getLogger("kvtier.store")
 
 _TIERS = ("device", "host", "disk")
+#: How long ``write`` waits for a transfer in flight to release a slot before it raises
+#: CapacityError (a 256 KiB disk read takes about 1 ms; 5 s means something is stuck).
+_WAIT_S = 5.0
 _MAX_ID = 2**63
 
 
@@ -99,6 +102,8 @@ class TieredStore:
         self._cb = layout.chunk_bytes  # a property that builds a tensor: read it once
         self._num_layers = layout.num_layers
         self._lock = threading.RLock()
+        self._released = threading.Condition(self._lock)  # a chunk's last pin went away
+        self._in_transfer: Counter[str] = Counter()  # slots allocated by transfers in flight
         self._closed = False
         self._host = HostTier(layout, int(config.host_bytes), pin=pin_host)
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -203,18 +208,38 @@ class TieredStore:
         else:
             self._free_entry(entry)
 
-    def _victim(self, tier: str) -> _Entry:
-        for key in self._policy[tier].candidates():
-            entry = self._index[key]  # type: ignore[index]
-            if entry.pins == 0:
-                return entry
-        raise CapacityError(f"{tier} tier: expected an unpinned chunk to evict, got every used slot pinned")
+    def _victim(self, tier: str, *, wait: bool = False) -> _Entry:
+        """The first unpinned chunk in eviction order (under the lock).
 
-    def _alloc_host(self) -> int:
+        With ``wait``, if every candidate is pinned but some only by transfers in flight,
+        wait (up to :data:`_WAIT_S`) for one to finish instead of failing at once. Only
+        the caller's thread waits: a pool worker that waited could be waiting for a task
+        queued behind itself.
+        """
+        deadline = None
+        while True:
+            in_flight = self._in_transfer[tier] > 0  # slots taken by transfers, not yet indexed
+            for key in self._policy[tier].candidates():
+                entry = self._index[key]  # type: ignore[index]
+                if entry.pins == 0:
+                    return entry
+                in_flight = in_flight or entry.pins > sum(
+                    e is entry for e in self._user_pins.get(entry.key, ())
+                )
+            if not (wait and in_flight):
+                break
+            deadline = time.monotonic() + _WAIT_S if deadline is None else deadline
+            if deadline <= time.monotonic():
+                break
+            self._released.wait(deadline - time.monotonic())
+        why = "pinned or in flight" if in_flight else "pinned"
+        raise CapacityError(f"{tier} tier: expected an unpinned chunk to evict, got every used slot {why}")
+
+    def _alloc_host(self, *, wait: bool = False) -> int:
         if self._host.num_free == 0:
-            victim = self._victim("host")
+            victim = self._victim("host", wait=wait)
             if victim.disk is None and self._disk is not None:
-                self._spill(victim)  # raises TransferError / CapacityError: the victim stays
+                self._spill(victim, wait=wait)  # raises TransferError / CapacityError: the victim stays
             self._stats["host"].evictions += 1
             self._policy["host"].remove(victim.key)
             self._host.free(victim.host)  # type: ignore[arg-type]
@@ -223,10 +248,10 @@ class TieredStore:
                 self._unindex(victim)
         return self._host.allocate()
 
-    def _alloc_disk(self) -> int:
+    def _alloc_disk(self, *, wait: bool = False) -> int:
         assert self._disk is not None
         if self._disk.num_free == 0:
-            victim = self._victim("disk")
+            victim = self._victim("disk", wait=wait)
             self._stats["disk"].evictions += 1
             self._policy["disk"].remove(victim.key)
             if victim.host is None:  # its only copy: the chunk leaves the store
@@ -246,10 +271,10 @@ class TieredStore:
             victim.device = None
         return self._device.allocate()
 
-    def _spill(self, entry: _Entry) -> None:
+    def _spill(self, entry: _Entry, *, wait: bool = False) -> None:
         """Write a host-only chunk to disk (under the store lock)."""
         assert self._disk is not None and entry.host is not None
-        slot = self._alloc_disk()
+        slot = self._alloc_disk(wait=wait)
         t0 = time.perf_counter()
         try:
             generation = self._disk.write(slot, entry.key, self._host.payload(entry.host))
@@ -276,7 +301,8 @@ class TieredStore:
         Raises
         ------
         CapacityError
-            If every host chunk is pinned, or the disk tier has no room for a spill.
+            If every host chunk is pinned (after waiting up to 5 s for transfers in flight
+            to release one), or the disk tier has no room for a spill.
         TransferError
             If a spill to disk failed. Either way the store is unchanged: an older version
             of ``key``, if any, is still served.
@@ -285,7 +311,7 @@ class TieredStore:
         k = self._key(key)
         check_chunk("chunk", chunk, self.layout)
         with self._lock:
-            slot = self._alloc_host()
+            slot = self._alloc_host(wait=True)
             self._host.write(slot, chunk)
             old = self._index.get(k)
             if old is not None:
@@ -352,11 +378,16 @@ class TieredStore:
             e.pins += 1
 
     def _release(self, entries: Iterable[_Entry]) -> None:
+        freed = False
         for e in entries:
             e.pins -= 1
             assert e.pins >= 0
-            if e.pins == 0 and e.retired:
-                self._free_entry(e)
+            if e.pins == 0:
+                freed = True
+                if e.retired:
+                    self._free_entry(e)
+        if freed:
+            self._released.notify_all()
 
     # ------------------------------------------------------------------ lookups
     def contains(self, key: tuple[int, int, int]) -> bool:
@@ -669,6 +700,7 @@ class TieredStore:
                     continue
                 try:
                     reqs.append((entry, entry.disk, entry.disk_generation, self._alloc_host()))
+                    self._in_transfer["host"] += 1
                 except (CapacityError, TransferError) as exc:
                     log.warning("kvtier: no host room for %s: %s", tuple(entry.key), exc)
                     failed.append(entry.key)
@@ -683,6 +715,9 @@ class TieredStore:
                     self._host.free(host_slot)
                     if not ok:
                         failed.append(entry.key)
+            if reqs:
+                self._in_transfer["host"] -= len(reqs)
+                self._released.notify_all()
         return failed
 
     def _host_to_device(self, entries: list[_Entry], issued: Any) -> list[ChunkKey]:
@@ -710,15 +745,16 @@ class TieredStore:
                     for entry in ordered[start : start + 256]:
                         try:
                             batch.append((entry, entry.host, self._alloc_device()))  # type: ignore[arg-type]
+                            self._in_transfer["device"] += 1
                         except CapacityError:
                             failed.append(entry.key)
+                pairs.extend(batch)
                 copy_chunks(
                     self._host.slab,
                     dev.slab,
                     [(h, d) for _, h, d in batch],
                     group_size=self.layout.group_size,
                 )
-                pairs.extend(batch)
             if self._copy_stream is not None:
                 done = torch.cuda.Event()
                 done.record(self._copy_stream)
@@ -727,6 +763,8 @@ class TieredStore:
             with self._lock:
                 for _, _, dslot in pairs:
                     dev.free(dslot)
+                self._in_transfer["device"] -= len(pairs)
+                self._released.notify_all()
             raise
         finally:
             if stream_ctx is not None:
@@ -739,6 +777,8 @@ class TieredStore:
                     self._policy["device"].touch(entry.key)
                 else:
                     dev.free(dslot)
+            self._in_transfer["device"] -= len(pairs)
+            self._released.notify_all()
             st = self._stats["device"]
             st.bytes_written += len(pairs) * self._cb
             if pairs:

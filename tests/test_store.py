@@ -314,3 +314,53 @@ def test_eviction_policy_is_pluggable(tmp_path) -> None:
         for i in range(3):
             store.write((0, 0, i), chunk(i))
         assert store.where((0, 0, 1)) == ("disk",) and store.where((0, 0, 0)) == ("host",)
+
+
+def test_concurrent_clients_see_their_own_bytes(tmp_path) -> None:
+    """Four threads write, read, prefetch and drop their own sequences at once."""
+    import random
+    import threading
+
+    errors: list[str] = []
+    with make(tmp_path, host=4, gpu=2, disk=64) as store:
+
+        def client(seq: int) -> None:
+            rng = random.Random(seq)
+            mine: dict[ChunkKey, int] = {}
+            for step in range(150):
+                key = ChunkKey(seq, rng.randrange(2), rng.randrange(6))
+                op = rng.random()
+                if op < 0.4:
+                    store.write(key, chunk(1000 * seq + step))
+                    mine[key] = 1000 * seq + step
+                elif op < 0.7 and mine:
+                    keys = rng.sample(sorted(mine), min(3, len(mine)))
+                    out = torch.empty(len(keys), *LAYOUT.chunk_shape, dtype=LAYOUT.dtype)
+                    missed = store.read(keys, out)
+                    if missed:
+                        errors.append(f"seq {seq}: lost {missed}")
+                    for i, k in enumerate(keys):
+                        if not same(out[i], chunk(mine[k])):
+                            errors.append(f"seq {seq}: wrong bytes for {k}")
+                elif op < 0.95 and mine:
+                    keys = rng.sample(sorted(mine), min(3, len(mine)))
+                    store.prefetch(keys, to=rng.choice(["host", "device"])).wait(timeout=30)
+                else:
+                    store.drop(seq)
+                    mine.clear()
+
+        def guarded(seq: int) -> None:
+            try:
+                client(seq)
+            except Exception as exc:  # noqa: BLE001  (reported below, with the thread's sequence)
+                errors.append(f"seq {seq}: {type(exc).__name__}: {exc}")
+
+        threads = [threading.Thread(target=guarded, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        stats = store.stats()
+    assert errors == []
+    for tier in ("device", "host", "disk"):
+        assert stats[tier]["used_bytes"] <= stats[tier]["capacity_bytes"]
