@@ -233,12 +233,13 @@ class _Stress:
     def op_reopen(self) -> None:
         self._release_pins()
         self.io.enabled = False  # a clean close: flushing must not fail on purpose
+        self._count_evictions()
         self.store.close()
         self.io.enabled = True
         self.store = TieredStore(_LAYOUT, self.config, io=self.io)
         self._evictions_seen = 0
         self.c["reopens"] += 1
-        self._after_reopen()
+        self._after_reopen(clean=True)
 
     def op_crash(self) -> None:
         """A writer killed mid-slot during a spill, then the process dies without flushing."""
@@ -250,6 +251,7 @@ class _Stress:
                 break
         while self.io.pending():  # no spill happened: drain the queued fault harmlessly
             self.io._take(("torn_write",))
+        self._count_evictions()
         self.store._pool.shutdown(wait=True)
         if self.store._disk is not None:
             self.store._disk.close()
@@ -258,15 +260,22 @@ class _Stress:
         self._evictions_seen = 0
         self.c["crashes"] += 1
         self.c["faults_at_rest"] += 1
-        self._after_reopen()
+        self._after_reopen(clean=False)
 
-    def _after_reopen(self) -> None:
+    def _count_evictions(self) -> None:
+        st = self.store.stats()
+        self.c["evictions"] += sum(st[t]["evictions"] for t in ("device", "host", "disk"))
+
+    def _after_reopen(self, *, clean: bool) -> None:
         present = set(self.store.keys())
         for k in list(self.shadow):
-            if k not in present:  # host-only chunks die with the process: not a miss
+            if k not in present:
+                if clean and k not in self.tainted:  # a clean close flushes: nothing may go
+                    self.c["unexpected_misses"] += 1
+                elif not clean:  # host-only chunks die with the process: not a miss
+                    self.c["lost_in_crash"] += 1
                 del self.shadow[k]
                 self.tainted.discard(k)
-                self.c["lost_in_crash"] += 1
         for k in present - set(self.shadow):
             self.c["mismatches"] += 1  # a dropped or stale chunk came back
 
@@ -293,6 +302,7 @@ class _Stress:
     def close(self) -> None:
         self._release_pins()
         self.io.enabled = False
+        self._count_evictions()
         self.store.close()
 
 
@@ -337,6 +347,7 @@ def stress(
         "misses": s.c["misses"],
         "failed_writes": s.c["failed_writes"],
         "prefetch_failures": s.c["prefetch_failures"],
+        "evictions": s.c["evictions"],
         "reopens": s.c["reopens"],
         "crashes": s.c["crashes"],
         "lost_in_crash": s.c["lost_in_crash"],
@@ -359,6 +370,7 @@ def run(args: argparse.Namespace) -> int:
     report = stress(args.dir, args.seconds, args.seed, args.fault_rate, progress=not args.no_progress)
     for key in (
         "ops",
+        "evictions",
         "bytes_verified",
         "faults_injected",
         "mismatches",
