@@ -11,8 +11,8 @@ Every read is compared with a shadow copy of the last version written. Reported:
 - ``mismatches``: bytes served that differ from the last version of their key, a dropped
   key served or still listed, or a pinned slot whose bytes changed. Must be 0.
 - ``budget_violations``: a tier holding more than its budget. Must be 0.
-- ``unexpected_misses``: a key missed with no fault, crash or eviction to explain it.
-  Must be 0.
+- ``unexpected_misses``: a key missed with no fault, crash or eviction to explain it, or
+  missing after a clean reopen. Must be 0.
 """
 
 from __future__ import annotations
