@@ -102,11 +102,12 @@ def _route_chunks_kernel(
 def route_chunks_tiles(num_chunks: int, top_chunks: int, *, block_t: int | None = None) -> tuple[int, int, int]:
     """``(block_t, num_tiles, kt)``: tile width, tiles over ``num_chunks`` and keys kept per tile.
 
-    Wide tiles keep the merge short: at 1M tokens (16384 chunks) 32 tiles of 512 leave
-    32 * 16 = 512 candidates per row to merge instead of 4096.
+    Measured on the H200 (decode, batch 1, 32 query heads, tf32x3 dots, routing total): at
+    1M tokens tiles of 128 chunks take 54 us, of 256 56 us, of 512 98 us (4 warps; the
+    [16, 512] tile's registers spill); at 128K, 22 / 26 / 45 us. Hence at most 128.
     """
     if block_t is None:
-        block_t = min(512, max(16, triton.next_power_of_2(max(1, num_chunks) // 32)))
+        block_t = min(128, max(16, triton.next_power_of_2(max(1, num_chunks) // 32)))
     num_tiles = max(1, -(-num_chunks // block_t))
     return block_t, num_tiles, max(1, min(top_chunks, block_t))
 

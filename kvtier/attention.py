@@ -153,9 +153,14 @@ def prefill_tables(group_ids: torch.Tensor, start_pos: int, chunk_size: int) -> 
 def _route(
     q: torch.Tensor, chunk_summ: torch.Tensor, group_summ: torch.Tensor, start_pos: int, config: HGAConfig,
     widths: tuple[int, int, int], out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    precision: str = "ieee",
+    precision: str = "tf32x3",
 ) -> None:
-    """Fill the plan tensors ``out`` (chunk, group, fetch ids and the int32 routed table)."""
+    """Fill the plan tensors ``out`` (chunk, group, fetch ids and the int32 routed table).
+
+    Chunk scores use three tf32 tensor-core products ("tf32x3", about fp32 accurate): on the
+    H200 a 64-query block at 1M tokens routes in 0.69 ms against 1.14 ms with IEEE fp32 dots,
+    and the plans agree with the float64 reference on >= 99.5% of rows (gpu test).
+    """
     lq = q.shape[2]
     w_last = windows_at(start_pos + lq - 1, config.chunk_size, config.sink_chunks, config.local_chunks)
     if widths[0] == 0 or w_last.num_candidates == 0:
@@ -278,7 +283,9 @@ class HostKVDecode:
         self.num_cand_chunks = w.local_start
         self.route_options: dict[str, object] = {}
         self.gather_rows = 1
-        self.set_route_tiles(None)
+        # The setting the H200 sweep picked most often (1M, batch 1: 54 us against 72 us for
+        # IEEE dots on 512-chunk tiles); kvtier bench attention re-tunes it per shape.
+        self.set_route_tiles(128, precision="tf32x3", num_warps=4)
         bt, nt, kt = self.tiles
         i32 = dict(dtype=torch.int32, device=dev)
         self.q = torch.zeros(b, hq, 1, d, dtype=device_slab.dtype, device=dev)

@@ -106,4 +106,4 @@ def test_decode_num_splits_fills_the_chip():
     assert decode_num_splits(1, 32, 1216) >= 8
     assert decode_num_splits(4, 32, 1216) >= 2
     assert decode_num_splits(1, 32, 16) == 1
-    assert decode_num_splits(4, 32, 1216) <= 12
+    assert 12 <= decode_num_splits(4, 32, 1216) <= 19
