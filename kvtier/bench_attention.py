@@ -157,11 +157,11 @@ class _Timer:
         return out
 
     def bench(self, fn, n: int = 50) -> list[float]:
-        """Warm, then time n runs of an eager callable."""
-        for _ in range(3):
+        """Warm, then time n runs of an eager callable (once each on the CPU interpreter)."""
+        for _ in range(3 if self.cuda else 1):
             fn()
         self.sync()
-        return self.many(fn, n)
+        return self.many(fn, n if self.cuda else 1)
 
 
 def _graph(fn, cuda: bool):
@@ -302,7 +302,7 @@ def _bench_one(bsz: int, ctx: int, hq: int, hkv: int, d: int, args: argparse.Nam
         add("decode_stage", f"hga_host_steady_{name}", "time", "ms", st)
 
     # Chunk-routing variants (tile width, selection by sort or max-extraction, warps).
-    for per_program in (1, 2, 4):  # gather programs of a steady step: mostly table rows to skip
+    for per_program in (1, 2, 4) if timer.cuda else ():  # steady gather: mostly table rows to skip
         dec.gather_rows = per_program
         add("gather_variant", f"rows{per_program}_steady", "time", "ms", timer.many(_graph(dec.gather, timer.cuda), args.steps))
     dec.gather_rows = 1
