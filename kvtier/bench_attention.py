@@ -469,6 +469,49 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_svg(csv_path: str | Path, svg_path: str | Path) -> None:
+    """Log-log SVG of decode time per layer against context: SDPA, HGA cold and steady, per batch.
+
+    Written without matplotlib (not on the CI machine): plain SVG polylines.
+    """
+    series: dict[str, dict[int, float]] = {}
+    for r in csv.DictReader(Path(csv_path).open()):
+        if r["op"] != "decode" or r["metric"] != "time":
+            continue
+        b = json.loads(r["config_json"])["batch"]
+        series.setdefault(f"{r['impl']} B={b}", {})[int(r["x_value"])] = float(r["p50"])
+    xs = sorted({x for s_ in series.values() for x in s_})
+    ys = [y for s_ in series.values() for y in s_.values()]
+    w, h, pad = 720, 420, 60
+    lx0, lx1 = math.log10(xs[0]), math.log10(xs[-1])
+    ly0, ly1 = math.floor(math.log10(min(ys))), math.ceil(math.log10(max(ys)))
+
+    def px(x: float) -> float:
+        return pad + (math.log10(x) - lx0) / (lx1 - lx0) * (w - 2 * pad)
+
+    def py(y: float) -> float:
+        return h - pad - (math.log10(y) - ly0) / (ly1 - ly0) * (h - 2 * pad)
+
+    colors = {"sdpa": "#444444", "hga_host_cold": "#d62728", "hga_host_steady": "#1f77b4"}
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{w / 2}" y="20" text-anchor="middle">Decode step per layer, Llama-3.1-8B shapes, H200 (ms, log scale)</text>']
+    for e in range(ly0, ly1 + 1):
+        y = py(10.0**e)
+        out.append(f'<line x1="{pad}" x2="{w - pad}" y1="{y}" y2="{y}" stroke="#ddd"/>')
+        out.append(f'<text x="{pad - 6}" y="{y + 4}" text-anchor="end">{10.0**e:g}</text>')
+    for x in xs:
+        out.append(f'<text x="{px(x)}" y="{h - pad + 18}" text-anchor="middle">{x // 1024}K</text>')
+    for i, (name, pts) in enumerate(sorted(series.items())):
+        impl, batch = name.split(" ")
+        dash = "" if batch == "B=1" else ' stroke-dasharray="6,4"'
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(pts.items()))
+        out.append(f'<polyline points="{path}" fill="none" stroke="{colors.get(impl, "#2ca02c")}" stroke-width="2"{dash}/>')
+        out.append(f'<text x="{w - pad - 170}" y="{pad + 14 * i}" fill="{colors.get(impl, "#2ca02c")}">{name}</text>')
+    out.append("</svg>")
+    Path(svg_path).write_text("\n".join(out) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python bench/attention.py`` entry point."""
     parser = argparse.ArgumentParser(prog="bench/attention.py", description=__doc__.splitlines()[0])
