@@ -40,17 +40,28 @@ def _fixed_units(pos, C: tl.constexpr, G: tl.constexpr, SINK: tl.constexpr, LOCA
 
 @triton.jit
 def _unit_rows(
-    u, t, pos_hi, num_fixed, num_units, b,
-    routed_ptr, slot_map_ptr, stride_sm_b,
-    C: tl.constexpr, G: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
+    u,
+    t,
+    pos_hi,
+    num_fixed,
+    num_units,
+    b,
+    routed_ptr,
+    slot_map_ptr,
+    stride_sm_b,
+    C: tl.constexpr,
+    G: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
     HAS_SLOT_MAP: tl.constexpr,
 ):
     """Block id, key position (-1 for routed keys) and validity of unit `u`, token `t` (vectors).
 
     `pos_hi` is the last query position that shares these windows (the block's last row);
     `routed_ptr` points at this query's (or block's) routed table row (contiguous); `num_fixed`
-    is _fixed_units(pos_hi) and units at or past `num_units` are invalid. Routed keys are always before the current chunk, so they carry
-    no causal mask; fixed keys carry their position for it.
+    is _fixed_units(pos_hi) and units at or past `num_units` are invalid. Routed keys are
+    always before the current chunk, so they carry no causal mask; fixed keys carry their
+    position for it.
     """
     M: tl.constexpr = C // G
     sink_end, local_start, cur = _windows(pos_hi, C, SINK, LOCAL)

@@ -33,17 +33,34 @@ __all__ = ["assign_groups"]
 @triton.jit
 def _assign_groups_kernel(
     # pointers
-    fetch_ptr, host_slot_ptr, where_ptr, tags_ptr, stamp_ptr, counter_ptr, order_ptr, misses_ptr,
-    table_ptr, routed_ptr,
+    fetch_ptr,
+    host_slot_ptr,
+    where_ptr,
+    tags_ptr,
+    stamp_ptr,
+    counter_ptr,
+    order_ptr,
+    misses_ptr,
+    table_ptr,
+    routed_ptr,
     # sizes
-    base_block, num_groups,
+    base_block,
+    num_groups,
     # strides
-    stride_fb, stride_fh,
+    stride_fb,
+    stride_fh,
     stride_hb,
-    stride_rb, stride_rh,
+    stride_rb,
+    stride_rh,
     # meta
-    NUM_KV_HEADS: tl.constexpr, REP: tl.constexpr, KF: tl.constexpr, KG: tl.constexpr, M: tl.constexpr,
-    E: tl.constexpr, BLOCK_R: tl.constexpr, EXTRACT_MAX: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    REP: tl.constexpr,
+    KF: tl.constexpr,
+    KG: tl.constexpr,
+    M: tl.constexpr,
+    E: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    EXTRACT_MAX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // NUM_KV_HEADS
@@ -109,7 +126,11 @@ def _assign_groups_kernel(
     tl.store(misses_ptr + pid, tl.sum(winner.to(tl.int32), axis=0))
 
     e_now = tl.load(where_row + gsafe, mask=has, other=-1)
-    tl.store(routed_ptr + b * stride_rb + hq * stride_rh + k, tl.where(has, blocks_b + e_now, -1), mask=lane_ok & (k < KG))
+    tl.store(
+        routed_ptr + b * stride_rb + hq * stride_rh + k,
+        tl.where(has, blocks_b + e_now, -1),
+        mask=lane_ok & (k < KG),
+    )
     tl.store(counter_ptr + pid, step + 1)
 
 
@@ -158,16 +179,25 @@ def assign_groups(
     rep = hq // hkv
     kg = routed.shape[2]
     block_r = triton.next_power_of_2(rep * kf)
-    for name, t, shape in (("where", where, (bsz, hkv, where.shape[2])), ("tags", tags, (bsz, hkv, e)),
-                           ("stamp", stamp, (bsz, hkv, e)), ("order", order, (bsz, hkv, e)),
-                           ("counter", counter, (bsz, hkv)), ("misses", misses, (bsz, hkv)),
-                           ("table", table, (bsz * hkv * block_r, 3)), ("routed", routed, (bsz, hq, kg)),
-                           ("host_slot", host_slot, (bsz, host_slot.shape[1]))):
+    for name, t, shape in (
+        ("where", where, (bsz, hkv, where.shape[2])),
+        ("tags", tags, (bsz, hkv, e)),
+        ("stamp", stamp, (bsz, hkv, e)),
+        ("order", order, (bsz, hkv, e)),
+        ("counter", counter, (bsz, hkv)),
+        ("misses", misses, (bsz, hkv)),
+        ("table", table, (bsz * hkv * block_r, 3)),
+        ("routed", routed, (bsz, hq, kg)),
+        ("host_slot", host_slot, (bsz, host_slot.shape[1])),
+    ):
         if t.dtype != torch.int32 or tuple(t.shape) != shape or not t.is_contiguous():
-            raise ValueError(f"{name}: expected a contiguous int32 tensor of shape {shape}, got "
-                             f"{tuple(t.shape)} {t.dtype}")
+            raise ValueError(
+                f"{name}: expected a contiguous int32 tensor of shape {shape}, got {tuple(t.shape)} {t.dtype}"
+            )
     if fetch.dtype != torch.int64 or fetch.stride(2) != 1:
-        raise ValueError(f"fetch: expected int64 with a contiguous last dim, got {fetch.dtype} {fetch.stride()}")
+        raise ValueError(
+            f"fetch: expected int64 with a contiguous last dim, got {fetch.dtype} {fetch.stride()}"
+        )
     if e & (e - 1) or e < rep * kf:
         raise ValueError(f"tags: expected a power-of-two number of entries >= rep * Kf = {rep * kf}, got {e}")
     if kg > kf:
@@ -177,11 +207,30 @@ def assign_groups(
         table.fill_(-1)
         return
     _assign_groups_kernel[(bsz * hkv,)](
-        fetch, host_slot, where, tags, stamp, counter, order, misses, table, routed,
-        base_block, where.shape[2],
-        fetch.stride(0), fetch.stride(1),
+        fetch,
+        host_slot,
+        where,
+        tags,
+        stamp,
+        counter,
+        order,
+        misses,
+        table,
+        routed,
+        base_block,
+        where.shape[2],
+        fetch.stride(0),
+        fetch.stride(1),
         host_slot.stride(0),
-        routed.stride(0), routed.stride(1),
-        NUM_KV_HEADS=hkv, REP=rep, KF=kf, KG=kg, M=chunk_size // group_size, E=e, BLOCK_R=block_r, EXTRACT_MAX=32,
+        routed.stride(0),
+        routed.stride(1),
+        NUM_KV_HEADS=hkv,
+        REP=rep,
+        KF=kf,
+        KG=kg,
+        M=chunk_size // group_size,
+        E=e,
+        BLOCK_R=block_r,
+        EXTRACT_MAX=32,
         num_warps=4,
     )

@@ -24,14 +24,26 @@ _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 @triton.jit
 def _gather_groups_kernel(
     # pointers
-    src_ptr, dst_ptr, table_ptr,
+    src_ptr,
+    dst_ptr,
+    table_ptr,
     # sizes
     num_rows,
     # strides
-    stride_s_slot, stride_s_kv, stride_s_head, stride_s_tok,
-    stride_d_slot, stride_d_kv, stride_d_head, stride_d_tok,
+    stride_s_slot,
+    stride_s_kv,
+    stride_s_head,
+    stride_s_tok,
+    stride_d_slot,
+    stride_d_kv,
+    stride_d_head,
+    stride_d_tok,
     # meta
-    M: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    M: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -56,7 +68,12 @@ def _gather_groups_kernel(
 
 
 def gather_groups(
-    src: torch.Tensor, table: torch.Tensor, dst: torch.Tensor, *, group_size: int, rows_per_program: int = 1,
+    src: torch.Tensor,
+    table: torch.Tensor,
+    dst: torch.Tensor,
+    *,
+    group_size: int,
+    rows_per_program: int = 1,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Copy the K and V of one KV head's group per table row from ``src`` to ``dst``, bit-exact.
@@ -82,25 +99,45 @@ def gather_groups(
     for name, t in (("src", src), ("dst", dst)):
         if not isinstance(t, torch.Tensor) or t.dim() != 5 or t.shape[1] != 2 or t.stride(-1) != 1:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name}: expected a slab [S, 2, Hkv, C, D] with a contiguous last dim, got {got}")
+            raise ValueError(
+                f"{name}: expected a slab [S, 2, Hkv, C, D] with a contiguous last dim, got {got}"
+            )
     if src.dtype != dst.dtype or src.shape[2:] != dst.shape[2:]:
-        raise ValueError(f"dst: expected [*, {', '.join(map(str, src.shape[1:]))}] {src.dtype} like src, "
-                         f"got {tuple(dst.shape)} {dst.dtype}")
+        raise ValueError(
+            f"dst: expected [*, {', '.join(map(str, src.shape[1:]))}] {src.dtype} like src, "
+            f"got {tuple(dst.shape)} {dst.dtype}"
+        )
     c, d = src.shape[3], src.shape[4]
     if c % group_size != 0:
         raise ValueError(f"group_size: expected a divisor of C={c}, got {group_size}")
     if table.dtype != torch.int32 or table.dim() != 2 or table.shape[1] != 3 or not table.is_contiguous():
-        raise ValueError(f"table: expected a contiguous [n, 3] int32 tensor, got {tuple(table.shape)} {table.dtype}")
+        raise ValueError(
+            f"table: expected a contiguous [n, 3] int32 tensor, got {tuple(table.shape)} {table.dtype}"
+        )
     if table.shape[0] == 0:
         return dst
     ity = _INT_VIEW[src.element_size()]
     src_i, dst_i = src.view(ity), dst.view(ity)
     rows = rows_per_program
     _gather_groups_kernel[(triton.cdiv(table.shape[0], rows),)](
-        src_i, dst_i, table, table.shape[0],
-        src_i.stride(0), src_i.stride(1), src_i.stride(2), src_i.stride(3),
-        dst_i.stride(0), dst_i.stride(1), dst_i.stride(2), dst_i.stride(3),
-        M=c // group_size, G=group_size, BLOCK_G=triton.next_power_of_2(group_size), HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), ROWS=rows,
+        src_i,
+        dst_i,
+        table,
+        table.shape[0],
+        src_i.stride(0),
+        src_i.stride(1),
+        src_i.stride(2),
+        src_i.stride(3),
+        dst_i.stride(0),
+        dst_i.stride(1),
+        dst_i.stride(2),
+        dst_i.stride(3),
+        M=c // group_size,
+        G=group_size,
+        BLOCK_G=triton.next_power_of_2(group_size),
+        HEAD_DIM=d,
+        BLOCK_D=triton.next_power_of_2(d),
+        ROWS=rows,
         num_warps=num_warps,
     )
     return dst

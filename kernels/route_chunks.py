@@ -41,19 +41,38 @@ def _pack(score, idx):
 @triton.jit
 def _route_chunks_kernel(
     # pointers
-    q_ptr, summ_ptr, cand_ptr,
+    q_ptr,
+    summ_ptr,
+    cand_ptr,
     # sizes
-    start_pos, num_q, num_chunks,
+    start_pos,
+    num_q,
+    num_chunks,
     # strides
-    stride_qb, stride_qh, stride_ql,
-    stride_sb, stride_sh, stride_sn,
-    stride_cb, stride_ch, stride_cl, stride_ct,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_sb,
+    stride_sh,
+    stride_sn,
+    stride_cb,
+    stride_ch,
+    stride_cl,
+    stride_ct,
     # meta
-    NUM_KV_HEADS: tl.constexpr, REP: tl.constexpr,
-    C: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
-    KT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, SORT: tl.constexpr,
-    USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    REP: tl.constexpr,
+    C: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    KT: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    SORT: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -75,8 +94,12 @@ def _route_chunks_kernel(
     for d0 in range(0, HEAD_DIM, BLOCK_DK):
         offs_d = d0 + tl.arange(0, BLOCK_DK)
         mask_d = offs_d < HEAD_DIM
-        q = tl.load(q_base + offs_d[None, :], mask=row_ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        s_tile = tl.load(s_base + offs_d[None, :], mask=(n < num_chunks)[:, None] & mask_d[None, :], other=0.0)
+        q = tl.load(q_base + offs_d[None, :], mask=row_ok[:, None] & mask_d[None, :], other=0.0).to(
+            tl.float32
+        )
+        s_tile = tl.load(
+            s_base + offs_d[None, :], mask=(n < num_chunks)[:, None] & mask_d[None, :], other=0.0
+        )
         if USE_DOT:
             scores = tl.dot(q, tl.trans(s_tile), acc=scores, input_precision=PRECISION)
         else:  # few rows (decode: rep of them): FMAs without padding the rows to 16
@@ -99,7 +122,9 @@ def _route_chunks_kernel(
             keys = tl.where(keys == best[:, None], -9223372036854775808, keys)
 
 
-def route_chunks_tiles(num_chunks: int, top_chunks: int, *, block_t: int | None = None) -> tuple[int, int, int]:
+def route_chunks_tiles(
+    num_chunks: int, top_chunks: int, *, block_t: int | None = None
+) -> tuple[int, int, int]:
     """``(block_t, num_tiles, kt)``: tile width, tiles over ``num_chunks`` and keys kept per tile.
 
     Measured on the H200 (decode, batch 1, 32 query heads, tf32x3 dots, routing total): at
@@ -166,9 +191,13 @@ def route_chunks(
     bsz, hq, lq, d = q.shape
     hkv, n = chunk_summ.shape[1], chunk_summ.shape[2]
     if chunk_summ.dtype != torch.float32 or cand.dtype != torch.int64:
-        raise TypeError(f"chunk_summ, cand: expected float32 and int64, got {chunk_summ.dtype} and {cand.dtype}")
+        raise TypeError(
+            f"chunk_summ, cand: expected float32 and int64, got {chunk_summ.dtype} and {cand.dtype}"
+        )
     if chunk_summ.shape[0] != bsz or chunk_summ.shape[3] != d or hq % hkv != 0:
-        raise ValueError(f"chunk_summ: expected [B={bsz}, Hkv | {hq}, N, D={d}], got {tuple(chunk_summ.shape)}")
+        raise ValueError(
+            f"chunk_summ: expected [B={bsz}, Hkv | {hq}, N, D={d}], got {tuple(chunk_summ.shape)}"
+        )
     num_tiles, kt = cand.shape[3], cand.shape[4]
     if tuple(cand.shape[:3]) != (bsz, hq, lq) or num_tiles * block_t < n or kt > block_t:
         raise ValueError(
@@ -181,13 +210,35 @@ def route_chunks(
         block_r = min(block_r, triton.next_power_of_2(rep * lq))
     grid = (bsz * hkv, triton.cdiv(rep * lq, block_r), num_tiles)
     _route_chunks_kernel[grid](
-        q, chunk_summ, cand,
-        start_pos, lq, n,
-        q.stride(0), q.stride(1), q.stride(2),
-        chunk_summ.stride(0), chunk_summ.stride(1), chunk_summ.stride(2),
-        cand.stride(0), cand.stride(1), cand.stride(2), cand.stride(3),
-        NUM_KV_HEADS=hkv, REP=rep, C=chunk_size, SINK=sink_chunks, LOCAL=local_chunks,
-        KT=kt, HEAD_DIM=d, BLOCK_DK=min(32, max(16, triton.next_power_of_2(d))) if use_dot else 8,
-        BLOCK_R=block_r, BLOCK_T=block_t, SORT=sort, USE_DOT=use_dot, PRECISION=precision, num_warps=num_warps,
+        q,
+        chunk_summ,
+        cand,
+        start_pos,
+        lq,
+        n,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        chunk_summ.stride(0),
+        chunk_summ.stride(1),
+        chunk_summ.stride(2),
+        cand.stride(0),
+        cand.stride(1),
+        cand.stride(2),
+        cand.stride(3),
+        NUM_KV_HEADS=hkv,
+        REP=rep,
+        C=chunk_size,
+        SINK=sink_chunks,
+        LOCAL=local_chunks,
+        KT=kt,
+        HEAD_DIM=d,
+        BLOCK_DK=min(32, max(16, triton.next_power_of_2(d))) if use_dot else 8,
+        BLOCK_R=block_r,
+        BLOCK_T=block_t,
+        SORT=sort,
+        USE_DOT=use_dot,
+        PRECISION=precision,
+        num_warps=num_warps,
     )
     return cand

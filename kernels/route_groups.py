@@ -28,21 +28,54 @@ __all__ = ["route_groups"]
 @triton.jit
 def _route_groups_kernel(
     # pointers
-    cand_ptr, q_ptr, gsumm_ptr, chunk_out_ptr, group_out_ptr, fetch_out_ptr, routed_out_ptr,
+    cand_ptr,
+    q_ptr,
+    gsumm_ptr,
+    chunk_out_ptr,
+    group_out_ptr,
+    fetch_out_ptr,
+    routed_out_ptr,
     # sizes
-    num_q, num_cand, top_chunks, top_groups, fetch_groups, kc_w, kg_w, kf_w,
+    num_q,
+    num_cand,
+    top_chunks,
+    top_groups,
+    fetch_groups,
+    kc_w,
+    kg_w,
+    kf_w,
     # strides
-    stride_cb, stride_ch, stride_cl,
-    stride_qb, stride_qh, stride_ql,
-    stride_gb, stride_gh, stride_gn, stride_gm,
-    stride_ob, stride_oh, stride_ol,
-    stride_gob, stride_goh, stride_gol,
-    stride_fb, stride_fh, stride_fl,
-    stride_rb, stride_rh, stride_rl,
+    stride_cb,
+    stride_ch,
+    stride_cl,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_gb,
+    stride_gh,
+    stride_gn,
+    stride_gm,
+    stride_ob,
+    stride_oh,
+    stride_ol,
+    stride_gob,
+    stride_goh,
+    stride_gol,
+    stride_fb,
+    stride_fh,
+    stride_fl,
+    stride_rb,
+    stride_rh,
+    stride_rl,
     # meta
-    NUM_Q_HEADS: tl.constexpr, REP: tl.constexpr, M: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_DK: tl.constexpr,
-    BLOCK_CAND: tl.constexpr, BLOCK_KC: tl.constexpr, BLOCK_OUT: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr,
+    REP: tl.constexpr,
+    M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_CAND: tl.constexpr,
+    BLOCK_KC: tl.constexpr,
+    BLOCK_OUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     l = (pid % num_q).to(tl.int64)
@@ -55,7 +88,11 @@ def _route_groups_kernel(
     # Merge: the best top_chunks of all tiles' candidates, by repeated max-extraction (top_chunks
     # rounds over num_tiles * KT keys instead of sorting them all).
     offs_c = tl.arange(0, BLOCK_CAND)
-    keys = tl.load(cand_ptr + b * stride_cb + hq * stride_ch + l * stride_cl + offs_c, mask=offs_c < num_cand, other=EMPTY)
+    keys = tl.load(
+        cand_ptr + b * stride_cb + hq * stride_ch + l * stride_cl + offs_c,
+        mask=offs_c < num_cand,
+        other=EMPTY,
+    )
     chunk_row = chunk_out_ptr + b * stride_ob + hq * stride_oh + l * stride_ol
     for i in range(0, kc_w):
         best = tl.max(keys, axis=0)
@@ -75,7 +112,13 @@ def _route_groups_kernel(
     # D in slices: a [64, 128] fp32 tile of group summaries would hold 64 registers per thread
     # at 4 warps; slices of 32 keep it small and overlap the loads.
     scores = tl.zeros([BLOCK_G], dtype=tl.float32)
-    g_base = gsumm_ptr + b * stride_gb + kvh * stride_gh + gchunk.to(tl.int64)[:, None] * stride_gn + g[:, None] * stride_gm
+    g_base = (
+        gsumm_ptr
+        + b * stride_gb
+        + kvh * stride_gh
+        + gchunk.to(tl.int64)[:, None] * stride_gn
+        + g[:, None] * stride_gm
+    )
     q_row = q_ptr + b * stride_qb + hq * stride_qh + l * stride_ql
     for d0 in range(0, HEAD_DIM, BLOCK_DK):
         offs_d = d0 + tl.arange(0, BLOCK_DK)
@@ -98,12 +141,20 @@ def _route_groups_kernel(
     fetch = tl.where(lane < n_fetch, gid, -1)
     attend = tl.where(lane < n_attend, gid, -1)
     tl.store(fetch_out_ptr + b * stride_fb + hq * stride_fh + l * stride_fl + lane, fetch, mask=lane < kf_w)
-    tl.store(group_out_ptr + b * stride_gob + hq * stride_goh + l * stride_gol + lane, attend, mask=lane < kg_w)
-    tl.store(routed_out_ptr + b * stride_rb + hq * stride_rh + l * stride_rl + lane, attend.to(tl.int32), mask=lane < kg_w)
+    tl.store(
+        group_out_ptr + b * stride_gob + hq * stride_goh + l * stride_gol + lane, attend, mask=lane < kg_w
+    )
+    tl.store(
+        routed_out_ptr + b * stride_rb + hq * stride_rh + l * stride_rl + lane,
+        attend.to(tl.int32),
+        mask=lane < kg_w,
+    )
     # Widths past the candidates (kf_w > Kc * M cannot happen: plan_widths clips them).
     if BLOCK_OUT > BLOCK_G:
         extra = BLOCK_G + tl.arange(0, BLOCK_OUT - BLOCK_G)
-        tl.store(fetch_out_ptr + b * stride_fb + hq * stride_fh + l * stride_fl + extra, -1, mask=extra < kf_w)
+        tl.store(
+            fetch_out_ptr + b * stride_fb + hq * stride_fh + l * stride_fl + extra, -1, mask=extra < kf_w
+        )
 
 
 def route_groups(
@@ -139,34 +190,80 @@ def route_groups(
     bsz, hq, lq, d = q.shape
     m = group_summ.shape[3]
     hkv = group_summ.shape[1]
-    for name, t in (("cand", cand), ("q", q), ("group_summ", group_summ), ("chunk_ids", chunk_ids),
-                    ("group_ids", group_ids), ("fetch_ids", fetch_ids), ("routed", routed)):
+    for name, t in (
+        ("cand", cand),
+        ("q", q),
+        ("group_summ", group_summ),
+        ("chunk_ids", chunk_ids),
+        ("group_ids", group_ids),
+        ("fetch_ids", fetch_ids),
+        ("routed", routed),
+    ):
         if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"{name}: expected a contiguous last dim, got strides {t.stride()}")
     if cand.shape[3] > 1 and cand.stride(3) != cand.shape[4]:
         raise ValueError(f"cand: expected tiles contiguous in dims 3 and 4, got strides {cand.stride()}")
-    for name, t, dt in (("chunk_ids", chunk_ids, torch.int64), ("group_ids", group_ids, torch.int64),
-                        ("fetch_ids", fetch_ids, torch.int64), ("routed", routed, torch.int32)):
+    for name, t, dt in (
+        ("chunk_ids", chunk_ids, torch.int64),
+        ("group_ids", group_ids, torch.int64),
+        ("fetch_ids", fetch_ids, torch.int64),
+        ("routed", routed, torch.int32),
+    ):
         if t.dtype != dt or tuple(t.shape[:3]) != (bsz, hq, lq):
             raise ValueError(f"{name}: expected [{bsz}, {hq}, {lq}, K] {dt}, got {tuple(t.shape)} {t.dtype}")
     kc_w, kg_w, kf_w = chunk_ids.shape[3], group_ids.shape[3], fetch_ids.shape[3]
     if routed.shape[3] != kg_w or max(kg_w, kf_w) > kc_w * m:
-        raise ValueError(f"group_ids/fetch_ids/routed: expected widths <= Kc_w * M = {kc_w * m}, got {kg_w}, {kf_w}")
+        raise ValueError(
+            f"group_ids/fetch_ids/routed: expected widths <= Kc_w * M = {kc_w * m}, got {kg_w}, {kf_w}"
+        )
     num_cand = cand.shape[3] * cand.shape[4]
     block_kc = triton.next_power_of_2(max(1, kc_w))
     block_g = block_kc * m
     _route_groups_kernel[(bsz * hq * lq,)](
-        cand, q, group_summ, chunk_ids, group_ids, fetch_ids, routed,
-        lq, num_cand, top_chunks, top_groups, fetch_groups, kc_w, kg_w, kf_w,
-        cand.stride(0), cand.stride(1), cand.stride(2),
-        q.stride(0), q.stride(1), q.stride(2),
-        group_summ.stride(0), group_summ.stride(1), group_summ.stride(2), group_summ.stride(3),
-        chunk_ids.stride(0), chunk_ids.stride(1), chunk_ids.stride(2),
-        group_ids.stride(0), group_ids.stride(1), group_ids.stride(2),
-        fetch_ids.stride(0), fetch_ids.stride(1), fetch_ids.stride(2),
-        routed.stride(0), routed.stride(1), routed.stride(2),
-        NUM_Q_HEADS=hq, REP=hq // hkv, M=m, HEAD_DIM=d, BLOCK_DK=min(32, triton.next_power_of_2(d)),
-        BLOCK_CAND=max(triton.next_power_of_2(num_cand), block_kc), BLOCK_KC=block_kc,
+        cand,
+        q,
+        group_summ,
+        chunk_ids,
+        group_ids,
+        fetch_ids,
+        routed,
+        lq,
+        num_cand,
+        top_chunks,
+        top_groups,
+        fetch_groups,
+        kc_w,
+        kg_w,
+        kf_w,
+        cand.stride(0),
+        cand.stride(1),
+        cand.stride(2),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        group_summ.stride(0),
+        group_summ.stride(1),
+        group_summ.stride(2),
+        group_summ.stride(3),
+        chunk_ids.stride(0),
+        chunk_ids.stride(1),
+        chunk_ids.stride(2),
+        group_ids.stride(0),
+        group_ids.stride(1),
+        group_ids.stride(2),
+        fetch_ids.stride(0),
+        fetch_ids.stride(1),
+        fetch_ids.stride(2),
+        routed.stride(0),
+        routed.stride(1),
+        routed.stride(2),
+        NUM_Q_HEADS=hq,
+        REP=hq // hkv,
+        M=m,
+        HEAD_DIM=d,
+        BLOCK_DK=min(32, triton.next_power_of_2(d)),
+        BLOCK_CAND=max(triton.next_power_of_2(num_cand), block_kc),
+        BLOCK_KC=block_kc,
         BLOCK_OUT=max(block_g, triton.next_power_of_2(max(1, kf_w))),
         num_warps=num_warps,
     )

@@ -32,20 +32,44 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _sparse_decode_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, pos_ptr, routed_ptr, slot_map_ptr, ws_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    pos_ptr,
+    routed_ptr,
+    slot_map_ptr,
+    ws_ptr,
     # sizes
-    num_routed, units_per_split, scale_log2,
+    num_routed,
+    units_per_split,
+    scale_log2,
     # strides
-    stride_qb, stride_qh,
-    stride_kb, stride_kc, stride_kh, stride_kt,
-    stride_vb, stride_vc, stride_vh, stride_vt,
-    stride_rb, stride_rh,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kc,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vc,
+    stride_vh,
+    stride_vt,
+    stride_rb,
+    stride_rh,
     stride_sm_b,
-    stride_wb, stride_wh, stride_ws,
+    stride_wb,
+    stride_wh,
+    stride_ws,
     # meta
-    NUM_Q_HEADS: tl.constexpr, REP: tl.constexpr,
-    C: tl.constexpr, G: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr,
+    REP: tl.constexpr,
+    C: tl.constexpr,
+    G: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     HAS_SLOT_MAP: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -79,8 +103,20 @@ def _sparse_decode_kernel(
         u = u0 + offs_n // G
         t = offs_n % G
         blk, kpos, valid = _unit_rows(
-            u, t, pos, num_fixed, u_end, b, routed_row, slot_map_ptr, stride_sm_b,
-            C, G, SINK, LOCAL, HAS_SLOT_MAP,
+            u,
+            t,
+            pos,
+            num_fixed,
+            u_end,
+            b,
+            routed_row,
+            slot_map_ptr,
+            stride_sm_b,
+            C,
+            G,
+            SINK,
+            LOCAL,
+            HAS_SLOT_MAP,
         )
         valid = valid & (kpos <= pos)
         chunk = (blk // M).to(tl.int64)
@@ -110,14 +146,21 @@ def _sparse_decode_kernel(
 @triton.jit
 def _combine_kernel(
     # pointers
-    ws_ptr, out_ptr,
+    ws_ptr,
+    out_ptr,
     # sizes
     num_splits,
     # strides
-    stride_wb, stride_wh, stride_ws,
-    stride_ob, stride_oh,
+    stride_wb,
+    stride_wh,
+    stride_ws,
+    stride_ob,
+    stride_oh,
     # meta
-    NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = pid_bh // NUM_Q_HEADS
@@ -128,14 +171,22 @@ def _combine_kernel(
     ws = ws_ptr + b * stride_wb + hq * stride_wh + offs_s * stride_ws
     m = tl.load(ws, mask=mask_s, other=-float("inf"))
     l = tl.load(ws + 1, mask=mask_s, other=0.0)
-    acc = tl.load(ws[:, None] + 2 + offs_d[None, :], mask=mask_s[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    acc = tl.load(
+        ws[:, None] + 2 + offs_d[None, :], mask=mask_s[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0
+    )
     m_all = tl.max(m, axis=0)
     w = tl.where(m == -float("inf"), 0.0, tl.exp2(m - m_all))
     out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
-    tl.store(out_ptr + b * stride_ob + hq * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(
+        out_ptr + b * stride_ob + hq * stride_oh + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
 
 
-def decode_num_splits(batch: int, num_q_heads: int, max_keys: int, *, block_n: int = 64, num_sms: int = 132) -> int:
+def decode_num_splits(
+    batch: int, num_q_heads: int, max_keys: int, *, block_n: int = 64, num_sms: int = 132
+) -> int:
     """Splits per query: about 16 programs per SM, at least one key tile each.
 
     ``max_keys`` bounds the keys of one query (windows + current chunk + routed groups).
@@ -210,7 +261,9 @@ def sparse_decode(
     for name, t in (("k", k), ("v", v)):
         _check(name, t, 4, (q.dtype,))
         if t.shape[-1] != d or t.stride(-1) != 1:
-            raise ValueError(f"{name}: expected last dim {d} with stride 1, got shape {tuple(t.shape)} strides {t.stride()}")
+            raise ValueError(
+                f"{name}: expected last dim {d} with stride 1, got shape {tuple(t.shape)} strides {t.stride()}"
+            )
         if not slab and t.shape[0] != bsz:
             raise ValueError(f"{name}: expected batch {bsz} like q, got {t.shape[0]}")
         if slab and t.shape[2] != chunk_size:
@@ -225,17 +278,29 @@ def sparse_decode(
     _check("positions", positions, 1, (torch.int32,))
     _check("routed", routed, 3, (torch.int32,))
     if tuple(routed.shape[:2]) != (bsz, hq) or (routed.shape[2] > 0 and routed.stride(2) != 1):
-        raise ValueError(f"routed: expected [B={bsz}, Hq={hq}, Kg] with a contiguous last dim, got {tuple(routed.shape)}")
+        raise ValueError(
+            f"routed: expected [B={bsz}, Hq={hq}, Kg] with a contiguous last dim, got {tuple(routed.shape)}"
+        )
     _check("out", out, 3, (q.dtype,))
     if tuple(out.shape) != (bsz, hq, d) or out.stride(-1) != 1:
-        raise ValueError(f"out: expected shape {(bsz, hq, d)} with a contiguous last dim, got {tuple(out.shape)}")
+        raise ValueError(
+            f"out: expected shape {(bsz, hq, d)} with a contiguous last dim, got {tuple(out.shape)}"
+        )
     _check("workspace", workspace, 4, (torch.float32,))
-    if tuple(workspace.shape[:2]) != (bsz, hq) or workspace.shape[3] != d + 2 or not workspace.is_contiguous():
-        raise ValueError(f"workspace: expected contiguous [{bsz}, {hq}, splits, {d + 2}], got {tuple(workspace.shape)}")
+    if (
+        tuple(workspace.shape[:2]) != (bsz, hq)
+        or workspace.shape[3] != d + 2
+        or not workspace.is_contiguous()
+    ):
+        raise ValueError(
+            f"workspace: expected contiguous [{bsz}, {hq}, splits, {d + 2}], got {tuple(workspace.shape)}"
+        )
     if slab:
         _check("slot_map", slot_map, 2, (torch.int32,))
         if slot_map.shape[0] != bsz or slot_map.stride(1) != 1:
-            raise ValueError(f"slot_map: expected [B={bsz}, N] with a contiguous last dim, got {tuple(slot_map.shape)}")
+            raise ValueError(
+                f"slot_map: expected [B={bsz}, N] with a contiguous last dim, got {tuple(slot_map.shape)}"
+            )
     num_splits = workspace.shape[2]
     m = chunk_size // group_size
     # Splits are sized for the largest window set any position can have.
@@ -248,23 +313,57 @@ def sparse_decode(
     sm = slot_map if slab else positions  # any int32 tensor; never read without HAS_SLOT_MAP
     block_d = triton.next_power_of_2(d)
     _sparse_decode_kernel[(bsz * hq, num_splits)](
-        q, k, v, positions, routed, sm, workspace,
-        routed.shape[2], units_per_split, _LOG2E / math.sqrt(d),
-        q.stride(0), q.stride(1),
-        skb, skc, skh, skt,
-        svb, svc, svh, svt,
-        routed.stride(0), routed.stride(1),
+        q,
+        k,
+        v,
+        positions,
+        routed,
+        sm,
+        workspace,
+        routed.shape[2],
+        units_per_split,
+        _LOG2E / math.sqrt(d),
+        q.stride(0),
+        q.stride(1),
+        skb,
+        skc,
+        skh,
+        skt,
+        svb,
+        svc,
+        svh,
+        svt,
+        routed.stride(0),
+        routed.stride(1),
         sm.stride(0) if slab else 0,
-        workspace.stride(0), workspace.stride(1), workspace.stride(2),
-        NUM_Q_HEADS=hq, REP=hq // hkv, C=chunk_size, G=group_size, SINK=sink_chunks, LOCAL=local_chunks,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n, HAS_SLOT_MAP=slab,
+        workspace.stride(0),
+        workspace.stride(1),
+        workspace.stride(2),
+        NUM_Q_HEADS=hq,
+        REP=hq // hkv,
+        C=chunk_size,
+        G=group_size,
+        SINK=sink_chunks,
+        LOCAL=local_chunks,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        HAS_SLOT_MAP=slab,
         num_warps=num_warps,
     )
     _combine_kernel[(bsz * hq,)](
-        workspace, out, num_splits,
-        workspace.stride(0), workspace.stride(1), workspace.stride(2),
-        out.stride(0), out.stride(1),
-        NUM_Q_HEADS=hq, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+        workspace,
+        out,
+        num_splits,
+        workspace.stride(0),
+        workspace.stride(1),
+        workspace.stride(2),
+        out.stride(0),
+        out.stride(1),
+        NUM_Q_HEADS=hq,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        BLOCK_S=triton.next_power_of_2(num_splits),
         num_warps=1 if num_splits * block_d <= 1024 else 4,
     )
     return out

@@ -33,23 +33,55 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _sparse_prefill_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, routed_ptr, num_routed_ptr, vis_ptr, slot_map_ptr, out_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    routed_ptr,
+    num_routed_ptr,
+    vis_ptr,
+    slot_map_ptr,
+    out_ptr,
     # sizes
-    start_pos, num_q, scale_log2,
+    start_pos,
+    num_q,
+    scale_log2,
     # strides
-    stride_qb, stride_qh, stride_ql,
-    stride_kb, stride_kc, stride_kh, stride_kt,
-    stride_vb, stride_vc, stride_vh, stride_vt,
-    stride_rb, stride_rh, stride_rj,
-    stride_nb, stride_nh,
-    stride_xb, stride_xh, stride_xl,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_kb,
+    stride_kc,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vc,
+    stride_vh,
+    stride_vt,
+    stride_rb,
+    stride_rh,
+    stride_rj,
+    stride_nb,
+    stride_nh,
+    stride_xb,
+    stride_xh,
+    stride_xl,
     stride_sm_b,
-    stride_ob, stride_oh, stride_ol,
+    stride_ob,
+    stride_oh,
+    stride_ol,
     # meta
-    NUM_Q_HEADS: tl.constexpr, REP: tl.constexpr,
-    C: tl.constexpr, G: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SLOT_MAP: tl.constexpr, IS_FP32: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr,
+    REP: tl.constexpr,
+    C: tl.constexpr,
+    G: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_SLOT_MAP: tl.constexpr,
+    IS_FP32: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -70,7 +102,8 @@ def _sparse_prefill_kernel(
     mask_d = offs_d < HEAD_DIM
     q = tl.load(
         q_ptr + b * stride_qb + hq * stride_qh + l_m[:, None] * stride_ql + offs_d[None, :],
-        mask=row_ok[:, None] & mask_d[None, :], other=0.0,
+        mask=row_ok[:, None] & mask_d[None, :],
+        other=0.0,
     )
     if IS_FP32:
         q = q.to(tl.float32)
@@ -91,8 +124,20 @@ def _sparse_prefill_kernel(
         u = u0 + offs_n // G
         t = offs_n % G
         blk, kpos, valid = _unit_rows(
-            u, t, hi, num_fixed, total, b, routed_row, slot_map_ptr, stride_sm_b,
-            C, G, SINK, LOCAL, HAS_SLOT_MAP,
+            u,
+            t,
+            hi,
+            num_fixed,
+            total,
+            b,
+            routed_row,
+            slot_map_ptr,
+            stride_sm_b,
+            C,
+            G,
+            SINK,
+            LOCAL,
+            HAS_SLOT_MAP,
         )
         # Keys past the block's last query may lie past Lk: never load them (they would be masked
         # anyway, but garbage V times p = 0 is NaN when the garbage is Inf or NaN).
@@ -100,7 +145,9 @@ def _sparse_prefill_kernel(
         kc = (blk // M).to(tl.int64)
         kr = (blk % M) * G + t
         kv_mask = valid[:, None] & mask_d[None, :]
-        k = tl.load(k_base + (kc * stride_kc + kr * stride_kt)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(
+            k_base + (kc * stride_kc + kr * stride_kt)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0
+        )
         if IS_FP32:
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -109,16 +156,24 @@ def _sparse_prefill_kernel(
         is_routed = u >= num_fixed
         vis = tl.load(
             vis_rows[:, None] + (u - num_fixed)[None, :],
-            mask=row_ok[:, None] & (is_routed & valid)[None, :], other=0,
+            mask=row_ok[:, None] & (is_routed & valid)[None, :],
+            other=0,
         )
-        see = valid[None, :] & row_ok[:, None] & (kpos[None, :] <= pos_m[:, None]) & ((vis != 0) | ~is_routed[None, :])
+        see = (
+            valid[None, :]
+            & row_ok[:, None]
+            & (kpos[None, :] <= pos_m[:, None])
+            & ((vis != 0) | ~is_routed[None, :])
+        )
         s = tl.where(see, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + (kc * stride_vc + kr * stride_vt)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(
+            v_base + (kc * stride_vc + kr * stride_vt)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0
+        )
         if IS_FP32:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
         else:
@@ -128,7 +183,8 @@ def _sparse_prefill_kernel(
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
         out_ptr + b * stride_ob + hq * stride_oh + l_m[:, None] * stride_ol + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & mask_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & mask_d[None, :],
     )
 
 
@@ -179,25 +235,39 @@ def sparse_prefill(
         ``out``.
     """
     if q.dim() != 4 or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"q: expected [B, Hq, Lq, D] float32/float16/bfloat16, got {tuple(q.shape)} {q.dtype}")
+        raise ValueError(
+            f"q: expected [B, Hq, Lq, D] float32/float16/bfloat16, got {tuple(q.shape)} {q.dtype}"
+        )
     bsz, hq, lq, d = q.shape
     slab = slot_map is not None
     c = chunk_size
     nqb = (start_pos + lq - 1) // c - start_pos // c + 1
     for name, t in (("k", k), ("v", v)):
         if t.dim() != 4 or t.dtype != q.dtype or t.shape[-1] != d or t.stride(-1) != 1:
-            raise ValueError(f"{name}: expected 4 dims, dtype {q.dtype}, last dim {d} contiguous, got "
-                             f"{tuple(t.shape)} {t.dtype}")
+            raise ValueError(
+                f"{name}: expected 4 dims, dtype {q.dtype}, last dim {d} contiguous, got "
+                f"{tuple(t.shape)} {t.dtype}"
+            )
     if q.stride(-1) != 1 or hq % k.shape[1] != 0:
-        raise ValueError(f"q: expected a contiguous last dim and Hq divisible by Hkv={k.shape[1]}, got {tuple(q.shape)}")
+        raise ValueError(
+            f"q: expected a contiguous last dim and Hq divisible by Hkv={k.shape[1]}, got {tuple(q.shape)}"
+        )
     if routed.dtype != torch.int32 or tuple(routed.shape[:3]) != (bsz, hq, nqb):
-        raise ValueError(f"routed: expected [{bsz}, {hq}, {nqb}, U] int32, got {tuple(routed.shape)} {routed.dtype}")
+        raise ValueError(
+            f"routed: expected [{bsz}, {hq}, {nqb}, U] int32, got {tuple(routed.shape)} {routed.dtype}"
+        )
     u_w = routed.shape[3]
-    if num_routed.dtype != torch.int32 or tuple(num_routed.shape) != (bsz, hq, nqb) or num_routed.stride(2) != 1:
+    if (
+        num_routed.dtype != torch.int32
+        or tuple(num_routed.shape) != (bsz, hq, nqb)
+        or num_routed.stride(2) != 1
+    ):
         raise ValueError(f"num_routed: expected [{bsz}, {hq}, {nqb}] int32, got {tuple(num_routed.shape)}")
     if routed_visible.dtype != torch.uint8 or tuple(routed_visible.shape) != (bsz, hq, lq, u_w):
-        raise ValueError(f"routed_visible: expected [{bsz}, {hq}, {lq}, {u_w}] uint8, got "
-                         f"{tuple(routed_visible.shape)} {routed_visible.dtype}")
+        raise ValueError(
+            f"routed_visible: expected [{bsz}, {hq}, {lq}, {u_w}] uint8, got "
+            f"{tuple(routed_visible.shape)} {routed_visible.dtype}"
+        )
     if u_w > 1 and (routed.stride(3) != 1 or routed_visible.stride(3) != 1):
         raise ValueError("routed, routed_visible: expected a contiguous last dim")
     if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
@@ -207,19 +277,53 @@ def sparse_prefill(
     sm = slot_map if slab else num_routed
     block_m = max(16, triton.next_power_of_2(min(c, lq)))
     _sparse_prefill_kernel[(bsz * hq, nqb)](
-        q, k, v, routed, num_routed, routed_visible, sm, out,
-        start_pos, lq, _LOG2E / math.sqrt(d),
-        q.stride(0), q.stride(1), q.stride(2),
-        skb, skc, skh, skt,
-        svb, svc, svh, svt,
-        routed.stride(0), routed.stride(1), routed.stride(2),
-        num_routed.stride(0), num_routed.stride(1),
-        routed_visible.stride(0), routed_visible.stride(1), routed_visible.stride(2),
+        q,
+        k,
+        v,
+        routed,
+        num_routed,
+        routed_visible,
+        sm,
+        out,
+        start_pos,
+        lq,
+        _LOG2E / math.sqrt(d),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        skb,
+        skc,
+        skh,
+        skt,
+        svb,
+        svc,
+        svh,
+        svt,
+        routed.stride(0),
+        routed.stride(1),
+        routed.stride(2),
+        num_routed.stride(0),
+        num_routed.stride(1),
+        routed_visible.stride(0),
+        routed_visible.stride(1),
+        routed_visible.stride(2),
         sm.stride(0) if slab else 0,
-        out.stride(0), out.stride(1), out.stride(2),
-        NUM_Q_HEADS=hq, REP=hq // k.shape[1], C=c, G=group_size, SINK=sink_chunks, LOCAL=local_chunks,
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_SLOT_MAP=slab, IS_FP32=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        NUM_Q_HEADS=hq,
+        REP=hq // k.shape[1],
+        C=c,
+        G=group_size,
+        SINK=sink_chunks,
+        LOCAL=local_chunks,
+        HEAD_DIM=d,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HAS_SLOT_MAP=slab,
+        IS_FP32=q.dtype == torch.float32,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out

@@ -90,10 +90,14 @@ def hga_attention(
     if backend == "reference":
         return _ref.hga_attention(q, k, v, config=config, rope_theta=rope_theta, start_pos=start_pos)
     if not q.is_cuda and not _interpreting():
-        raise ValueError(f"backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
+        raise ValueError(
+            f"backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}"
+        )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
-            raise ValueError(f"{name}: expected a contiguous last dim for backend='triton', got strides {t.stride()}")
+            raise ValueError(
+                f"{name}: expected a contiguous last dim for backend='triton', got strides {t.stride()}"
+            )
     return _hga_kernels(q, k, v, config, float(rope_theta), start_pos)
 
 
@@ -106,7 +110,9 @@ def _fixed_keys(positions: torch.Tensor, config: HGAConfig) -> torch.Tensor:
     return (sink_end + cur - local_start) * c + positions - cur * c + 1
 
 
-def prefill_tables(group_ids: torch.Tensor, start_pos: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prefill_tables(
+    group_ids: torch.Tensor, start_pos: int, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block tables of :func:`kvtier.kernels.sparse_prefill` from per-query routed groups.
 
     Parameters
@@ -151,8 +157,13 @@ def prefill_tables(group_ids: torch.Tensor, start_pos: int, chunk_size: int) -> 
 
 
 def _route(
-    q: torch.Tensor, chunk_summ: torch.Tensor, group_summ: torch.Tensor, start_pos: int, config: HGAConfig,
-    widths: tuple[int, int, int], out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    q: torch.Tensor,
+    chunk_summ: torch.Tensor,
+    group_summ: torch.Tensor,
+    start_pos: int,
+    config: HGAConfig,
+    widths: tuple[int, int, int],
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     precision: str = "tf32x3",
 ) -> None:
     """Fill the plan tensors ``out`` (chunk, group, fetch ids and the int32 routed table).
@@ -174,15 +185,37 @@ def _route(
     if block_r == 64 and bt > 128:  # noqa: PLR2004
         bt, nt, kt = route_chunks_tiles(n, config.top_chunks, block_t=128)
     cand = torch.empty(q.shape[0], q.shape[1], lq, nt, kt, dtype=torch.int64, device=q.device)
-    route_chunks(q, chunk_summ[:, :, :n], cand, start_pos=start_pos, chunk_size=config.chunk_size,
-                 sink_chunks=config.sink_chunks, local_chunks=config.local_chunks, block_t=bt, block_r=block_r,
-                 num_warps=warps, precision=precision)
-    route_groups(cand, q, group_summ, *out, top_chunks=config.top_chunks, top_groups=config.top_groups,
-                 fetch_groups=config.fetch_groups)
+    route_chunks(
+        q,
+        chunk_summ[:, :, :n],
+        cand,
+        start_pos=start_pos,
+        chunk_size=config.chunk_size,
+        sink_chunks=config.sink_chunks,
+        local_chunks=config.local_chunks,
+        block_t=bt,
+        block_r=block_r,
+        num_warps=warps,
+        precision=precision,
+    )
+    route_groups(
+        cand,
+        q,
+        group_summ,
+        *out,
+        top_chunks=config.top_chunks,
+        top_groups=config.top_groups,
+        fetch_groups=config.fetch_groups,
+    )
 
 
 def _hga_kernels(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: HGAConfig, rope_theta: float, start_pos: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: HGAConfig,
+    rope_theta: float,
+    start_pos: int,
     summaries: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
     """The kernel path; ``summaries`` (chunk, group) may be given when they are kept incrementally."""
@@ -218,7 +251,9 @@ def _hga_kernels(
             max_keys = (config.sink_chunks + config.local_chunks + 1) * c + widths[1] * g
             splits = decode_num_splits(b, hq, max_keys)
             ws = torch.empty(b, hq, splits, d + 2, dtype=torch.float32, device=dev)
-            sparse_decode(q[:, :, s0 - start_pos], k, v, positions, sl[3][:, :, 0], out[:, :, s0 - start_pos], ws, **geo)
+            sparse_decode(
+                q[:, :, s0 - start_pos], k, v, positions, sl[3][:, :, 0], out[:, :, s0 - start_pos], ws, **geo
+            )
         else:
             tab, num, vis = prefill_tables(sl[1], s0, c)
             sparse_prefill(q[:, :, rows], k, v, tab, num, vis, out[:, :, rows], start_pos=s0, **geo)
@@ -260,9 +295,19 @@ class HostKVDecode:
     """
 
     def __init__(
-        self, host_slab: torch.Tensor, host_slot: torch.Tensor, device_slab: torch.Tensor, slot_map: torch.Tensor,
-        chunk_summ: torch.Tensor, group_summ: torch.Tensor, *, config: HGAConfig, num_q_heads: int, position: int,
-        num_hot: int, cache_entries: int = 1024,
+        self,
+        host_slab: torch.Tensor,
+        host_slot: torch.Tensor,
+        device_slab: torch.Tensor,
+        slot_map: torch.Tensor,
+        chunk_summ: torch.Tensor,
+        group_summ: torch.Tensor,
+        *,
+        config: HGAConfig,
+        num_q_heads: int,
+        position: int,
+        num_hot: int,
+        cache_entries: int = 1024,
     ) -> None:
         self.config = config
         c, g = config.chunk_size, config.group_size
@@ -273,7 +318,12 @@ class HostKVDecode:
             raise ValueError(
                 f"device_slab: expected >= {num_hot + b * cache_entries // m} slots, got {device_slab.shape[0]}"
             )
-        self.host_slab, self.host_slot, self.device_slab, self.slot_map = host_slab, host_slot, device_slab, slot_map
+        self.host_slab, self.host_slot, self.device_slab, self.slot_map = (
+            host_slab,
+            host_slot,
+            device_slab,
+            slot_map,
+        )
         self.chunk_summ, self.group_summ = chunk_summ, group_summ
         self.position = position
         hq = num_q_heads
@@ -290,7 +340,9 @@ class HostKVDecode:
         i32 = dict(dtype=torch.int32, device=dev)
         self.q = torch.zeros(b, hq, 1, d, dtype=device_slab.dtype, device=dev)
         # Room for the smallest tile width (most tiles) the benchmark may choose.
-        self.cand = torch.empty(b, hq, 1, max(nt, -(-self.num_cand_chunks // 16)), kt, dtype=torch.int64, device=dev)
+        self.cand = torch.empty(
+            b, hq, 1, max(nt, -(-self.num_cand_chunks // 16)), kt, dtype=torch.int64, device=dev
+        )
         self.plan = tuple(torch.full((b, hq, 1, w_), -1, dtype=torch.int64, device=dev) for w_ in self.widths)
         self.routed_dense = torch.full((b, hq, 1, kg_w), -1, **i32)
         self.where = torch.empty(b, hkv, n * m, **i32)
@@ -311,8 +363,16 @@ class HostKVDecode:
 
     @classmethod
     def from_dense(
-        cls, k: torch.Tensor, v: torch.Tensor, *, config: HGAConfig, num_q_heads: int, position: int,
-        rope_theta: float, pin: bool = False, cache_entries: int = 1024,
+        cls,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        config: HGAConfig,
+        num_q_heads: int,
+        position: int,
+        rope_theta: float,
+        pin: bool = False,
+        cache_entries: int = 1024,
         summaries: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> HostKVDecode:
         """Lay dense ``k, v [B, Hkv, Lk, D]`` out as a host slab plus hot device slots.
@@ -349,8 +409,18 @@ class HostKVDecode:
                 for j, x in enumerate((k, v)):
                     dslab[bi * nh + i, j, :, :rows].copy_(x[bi, :, ch * c : ch * c + rows])
                 slot_map[bi, ch] = bi * nh + i
-        return cls(host, host_slot, dslab, slot_map, *summaries, config=config, num_q_heads=num_q_heads,
-                   position=position, num_hot=b * nh, cache_entries=cache_entries)
+        return cls(
+            host,
+            host_slot,
+            dslab,
+            slot_map,
+            *summaries,
+            config=config,
+            num_q_heads=num_q_heads,
+            position=position,
+            num_hot=b * nh,
+            cache_entries=cache_entries,
+        )
 
     def reset_cache(self) -> None:
         """Forget every cached group (the next step is cold)."""
@@ -360,14 +430,16 @@ class HostKVDecode:
 
     def set_decode_splits(self, num_splits: int | None, block_n: int = 64) -> None:
         """Splits per query of the decode kernel (None: ``decode_num_splits``) and its key tile."""
-        b, hq, d = self.out.shape if hasattr(self, "out") else (self.q.shape[0], self.q.shape[1], self.q.shape[3])
+        b, hq, d = (
+            self.out.shape if hasattr(self, "out") else (self.q.shape[0], self.q.shape[1], self.q.shape[3])
+        )
         if num_splits is None:
             num_splits = decode_num_splits(b, hq, self.max_keys, block_n=block_n)
         self.block_n = block_n
         self.workspace = torch.empty(b, hq, num_splits, d + 2, dtype=torch.float32, device=self.q.device)
 
     def set_route_tiles(self, block_t: int | None, group_warps: int = 4, **options: object) -> None:
-        """Tile width of chunk routing (None: the default), launch options of route_chunks, warps of route_groups."""
+        """Chunk-routing tile width (None: default), route_chunks options, route_groups warps."""
         self.tiles = route_chunks_tiles(max(1, self.num_cand_chunks), self.config.top_chunks, block_t=block_t)
         self.route_options = dict(options)
         self.group_warps = group_warps
@@ -379,31 +451,75 @@ class HostKVDecode:
             return
         bt, nt, kt = self.tiles
         cand = self.cand[:, :, :, :nt, :kt]
-        route_chunks(self.q, self.chunk_summ[:, :, : self.num_cand_chunks], cand, start_pos=self.position,
-                     chunk_size=cfg.chunk_size, sink_chunks=cfg.sink_chunks, local_chunks=cfg.local_chunks, block_t=bt,
-                     **self.route_options)
-        route_groups(cand, self.q, self.group_summ, *self.plan, self.routed_dense, top_chunks=cfg.top_chunks,
-                     top_groups=cfg.top_groups, fetch_groups=cfg.fetch_groups, num_warps=self.group_warps)
+        route_chunks(
+            self.q,
+            self.chunk_summ[:, :, : self.num_cand_chunks],
+            cand,
+            start_pos=self.position,
+            chunk_size=cfg.chunk_size,
+            sink_chunks=cfg.sink_chunks,
+            local_chunks=cfg.local_chunks,
+            block_t=bt,
+            **self.route_options,
+        )
+        route_groups(
+            cand,
+            self.q,
+            self.group_summ,
+            *self.plan,
+            self.routed_dense,
+            top_chunks=cfg.top_chunks,
+            top_groups=cfg.top_groups,
+            fetch_groups=cfg.fetch_groups,
+            num_warps=self.group_warps,
+        )
 
     def assign(self) -> None:
         """Dedup and cache lookup: fills the gather table and the attention block table."""
         cfg = self.config
-        assign_groups(self.plan[2][:, :, 0], self.host_slot, self.where, self.tags, self.stamp, self.counter,
-                      self.order, self.misses, self.table, self.routed, group_size=cfg.group_size,
-                      chunk_size=cfg.chunk_size, base_block=self.base_block)
+        assign_groups(
+            self.plan[2][:, :, 0],
+            self.host_slot,
+            self.where,
+            self.tags,
+            self.stamp,
+            self.counter,
+            self.order,
+            self.misses,
+            self.table,
+            self.routed,
+            group_size=cfg.group_size,
+            chunk_size=cfg.chunk_size,
+            base_block=self.base_block,
+        )
 
     def gather(self) -> None:
         """Copy this step's misses from the host slab into the cache."""
-        gather_groups(self.host_slab, self.table, self.device_slab, group_size=self.config.group_size,
-                      rows_per_program=self.gather_rows)
+        gather_groups(
+            self.host_slab,
+            self.table,
+            self.device_slab,
+            group_size=self.config.group_size,
+            rows_per_program=self.gather_rows,
+        )
 
     def attend(self) -> torch.Tensor:
         """Sparse decode attention over the device slab; returns ``[B, Hq, D]``."""
         cfg = self.config
         return sparse_decode(
-            self.q[:, :, 0], self.device_slab[:, 0], self.device_slab[:, 1], self.positions, self.routed, self.out,
-            self.workspace, chunk_size=cfg.chunk_size, group_size=cfg.group_size, sink_chunks=cfg.sink_chunks,
-            local_chunks=cfg.local_chunks, slot_map=self.slot_map, block_n=self.block_n,
+            self.q[:, :, 0],
+            self.device_slab[:, 0],
+            self.device_slab[:, 1],
+            self.positions,
+            self.routed,
+            self.out,
+            self.workspace,
+            chunk_size=cfg.chunk_size,
+            group_size=cfg.group_size,
+            sink_chunks=cfg.sink_chunks,
+            local_chunks=cfg.local_chunks,
+            slot_map=self.slot_map,
+            block_n=self.block_n,
         )
 
     def step(self) -> torch.Tensor:

@@ -42,8 +42,22 @@ from kvtier.reference.hga import plan_widths
 
 __all__ = ["add_arguments", "run", "main"]
 
-_COLUMNS = ["bench", "op", "impl", "metric", "unit", "x_name", "x_value", "p20", "p50", "p80",
-            "config_json", "gpu", "commit", "timestamp"]
+_COLUMNS = [
+    "bench",
+    "op",
+    "impl",
+    "metric",
+    "unit",
+    "x_name",
+    "x_value",
+    "p20",
+    "p50",
+    "p80",
+    "config_json",
+    "gpu",
+    "commit",
+    "timestamp",
+]
 
 
 def _parse_tokens(text: str) -> list[int]:
@@ -66,26 +80,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rope-theta", type=float, default=5e5)
     parser.add_argument("--csv", default="bench/results/attention.csv", help="CSV to append to")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs on the CPU interpreter too")
-    parser.add_argument("--no-tune", dest="tune", action="store_false",
-                        help="skip timing launch variants of routing and attention (and keep the defaults)")
+    parser.add_argument(
+        "--no-tune",
+        dest="tune",
+        action="store_false",
+        help="skip timing launch variants of routing and attention (and keep the defaults)",
+    )
 
 
 def _env() -> dict[str, str]:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=5).stdout.strip() or "unknown"
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     import triton
 
-    env = {"torch": torch.__version__, "triton": triton.__version__, "commit": commit,
-           "cuda": str(torch.version.cuda), "gpu": "cpu (interpreter)"}
+    env = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit,
+        "cuda": str(torch.version.cuda),
+        "gpu": "cpu (interpreter)",
+    }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env["gpu"] = f"{p.name} ({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB)"
         try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=10).stdout.strip()
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             env["driver"] = "unknown"
     return env
@@ -111,7 +142,9 @@ class _Timer:
         """Milliseconds of ``fn()`` over n runs; ``before(i)`` runs untimed before each."""
         out = []
         if self.cuda:
-            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+            ev = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)
+            ]
             for i in range(n):
                 if before is not None:
                     before(i)
@@ -188,19 +221,48 @@ def _walk(q: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
     return (step * (nq / step.norm(dim=-1, keepdim=True))).to(q.dtype)
 
 
-def _bench_one(bsz: int, ctx: int, hq: int, hkv: int, d: int, args: argparse.Namespace, cfg: HGAConfig,
-               timer: _Timer, dev: str, rows: list[dict]) -> None:
+def _bench_one(
+    bsz: int,
+    ctx: int,
+    hq: int,
+    hkv: int,
+    d: int,
+    args: argparse.Namespace,
+    cfg: HGAConfig,
+    timer: _Timer,
+    dev: str,
+    rows: list[dict],
+) -> None:
     """All measurements at one (batch, context)."""
     dt = torch.bfloat16 if dev == "cuda" else torch.float32
     gen = torch.Generator(device=dev).manual_seed(ctx + bsz)
     c, g = cfg.chunk_size, cfg.group_size
     m = c // g
-    conf = {"batch": bsz, "context": ctx, "hq": hq, "hkv": hkv, "d": d, "dtype": str(dt).removeprefix("torch.")}
+    conf = {
+        "batch": bsz,
+        "context": ctx,
+        "hq": hq,
+        "hkv": hkv,
+        "d": d,
+        "dtype": str(dt).removeprefix("torch."),
+    }
 
     def add(op, impl, metric, unit, ms_or_vals, **extra):
         vals = ms_or_vals if isinstance(ms_or_vals, tuple) else _quantiles(ms_or_vals)
-        rows.append({"op": op, "impl": impl, "metric": metric, "unit": unit, "x_name": "context", "x_value": ctx,
-                     "p20": vals[0], "p50": vals[1], "p80": vals[2], "config_json": json.dumps({**conf, **extra})})
+        rows.append(
+            {
+                "op": op,
+                "impl": impl,
+                "metric": metric,
+                "unit": unit,
+                "x_name": "context",
+                "x_value": ctx,
+                "p20": vals[0],
+                "p50": vals[1],
+                "p80": vals[2],
+                "config_json": json.dumps({**conf, **extra}),
+            }
+        )
 
     k = torch.randn(bsz, hkv, ctx, d, generator=gen, device=dev).to(dt)
     v = torch.randn(bsz, hkv, ctx, d, generator=gen, device=dev).to(dt)
@@ -215,8 +277,17 @@ def _bench_one(bsz: int, ctx: int, hq: int, hkv: int, d: int, args: argparse.Nam
     gs = torch.randn(bsz, hkv, n, m, d, generator=gen, device=dev)
     cs = gs.sum(dim=3)
     t0 = time.perf_counter()
-    dec = HostKVDecode.from_dense(k, v, config=cfg, num_q_heads=hq, position=pos, rope_theta=args.rope_theta,
-                                  pin=dev == "cuda", summaries=(cs, gs), cache_entries=1024 if timer.cuda else 64)
+    dec = HostKVDecode.from_dense(
+        k,
+        v,
+        config=cfg,
+        num_q_heads=hq,
+        position=pos,
+        rope_theta=args.rope_theta,
+        pin=dev == "cuda",
+        summaries=(cs, gs),
+        cache_entries=1024 if timer.cuda else 64,
+    )
     setup_s = time.perf_counter() - t0
     dec.q.copy_(q1)
     dec.step()  # compile every kernel before capture
@@ -228,7 +299,9 @@ def _bench_one(bsz: int, ctx: int, hq: int, hkv: int, d: int, args: argparse.Nam
         dec.step()
         timer.sync()
     step = _graph(dec.step, timer.cuda)
-    stages = {name: _graph(getattr(dec, name), timer.cuda) for name in ("route", "assign", "gather", "attend")}
+    stages = {
+        name: _graph(getattr(dec, name), timer.cuda) for name in ("route", "assign", "gather", "attend")
+    }
 
     group_bytes = 2 * g * d * k.element_size()
     # Cold: nothing cached before each step.
@@ -240,8 +313,14 @@ def _bench_one(bsz: int, ctx: int, hq: int, hkv: int, d: int, args: argparse.Nam
         dec.q.copy_(_walk(dec.q, 1.0, gen))
         dec.reset_cache()
 
-    add("decode", "hga_host_cold", "time", "ms", timer.many(step, args.steps, cold_before),
-        setup_s=round(setup_s, 2))
+    add(
+        "decode",
+        "hga_host_cold",
+        "time",
+        "ms",
+        timer.many(step, args.steps, cold_before),
+        setup_s=round(setup_s, 2),
+    )
     timer.sync()
     cold_misses.append(int(dec.misses.sum()))
     # Gather alone on a cold working set, and its baselines on the same bytes.
@@ -254,14 +333,27 @@ def _bench_one(bsz: int, ctx: int, hq: int, hkv: int, d: int, args: argparse.Nam
     nbytes = n_groups * group_bytes
     gather_ms = timer.many(stages["gather"], args.steps)
     gq = _quantiles(gather_ms)
-    add("gather", "triton_zero_copy", "bandwidth", "GB/s", tuple(nbytes / (x * 1e6) for x in reversed(gq)),
-        groups=n_groups, bytes=nbytes)
+    add(
+        "gather",
+        "triton_zero_copy",
+        "bandwidth",
+        "GB/s",
+        tuple(nbytes / (x * 1e6) for x in reversed(gq)),
+        groups=n_groups,
+        bytes=nbytes,
+    )
     if timer.cuda and nbytes > 0:
         src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         dst = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         cq = _quantiles(timer.bench(lambda: dst.copy_(src, non_blocking=True), n=20))
-        add("gather", "one_pinned_copy", "bandwidth", "GB/s", tuple(nbytes / (x * 1e6) for x in reversed(cq)),
-            bytes=nbytes)
+        add(
+            "gather",
+            "one_pinned_copy",
+            "bandwidth",
+            "GB/s",
+            tuple(nbytes / (x * 1e6) for x in reversed(cq)),
+            bytes=nbytes,
+        )
         live = table[table[:, 0] >= 0][:512].tolist()  # cap: one launch per copy makes this slow
         host, dslab = dec.host_slab, dec.device_slab
 
@@ -269,11 +361,18 @@ def _bench_one(bsz: int, ctx: int, hq: int, hkv: int, d: int, args: argparse.Nam
             for sb, db, kvh in live:
                 for j in (0, 1):
                     dslab[db // m, j, kvh, (db % m) * g : (db % m + 1) * g].copy_(
-                        host[sb // m, j, kvh, (sb % m) * g : (sb % m + 1) * g], non_blocking=True)
+                        host[sb // m, j, kvh, (sb % m) * g : (sb % m + 1) * g], non_blocking=True
+                    )
 
         mq = _quantiles(timer.bench(per_group, n=5))
-        add("gather", "memcpy_per_group", "bandwidth", "GB/s",
-            tuple(len(live) * group_bytes / (x * 1e6) for x in reversed(mq)), groups=len(live))
+        add(
+            "gather",
+            "memcpy_per_group",
+            "bandwidth",
+            "GB/s",
+            tuple(len(live) * group_bytes / (x * 1e6) for x in reversed(mq)),
+            groups=len(live),
+        )
 
     # Steady state: a random walk after warm-up steps.
     dec.reset_cache()
@@ -288,23 +387,45 @@ def _bench_one(bsz: int, ctx: int, hq: int, hkv: int, d: int, args: argparse.Nam
             steady_misses.append(int(dec.misses.sum()))
         dec.q.copy_(_walk(dec.q, args.sigma, gen))
 
-    add("decode", "hga_host_steady", "time", "ms", timer.many(step, args.steps, steady_before), sigma=args.sigma)
+    add(
+        "decode",
+        "hga_host_steady",
+        "time",
+        "ms",
+        timer.many(step, args.steps, steady_before),
+        sigma=args.sigma,
+    )
     timer.sync()
     steady_misses.append(int(dec.misses.sum()))
     cold_mean = sum(cold_misses) / max(1, len(cold_misses))
     reuse = 1.0 - (sum(steady_misses) / max(1, len(steady_misses))) / max(1.0, cold_mean)
-    add("decode", "hga_host_steady", "reuse", "fraction", (reuse, reuse, reuse), sigma=args.sigma,
-        cold_groups=cold_mean, steady_groups=sum(steady_misses) / max(1, len(steady_misses)))
+    add(
+        "decode",
+        "hga_host_steady",
+        "reuse",
+        "fraction",
+        (reuse, reuse, reuse),
+        sigma=args.sigma,
+        cold_groups=cold_mean,
+        steady_groups=sum(steady_misses) / max(1, len(steady_misses)),
+    )
     names = ("route", "assign", "gather", "attend")
-    staged = timer.staged([stages[x] for x in names], args.steps,
-                          lambda i: dec.q.copy_(_walk(dec.q, args.sigma, gen)))
+    staged = timer.staged(
+        [stages[x] for x in names], args.steps, lambda i: dec.q.copy_(_walk(dec.q, args.sigma, gen))
+    )
     for name, st in zip(names, staged):
         add("decode_stage", f"hga_host_steady_{name}", "time", "ms", st)
 
     # Chunk-routing variants (tile width, selection by sort or max-extraction, warps).
     for per_program in (1, 2, 4) if timer.cuda else ():  # steady gather: mostly table rows to skip
         dec.gather_rows = per_program
-        add("gather_variant", f"rows{per_program}_steady", "time", "ms", timer.many(_graph(dec.gather, timer.cuda), args.steps))
+        add(
+            "gather_variant",
+            f"rows{per_program}_steady",
+            "time",
+            "ms",
+            timer.many(_graph(dec.gather, timer.cuda), args.steps),
+        )
     dec.gather_rows = 1
 
     # Prefill: one 64-token block at the end of the context, K/V in HBM.
@@ -322,24 +443,52 @@ def _bench_one(bsz: int, ctx: int, hq: int, hkv: int, d: int, args: argparse.Nam
     _, stats = prefill()
     union = stats.plan.group_ids.reshape(bsz * hq, -1).tolist()
     uniq = sum(len(set(row) - {-1}) for row in union) / max(1, bsz * hq)
-    add("prefill64", "hga_kernels", "time", "ms", timer.bench(prefill, n=10), routed_groups_per_head=round(uniq, 1))
+    add(
+        "prefill64",
+        "hga_kernels",
+        "time",
+        "ms",
+        timer.bench(prefill, n=10),
+        routed_groups_per_head=round(uniq, 1),
+    )
     # Its stages: routing, block tables (torch, one host sync), the attention kernel.
     geo = dict(chunk_size=c, group_size=g, sink_chunks=cfg.sink_chunks, local_chunks=cfg.local_chunks)
     widths = plan_widths(cfg, ctx - 1)
     plan = [torch.full((bsz, hq, 64, w_), -1, dtype=torch.int64, device=dev) for w_ in widths]
     plan.append(torch.full((bsz, hq, 64, widths[1]), -1, dtype=torch.int32, device=dev))
-    add("prefill64_stage", "hga_route", "time", "ms",
-        timer.bench(lambda: _route(qblk, cs, gs, start, cfg, widths, tuple(plan)), n=10))
+    add(
+        "prefill64_stage",
+        "hga_route",
+        "time",
+        "ms",
+        timer.bench(lambda: _route(qblk, cs, gs, start, cfg, widths, tuple(plan)), n=10),
+    )
     if args.tune and timer.cuda:
-        add("prefill64_stage", "hga_route_tf32x3", "time", "ms",
-            timer.bench(lambda: _route(qblk, cs, gs, start, cfg, widths, tuple(plan), precision="tf32x3"), n=10))
-    add("prefill64_stage", "hga_tables", "time", "ms",
-        timer.bench(lambda: prefill_tables(stats.plan.group_ids, start, c), n=10))
+        add(
+            "prefill64_stage",
+            "hga_route_tf32x3",
+            "time",
+            "ms",
+            timer.bench(
+                lambda: _route(qblk, cs, gs, start, cfg, widths, tuple(plan), precision="tf32x3"), n=10
+            ),
+        )
+    add(
+        "prefill64_stage",
+        "hga_tables",
+        "time",
+        "ms",
+        timer.bench(lambda: prefill_tables(stats.plan.group_ids, start, c), n=10),
+    )
     tab, num, vis = prefill_tables(stats.plan.group_ids, start, c)
     obuf = torch.empty_like(qblk)
-    add("prefill64_stage", "hga_attend", "time", "ms",
-        timer.bench(lambda: sparse_prefill(qblk, k, v, tab, num, vis, obuf, start_pos=start, **geo), n=10))
-    del dec, k, v
+    add(
+        "prefill64_stage",
+        "hga_attend",
+        "time",
+        "ms",
+        timer.bench(lambda: sparse_prefill(qblk, k, v, tab, num, vis, obuf, start_pos=start, **geo), n=10),
+    )
     if timer.cuda:
         torch.cuda.empty_cache()
 
@@ -365,8 +514,11 @@ def _sweep(dec: HostKVDecode, args: argparse.Namespace, timer: _Timer, add, rep:
             best[stage] = (p50, setting)
 
     for bt in (128, 256, 512):
-        for kind, opts in (("ieee", dict(precision="ieee")), ("tf32x3", dict(precision="tf32x3")),
-                           ("fma", dict(use_dot=False, block_r=rep))):
+        for kind, opts in (
+            ("ieee", dict(precision="ieee")),
+            ("tf32x3", dict(precision="tf32x3")),
+            ("fma", dict(use_dot=False, block_r=rep)),
+        ):
             for nw in (4, 8):
                 setting = dict(block_t=bt, num_warps=nw, **opts)
                 dec.set_route_tiles(**setting)
@@ -393,8 +545,15 @@ def run(args: argparse.Namespace) -> int:
     if args.smoke:  # every code path once, small enough for the CPU interpreter in CI
         contexts, batches, (hq, hkv, d) = [256], [1], (4, 2, 32)
         args.steps, args.warmup_steps = 2, 2
-        cfg = HGAConfig(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=4,
-                        fetch_groups=8)
+        cfg = HGAConfig(
+            chunk_size=16,
+            group_size=4,
+            sink_chunks=1,
+            local_chunks=2,
+            top_chunks=3,
+            top_groups=4,
+            fetch_groups=8,
+        )
     else:
         contexts, batches = _parse_tokens(args.contexts), [int(x) for x in args.batch.split(",")]
         hq, hkv, d = (int(x) for x in args.heads.split(","))
@@ -447,13 +606,17 @@ def _table(rows: list[dict]) -> str:
     for r in rows:
         conf = json.loads(r["config_json"])
         keyed.setdefault((conf["batch"], r["x_value"]), {})[f"{r['op']}/{r['impl']}/{r['metric']}"] = r["p50"]
-    head = ("| B | context | SDPA decode ms | HGA cold ms | HGA steady ms | steady/SDPA | reuse | route | assign | "
-            "gather | attend | gather GB/s | pinned copy GB/s | memcpy/group GB/s | SDPA 64q ms | HGA prefill64 ms |")
+    head = (
+        "| B | context | SDPA decode ms | HGA cold ms | HGA steady ms | steady/SDPA | reuse | route | assign | "
+        "gather | attend | gather GB/s | pinned copy GB/s | memcpy/group GB/s | SDPA 64q ms | HGA prefill64 ms |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (b, ctx), d in sorted(keyed.items()):
-        def f(key, fmt="{:.3f}"):
+
+        def f(key, fmt="{:.3f}", d=d):
             val = d.get(key)
             return fmt.format(val) if val is not None and math.isfinite(val) else "-"
+
         sd = d.get("decode/sdpa/time")
         st = d.get("decode/hga_host_steady/time")
         ratio = f"{st / sd:.2f}" if sd and st else "-"
@@ -493,9 +656,11 @@ def plot_svg(csv_path: str | Path, svg_path: str | Path) -> None:
         return h - pad - (math.log10(y) - ly0) / (ly1 - ly0) * (h - 2 * pad)
 
     colors = {"sdpa": "#444444", "hga_host_cold": "#d62728", "hga_host_steady": "#1f77b4"}
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{w}" height="{h}" fill="white"/>',
-           f'<text x="{w / 2}" y="20" text-anchor="middle">Decode step per layer, Llama-3.1-8B shapes, H200 (ms, log scale)</text>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{w}" height="{h}" fill="white"/>',
+        f'<text x="{w / 2}" y="20" text-anchor="middle">Decode step per layer, Llama-3.1-8B shapes, H200 (ms, log scale)</text>',
+    ]
     for e in range(ly0, ly1 + 1):
         y = py(10.0**e)
         out.append(f'<line x1="{pad}" x2="{w - pad}" y1="{y}" y2="{y}" stroke="#ddd"/>')
@@ -506,8 +671,12 @@ def plot_svg(csv_path: str | Path, svg_path: str | Path) -> None:
         impl, batch = name.split(" ")
         dash = "" if batch == "B=1" else ' stroke-dasharray="6,4"'
         path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(pts.items()))
-        out.append(f'<polyline points="{path}" fill="none" stroke="{colors.get(impl, "#2ca02c")}" stroke-width="2"{dash}/>')
-        out.append(f'<text x="{w - pad - 170}" y="{pad + 14 * i}" fill="{colors.get(impl, "#2ca02c")}">{name}</text>')
+        out.append(
+            f'<polyline points="{path}" fill="none" stroke="{colors.get(impl, "#2ca02c")}" stroke-width="2"{dash}/>'
+        )
+        out.append(
+            f'<text x="{w - pad - 170}" y="{pad + 14 * i}" fill="{colors.get(impl, "#2ca02c")}">{name}</text>'
+        )
     out.append("</svg>")
     Path(svg_path).write_text("\n".join(out) + "\n")
 

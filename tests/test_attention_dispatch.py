@@ -11,12 +11,16 @@ from kvtier.attention import HostKVDecode
 from kvtier.reference import dense_attention_ref
 from kvtier.reference import hga_attention as hga_ref
 
-CFG = HGAConfig(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=5, fetch_groups=8)
+CFG = HGAConfig(
+    chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=5, fetch_groups=8
+)
 THETA = 1e4
 
 
 def _compare(q, k, v, cfg, start_pos, *, floor=1e-5):
-    out, stats = kvtier.hga_attention(q, k, v, config=cfg, rope_theta=THETA, start_pos=start_pos, backend="triton")
+    out, stats = kvtier.hga_attention(
+        q, k, v, config=cfg, rope_theta=THETA, start_pos=start_pos, backend="triton"
+    )
     ref, rstats = hga_ref(q.float(), k.float(), v.float(), config=cfg, rope_theta=THETA, start_pos=start_pos)
     assert out.dtype == q.dtype and out.shape == q.shape
     for f in ("chunk_ids", "group_ids", "fetch_group_ids"):
@@ -100,7 +104,9 @@ def _gpu_case(lk, lq, start_pos, seed=0, bsz=1):
 
 def _gpu_compare(q, k, v, start_pos):
     cfg = HGAConfig()
-    out, stats = kvtier.hga_attention(q, k, v, config=cfg, rope_theta=5e5, start_pos=start_pos, backend="triton")
+    out, stats = kvtier.hga_attention(
+        q, k, v, config=cfg, rope_theta=5e5, start_pos=start_pos, backend="triton"
+    )
     ref, rstats = hga_ref(q, k, v, config=cfg, rope_theta=5e5, start_pos=start_pos)
     ref32, _ = hga_ref(q.float(), k.float(), v.float(), config=cfg, rope_theta=5e5, start_pos=start_pos)
     # fp32 kernel scores against float64 reference scores: a near tie may flip; demand 99.5%
@@ -136,16 +142,28 @@ def _host_decode_case(dtype, device, lk, hq, hkv, d, cfg, theta, bsz=2, seed=12,
     k = torch.randn(bsz, hkv, lk, d, dtype=dtype, device=device)
     v = torch.randn(bsz, hkv, lk, d, dtype=dtype, device=device)
     pos = lk - 1
-    dec = HostKVDecode.from_dense(k, v, config=cfg, num_q_heads=hq, position=pos, rope_theta=theta,
-                                  pin=device == "cuda", cache_entries=64 if device == "cpu" else 1024)
+    dec = HostKVDecode.from_dense(
+        k,
+        v,
+        config=cfg,
+        num_q_heads=hq,
+        position=pos,
+        rope_theta=theta,
+        pin=device == "cuda",
+        cache_entries=64 if device == "cpu" else 1024,
+    )
     q = torch.randn(bsz, hq, 1, d, dtype=dtype, device=device)
     for step in range(steps):  # a random walk: later steps hit the cache
         qs = q + 0.1 * step * torch.randn_like(q)
         dec.q.copy_(qs)
         out = dec.step()
-        want, stats = kvtier.hga_attention(qs, k, v, config=cfg, rope_theta=theta, start_pos=pos, backend="triton")
+        want, stats = kvtier.hga_attention(
+            qs, k, v, config=cfg, rope_theta=theta, start_pos=pos, backend="triton"
+        )
         assert torch.equal(dec.plan[1], stats.plan.group_ids)
-        assert (out.float() - want[:, :, 0].float()).abs().max().item() <= 1e-5 + 1e-2 * (dtype != torch.float32)
+        assert (out.float() - want[:, :, 0].float()).abs().max().item() <= 1e-5 + 1e-2 * (
+            dtype != torch.float32
+        )
     return dec
 
 

@@ -12,7 +12,13 @@ def test_bench_attention_smoke(tmp_path, capsys):
     assert main(["bench", "attention", "--smoke", "--csv", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
     ops = {(r["op"], r["impl"]) for r in rows}
-    for want in [("decode", "sdpa"), ("decode", "hga_host_cold"), ("decode", "hga_host_steady"),
-                 ("gather", "triton_zero_copy"), ("prefill64", "hga_kernels"), ("decode_stage", "hga_host_steady_attend")]:
+    for want in [
+        ("decode", "sdpa"),
+        ("decode", "hga_host_cold"),
+        ("decode", "hga_host_steady"),
+        ("gather", "triton_zero_copy"),
+        ("prefill64", "hga_kernels"),
+        ("decode_stage", "hga_host_steady_attend"),
+    ]:
         assert want in ops, want
     assert "| B | context |" in capsys.readouterr().out

@@ -42,7 +42,13 @@ def block_rows_ref(
 
 
 def window_blocks_ref(
-    position: int, b: int, *, chunk_size: int, group_size: int, sink_chunks: int, local_chunks: int,
+    position: int,
+    b: int,
+    *,
+    chunk_size: int,
+    group_size: int,
+    sink_chunks: int,
+    local_chunks: int,
     slot_map: torch.Tensor | None,
 ) -> list[tuple[int, int]]:
     """``(block id, first key position)`` of the window units a query at ``position`` attends.
@@ -62,7 +68,9 @@ def window_blocks_ref(
     return out
 
 
-def _attend(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, visible: torch.Tensor, upcast: bool) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, visible: torch.Tensor, upcast: bool
+) -> torch.Tensor:
     """Softmax attention of ``q [Lq, D]`` over ``keys/vals [Lk, D]`` where ``visible [Lq, Lk]``."""
     dt = torch.float32 if upcast else q.dtype
     scores = (q.to(dt) @ keys.to(dt).T) * (1.0 / math.sqrt(q.shape[-1]))
@@ -72,9 +80,18 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, visible: to
 
 
 def sparse_decode_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, routed: torch.Tensor, *,
-    chunk_size: int, group_size: int, sink_chunks: int, local_chunks: int,
-    slot_map: torch.Tensor | None = None, upcast: bool = True,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    routed: torch.Tensor,
+    *,
+    chunk_size: int,
+    group_size: int,
+    sink_chunks: int,
+    local_chunks: int,
+    slot_map: torch.Tensor | None = None,
+    upcast: bool = True,
 ) -> torch.Tensor:
     """What :func:`kvtier.kernels.sparse_decode` writes: ``[B, Hq, D]`` in ``q.dtype``.
 
@@ -89,27 +106,44 @@ def sparse_decode_ref(
     for b in range(bsz):
         pos = int(positions[b])
         fixed = window_blocks_ref(
-            pos, b, chunk_size=chunk_size, group_size=group_size, sink_chunks=sink_chunks,
-            local_chunks=local_chunks, slot_map=slot_map,
+            pos,
+            b,
+            chunk_size=chunk_size,
+            group_size=group_size,
+            sink_chunks=sink_chunks,
+            local_chunks=local_chunks,
+            slot_map=slot_map,
         )
         for h in range(hq):
             kvh = h // rep
             blocks = [(blk, p0) for blk, p0 in fixed] + [(int(x), -1) for x in routed[b, h] if int(x) >= 0]
             ks = torch.cat([block_rows_ref(k, b, kvh, blk, **geo) for blk, _ in blocks])
             vs = torch.cat([block_rows_ref(v, b, kvh, blk, **geo) for blk, _ in blocks])
-            kpos = torch.cat([
-                torch.arange(p0, p0 + group_size) if p0 >= 0 else torch.full((group_size,), -1)
-                for _, p0 in blocks
-            ])
+            kpos = torch.cat(
+                [
+                    torch.arange(p0, p0 + group_size) if p0 >= 0 else torch.full((group_size,), -1)
+                    for _, p0 in blocks
+                ]
+            )
             visible = (kpos <= pos)[None, :]
             out[b, h] = _attend(q[b, h][None], ks, vs, visible, upcast)[0]
     return out
 
 
 def sparse_prefill_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, routed: torch.Tensor,
-    routed_visible: torch.Tensor, *, chunk_size: int, group_size: int, sink_chunks: int, local_chunks: int,
-    slot_map: torch.Tensor | None = None, upcast: bool = True,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start_pos: int,
+    routed: torch.Tensor,
+    routed_visible: torch.Tensor,
+    *,
+    chunk_size: int,
+    group_size: int,
+    sink_chunks: int,
+    local_chunks: int,
+    slot_map: torch.Tensor | None = None,
+    upcast: bool = True,
 ) -> torch.Tensor:
     """What :func:`kvtier.kernels.sparse_prefill` writes: ``[B, Hq, Lq, D]`` in ``q.dtype``.
 
@@ -129,25 +163,36 @@ def sparse_prefill_ref(
             pos = start_pos + i
             qb = pos // chunk_size - first_chunk
             fixed = window_blocks_ref(
-                pos, b, chunk_size=chunk_size, group_size=group_size, sink_chunks=sink_chunks,
-                local_chunks=local_chunks, slot_map=slot_map,
+                pos,
+                b,
+                chunk_size=chunk_size,
+                group_size=group_size,
+                sink_chunks=sink_chunks,
+                local_chunks=local_chunks,
+                slot_map=slot_map,
             )
             for h in range(hq):
                 kvh = h // rep
                 blocks = list(fixed) + [
-                    (int(x), -1) for x, vis in zip(routed[b, h, qb], routed_visible[b, h, i]) if int(x) >= 0 and bool(vis)
+                    (int(x), -1)
+                    for x, vis in zip(routed[b, h, qb], routed_visible[b, h, i])
+                    if int(x) >= 0 and bool(vis)
                 ]
                 ks = torch.cat([block_rows_ref(k, b, kvh, blk, **geo) for blk, _ in blocks])
                 vs = torch.cat([block_rows_ref(v, b, kvh, blk, **geo) for blk, _ in blocks])
-                kpos = torch.cat([
-                    torch.arange(p0, p0 + group_size) if p0 >= 0 else torch.full((group_size,), -1)
-                    for _, p0 in blocks
-                ])
+                kpos = torch.cat(
+                    [
+                        torch.arange(p0, p0 + group_size) if p0 >= 0 else torch.full((group_size,), -1)
+                        for _, p0 in blocks
+                    ]
+                )
                 out[b, h, i] = _attend(q[b, h, i][None], ks, vs, (kpos <= pos)[None, :], upcast)[0]
     return out
 
 
-def gather_groups_ref(src: torch.Tensor, table: torch.Tensor, dst: torch.Tensor, *, group_size: int) -> torch.Tensor:
+def gather_groups_ref(
+    src: torch.Tensor, table: torch.Tensor, dst: torch.Tensor, *, group_size: int
+) -> torch.Tensor:
     """What :func:`kvtier.kernels.gather_groups` does to ``dst``, on a copy that is returned.
 
     ``src [S, 2, Hkv, C, D]`` and ``dst [S', 2, Hkv, C, D]`` are slabs. Row

@@ -7,7 +7,9 @@ import torch
 from kvtier.layout import windows_at
 
 
-def assert_close_to_ref(out: torch.Tensor, ref32: torch.Tensor, same_dtype: torch.Tensor, *, floor: float = 1e-5) -> None:
+def assert_close_to_ref(
+    out: torch.Tensor, ref32: torch.Tensor, same_dtype: torch.Tensor, *, floor: float = 1e-5
+) -> None:
     """``max|out - ref32| <= 2 * max|same_dtype - ref32| + floor``, reported verbosely."""
     err = (out.float() - ref32.float()).abs()
     budget = 2 * (same_dtype.float() - ref32.float()).abs().max().item() + floor
@@ -22,8 +24,16 @@ def assert_close_to_ref(out: torch.Tensor, ref32: torch.Tensor, same_dtype: torc
 
 
 def random_routed(
-    positions: list[int], num_q_heads: int, width: int, *, chunk_size: int, group_size: int,
-    sink_chunks: int, local_chunks: int, fill: float = 1.0, seed: int = 0,
+    positions: list[int],
+    num_q_heads: int,
+    width: int,
+    *,
+    chunk_size: int,
+    group_size: int,
+    sink_chunks: int,
+    local_chunks: int,
+    fill: float = 1.0,
+    seed: int = 0,
 ) -> torch.Tensor:
     """``[B, Hq, width]`` int32 distinct global group ids of candidate chunks, -1 padded."""
     gen = torch.Generator().manual_seed(seed)

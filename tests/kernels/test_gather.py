@@ -18,13 +18,21 @@ def test_gather_groups_bit_exact(dtype):
     src = torch.randn(6, 2, hkv, c, d).to(dtype)
     dst = torch.randn(5, 2, hkv, c, d).to(dtype)
     table = torch.tensor(
-        [[3 * m + 1, 0 * m + 2, 1], [-1, 4 * m + 0, 0], [5 * m + 3, 4 * m + 3, 0], [0, 1, 1], [2 * m + 2, 2 * m + 2, 0]],
+        [
+            [3 * m + 1, 0 * m + 2, 1],
+            [-1, 4 * m + 0, 0],
+            [5 * m + 3, 4 * m + 3, 0],
+            [0, 1, 1],
+            [2 * m + 2, 2 * m + 2, 0],
+        ],
         dtype=torch.int32,
     )
     want = gather_groups_ref(src, table, dst, group_size=g)
     gather_groups(src, table, dst, group_size=g, rows_per_program=2)
-    assert torch.equal(dst.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                       want.view(torch.int16 if dtype != torch.float32 else torch.int32))
+    assert torch.equal(
+        dst.view(torch.int16 if dtype != torch.float32 else torch.int32),
+        want.view(torch.int16 if dtype != torch.float32 else torch.int32),
+    )
 
 
 def test_gather_groups_strided_destination_and_empty_table():
@@ -58,8 +66,21 @@ def _step(cache, fetch, host_slot, kg, *, g, c, base_block):
     r = 1 << max(0, (hq // hkv * kf - 1).bit_length())
     table = torch.empty(bsz * hkv * r, 3, dtype=torch.int32)
     routed = torch.empty(bsz, hq, kg, dtype=torch.int32)
-    assign_groups(fetch, host_slot, cache.where, cache.tags, cache.stamp, cache.counter, cache.order,
-                  cache.misses, table, routed, group_size=g, chunk_size=c, base_block=base_block)
+    assign_groups(
+        fetch,
+        host_slot,
+        cache.where,
+        cache.tags,
+        cache.stamp,
+        cache.counter,
+        cache.order,
+        cache.misses,
+        table,
+        routed,
+        group_size=g,
+        chunk_size=c,
+        base_block=base_block,
+    )
     return table, routed
 
 

@@ -8,9 +8,17 @@ import torch
 from kvtier.config import HGAConfig
 from kvtier.kernels.route_chunks import route_chunks, route_chunks_tiles
 from kvtier.kernels.route_groups import route_groups
-from kvtier.reference import chunk_summaries_ref, group_summaries_ref, hga_attention, plan_widths, rope_inv_freq
+from kvtier.reference import (
+    chunk_summaries_ref,
+    group_summaries_ref,
+    hga_attention,
+    plan_widths,
+    rope_inv_freq,
+)
 
-CFG = HGAConfig(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=5, fetch_groups=8)
+CFG = HGAConfig(
+    chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=5, fetch_groups=8
+)
 THETA = 1e4
 
 
@@ -26,12 +34,29 @@ def kernel_plan(q, k, cfg, start_pos, block_t=None, **options):
     kc_w, kg_w, kf_w = plan_widths(cfg, last)
     bt, nt, kt = route_chunks_tiles(n, cfg.top_chunks, block_t=block_t)
     cand = torch.empty(bsz, hq, lq, nt, kt, dtype=torch.int64)
-    route_chunks(q, cs, cand, start_pos=start_pos, chunk_size=c, sink_chunks=cfg.sink_chunks,
-                 local_chunks=cfg.local_chunks, block_t=bt, **options)
+    route_chunks(
+        q,
+        cs,
+        cand,
+        start_pos=start_pos,
+        chunk_size=c,
+        sink_chunks=cfg.sink_chunks,
+        local_chunks=cfg.local_chunks,
+        block_t=bt,
+        **options,
+    )
     out = [torch.full((bsz, hq, lq, w), -7, dtype=torch.int64) for w in (kc_w, kg_w, kf_w)]
     routed = torch.full((bsz, hq, lq, kg_w), -7, dtype=torch.int32)
-    route_groups(cand, q, gs, *out, routed, top_chunks=cfg.top_chunks, top_groups=cfg.top_groups,
-                 fetch_groups=cfg.fetch_groups)
+    route_groups(
+        cand,
+        q,
+        gs,
+        *out,
+        routed,
+        top_chunks=cfg.top_chunks,
+        top_groups=cfg.top_groups,
+        fetch_groups=cfg.fetch_groups,
+    )
     assert torch.equal(routed.long(), out[1])
     return out
 
