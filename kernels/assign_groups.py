@@ -12,8 +12,8 @@
 #   stamp [B, Hkv, E] int32 last step an entry was used, -1 never (in/out)
 #   counter [B, Hkv] int32 step number (in/out, incremented)
 #   order [B, Hkv, E] int32 scratch; misses [B, Hkv] int32 out: groups to gather
-#   table [B * Hkv * R, 3] int32 out: gather rows (host block, cache block, kvh), -1 = none,
-#     R = next_power_of_2(rep * Kf) rows per (b, kvh), one per request lane
+#   table [B * Hkv * R, 3] int32 out: gather rows (host block, cache block, kvh), R =
+#     next_power_of_2(rep * Kf) rows per (b, kvh): its misses first, then rows of -1
 #   routed [B, Hq, Kg] int32 out: cache block of each attended group, -1 none
 # Cache block of entry e of batch row b: base_block + b * E + e (slot = block // M of the
 #   device slab, group = block % M, the head being kvh).
@@ -119,10 +119,14 @@ def _assign_groups_kernel(
     chunk = gsafe // M
     hslot = tl.load(host_slot_ptr + b * stride_hb + chunk, mask=winner, other=0)
     blocks_b = base_block + b * E
-    trow = table_ptr + (pid * BLOCK_R + lane) * 3
-    tl.store(trow, tl.where(winner, hslot * M + gsafe % M, -1))
-    tl.store(trow + 1, blocks_b + e_new)
-    tl.store(trow + 2, tl.zeros_like(lane) + kvh)
+    # Rows are compacted: the misses first (in lane order), then -1 rows, so a gather that is
+    # told the count per (b, kvh) reads only the rows it copies.
+    blank = table_ptr + (pid * BLOCK_R + lane) * 3  # rows n_win.. : -1 (disjoint from 0..n_win-1)
+    tl.store(blank, tl.full([BLOCK_R], -1, tl.int32), mask=lane >= n_win)
+    trow = table_ptr + (pid * BLOCK_R + rank) * 3
+    tl.store(trow, hslot * M + gsafe % M, mask=winner)
+    tl.store(trow + 1, blocks_b + e_new, mask=winner)
+    tl.store(trow + 2, tl.zeros_like(lane) + kvh, mask=winner)
     tl.store(misses_ptr + pid, tl.sum(winner.to(tl.int32), axis=0))
 
     e_now = tl.load(where_row + gsafe, mask=has, other=-1)

@@ -333,6 +333,7 @@ class HostKVDecode:
         self.num_cand_chunks = w.local_start
         self.route_options: dict[str, object] = {}
         self.gather_rows = 1
+        self.gather_segmented = False  # measured default: one program per table row
         # The setting the H200 sweep picked most often (1M, batch 1: 54 us against 72 us for
         # IEEE dots on 512-chunk tiles); kvtier bench attention re-tunes it per shape.
         self.set_route_tiles(128, precision="tf32x3", num_warps=4)
@@ -495,13 +496,12 @@ class HostKVDecode:
 
     def gather(self) -> None:
         """Copy this step's misses from the host slab into the cache."""
-        gather_groups(
-            self.host_slab,
-            self.table,
-            self.device_slab,
-            group_size=self.config.group_size,
-            rows_per_program=self.gather_rows,
-        )
+        if self.gather_segmented:  # copies only the misses of each (b, kvh), counts from assign
+            gather_groups(self.host_slab, self.table, self.device_slab, group_size=self.config.group_size,
+                          counts=self.misses.view(-1))  # fmt: skip
+        else:
+            gather_groups(self.host_slab, self.table, self.device_slab, group_size=self.config.group_size,
+                          rows_per_program=self.gather_rows)  # fmt: skip
 
     def attend(self) -> torch.Tensor:
         """Sparse decode attention over the device slab; returns ``[B, Hq, D]``."""

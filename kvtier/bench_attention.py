@@ -426,6 +426,16 @@ def _bench_one(
             "ms",
             timer.many(_graph(dec.gather, timer.cuda), args.steps),
         )
+    if timer.cuda:
+        dec.gather_segmented = True
+        add(
+            "gather_variant",
+            "segmented_steady",
+            "time",
+            "ms",
+            timer.many(_graph(dec.gather, timer.cuda), args.steps),
+        )
+        dec.gather_segmented = False
     dec.gather_rows = 1
 
     # Prefill: one 64-token block at the end of the context, K/V in HBM.

@@ -137,7 +137,7 @@ def test_gpu_prefill_spanning_chunks_bf16_equals_reference():
     _gpu_compare(q, k, v, 4096)
 
 
-def _host_decode_case(dtype, device, lk, hq, hkv, d, cfg, theta, bsz=2, seed=12, steps=3):
+def _host_decode_case(dtype, device, lk, hq, hkv, d, cfg, theta, bsz=2, seed=12, steps=3, segmented=False):
     torch.manual_seed(seed)
     k = torch.randn(bsz, hkv, lk, d, dtype=dtype, device=device)
     v = torch.randn(bsz, hkv, lk, d, dtype=dtype, device=device)
@@ -152,6 +152,7 @@ def _host_decode_case(dtype, device, lk, hq, hkv, d, cfg, theta, bsz=2, seed=12,
         pin=device == "cuda",
         cache_entries=64 if device == "cpu" else 1024,
     )
+    dec.gather_segmented = segmented
     q = torch.randn(bsz, hq, 1, d, dtype=dtype, device=device)
     for step in range(steps):  # a random walk: later steps hit the cache
         qs = q + 0.1 * step * torch.randn_like(q)
@@ -167,8 +168,9 @@ def _host_decode_case(dtype, device, lk, hq, hkv, d, cfg, theta, bsz=2, seed=12,
     return dec
 
 
-def test_host_decode_equals_dense_kernel_path():
-    dec = _host_decode_case(torch.float32, "cpu", 230, 4, 2, 32, CFG, THETA)
+@pytest.mark.parametrize("segmented", [False, True])
+def test_host_decode_equals_dense_kernel_path(segmented):
+    dec = _host_decode_case(torch.float32, "cpu", 230, 4, 2, 32, CFG, THETA, segmented=segmented)
     assert int(dec.misses.sum()) <= 2 * 2 * 2 * 8  # bounded by the fetch union
 
 

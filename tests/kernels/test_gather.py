@@ -100,6 +100,9 @@ def test_assign_groups_dedups_hits_and_gathers_the_right_bytes(hq, hkv, kf, kg, 
     for step in range(3):
         table, routed = _step(cache, fetch, host_slot, kg, g=g, c=c, base_block=hot_slots * m)
         rows = table[table[:, 0] >= 0]
+        seg = table.view(bsz * hkv, -1, 3)
+        for s_, cnt in enumerate(cache.misses.view(-1).tolist()):  # compacted: misses first
+            assert (seg[s_, :cnt, 0] >= 0).all() and (seg[s_, cnt:, 0] == -1).all()
         if step == 0:
             for b in range(bsz):
                 for h in range(hkv):
@@ -111,7 +114,12 @@ def test_assign_groups_dedups_hits_and_gathers_the_right_bytes(hq, hkv, kf, kg, 
         # No destination block of one head is written twice in a step.
         keys = [(int(x[1]), int(x[2])) for x in rows]
         assert len(keys) == len(set(keys))
-        gather_groups(host, table, dev, group_size=g)
+        if step % 2:  # the segmented gather copies the same rows as one program per row
+            gather_groups(
+                host, table, dev, group_size=g, counts=cache.misses.view(-1), programs_per_segment=2
+            )
+        else:
+            gather_groups(host, table, dev, group_size=g)
         for b in range(bsz):
             for h in range(hq):
                 kvh = h // (hq // hkv)
