@@ -38,11 +38,17 @@ __all__ = ["EvalRow", "NEEDLES", "add_arguments", "run", "hga_config_for_budget"
 
 METHODS = ("dense", "hga", "quest", "oracle")
 
-#: (key, value) pairs; the value is what the model must copy from the haystack.
-NEEDLES: tuple[tuple[str, str], ...] = (
-    ("The password for the lighthouse door is", " amber falcon"),
-    ("The name of the harbour master's cat is", " Pepperkorn"),
-    ("The ferry captain's lucky number is", " 4719"),
+#: (statement, value, question): the haystack gets ``statement + value + "."``; the prompt ends with
+#: ``"Question: <question>\nAnswer: <statement>"`` and the model must copy the value. Values are
+#: single rare upper-case words so that a 135M model can copy them (two-word and numeric values
+#: failed under dense attention too in a first trial).
+NEEDLES: tuple[tuple[str, str, str], ...] = (
+    ("The secret word that opens the lighthouse museum door is", " PERIWINKLE",
+     "What is the secret word that opens the lighthouse museum door?"),
+    ("The name painted on the harbour master's rowing boat is", " MARIGOLD",
+     "What is the name painted on the harbour master's rowing boat?"),
+    ("The password for the ferry office computer is", " JUNIPER",
+     "What is the password for the ferry office computer?"),
 )
 
 
@@ -127,8 +133,10 @@ def sequence_nll(model: Any, ids: torch.Tensor, score_from: int, *, slice_tokens
     return total / max(count, 1), count
 
 
-def plant_needle(haystack: list[int], tokenizer: Any, key: str, value: str, depth: float, length: int) -> tuple[torch.Tensor, int, int]:
-    """Token ids of ``length`` tokens: haystack with ``key value.`` at ``depth``, ending in ``key value``.
+def plant_needle(
+    haystack: list[int], tokenizer: Any, needle: tuple[str, str, str], depth: float, length: int
+) -> tuple[torch.Tensor, int, int]:
+    """Token ids of ``length`` tokens: haystack with the needle at ``depth``, ending in question and answer.
 
     Returns
     -------
@@ -138,15 +146,20 @@ def plant_needle(haystack: list[int], tokenizer: Any, key: str, value: str, dept
         must be it).
     answer_len : int
     """
-    needle = tokenizer(f" {key}{value}.", add_special_tokens=False).input_ids
-    cue = tokenizer(f"\n\n{key}", add_special_tokens=False).input_ids
+    key, value, question = needle
+    planted = tokenizer(f" {key}{value}.", add_special_tokens=False).input_ids
+    cue = tokenizer(f"\n\nQuestion: {question}\nAnswer: {key}", add_special_tokens=False).input_ids
     answer = tokenizer(value, add_special_tokens=False).input_ids
-    room = length - len(needle) - len(cue) - len(answer)
+    room = length - len(planted) - len(cue) - len(answer)
     if room <= 0 or room > len(haystack):
-        raise ValueError(f"length: expected between {len(needle) + len(cue) + len(answer) + 1} and "
-                         f"{len(haystack) + len(needle) + len(cue) + len(answer)} tokens, got {length}")
+        raise ValueError(f"length: expected between {len(planted) + len(cue) + len(answer) + 1} and "
+                         f"{len(haystack) + len(planted) + len(cue) + len(answer)} tokens, got {length}")
     at = int(round(depth * room))
-    body = haystack[:at] + needle + haystack[at:room]
+    for back in range(min(at, 200)):  # plant between sentences, not inside a word
+        if tokenizer.decode(haystack[at - back - 1 : at - back]).rstrip(" ").endswith((".", "\n")):
+            at -= back
+            break
+    body = haystack[:at] + planted + haystack[at:room]
     ids = body + cue + answer
     return torch.tensor([ids]), len(body) + len(cue), len(answer)
 
@@ -392,11 +405,12 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             _write_json(args.json, rows, args, budget)
     if args.needles or args.needles_only:
-        cells = [(n, d, i % len(NEEDLES), m) for n in lengths for i, d in enumerate(depths) for m in methods]
+        # the needle rotates over depths and lengths, so each one is tried at several depths
+        cells = [(n, d, (i + j) % len(NEEDLES), m) for j, n in enumerate(lengths) for i, d in enumerate(depths)
+                 for m in methods]
         found: dict[tuple[str, int], list[bool]] = {}
         for length, depth, which, method in tqdm(cells, desc="needles", unit="pass", file=sys.stderr):
-            key, value = NEEDLES[which]
-            ids, start, n_ans = plant_needle(tokens, tokenizer, key, value, depth, length)
+            ids, start, n_ans = plant_needle(tokens, tokenizer, NEEDLES[which], depth, length)
             ids = ids.to(device)
             stats = _use(model, method, hga, routed)
             t0 = time.perf_counter()
