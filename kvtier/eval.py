@@ -322,6 +322,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=int, default=None,
                         help="keys per query for every sparse method, sinks + local + current chunk included "
                              "(default: HGA's default configuration, 1216)")
+    parser.add_argument("--top-chunks", type=int, default=None,
+                        help="HGA's first-level routing width (default 16); it does not change the keys attended")
     parser.add_argument("--score-fraction", type=float, default=0.5,
                         help="fraction of each length scored, at its end (default 0.5)")
     parser.add_argument("--needles", action="store_true", help="add the needle-in-a-haystack grid")
@@ -363,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"kvtier eval: --score-fraction: expected a fraction in (0, 1], got {args.score_fraction}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = HGAConfig()
+    base = HGAConfig() if args.top_chunks is None else HGAConfig(top_chunks=args.top_chunks)
     budget = default_budget(base) if args.budget is None else args.budget
     try:
         hga, routed = hga_config_for_budget(budget, base)
