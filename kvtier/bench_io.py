@@ -131,11 +131,20 @@ def _drop_cache(directory: Path) -> None:
             os.close(fd)
 
 
-def _raw_odirect(store: TieredStore, threads: int) -> tuple[float, list[float], bool]:
-    """Baseline: read every used slot extent with O_DIRECT, ``threads`` at a time."""
+def _raw_odirect(
+    store: TieredStore, threads: int, into: torch.Tensor | None = None
+) -> tuple[float, list[float], bool]:
+    """Baseline: read every used slot extent with O_DIRECT, ``threads`` at a time.
+
+    With ``into`` (a diagnostic, not the baseline): ``[m, chunk_bytes]`` uint8 slots, e.g. a
+    pinned slab like the host tier's; each read lands its payload in slot ``i % m`` and its
+    header in the thread's small buffer, as kvtier's reads do, so the two differ only in
+    kvtier's own work (checksums, bookkeeping, batching).
+    """
     disk = store._disk
     assert disk is not None
     extents = [disk.locate(s) for s in range(disk.num_slots) if disk._alloc.is_used(s)]
+    dests = None if into is None else [memoryview(into[i].numpy()) for i in range(into.shape[0])]
     flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
     direct = hasattr(os, "O_DIRECT")
     fds: dict[Path, int] = {}
@@ -149,11 +158,14 @@ def _raw_odirect(store: TieredStore, threads: int) -> tuple[float, list[float], 
     latencies: list[float] = []
     lock = threading.Lock()
 
-    def worker(part: list[tuple[Path, int]]) -> None:
+    def worker(part: list[tuple[int, tuple[Path, int]]]) -> None:
         buf, _ = aligned_empty(disk.slot_bytes, pin=False)
         view = [memoryview(buf.numpy())]
+        head = view[0][: disk.slot_bytes - disk.payload_span]
         mine = []
-        for path, offset in part:
+        for i, (path, offset) in part:
+            if dests is not None:
+                view = [dests[i % len(dests)], head]
             t0 = time.perf_counter()
             if os.preadv(fds[path], view, offset) != disk.slot_bytes:
                 raise OSError(f"short read at {path}:{offset}")
@@ -163,7 +175,8 @@ def _raw_odirect(store: TieredStore, threads: int) -> tuple[float, list[float], 
 
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(threads) as pool:
-        list(pool.map(worker, [extents[i::threads] for i in range(threads)]))
+        numbered = list(enumerate(extents))
+        list(pool.map(worker, [numbered[i::threads] for i in range(threads)]))
     elapsed = time.perf_counter() - t0
     for fd in fds.values():
         os.close(fd)
@@ -215,8 +228,10 @@ def _environment(directory: Path) -> dict[str, Any]:
                 best, fs = mnt, f"{kind} on {dev} ({mnt})"
     except OSError:
         pass
+    # The GPU machine gets a copy of the tree without .git: the caller passes the commit.
+    commit = os.environ.get("KVTIER_COMMIT", "")
     try:
-        commit = (
+        commit = commit or (
             subprocess.run(
                 ["git", "rev-parse", "--short", "HEAD"],
                 capture_output=True,
@@ -299,11 +314,20 @@ def bench_io(
                 # Baseline and kvtier alternate rep by rep, so a disk whose speed drifts
                 # (the GPU machine's virtio disk ranged 1.2 to 1.9 GB/s over two runs)
                 # treats both alike.
-                raw, got, lat, direct = [], [], [], False
+                raw, got, lat, direct, raw_pinned = [], [], [], False, []
+                # Diagnostic (GPU machine only): the raw reader into a pinned slab the size of
+                # the host tier, i.e. kvtier's destination without kvtier's work.
+                pinned_slab = None
+                if b_i == 0 and has_gpu and chunk_bytes % PAGE_BYTES == 0:
+                    pinned_slab, ok = aligned_empty(host_slots * chunk_bytes, pin=True)
+                    pinned_slab = pinned_slab.view(host_slots, chunk_bytes) if ok else None
                 for _ in range(reps):
                     _drop_cache(root)
                     gbps, lat, direct = _raw_odirect(store, threads)
                     raw.append(gbps)
+                    if pinned_slab is not None:
+                        _drop_cache(root)
+                        raw_pinned.append(_raw_odirect(store, threads, into=pinned_slab)[0])
                     _drop_cache(root)
                     store.reset_stats()
                     gbps, failed = _sweep(store, keys, "host", max(1, host_slots // 2))
@@ -320,6 +344,14 @@ def bench_io(
                 rows.append(
                     _row("disk_read", f"raw_odirect_beside_{backend}", "throughput", "GB/s", raw, ctx)
                 )
+                if raw_pinned:
+                    res["diag_raw_into_pinned_slab_GBps"] = statistics.median(raw_pinned)
+                    rows.append(
+                        _row(
+                            "disk_read", "raw_odirect_into_pinned_slab", "throughput", "GB/s", raw_pinned, ctx
+                        )
+                    )
+                    del pinned_slab
                 st = store.stats()
                 name = f"kvtier_{backend}"
                 res[name] = {
@@ -341,11 +373,59 @@ def bench_io(
                     if has_gpu:
                         res.update(_gpu_paths(store, keys, dev_slots, reps, root, rows, ctx))
                     _verify_sample(store, keys, base, layout)
+        if has_gpu and "posix" in backends:
+            res.update(
+                _pageable_diagnostic(layout, host_slots, num_chunks, root, threads, reps, keys, rows, ctx)
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     res["gds"] = env["kvikio"]["mode"] == "gds" and "kvikio" in backends
     res["rows"] = rows
     return res
+
+
+def _pageable_diagnostic(
+    layout: KVLayout,
+    host_slots: int,
+    num_chunks: int,
+    root: Path,
+    threads: int,
+    reps: int,
+    keys: list[ChunkKey],
+    rows: list[dict[str, Any]],
+    ctx: dict[str, Any],
+) -> dict[str, Any]:
+    """Diagnostic (GPU machine): kvtier disk to host with a pageable host slab, beside the
+    baseline rep by rep, on the same files. Beside the pinned-slab raw reader it says whether
+    the pinned destination or kvtier's own work costs the reads."""
+    cb = layout.chunk_bytes
+    cfg = StoreConfig(
+        gpu_bytes=0,
+        host_bytes=host_slots * cb,
+        disk_bytes=(num_chunks + 8) * (cb + 2 * PAGE_BYTES),
+        disk_dir=root,
+        io_backend="posix",
+        io_threads=threads,
+    )
+    raw, got = [], []
+    with TieredStore(layout, cfg, pin_host=False) as store:
+        for _ in range(reps):
+            _drop_cache(root)
+            raw.append(_raw_odirect(store, threads)[0])
+            _drop_cache(root)
+            gbps, failed = _sweep(store, keys, "host", max(1, host_slots // 2))
+            if failed:
+                raise RuntimeError(f"bench io: {failed} chunks failed to read (pageable diagnostic)")
+            got.append(gbps)
+    rows.append(_row("disk_read", "raw_odirect_beside_pageable", "throughput", "GB/s", raw, ctx))
+    rows.append(_row("disk_read", "kvtier_posix_pageable_host", "throughput", "GB/s", got, ctx))
+    return {
+        "diag_pageable": {
+            "read_GBps": statistics.median(got),
+            "baseline_GBps": statistics.median(raw),
+            "ratio": statistics.median(got) / statistics.median(raw),
+        }
+    }
 
 
 def _gpu_paths(
@@ -444,6 +524,18 @@ def _table(res: dict[str, Any]) -> str:
                 f"{val['chunk_p99_ms']:.2f} | {100 * val['ratio']:.0f}% of {val['baseline_GBps']:.2f} | "
                 f"{'yes' if val['o_direct'] else 'no'} ({val['io']}) | {'yes' if val['pinned'] else 'NO'} | {gds} |"
             )
+    if "diag_raw_into_pinned_slab_GBps" in res:
+        g = res["diag_raw_into_pinned_slab_GBps"]
+        lines.append(
+            f"| diagnostic: raw reader, payloads into a pinned slab | {g:.2f} | - | - | "
+            f"{100 * g / base:.0f}% | {'yes' if res['baseline_o_direct'] else 'NO'} | yes | - |"
+        )
+    if "diag_pageable" in res:
+        d = res["diag_pageable"]
+        lines.append(
+            f"| diagnostic: kvtier disk to host, pageable host slab | {d['read_GBps']:.2f} | - | - | "
+            f"{100 * d['ratio']:.0f}% of {d['baseline_GBps']:.2f} | yes | NO | - |"
+        )
     if "kvtier_disk_to_gpu_GBps" in res:
         lines.append(
             f"| kvtier disk to GPU | {res['kvtier_disk_to_gpu_GBps']:.2f} | - | - | "

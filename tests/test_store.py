@@ -231,7 +231,73 @@ def test_device_tier_needs_the_device(tmp_path) -> None:
         TieredStore("layout", StoreConfig())  # type: ignore[arg-type]
 
 
+def _many_block_prefetch(tmp_path, device: str) -> None:
+    """A device prefetch of more keys than one launch block (64, then 256): host-resident
+    keys in scattered host slots, disk-only keys and absent keys in one call."""
+    from kvtier.store import _H2D_BLOCK, _H2D_FIRST
+
+    n = _H2D_FIRST + _H2D_BLOCK + 40
+    cfg = StoreConfig(
+        gpu_bytes=(n + 8) * CB,
+        host_bytes=(n + 8) * CB,
+        disk_bytes=(n + 64) * (CB + 4096),
+        disk_dir=tmp_path,
+        device=device,
+        io_threads=2,
+    )
+    with TieredStore(LAYOUT, cfg) as store:
+        keys = [ChunkKey(1, i % 2, i) for i in range(n + 40)]
+        for i, k in enumerate(keys):
+            store.write(k, chunk(i))  # the first 40 spill to disk
+        # Scatter host slots: rewrite every third key, so its new slot is elsewhere.
+        for i in range(40, n + 40, 3):
+            store.write(keys[i], chunk(i))
+        absent = [ChunkKey(2, 0, j) for j in range(5)]
+        on_host = {k for k in keys if "host" in store.where(k)}
+        assert len(on_host) > _H2D_FIRST + _H2D_BLOCK and len(on_host) < len(keys)
+        failed = store.prefetch(keys[::-1] + absent, to="device").wait(timeout=60)
+        # Absent keys fail; disk-only keys may fail for want of a host slot (every host slot
+        # is held by this call's own transfers); host-resident keys all land on the device.
+        assert set(absent) <= set(failed) and not on_host & set(failed)
+        slots = store.device_slots(keys).tolist()
+        resident = [(i, s) for i, s in enumerate(slots) if s >= 0]
+        assert {keys[i] for i, _ in resident} >= on_host
+        assert len({s for _, s in resident}) == len(resident)
+        for i, s in resident:
+            assert same(store.device_slab[s].cpu(), chunk(i)), i
+        assert store.stats()["device"]["bytes_written"] >= n * CB
+
+
+def test_prefetch_to_device_in_many_blocks_is_bit_exact(tmp_path) -> None:
+    _many_block_prefetch(tmp_path, "cpu")
+
+
+def test_failed_device_copy_reports_keys_and_frees_slots(tmp_path, monkeypatch) -> None:
+    import kvtier.store as store_mod
+
+    with make(tmp_path, host=4, gpu=4) as store:
+        keys = [ChunkKey(0, 0, i) for i in range(4)]
+        for i, k in enumerate(keys):
+            store.write(k, chunk(i))
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("copy engine fault")
+
+        monkeypatch.setattr(store_mod, "copy_chunks", broken)
+        assert sorted(store.prefetch(keys, to="device").wait(timeout=30)) == keys
+        assert store.device_slots(keys).tolist() == [-1] * 4
+        monkeypatch.undo()
+        assert store.prefetch(keys, to="device").wait(timeout=30) == []  # every slot came back
+        for i, s in enumerate(store.device_slots(keys).tolist()):
+            assert same(store.device_slab[s], chunk(i))
+
+
 # ---------------------------------------------------------------- GPU machine only
+@pytest.mark.gpu
+def test_gpu_prefetch_to_device_in_many_blocks_is_bit_exact(tmp_path) -> None:
+    _many_block_prefetch(tmp_path, "cuda")
+
+
 @pytest.mark.gpu
 def test_gpu_prefetch_to_device_and_read_into_cuda(tmp_path) -> None:
     cfg = StoreConfig(

