@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, NamedTuple, Self
+from typing import Any, Self
 
 import torch
 
@@ -47,21 +47,6 @@ _TIERS = ("device", "host", "disk")
 #: CapacityError (a 256 KiB disk read takes about 1 ms; 5 s means something is stuck).
 _WAIT_S = 5.0
 _MAX_ID = 2**63
-#: Host-to-device launches: the first block of keys is small so the copy engine starts
-#: early (64 chunks of 256 KiB are 0.3 ms of PCIe time at 55 GB/s), blocks then double up to
-#: 256 chunks (64 MiB, 1.2 ms of PCIe time, against about 0.4 ms of lookups and launch on
-#: the CI machine's CPU), so launches stay ahead of the copies and overhead stays small.
-_H2D_FIRST, _H2D_BLOCK = 64, 256
-
-
-class _Launch(NamedTuple):
-    """Host-to-device copies enqueued for one block: (entry, host slot, device slot) pairs,
-    the event recorded after them (None on a CPU device tier), keys that failed, start time."""
-
-    pairs: list[tuple[_Entry, int, int]]
-    done: Any
-    failed: list[ChunkKey]
-    t0: float
 
 
 class TieredStore:
@@ -622,10 +607,8 @@ class TieredStore:
 
         Disk reads run on the I/O pool; host-to-device copies run on the store's own CUDA
         stream after an event recorded on the caller's current stream (so a slot being
-        reused is never overwritten while earlier kernels may still read it). Copies of
-        host-resident chunks are enqueued by this call itself (asynchronously: it never
-        waits for them); a worker waits for them and makes the device slots visible. Keys
-        are pinned while their transfer is in flight.
+        reused is never overwritten while earlier kernels may still read it). Keys are
+        pinned while their transfer is in flight.
 
         Parameters
         ----------
@@ -645,50 +628,33 @@ class TieredStore:
         ks = list(dict.fromkeys(self._keys(keys)))
         failed: list[ChunkKey] = []
         from_disk: list[_Entry] = []
+        from_host: list[_Entry] = []
+        with self._lock:
+            for k in ks:
+                entry = self._index.get(k)
+                if entry is None:
+                    failed.append(k)
+                    self._misses += 1
+                elif to == "device" and entry.device is not None:
+                    self._hit("device", k)
+                elif entry.host is not None:
+                    if to == "device":
+                        from_host.append(entry)
+                    else:
+                        self._hit("host", k)
+                else:
+                    from_disk.append(entry)
+            self._hold(from_disk + from_host)
         issued = None
         if to == "device" and self._copy_stream is not None:
             issued = torch.cuda.Event()
             issued.record(torch.cuda.current_stream(self._copy_stream.device))
-        # Host-resident chunks bound for the device are launched from this thread, block by
-        # block, as soon as their lookups are done: the copy engine starts after 64 lookups
-        # instead of after all of them (2048 lookups took 1.5 to 2 ms, a fifth of the 9.8 ms
-        # a 512 MiB copy takes at 55 GB/s), and no thread handoff or GIL switch sits between
-        # lookup and launch. A worker only waits for the copies and publishes the slots.
-        launches: list[_Launch] = []
-        held_host: list[_Entry] = []
-        step = _H2D_FIRST if to == "device" else max(1, len(ks))
-        start = 0
-        while start < len(ks):
-            block = ks[start : start + step]
-            start += step
-            step = min(2 * step, _H2D_BLOCK)  # 64, 128, 256, 256, ...: the copy engine never waits
-            from_host: list[_Entry] = []
-            with self._lock:
-                for k in block:
-                    entry = self._index.get(k)
-                    if entry is None:
-                        failed.append(k)
-                        self._misses += 1
-                    elif to == "device" and entry.device is not None:
-                        self._hit("device", k)
-                    elif entry.host is not None:
-                        if to == "device":
-                            from_host.append(entry)
-                        else:
-                            self._hit("host", k)
-                    else:
-                        from_disk.append(entry)
-                        entry.pins += 1
-                self._hold(from_host)
-            if from_host:
-                held_host.extend(from_host)
-                launches.append(self._launch_h2d(from_host, issued))
         futures: list[Future[list[ChunkKey]]] = []
         # e.disk is read without the lock: a corrupt copy found meanwhile may have become None.
         for batch in self._batches(from_disk, lambda e: -1 if e.disk is None else e.disk):
             futures.append(self._pool.submit(self._promote, batch, to, issued, True))
-        if held_host:
-            futures.append(self._pool.submit(self._finish_h2d, held_host, launches))
+        if from_host:
+            futures.append(self._pool.submit(self._promote, from_host, to, issued, False))
         return PrefetchHandle(ks, futures, failed)
 
     def _batches(self, items: list[Any], disk_slot: Any) -> list[list[Any]]:
@@ -712,8 +678,7 @@ class TieredStore:
                 gone = set(failed)
                 todo = [e for e in entries if e.key not in gone]
             if to == "device" and todo:
-                launch = self._launch_h2d(todo, issued)
-                failed.extend(self._publish_h2d([launch]))
+                failed.extend(self._host_to_device(todo, issued))
         except Exception as exc:  # noqa: BLE001  (a worker must never lose keys silently)
             log.warning("kvtier: prefetch failed: %s", exc)
             failed.extend(e.key for e in entries if e.key not in failed)
@@ -755,112 +720,70 @@ class TieredStore:
                 self._released.notify_all()
         return failed
 
-    def _launch_h2d(self, entries: list[_Entry], issued: Any) -> _Launch:
-        """Allocate device slots for held host-resident entries and enqueue their copies.
+    def _host_to_device(self, entries: list[_Entry], issued: Any) -> list[ChunkKey]:
+        """Copy host slots into fresh device slots (entries are held, so host slots stay put).
 
-        Copies go on the store's copy stream after ``issued`` (the caller's stream at
-        ``prefetch`` time), so a device slot being reused is not overwritten while earlier
-        kernels may still read it. The slots are published by :meth:`_publish_h2d` once the
-        copies are complete. Never raises: a failure makes every key of the launch failed.
+        Works in sub-batches of 256 chunks so the bookkeeping of one overlaps the copies of
+        the previous (about 5 us of Python per chunk against 4.8 us of PCIe time for a
+        256 KiB chunk at 55 GB/s).
         """
         dev = self._device
         assert dev is not None
+        failed = [e.key for e in entries if e.host is None]
+        # In host-slot order, so consecutive host slots get consecutive device slots.
+        ordered = sorted((e for e in entries if e.host is not None), key=lambda e: e.host)  # type: ignore[arg-type, return-value]
+        pairs: list[tuple[_Entry, int, int]] = []
         t0 = time.perf_counter()
-        failed: list[ChunkKey] = []
-        ok: list[_Entry] = []
-        slots: list[int] = []
-        # In host-slot order, and the freed device slots sorted too: chunks whose host slots
-        # are consecutive get consecutive device slots whenever the freed ones allow, so they
-        # move in one copy_ per run (2 MiB copies reach 51 of 55 GB/s) instead of chunk by chunk.
-        with self._lock:
-            for entry in sorted(entries, key=lambda e: -1 if e.host is None else e.host):
-                if entry.host is None:
-                    failed.append(entry.key)
-                    continue
-                try:
-                    slots.append(self._alloc_device())
-                except CapacityError:
-                    failed.append(entry.key)
-                    continue
-                ok.append(entry)
-            self._in_transfer["device"] += len(slots)
-        slots.sort()
-        pairs = [(e, e.host, d) for e, d in zip(ok, slots)]
-        if not pairs:
-            return _Launch([], None, failed, t0)
+        stream_ctx = torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else None
+        if stream_ctx is not None:
+            stream_ctx.__enter__()
+            self._copy_stream.wait_event(issued)  # type: ignore[union-attr]
         try:
-            if self._copy_stream is None:  # CPU device tier: the copy is synchronous
-                copy_chunks(self._host.slab, dev.slab, [(h, d) for _, h, d in pairs],
-                            group_size=self.layout.group_size)  # fmt: skip
-                return _Launch(pairs, None, failed, t0)  # type: ignore[arg-type]
-            with torch.cuda.stream(self._copy_stream):
-                self._copy_stream.wait_event(issued)
-                copy_chunks(self._host.slab, dev.slab, [(h, d) for _, h, d in pairs],
-                            group_size=self.layout.group_size)  # fmt: skip
+            for start in range(0, len(ordered), 256):
+                batch: list[tuple[_Entry, int, int]] = []
+                with self._lock:
+                    for entry in ordered[start : start + 256]:
+                        try:
+                            batch.append((entry, entry.host, self._alloc_device()))  # type: ignore[arg-type]
+                            self._in_transfer["device"] += 1
+                        except CapacityError:
+                            failed.append(entry.key)
+                pairs.extend(batch)
+                copy_chunks(
+                    self._host.slab,
+                    dev.slab,
+                    [(h, d) for _, h, d in batch],
+                    group_size=self.layout.group_size,
+                )
+            if self._copy_stream is not None:
                 done = torch.cuda.Event()
                 done.record(self._copy_stream)
-            return _Launch(pairs, done, failed, t0)  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001  (reported as failed keys, never lost)
-            log.warning("kvtier: host-to-device copy of %d chunks failed: %s", len(pairs), exc)
+                done.synchronize()  # in the worker thread: the caller only waits on the handle
+        except Exception:
             with self._lock:
                 for _, _, dslot in pairs:
                     dev.free(dslot)
                 self._in_transfer["device"] -= len(pairs)
                 self._released.notify_all()
-            return _Launch([], None, failed + [e.key for e, _, _ in pairs], t0)
-
-    def _publish_h2d(self, launches: list[_Launch]) -> list[ChunkKey]:
-        """Wait for each launch's copies (in this worker thread), then make its slots visible.
-
-        Launches are published one by one, so the bookkeeping of one overlaps the copies of
-        the next. A device slot appears in ``device_slots`` only once its bytes are complete.
-        """
-        dev = self._device
-        assert dev is not None
-        failed: list[ChunkKey] = []
-        for launch in launches:
-            failed.extend(launch.failed)
-            if not launch.pairs:
-                continue
-            try:
-                if launch.done is not None:
-                    launch.done.synchronize()
-            except Exception as exc:  # noqa: BLE001  (a copy that faulted: its keys fail)
-                log.warning("kvtier: host-to-device copy of %d chunks failed: %s", len(launch.pairs), exc)
-                with self._lock:
-                    for entry, _, dslot in launch.pairs:
-                        dev.free(dslot)
-                        failed.append(entry.key)
-                    self._in_transfer["device"] -= len(launch.pairs)
-                    self._released.notify_all()
-                continue
-            elapsed = time.perf_counter() - launch.t0
-            with self._lock:
-                policy = self._policy["device"]
-                index = self._index
-                for entry, _, dslot in launch.pairs:
-                    if index.get(entry.key) is entry and entry.device is None:
-                        entry.device = dslot
-                        policy.touch(entry.key)
-                    else:
-                        dev.free(dslot)
-                self._in_transfer["device"] -= len(launch.pairs)
-                self._released.notify_all()
-                st = self._stats["device"]
-                st.bytes_written += len(launch.pairs) * self._cb
-                st.latency_s.append(elapsed / len(launch.pairs))
-        return failed
-
-    def _finish_h2d(self, entries: list[_Entry], launches: list[_Launch]) -> list[ChunkKey]:
-        """Worker: publish the launches of a prefetch's host-resident chunks, then unpin them."""
-        try:
-            return self._publish_h2d(launches)
-        except Exception as exc:  # noqa: BLE001  (a worker must never lose keys silently)
-            log.warning("kvtier: prefetch failed: %s", exc)
-            return [e.key for e in entries]
+            raise
         finally:
-            with self._lock:
-                self._release(entries)
+            if stream_ctx is not None:
+                stream_ctx.__exit__(None, None, None)
+        elapsed = time.perf_counter() - t0
+        with self._lock:
+            for entry, _, dslot in pairs:
+                if self._index.get(entry.key) is entry and entry.device is None:
+                    entry.device = dslot
+                    self._policy["device"].touch(entry.key)
+                else:
+                    dev.free(dslot)
+            self._in_transfer["device"] -= len(pairs)
+            self._released.notify_all()
+            st = self._stats["device"]
+            st.bytes_written += len(pairs) * self._cb
+            if pairs:
+                st.latency_s.append(elapsed / len(pairs))
+        return failed
 
     # ------------------------------------------------------------------ lifecycle
     def flush(self) -> int:

@@ -232,11 +232,9 @@ def test_device_tier_needs_the_device(tmp_path) -> None:
 
 
 def _many_block_prefetch(tmp_path, device: str) -> None:
-    """A device prefetch of more keys than one launch block (64, then 256): host-resident
+    """A device prefetch of more keys than one copy sub-batch (256 chunks): host-resident
     keys in scattered host slots, disk-only keys and absent keys in one call."""
-    from kvtier.store import _H2D_BLOCK, _H2D_FIRST
-
-    n = _H2D_FIRST + _H2D_BLOCK + 40
+    n = 360
     cfg = StoreConfig(
         gpu_bytes=(n + 8) * CB,
         host_bytes=(n + 8) * CB,
@@ -254,7 +252,7 @@ def _many_block_prefetch(tmp_path, device: str) -> None:
             store.write(keys[i], chunk(i))
         absent = [ChunkKey(2, 0, j) for j in range(5)]
         on_host = {k for k in keys if "host" in store.where(k)}
-        assert len(on_host) > _H2D_FIRST + _H2D_BLOCK and len(on_host) < len(keys)
+        assert len(on_host) > 256 and len(on_host) < len(keys)
         failed = store.prefetch(keys[::-1] + absent, to="device").wait(timeout=60)
         # Absent keys fail; disk-only keys may fail for want of a host slot (every host slot
         # is held by this call's own transfers); host-resident keys all land on the device.
@@ -268,7 +266,7 @@ def _many_block_prefetch(tmp_path, device: str) -> None:
         assert store.stats()["device"]["bytes_written"] >= n * CB
 
 
-def test_prefetch_to_device_in_many_blocks_is_bit_exact(tmp_path) -> None:
+def test_prefetch_to_device_in_many_sub_batches_is_bit_exact(tmp_path) -> None:
     _many_block_prefetch(tmp_path, "cpu")
 
 
@@ -294,7 +292,7 @@ def test_failed_device_copy_reports_keys_and_frees_slots(tmp_path, monkeypatch) 
 
 # ---------------------------------------------------------------- GPU machine only
 @pytest.mark.gpu
-def test_gpu_prefetch_to_device_in_many_blocks_is_bit_exact(tmp_path) -> None:
+def test_gpu_prefetch_to_device_in_many_sub_batches_is_bit_exact(tmp_path) -> None:
     _many_block_prefetch(tmp_path, "cuda")
 
 
