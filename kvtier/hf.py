@@ -786,6 +786,16 @@ def hga_attention_forward(
     start = key.shape[2] - query.shape[2]
     if start < 0:
         raise ValueError(f"key: expected at least Lq={query.shape[2]} positions, got {key.shape[2]}")
+    position_ids = kwargs.get("position_ids")
+    if isinstance(position_ids, torch.Tensor) and position_ids.numel():
+        # The keys here are the whole context, so the last query sits at Lk - 1; anything else
+        # means K/V that are not the full causal prefix (a cache whose mark was lost, padding).
+        last = int(position_ids.reshape(-1)[-1])
+        if last != key.shape[2] - 1:
+            raise ValueError(
+                f"position_ids: expected the last query at position {key.shape[2] - 1} (the keys are the whole "
+                f"context), got {last}"
+            )
     if settings.method == "dense":
         from kvtier.reference.attention import dense_attention_ref
 
