@@ -1,3 +1,8 @@
+#!/usr/bin/env bash
+# One call on the GPU machine for the whole project: the gpu-marked tests of kernels,
+# dispatcher, transformers integration and store, then `kvtier bench attention` at 128K and
+# 1M (batch 1 and 4). Carry .whl (crc32c, kvikio and pytest's small deps). Results in $OUT.
+# About 3 minutes of device time.
 set -u
 OUT=${OUT:-/tmp/kvtier-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
