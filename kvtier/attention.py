@@ -84,7 +84,7 @@ def hga_attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    _ref._check_inputs(q, k, v, config, rope_theta, start_pos)
+    _ref.check_hga_inputs(q, k, v, config, rope_theta, start_pos)
     if backend == "auto":
         backend = "triton" if q.is_cuda else "reference"
     if backend == "reference":

@@ -47,7 +47,7 @@ from kvtier.config import HGAConfig, StoreConfig
 from kvtier.errors import ConfigError, TransferError
 from kvtier.layout import KVLayout, windows_at
 from kvtier.reference.attention import masked_attention_ref
-from kvtier.reference.hga import RoutePlan, _route_block, plan_widths
+from kvtier.reference.hga import RoutePlan, route_block, plan_widths
 from kvtier.reference.rope import rope_inv_freq
 from kvtier.reference.summaries import chunk_summaries_ref, group_summaries_ref
 
@@ -471,7 +471,7 @@ class TieredLayer(DynamicLayer):
         plan: RoutePlan | None = None
         routed = torch.empty(b, 0, dtype=torch.long, device=q.device)
         if win.num_candidates > 0 and cfg.top_chunks > 0 and cfg.top_groups > 0:
-            plan = _route_block(
+            plan = route_block(
                 q.float(), self._chunk_summ.view(), self._group_summ.view(), win, cfg, plan_widths(cfg, last)
             )
             chunk_of = torch.where(plan.group_ids >= 0, plan.group_ids // m, -1).reshape(b, -1)

@@ -1,7 +1,16 @@
 """Slow, obviously correct torch implementations: the specification every kernel is tested against."""
 
 from kvtier.reference.attention import dense_attention_ref, expand_kv_heads, masked_attention_ref
-from kvtier.reference.hga import HGAStats, RoutePlan, hga_attention, hga_decode_ref, hga_prefill_ref, plan_widths
+from kvtier.reference.hga import (
+    HGAStats,
+    RoutePlan,
+    check_hga_inputs,
+    hga_attention,
+    hga_decode_ref,
+    hga_prefill_ref,
+    plan_widths,
+    route_block,
+)
 from kvtier.reference.rope import apply_rope, invert_rope, rope_inv_freq, rotate_half
 from kvtier.reference.summaries import (
     chunk_summaries_ref,
@@ -17,6 +26,8 @@ __all__ = [
     "HGAStats",
     "RoutePlan",
     "plan_widths",
+    "route_block",
+    "check_hga_inputs",
     "dense_attention_ref",
     "masked_attention_ref",
     "expand_kv_heads",

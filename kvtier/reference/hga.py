@@ -33,7 +33,16 @@ from kvtier.reference.attention import masked_attention_ref
 from kvtier.reference.rope import rope_inv_freq
 from kvtier.reference.summaries import chunk_summaries_ref, group_summaries_ref
 
-__all__ = ["RoutePlan", "HGAStats", "hga_attention", "hga_prefill_ref", "hga_decode_ref", "plan_widths"]
+__all__ = [
+    "RoutePlan",
+    "HGAStats",
+    "hga_attention",
+    "hga_prefill_ref",
+    "hga_decode_ref",
+    "plan_widths",
+    "route_block",
+    "check_hga_inputs",
+]
 
 
 @dataclass
@@ -105,7 +114,7 @@ def _pad(ids: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(ids, (0, missing), value=-1) if missing > 0 else ids
 
 
-def _route_block(
+def route_block(
     q: torch.Tensor,
     chunk_summ: torch.Tensor,
     group_summ: torch.Tensor,
@@ -115,8 +124,24 @@ def _route_block(
 ) -> RoutePlan:
     """Route queries that share one current chunk (so one set of windows), each on its own.
 
-    q ``[B, Hq, Lb, D]``; chunk_summ ``[B, Hkv, >= local_start, D]``;
-    group_summ ``[B, Hkv, >= local_start, M, D]``.
+    The routing step of the reference, public so that integrations (``kvtier.hf``) route
+    exactly as the specification does.
+
+    Parameters
+    ----------
+    q : Tensor ``[B, Hq, Lb, D]``
+        Post-RoPE queries whose positions all lie in chunk ``win.current``.
+    chunk_summ : Tensor ``[B, Hkv, N, D]`` float32, ``N >= win.local_start``
+    group_summ : Tensor ``[B, Hkv, N, M, D]`` float32
+    win : Windows
+        From :func:`kvtier.layout.windows_at` for any position of the block.
+    config : HGAConfig
+    widths : tuple of int
+        ``(Kc, Kg, Kf)`` from :func:`plan_widths`.
+
+    Returns
+    -------
+    RoutePlan with tensors ``[B, Hq, Lb, K*]``.
     """
     b, hq, lb, d = q.shape
     rep = hq // chunk_summ.shape[1]
@@ -160,7 +185,8 @@ def _visibility(positions: torch.Tensor, group_ids: torch.Tensor, win: Windows, 
     return routed | fixed | own_chunk
 
 
-def _check_inputs(q: object, k: object, v: object, config: object, rope_theta: object, start_pos: object) -> None:
+def check_hga_inputs(q: object, k: object, v: object, config: object, rope_theta: object, start_pos: object) -> None:
+    """Validate the arguments of :func:`hga_attention`: "expected X, got Y" errors."""
     check_tensor("q", q, ndim=4, dtypes=SUPPORTED_DTYPES)
     check_tensor("k", k, ndim=4, dtypes=SUPPORTED_DTYPES)
     check_tensor("v", v, ndim=4, dtypes=SUPPORTED_DTYPES)
@@ -206,7 +232,7 @@ def hga_prefill_ref(
 
     Same parameters and result as :func:`hga_attention`.
     """
-    _check_inputs(q, k, v, config, rope_theta, start_pos)
+    check_hga_inputs(q, k, v, config, rope_theta, start_pos)
     b, hq, lq, d = q.shape
     c = config.chunk_size
     last = start_pos + lq - 1
@@ -227,7 +253,7 @@ def hga_prefill_ref(
         rows = slice(block_start - start_pos, block_end - start_pos + 1)
         win = windows_at(block_start, c, config.sink_chunks, config.local_chunks)
         q_blk = q[:, :, rows].float()
-        plan = _route_block(q_blk, chunk_summ, group_summ, win, config, widths)
+        plan = route_block(q_blk, chunk_summ, group_summ, win, config, widths)
         visible = _visibility(positions[rows], plan.group_ids, win, block_end + 1, config)
         out[:, :, rows] = masked_attention_ref(
             q[:, :, rows], k[:, :, : block_end + 1], v[:, :, : block_end + 1], visible
@@ -246,7 +272,7 @@ def hga_decode_ref(
 
     Same parameters and result as :func:`hga_attention`.
     """
-    _check_inputs(q, k, v, config, rope_theta, start_pos)
+    check_hga_inputs(q, k, v, config, rope_theta, start_pos)
     b, hq, lq, d = q.shape
     c, g = config.chunk_size, config.group_size
     inv_freq = rope_inv_freq(d, rope_theta, device=q.device)
@@ -265,7 +291,7 @@ def hga_decode_ref(
         hkv = k.shape[1]
         cs = torch.cat(chunk_summ, dim=2) if chunk_summ else q.new_zeros(b, hkv, 0, d, dtype=torch.float32)
         gs = torch.cat(group_summ, dim=2) if group_summ else q.new_zeros(b, hkv, 0, c // g, d, dtype=torch.float32)
-        plan = _route_block(q[:, :, i : i + 1].float(), cs, gs, win, config, widths)
+        plan = route_block(q[:, :, i : i + 1].float(), cs, gs, win, config, widths)
         pos = torch.tensor([t], device=q.device)
         visible = _visibility(pos, plan.group_ids, win, t + 1, config)
         outs.append(masked_attention_ref(q[:, :, i : i + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible))

@@ -1,1 +1,0 @@
-"""HGA routing: summaries, routing plans and prefetch hints."""
