@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from kvtier._benchcsv import CSV_COLUMNS, append_csv
 from kvtier.attention import HostKVDecode, _hga_kernels, _route, prefill_tables
 from kvtier.config import HGAConfig
 from kvtier.kernels.sparse_prefill import sparse_prefill
@@ -42,22 +43,6 @@ from kvtier.reference.hga import plan_widths
 
 __all__ = ["add_arguments", "run", "main"]
 
-_COLUMNS = [
-    "bench",
-    "op",
-    "impl",
-    "metric",
-    "unit",
-    "x_name",
-    "x_value",
-    "p20",
-    "p50",
-    "p80",
-    "config_json",
-    "gpu",
-    "commit",
-    "timestamp",
-]
 
 
 def _parse_tokens(text: str) -> list[int]:
@@ -600,14 +585,9 @@ def run(args: argparse.Namespace) -> int:
 def _append_csv(path: Path, rows: list[dict], env: dict[str, str]) -> None:
     """Append rows in the long format of the style guide (header when the file is new)."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_COLUMNS)
-        if new:
-            w.writeheader()
-        for r in rows:
-            r.update(bench="attention", gpu=env["gpu"], commit=env["commit"], timestamp=stamp)
-            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in _COLUMNS})
+    for r in rows:
+        r.update(bench="attention", gpu=env["gpu"], commit=env["commit"], timestamp=stamp)
+    append_csv(path, ({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in CSV_COLUMNS} for r in rows))
 
 
 def _table(rows: list[dict]) -> str:

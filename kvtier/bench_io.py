@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from kvtier._benchcsv import append_csv
 from kvtier.config import StoreConfig, format_bytes, parse_bytes
 from kvtier.layout import KVLayout
 from kvtier.store import ChunkKey, TieredStore
@@ -51,22 +52,6 @@ log = logging.getLogger("kvtier.bench")
 # so a 64-token chunk of one layer is 256 KiB.
 _HKV, _D = 8, 128
 _TOKEN_BYTES = 2 * _HKV * _D * 2
-CSV_COLUMNS = (
-    "bench",
-    "op",
-    "impl",
-    "metric",
-    "unit",
-    "x_name",
-    "x_value",
-    "p20",
-    "p50",
-    "p80",
-    "config_json",
-    "gpu",
-    "commit",
-    "timestamp",
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -562,18 +547,6 @@ def _table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _append_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    import csv
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``kvtier bench io``."""
     size = parse_bytes(args.size, name="--size")
@@ -609,7 +582,7 @@ def run(args: argparse.Namespace) -> int:
     )
     rows = res.pop("rows")
     if args.csv:
-        _append_csv(Path(args.csv), rows)
+        append_csv(Path(args.csv), rows)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2, default=str))

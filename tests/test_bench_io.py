@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from kvtier.bench_io import CSV_COLUMNS, _layout
+from kvtier._benchcsv import CSV_COLUMNS
+from kvtier.bench_io import _layout
 from kvtier.cli import main
 
 
