@@ -79,6 +79,31 @@ def _attend(
     return (p @ vals.to(dt)).to(q.dtype)
 
 
+def _attend_blocks(
+    q_row: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    b: int,
+    kvh: int,
+    blocks: list[tuple[int, int]],
+    pos: int,
+    geo: dict,
+    upcast: bool,
+) -> torch.Tensor:
+    """One query row ``[D]`` over the listed blocks ``(block id, first position or -1 if routed)``.
+
+    Window blocks carry their first position so that the causal part of the current chunk
+    masks keys after ``pos``; routed blocks (-1) are always before the query's chunk.
+    """
+    group_size = geo["group_size"]
+    ks = torch.cat([block_rows_ref(k, b, kvh, blk, **geo) for blk, _ in blocks])
+    vs = torch.cat([block_rows_ref(v, b, kvh, blk, **geo) for blk, _ in blocks])
+    kpos = torch.cat(
+        [torch.arange(p0, p0 + group_size) if p0 >= 0 else torch.full((group_size,), -1) for _, p0 in blocks]
+    )
+    return _attend(q_row[None], ks, vs, (kpos <= pos)[None, :], upcast)[0]
+
+
 def sparse_decode_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -117,16 +142,7 @@ def sparse_decode_ref(
         for h in range(hq):
             kvh = h // rep
             blocks = [(blk, p0) for blk, p0 in fixed] + [(int(x), -1) for x in routed[b, h] if int(x) >= 0]
-            ks = torch.cat([block_rows_ref(k, b, kvh, blk, **geo) for blk, _ in blocks])
-            vs = torch.cat([block_rows_ref(v, b, kvh, blk, **geo) for blk, _ in blocks])
-            kpos = torch.cat(
-                [
-                    torch.arange(p0, p0 + group_size) if p0 >= 0 else torch.full((group_size,), -1)
-                    for _, p0 in blocks
-                ]
-            )
-            visible = (kpos <= pos)[None, :]
-            out[b, h] = _attend(q[b, h][None], ks, vs, visible, upcast)[0]
+            out[b, h] = _attend_blocks(q[b, h], k, v, b, kvh, blocks, pos, geo, upcast)
     return out
 
 
@@ -178,15 +194,7 @@ def sparse_prefill_ref(
                     for x, vis in zip(routed[b, h, qb], routed_visible[b, h, i])
                     if int(x) >= 0 and bool(vis)
                 ]
-                ks = torch.cat([block_rows_ref(k, b, kvh, blk, **geo) for blk, _ in blocks])
-                vs = torch.cat([block_rows_ref(v, b, kvh, blk, **geo) for blk, _ in blocks])
-                kpos = torch.cat(
-                    [
-                        torch.arange(p0, p0 + group_size) if p0 >= 0 else torch.full((group_size,), -1)
-                        for _, p0 in blocks
-                    ]
-                )
-                out[b, h, i] = _attend(q[b, h, i][None], ks, vs, (kpos <= pos)[None, :], upcast)[0]
+                out[b, h, i] = _attend_blocks(q[b, h, i], k, v, b, kvh, blocks, pos, geo, upcast)
     return out
 
 
