@@ -7,7 +7,7 @@ import torch
 from kvtier._checks import check_tensor
 from kvtier.errors import ConfigError
 from kvtier.layout import KVLayout
-from kvtier.tiers.base import SlotAllocator
+from kvtier.tiers.base import SlotAllocator, SlotCounts
 
 __all__ = ["SlabTier", "check_chunk", "slots_for_budget"]
 
@@ -36,7 +36,7 @@ def check_chunk(
     return t
 
 
-class SlabTier:
+class SlabTier(SlotCounts):
     """Fixed slots in one preallocated slab tensor; no eviction, no policy."""
 
     def __init__(self, layout: KVLayout, slab: torch.Tensor) -> None:
@@ -54,31 +54,6 @@ class SlabTier:
     def device(self) -> torch.device:
         """Device of the slab."""
         return self._slab.device
-
-    @property
-    def slot_bytes(self) -> int:
-        """Bytes per slot (one chunk)."""
-        return self._slot_bytes
-
-    @property
-    def num_slots(self) -> int:
-        """Slots in the slab."""
-        return self._alloc.num_slots
-
-    @property
-    def num_free(self) -> int:
-        """Slots not allocated."""
-        return self._alloc.num_free
-
-    @property
-    def capacity_bytes(self) -> int:
-        """``num_slots * slot_bytes``: never above the budget the tier was built with."""
-        return self.num_slots * self.slot_bytes
-
-    @property
-    def used_bytes(self) -> int:
-        """Bytes of allocated slots."""
-        return self._alloc.num_used * self.slot_bytes
 
     def allocate(self) -> int:
         """Lowest free slot; :class:`kvtier.CapacityError` when full."""

@@ -20,6 +20,7 @@ __all__ = [
     "PAGE_BYTES",
     "ChunkKey",
     "SlotAllocator",
+    "SlotCounts",
     "Tier",
     "align_up",
     "aligned_empty",
@@ -166,3 +167,39 @@ def aligned_empty(nbytes: int, *, pin: bool) -> tuple[torch.Tensor, bool]:
     buf = mmap.mmap(-1, align_up(nbytes))
     # torch.frombuffer holds a reference to the mmap, which lives as long as the tensor.
     return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes), False
+
+
+class SlotCounts:
+    """Size accounting shared by the tiers that hand out fixed slots from a :class:`SlotAllocator`.
+
+    Subclasses set ``_alloc`` and ``_slot_bytes``; a tier's capacity is ``num_slots`` whole
+    slots, allocated up front, so ``used_bytes`` can never pass the budget it was built with.
+    """
+
+    _alloc: SlotAllocator
+    _slot_bytes: int
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes one slot occupies in this tier."""
+        return self._slot_bytes
+
+    @property
+    def num_slots(self) -> int:
+        """Slots within the budget."""
+        return self._alloc.num_slots
+
+    @property
+    def num_free(self) -> int:
+        """Slots not allocated."""
+        return self._alloc.num_free
+
+    @property
+    def capacity_bytes(self) -> int:
+        """``num_slots * slot_bytes``: never above the budget the tier was built with."""
+        return self.num_slots * self._slot_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of allocated slots."""
+        return self._alloc.num_used * self._slot_bytes

@@ -28,7 +28,7 @@ import torch
 
 from kvtier.errors import ConfigError, CorruptChunkError, LayoutMismatchError, TransferError
 from kvtier.layout import FORMAT_VERSION, KVLayout
-from kvtier.tiers.base import PAGE_BYTES, ChunkKey, SlotAllocator, align_up, aligned_empty
+from kvtier.tiers.base import PAGE_BYTES, ChunkKey, SlotAllocator, SlotCounts, align_up, aligned_empty
 from kvtier.tiers.io import IOBackend, PosixIO, Reader
 
 __all__ = ["FILE_MAGIC", "FILE_TARGET_BYTES", "MAX_RUN", "SLOT_MAGIC", "DiskTier", "SlotRecord"]
@@ -68,7 +68,7 @@ def _file_name(index: int) -> str:
     return f"slab-{index:05d}.kvt"
 
 
-class DiskTier:
+class DiskTier(SlotCounts):
     """Chunk slots in slab files under one folder, read back only if they verify.
 
     Parameters
@@ -102,7 +102,7 @@ class DiskTier:
         # layout.chunk_bytes builds a tensor to learn the item size: read it once.
         self._chunk_bytes = layout.chunk_bytes
         self.payload_span = align_up(self._chunk_bytes)
-        self._slot_bytes = self.payload_span + PAGE_BYTES
+        self._slot_bytes = self.payload_span + PAGE_BYTES  # payload padded to 4 KiB + a 4 KiB header block
         num_slots = capacity_bytes // self._slot_bytes
         if num_slots < 1:
             raise ConfigError(
@@ -128,31 +128,6 @@ class DiskTier:
         self._found = self._scan_existing()
 
     # ------------------------------------------------------------------ geometry
-    @property
-    def slot_bytes(self) -> int:
-        """Bytes per slot on disk: payload padded to 4 KiB plus a 4 KiB header block."""
-        return self._slot_bytes
-
-    @property
-    def num_slots(self) -> int:
-        """Slots within the budget."""
-        return self._alloc.num_slots
-
-    @property
-    def num_free(self) -> int:
-        """Slots not allocated."""
-        return self._alloc.num_free
-
-    @property
-    def capacity_bytes(self) -> int:
-        """``num_slots * slot_bytes``."""
-        return self.num_slots * self._slot_bytes
-
-    @property
-    def used_bytes(self) -> int:
-        """Bytes of allocated slots."""
-        return self._alloc.num_used * self._slot_bytes
-
     def locate(self, slot: int) -> tuple[Path, int]:
         """Slab file and byte offset of ``slot`` (tests and fault injection)."""
         file_index, offset = self._where(slot)
