@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from kvtier._benchcsv import CSV_COLUMNS
-from kvtier.bench_io import _layout
+from kvtier.cli.results import CSV_COLUMNS
+from kvtier.cli.bench_io import _layout
 from kvtier.cli import main
 
 
@@ -57,7 +57,7 @@ def test_raw_reader_into_a_slab_lands_every_payload(tmp_path) -> None:
     import torch
 
     from kvtier import StoreConfig, TieredStore
-    from kvtier.bench_io import _raw_odirect
+    from kvtier.cli.bench_io import _raw_odirect
     from kvtier.tiers.base import aligned_empty
 
     layout = _layout(128 * 1024)

@@ -30,3 +30,24 @@ def test_synthetic_demo_runs_and_reports_exactness(capsys):
 def test_python_dash_m_entry_point():
     res = subprocess.run([sys.executable, "-m", "kvtier", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "demo" in res.stdout
+
+
+def test_library_never_imports_the_commands():
+    """Imports go one way: kvtier/cli uses the library, nothing outside kvtier/cli imports it."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in [*(root / "kvtier").rglob("*.py"), *(root / "kernels").rglob("*.py")]:
+        rel = path.relative_to(root)
+        if rel.parts[:2] == ("kvtier", "cli") or rel == Path("kvtier/__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            offenders += [f"{rel}: {n}" for n in names if n == "kvtier.cli" or n.startswith("kvtier.cli.")]
+    assert not offenders, offenders

@@ -9,7 +9,7 @@ import pytest
 
 from kvtier import HGAConfig
 from kvtier.cli import main
-from kvtier.eval import EvalRow, default_budget, hga_config_for_budget, markdown_table
+from kvtier.cli.eval import EvalRow, default_budget, hga_config_for_budget, markdown_table
 
 
 def test_budget_helpers() -> None:
@@ -56,7 +56,7 @@ def test_diagnose_on_a_tiny_model() -> None:
     import torch
     import transformers
 
-    from kvtier.eval import diagnose, diagnosis_table
+    from kvtier.cli.eval import diagnose, diagnosis_table
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

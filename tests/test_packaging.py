@@ -20,3 +20,6 @@ def test_wheel_ships_kernels_and_data(tmp_path):
     assert kernel_files and {f"kvtier/kernels/{n}" for n in kernel_files} <= names
     assert "kvtier/data/essay.txt" in names and "kvtier/py.typed" in names
     assert any(n.startswith("kvtier/tiers/") for n in names) and "kvtier/reference/hga.py" in names
+    assert {"kvtier/cli/__init__.py", "kvtier/cli/demo.py", "kvtier/cli/results.py"} <= names
+    # Every shipped folder is declared: setuptools warns "Package ... is absent" otherwise.
+    assert "is absent from the" not in res.stdout + res.stderr

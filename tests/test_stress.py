@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from kvtier.cli import main
-from kvtier.stress import stress
+from kvtier.cli.stress import stress
 
 
 def test_stress_short_run_holds_every_invariant(tmp_path) -> None:

@@ -15,11 +15,11 @@ __all__ = ["main"]
 
 # (command path, module, help). Modules are imported only when their command runs.
 _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
-    (("demo",), "kvtier.demo", "HGA against dense attention on the embedded default"),
-    (("bench", "io"), "kvtier.bench_io", "disk and host-to-GPU throughput of the store beside raw baselines"),
-    (("bench", "attention"), "kvtier.bench_attention", "HGA decode/prefill kernels beside torch SDPA, 8K to 1M tokens"),
-    (("stress",), "kvtier.stress", "random store workload with injected faults, checked byte for byte"),
-    (("eval",), "kvtier.eval", "HGA against dense, Quest and oracle top-k on a real model: NLL gap and needles"),
+    (("demo",), "kvtier.cli.demo", "HGA against dense attention on the embedded default"),
+    (("bench", "io"), "kvtier.cli.bench_io", "disk and host-to-GPU throughput of the store beside raw baselines"),
+    (("bench", "attention"), "kvtier.cli.bench_attention", "HGA decode/prefill kernels beside torch SDPA, 8K to 1M tokens"),
+    (("stress",), "kvtier.cli.stress", "random store workload with injected faults, checked byte for byte"),
+    (("eval",), "kvtier.cli.eval", "HGA against dense, Quest and oracle top-k on a real model: NLL gap and needles"),
 ]
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from kvtier._benchcsv import append_csv
+from kvtier.cli.results import append_csv
 from kvtier.config import StoreConfig, format_bytes, parse_bytes
 from kvtier.layout import KVLayout
 from kvtier.store import ChunkKey, TieredStore

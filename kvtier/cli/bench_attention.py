@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from kvtier._benchcsv import CSV_COLUMNS, append_csv
+from kvtier.cli.results import CSV_COLUMNS, append_csv
 from kvtier.attention import HostKVDecode, _hga_kernels, _route, prefill_tables
 from kvtier.config import HGAConfig
 from kvtier.kernels.sparse_prefill import sparse_prefill
