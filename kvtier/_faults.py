@@ -18,12 +18,15 @@ from pathlib import Path
 
 from kvtier.tiers.io import IOBackend, PosixIO, Reader
 
-__all__ = ["READ_FAULTS", "WRITE_FAULTS", "FaultyIO", "flip_bit_on_disk", "truncate_file"]
+__all__ = ["CALLS", "READ_FAULTS", "WRITE_FAULTS", "FaultyIO", "flip_bit_on_disk", "truncate_file"]
 
 #: Faults of the read path: each makes one slot read fail (a reported miss).
 READ_FAULTS = ("read_error", "short_read", "bitflip_read")
 #: Faults of the write path: each makes one payload write fail (a raised TransferError).
 WRITE_FAULTS = ("write_error", "disk_full", "torn_write")
+#: Backend calls :meth:`FaultyIO.fail_calls` can fail; "pwrite_header" is a pwrite of one
+#: 4 KiB header block (a slot header or a header clear).
+CALLS = ("open_rw", "open_reader", "pread", "pwrite", "pwrite_header", "reserve", "sync", "readv")
 
 
 class _FaultyReader:
@@ -34,6 +37,7 @@ class _FaultyReader:
         self.reason = inner.reason
 
     def readv(self, buffers: list[memoryview], offset: int) -> int:
+        self._owner._call("readv")
         fault = self._owner._take(READ_FAULTS)
         if fault == "read_error":
             raise OSError(errno.EIO, "injected read error")
@@ -95,6 +99,29 @@ class FaultyIO:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.enabled = True
+        #: Backend calls made so far, by name (see :data:`CALLS`).
+        self.calls: Counter[str] = Counter()
+        self._fail: dict[str, list[int]] = {}  # call -> [calls left to fail, errno]
+
+    def fail_calls(self, call: str, count: int = 1, err: int = errno.EIO) -> None:
+        """Make the next ``count`` calls of ``call`` raise ``OSError(err)`` (any call, not
+        only payload writes: a full disk fails header writes and clears too)."""
+        if call not in CALLS:
+            raise ValueError(f"call: expected one of {CALLS}, got {call!r}")
+        with self._lock:
+            self._fail[call] = [count, err]
+
+    def _call(self, call: str) -> None:
+        """Count one backend call; raise when it was told to fail."""
+        with self._lock:
+            self.calls[call] += 1
+            left = self._fail.get(call)
+            if left is None or left[0] <= 0 or not self.enabled:
+                return
+            left[0] -= 1
+            self.injected[f"{call}_fail"] += 1
+            err = left[1]
+        raise OSError(err, f"injected {os.strerror(err)} in {call}")
 
     def inject(self, fault: str, count: int = 1) -> None:
         """Make the next ``count`` operations of the fault's kind fail with ``fault``."""
@@ -124,15 +151,21 @@ class FaultyIO:
 
     # ----- IOBackend
     def open_rw(self, path: str) -> int:
+        self._call("open_rw")
         return self.inner.open_rw(path)
 
     def open_reader(self, path: str) -> Reader:
+        self._call("open_reader")
         return _FaultyReader(self.inner.open_reader(path), self)
 
     def pread(self, fd: int, nbytes: int, offset: int) -> bytes:
+        self._call("pread")
         return self.inner.pread(fd, nbytes, offset)
 
     def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        self._call("pwrite")
+        if data.nbytes == 4096:
+            self._call("pwrite_header")
         if self.payload_bytes is None or data.nbytes == self.payload_bytes:
             fault = self._take(("write_error", "torn_write"))
             if fault == "write_error":
@@ -144,11 +177,13 @@ class FaultyIO:
         return self.inner.pwrite(fd, data, offset)
 
     def reserve(self, fd: int, offset: int, length: int) -> None:
+        self._call("reserve")
         if self._take(("disk_full",)):
             raise OSError(errno.ENOSPC, "injected: no space left on device")
         self.inner.reserve(fd, offset, length)
 
     def sync(self, fd: int) -> None:
+        self._call("sync")
         self.inner.sync(fd)
 
     def close(self, fd: int) -> None:

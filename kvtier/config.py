@@ -161,9 +161,12 @@ class StoreConfig:
     ----------
     gpu_bytes, host_bytes, disk_bytes : int or str
         Budget of each tier in bytes, or a string such as ``"8GiB"``. Parsed to ints at
-        construction. ``gpu_bytes=0`` disables the device cache.
+        construction. ``gpu_bytes=0`` disables the device cache; ``disk_bytes=0`` disables
+        the disk tier (the host tier then drops its least recently used chunks when full).
     disk_dir : str or Path or None
-        Folder of the disk tier's slab files; None means no disk tier.
+        Folder of the disk tier's slab files, locked by one store at a time. None (the
+        default): a private temporary folder, removed at close, so a store never runs out
+        of room mid-generation while the disk has space.
     io_backend : {"auto", "posix", "kvikio"}
         Disk I/O backend; "auto" picks kvikio when it runs GPUDirect Storage, else POSIX
         (O_DIRECT): kvikio's compatibility mode is POSIX I/O behind another layer.
@@ -190,6 +193,8 @@ class StoreConfig:
                 raise TypeError(
                     f"StoreConfig.disk_dir: expected a str, Path or None, got {type(self.disk_dir).__name__}"
                 )
+            if str(self.disk_dir) == "":  # Path("") is the current directory: never meant
+                raise ConfigError("StoreConfig.disk_dir: expected a folder path or None, got ''")
             object.__setattr__(self, "disk_dir", Path(self.disk_dir))
         if self.io_backend not in _IO_BACKENDS:
             raise ConfigError(f"StoreConfig.io_backend: expected one of {_IO_BACKENDS}, got {self.io_backend!r}")

@@ -534,7 +534,7 @@ class TieredCache(Cache):
     hga : HGAConfig, optional
         Budgets and windows; the paper's defaults when omitted.
     store : StoreConfig, optional
-        Budgets and disk folder of the store; ``StoreConfig()`` when omitted (no disk tier).
+        Budgets and disk folder of the store; ``StoreConfig()`` when omitted (a private temporary disk folder).
     prefetch : bool
         After each block's reads, ask the store to make the block's fetch set (the routed
         chunks and the next best, ``HGAConfig.fetch_groups``) resident in its device tier,

@@ -16,12 +16,14 @@ Placement rules (each has a test):
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import torch
 
@@ -47,6 +49,44 @@ _TIERS = ("device", "host", "disk")
 #: CapacityError (a 256 KiB disk read takes about 1 ms; 5 s means something is stuck).
 _WAIT_S = 5.0
 _MAX_ID = 2**63
+
+
+def _check_device(name: str | None) -> torch.device:
+    """The device tier's device: "cpu" or an existing CUDA device."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"StoreConfig.device: expected 'cpu', 'cuda' or 'cuda:N', got {name!r}") from exc
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ConfigError(f"StoreConfig.device: expected 'cpu' (one CPU device), got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TierUnavailableError(
+                f"StoreConfig.device: expected an available device, got {device} without CUDA"
+            )
+        if device.index is not None and not 0 <= device.index < torch.cuda.device_count():
+            raise TierUnavailableError(
+                f"StoreConfig.device: expected one of {torch.cuda.device_count()} CUDA devices, got {device}"
+            )
+    elif device.type != "cpu":
+        raise ConfigError(f"StoreConfig.device: expected 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    return device
+
+
+_T = TypeVar("_T")
+
+
+def _allocate(name: str, nbytes: int, make: Callable[[], _T]) -> _T:
+    """Build a tier's slab; an allocation the machine refuses is a ConfigError, not a crash."""
+    try:
+        return make()
+    except (OSError, OverflowError, MemoryError, RuntimeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(
+            f"StoreConfig.{name}: expected a budget this machine can allocate, got {nbytes} bytes "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        ) from exc
 
 
 class TieredStore:
@@ -105,12 +145,8 @@ class TieredStore:
         self._released = threading.Condition(self._lock)  # a chunk's last pin went away
         self._in_transfer: Counter[str] = Counter()  # slots allocated by transfers in flight
         self._closed = False
-        self._host = HostTier(layout, int(config.host_bytes), pin=pin_host)
-        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise TierUnavailableError(
-                f"StoreConfig.device: expected an available device, got {device} without CUDA"
-            )
+        device = _check_device(config.device)
+        self._host = _allocate("host_bytes", int(config.host_bytes), lambda: HostTier(layout, int(config.host_bytes), pin=pin_host))
         self._device: DeviceTier | None = None
         if int(config.gpu_bytes) > 0:
             if int(config.gpu_bytes) < layout.chunk_bytes:
@@ -118,12 +154,26 @@ class TieredStore:
                     f"StoreConfig.gpu_bytes: expected 0 or at least one chunk "
                     f"({layout.chunk_bytes} bytes), got {config.gpu_bytes} bytes"
                 )
-            self._device = DeviceTier(layout, int(config.gpu_bytes), device)
+            self._device = _allocate(
+                "gpu_bytes", int(config.gpu_bytes), lambda: DeviceTier(layout, int(config.gpu_bytes), device)
+            )
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" and self._device else None
         self._disk: DiskTier | None = None
-        if config.disk_dir is not None:
+        #: A private folder made because no disk_dir was given; removed at close.
+        self._temp_dir: str | None = None
+        if int(config.disk_bytes) > 0:
             backend = io if io is not None else make_backend(config.io_backend)
-            self._disk = DiskTier(layout, int(config.disk_bytes), config.disk_dir, io=backend)
+            directory = config.disk_dir
+            if directory is None:
+                # The default must not fail mid-generation when the host tier fills: spill
+                # to a private folder (mkdtemp: mode 0700) instead of dropping chunks.
+                self._temp_dir = directory = tempfile.mkdtemp(prefix="kvtier-store-")
+            try:
+                self._disk = DiskTier(layout, int(config.disk_bytes), directory, io=backend)
+            except BaseException:
+                if self._temp_dir is not None:
+                    shutil.rmtree(self._temp_dir, ignore_errors=True)
+                raise
         self._policy: dict[str, EvictionPolicy] = {
             t: (policy() if policy is not None else make_policy(config.eviction)) for t in _TIERS
         }
@@ -134,6 +184,11 @@ class TieredStore:
         self._user_pins: dict[ChunkKey, list[_Entry]] = {}
         self._stats = {t: _TierStats() for t in _TIERS}
         self._misses = 0
+        #: Prefetches that found no host room (pinned or in flight): a counter and a debug
+        #: line, not a warning each (small budgets made thousands per generation).
+        self._no_room = 0
+        #: Chunks that left the store because the host tier was full and there is no disk tier.
+        self._dropped = 0
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="kvtier-io")
         if self._disk is not None:
@@ -176,6 +231,17 @@ class TieredStore:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("TieredStore: expected an open store, got a closed one")
+
+    def _check_not_slab(self, name: str, t: torch.Tensor) -> None:
+        """Refuse a caller buffer inside one of the store's own slabs.
+
+        A disk read lands straight in the buffer, so a view of another key's host slot
+        would overwrite that key's bytes.
+        """
+        ptr = t.untyped_storage().data_ptr()
+        for slab in (self._host.slab, None if self._device is None else self._device.slab):
+            if slab is not None and slab.device == t.device and slab.untyped_storage().data_ptr() == ptr:
+                raise ValueError(f"{name}: expected a buffer of the caller's own, got a view of the store's slab")
 
     # ------------------------------------------------------------------ index
     def _install(self, entry: _Entry) -> None:
@@ -245,6 +311,13 @@ class TieredStore:
             self._host.free(victim.host)  # type: ignore[arg-type]
             victim.host = None
             if victim.disk is None:  # no disk tier: the chunk is gone (device copy too)
+                if self._dropped == 0:
+                    log.info(
+                        "kvtier: host tier full and no disk tier (disk_bytes=0): least recently used "
+                        "chunks leave the store (counted in stats()['dropped'])"
+                    )
+                self._dropped += 1
+                log.debug("kvtier: dropped %s (host tier full, no disk tier)", tuple(victim.key))
                 self._unindex(victim)
         return self._host.allocate()
 
@@ -311,9 +384,21 @@ class TieredStore:
         k = self._key(key)
         check_chunk("chunk", chunk, self.layout)
         with self._lock:
+            self._check_open()
             slot = self._alloc_host(wait=True)
-            self._host.write(slot, chunk)
-            old = self._index.get(k)
+            try:
+                self._host.write(slot, chunk)
+                old = self._index.get(k)
+                if self._disk is not None:
+                    # A copy of k still valid on disk would come back on reopen (or after a
+                    # crash) over this newer version: it is invalidated before the write is
+                    # acknowledged; if that fails the write fails and the old version stands.
+                    self._disk.retire_key(k)
+                    if old is not None and old.disk is not None:
+                        self._disk.invalidate(old.disk)
+            except BaseException:
+                self._host.free(slot)
+                raise
             if old is not None:
                 self._unindex(old)
             self._install(_Entry(k, host=slot))
@@ -324,15 +409,34 @@ class TieredStore:
         """Forget every chunk of ``seq_id`` in every tier; return how many were dropped.
 
         Pinned chunks disappear from lookups at once; their slots are released at the last unpin.
+
+        Raises
+        ------
+        TransferError
+            If the disk copy of a dropped chunk could not be invalidated (its header could
+            not be cleared): the chunks are dropped from the store, but one could come back
+            after a crash. Clears are retried; :meth:`close` raises if they never succeed.
         """
         self._check_open()
         if isinstance(seq_id, bool) or not isinstance(seq_id, int):
             raise TypeError(f"seq_id: expected an int, got {type(seq_id).__name__}")
         with self._lock:
             keys = list(self._by_seq.get(seq_id, ()))
+            failed = 0
             for k in keys:
-                self._unindex(self._index[k])
-            return len(keys)
+                entry = self._index[k]
+                if entry.disk is not None and self._disk is not None:
+                    try:
+                        self._disk.invalidate(entry.disk)
+                    except TransferError:
+                        failed += 1  # the slot keeps its header; retried at later frees and close
+                self._unindex(entry)
+        if failed:
+            raise TransferError(
+                f"drop({seq_id}): expected every disk copy invalidated, got {failed} of {len(keys)} "
+                f"headers not cleared (I/O error); they are retried, and close() raises if they stay"
+            )
+        return len(keys)
 
     def pin(self, keys: Iterable[tuple[int, int, int]]) -> None:
         """Pin the current version of each key: no eviction, stable slots, until :meth:`unpin`.
@@ -346,6 +450,7 @@ class TieredStore:
         KeyError
             If a key is not stored (no key is pinned then).
         """
+        self._check_open()
         ks = self._keys(keys)
         with self._lock:
             missing = [k for k in ks if k not in self._index]
@@ -360,6 +465,7 @@ class TieredStore:
 
     def unpin(self, keys: Iterable[tuple[int, int, int]]) -> None:
         """Release one pin of each key; retired slots of a key are freed at its last unpin."""
+        self._check_open()
         ks = self._keys(keys)
         with self._lock:
             need = Counter(ks)
@@ -392,10 +498,12 @@ class TieredStore:
     # ------------------------------------------------------------------ lookups
     def contains(self, key: tuple[int, int, int]) -> bool:
         """Whether ``key`` is stored in any tier."""
+        self._check_open()
         return self._key(key) in self._index
 
     def where(self, key: tuple[int, int, int]) -> tuple[str, ...]:
         """Tiers holding ``key``, fastest first, e.g. ``("host", "disk")``; ``()`` if absent."""
+        self._check_open()
         entry = self._index.get(self._key(key))
         if entry is None:
             return ()
@@ -409,10 +517,12 @@ class TieredStore:
 
     def keys(self) -> list[ChunkKey]:
         """Every stored key (a snapshot)."""
+        self._check_open()
         with self._lock:
             return list(self._index)
 
     def _slots(self, keys: Iterable[tuple[int, int, int]], tier: str) -> torch.Tensor:
+        self._check_open()
         ks = self._keys(keys)
         with self._lock:
             slots = []
@@ -509,11 +619,22 @@ class TieredStore:
                 raise TypeError(f"out: expected dtype {self.layout.dtype}, got {out.dtype}")
             if not out.is_contiguous():
                 raise ValueError(f"out: expected a contiguous tensor, got strides {out.stride()}")
+            self._check_buffer("out", out)
             return list(out.unbind(0))
         outs = list(out)
         if len(outs) != len(keys):
             raise ValueError(f"out: expected {len(keys)} buffers, got {len(outs)}")
-        return [check_chunk(f"out[{i}]", t, self.layout) for i, t in enumerate(outs)]
+        for i, t in enumerate(outs):
+            check_chunk(f"out[{i}]", t, self.layout)
+            self._check_buffer(f"out[{i}]", t)
+        return outs
+
+    def _check_buffer(self, name: str, t: torch.Tensor) -> None:
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{name}: expected a CPU or CUDA tensor, got device {t.device}")
+        if t.requires_grad:
+            raise ValueError(f"{name}: expected a buffer that does not require grad, got requires_grad=True")
+        self._check_not_slab(name, t)
 
     def read(
         self, keys: Iterable[tuple[int, int, int]], out: torch.Tensor | Sequence[torch.Tensor]
@@ -702,7 +823,10 @@ class TieredStore:
                     reqs.append((entry, entry.disk, entry.disk_generation, self._alloc_host()))
                     self._in_transfer["host"] += 1
                 except (CapacityError, TransferError) as exc:
-                    log.warning("kvtier: no host room for %s: %s", tuple(entry.key), exc)
+                    # Prefetches are hints: with small budgets this happens every step, so a
+                    # counter in stats() and a debug line, not a warning each.
+                    self._no_room += 1
+                    log.debug("kvtier: no host room for %s: %s", tuple(entry.key), exc)
                     failed.append(entry.key)
         oks = self._disk_read_many([(e, slot, gen, self._host.payload(h)) for e, slot, gen, h in reqs])
         with self._lock:
@@ -787,21 +911,39 @@ class TieredStore:
 
     # ------------------------------------------------------------------ lifecycle
     def flush(self) -> int:
-        """Write host-only chunks to free disk slots (no eviction); return how many were written."""
+        """Write host-only chunks to free disk slots (no eviction); return how many were written.
+
+        Raises
+        ------
+        TransferError
+            If a chunk could not be written (I/O error, full disk), after trying every one.
+        """
+        self._check_open()
+        written, failed, _ = self._flush()
+        if failed:
+            raise TransferError(f"flush: expected every host-only chunk written, got {failed} failed writes")
+        return written
+
+    def _flush(self) -> tuple[int, int, int]:
+        """(written, failed by an I/O error, left out for want of a free disk slot)."""
         if self._disk is None:
-            return 0
-        written = 0
+            return 0, 0, 0
+        written = failed = no_room = 0
         with self._lock:
             for key in list(self._policy["host"].candidates()):
                 entry = self._index.get(key)  # type: ignore[call-overload]
-                if entry is None or entry.disk is not None or self._disk.num_free == 0:
+                if entry is None or entry.disk is not None:
+                    continue
+                if self._disk.num_free == 0:
+                    no_room += 1
                     continue
                 try:
                     self._spill(entry)
                     written += 1
                 except TransferError as exc:
+                    failed += 1
                     log.warning("kvtier: flush of %s failed: %s", tuple(key), exc)  # type: ignore[arg-type]
-        return written
+        return written, failed, no_room
 
     def stats(self) -> dict[str, Any]:
         """Counters per tier and for the store.
@@ -812,8 +954,10 @@ class TieredStore:
             ``hits``, ``misses``; per tier ("device", "host", "disk"): ``hits``,
             ``bytes_read``, ``bytes_written``, ``evictions``, ``failures``,
             ``read_latency_p50_ms``, ``read_latency_p99_ms``, ``used_bytes``,
-            ``capacity_bytes``, ``chunks``; and ``host_pinned``, ``disk_io`` (backend,
-            direct, reason).
+            ``capacity_bytes``, ``chunks``; and ``host_pinned``, ``pinned_keys``,
+            ``prefetch_no_room`` (prefetched keys that found no host slot), ``dropped``
+            (chunks that left a store without a disk tier), ``disk_io`` (backend, direct,
+            reason). The one call that still works after :meth:`close` (final counters).
         """
         with self._lock:
             out: dict[str, Any] = {"misses": self._misses}
@@ -827,6 +971,8 @@ class TieredStore:
             out["hits"] = sum(out[t]["hits"] for t in _TIERS)
             out["host_pinned"] = self._host.pinned
             out["pinned_keys"] = len(self._user_pins)
+            out["prefetch_no_room"] = self._no_room
+            out["dropped"] = self._dropped
             if self._disk is not None:
                 out["disk_io"] = {
                     "backend": self._disk.io.name,
@@ -842,16 +988,44 @@ class TieredStore:
             self._misses = 0
 
     def close(self) -> None:
-        """Finish in-flight transfers, flush host-only chunks to disk, close the files."""
+        """Finish in-flight transfers, flush host-only chunks to disk, close the files.
+
+        The store is closed even when this raises.
+
+        Raises
+        ------
+        TransferError
+            If acknowledged data could not be kept: a host-only chunk whose flush failed
+            (I/O error, full disk), or a dropped or overwritten chunk whose disk header
+            could not be cleared (it could come back on reopen). Chunks left out only
+            because the disk budget is full are logged, not raised: the disk tier is a
+            bounded cache.
+        """
         if self._closed:
             return
         self._pool.shutdown(wait=True)
+        problems: list[str] = []
         try:
-            self.flush()
+            with self._lock:
+                self._closed = True
+                _, failed, no_room = self._flush()
+            if failed:
+                problems.append(f"{failed} host-only chunks could not be written to disk")
+            if no_room:
+                log.warning(
+                    "kvtier: close: %d host-only chunks did not fit in the disk budget and are gone", no_room
+                )
         finally:
             self._closed = True
             if self._disk is not None:
-                self._disk.close()
+                try:
+                    self._disk.close()
+                except TransferError as exc:
+                    problems.append(str(exc))
+            if self._temp_dir is not None:
+                shutil.rmtree(self._temp_dir, ignore_errors=True)
+        if problems:
+            raise TransferError(f"close: expected every acknowledged chunk kept, got {'; '.join(problems)}")
 
     def __enter__(self) -> Self:
         return self

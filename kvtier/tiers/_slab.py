@@ -33,6 +33,9 @@ def check_chunk(
         )
     if not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {t.stride()}")
+    if t.device.type not in ("cpu", "cuda"):
+        # A meta tensor has no bytes: copying it raises NotImplementedError deep in torch.
+        raise ValueError(f"{name}: expected a CPU or CUDA tensor, got device {t.device}")
     return t
 
 
@@ -76,7 +79,9 @@ class SlabTier(SlotCounts):
         """Copy ``chunk`` ``[2, Hkv, C, D]`` (any device, ``layout.dtype``) into ``slot``."""
         self._check_slot(slot)
         check_chunk("chunk", chunk, self.layout)
-        self._slab[slot].copy_(chunk, non_blocking=non_blocking)
+        # detach: copying a tensor that requires grad would make the whole slab require grad
+        # (and every later in-place read of it fail).
+        self._slab[slot].copy_(chunk.detach(), non_blocking=non_blocking)
 
     def read_into(self, slot: int, out: torch.Tensor, *, non_blocking: bool = False) -> None:
         """Copy ``slot`` into ``out`` ``[2, Hkv, C, D]`` (caller-owned, contiguous, any device)."""

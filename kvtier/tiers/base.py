@@ -88,12 +88,15 @@ class SlotAllocator:
     """Free list of slot ids ``[0, num_slots)``; hands out the lowest free id first.
 
     Lowest-first keeps a disk tier's used slots packed at the start of its slab files,
-    so files are created (and space is reserved) only as the store grows.
+    so files are created (and space is reserved) only as the store grows. Ids above the
+    highest one ever handed out are implicit (a counter, not a list): a 64 GiB disk budget
+    of 8 KiB slots is 8 million ids, which as a list cost 0.3 s and 300 MB at open.
     """
 
     def __init__(self, num_slots: int) -> None:
         self._num_slots = num_slots
-        self._free = list(range(num_slots))  # a sorted list is already a valid heap
+        self._free: list[int] = []  # a heap of freed ids below _next
+        self._next = 0  # every id >= _next is free
         self._used: set[int] = set()
 
     @property
@@ -104,7 +107,7 @@ class SlotAllocator:
     @property
     def num_free(self) -> int:
         """Slots not allocated."""
-        return len(self._free)
+        return self._num_slots - len(self._used)
 
     @property
     def num_used(self) -> int:
@@ -117,9 +120,13 @@ class SlotAllocator:
 
     def allocate(self) -> int:
         """Lowest free slot id; :class:`CapacityError` when none is free."""
-        if not self._free:
+        if self._free:
+            slot = heapq.heappop(self._free)
+        elif self._next < self._num_slots:
+            slot = self._next
+            self._next += 1
+        else:
             raise CapacityError(f"expected a free slot, got all {self._num_slots} slots in use")
-        slot = heapq.heappop(self._free)
         self._used.add(slot)
         return slot
 
@@ -127,8 +134,13 @@ class SlotAllocator:
         """Mark a specific free slot as used (index rebuild after reopen)."""
         if slot in self._used or not 0 <= slot < self._num_slots:
             raise ValueError(f"expected a free slot id in [0, {self._num_slots}), got {slot}")
-        self._free.remove(slot)
-        heapq.heapify(self._free)
+        if slot >= self._next:
+            for s in range(self._next, slot):
+                heapq.heappush(self._free, s)
+            self._next = slot + 1
+        else:
+            self._free.remove(slot)
+            heapq.heapify(self._free)
         self._used.add(slot)
 
     def free(self, slot: int) -> None:
