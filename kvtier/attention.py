@@ -22,9 +22,9 @@ from kvtier.kernels.sparse_decode import decode_num_splits, sparse_decode
 from kvtier.kernels.sparse_prefill import sparse_prefill
 from kvtier.layout import windows_at
 from kvtier.reference import hga as _ref
-from kvtier.reference.hga import HGAStats, RoutePlan, plan_widths
+from kvtier.reference.hga import HGAStats, RouteCarry, RoutePlan, plan_widths
 from kvtier.reference.rope import rope_inv_freq
-from kvtier.reference.summaries import chunk_summaries_ref, group_summaries_ref
+from kvtier.reference.summaries import routing_summaries_ref
 
 __all__ = ["hga_attention", "BACKENDS", "HostKVDecode", "prefill_tables"]
 
@@ -50,6 +50,7 @@ def hga_attention(
     rope_theta: float,
     start_pos: int = 0,
     backend: str = "auto",
+    route_carry: RouteCarry | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
     """Hierarchical Global Attention: routed exact attention over windows and chosen groups.
 
@@ -69,6 +70,9 @@ def hga_attention(
     backend : {"auto", "triton", "reference"}
         "auto" runs the kernels on CUDA tensors and the reference otherwise; the other two
         force a path ("triton" on CPU tensors needs ``TRITON_INTERPRET=1``).
+    route_carry : RouteCarry, optional
+        For a ``running_*`` chunk score starting inside a chunk: ``stats.plan.carry`` of the
+        call that ended at ``start_pos - 1`` (see :func:`kvtier.reference.hga_attention`).
 
     Returns
     -------
@@ -88,10 +92,18 @@ def hga_attention(
     if backend == "auto":
         backend = "triton" if q.is_cuda else "reference"
     if backend == "reference":
-        return _ref.hga_attention(q, k, v, config=config, rope_theta=rope_theta, start_pos=start_pos)
+        return _ref.hga_attention(
+            q, k, v, config=config, rope_theta=rope_theta, start_pos=start_pos, route_carry=route_carry
+        )
     if not q.is_cuda and not _interpreting():
         raise ValueError(
             f"backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}"
+        )
+    if config.chunk_score != "sum" or config.group_score != "sum":
+        raise ValueError(
+            f"backend='triton': expected chunk_score='sum' and group_score='sum' (the kernels route by the "
+            f"summed summaries only so far), got {config.chunk_score!r} and {config.group_score!r}; "
+            "use backend='reference'"
         )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
@@ -226,9 +238,7 @@ def _hga_kernels(
     n_closed = last // c
     if summaries is None:
         inv_freq = rope_inv_freq(d, rope_theta, device=dev)
-        closed = k[:, :, : n_closed * c]
-        chunk_summ = chunk_summaries_ref(closed, c, inv_freq, config.rope_cutoff_rad)
-        group_summ = group_summaries_ref(closed, c, g, inv_freq, config.rope_cutoff_rad)
+        chunk_summ, group_summ = routing_summaries_ref(k[:, :, : n_closed * c], config, inv_freq)
     else:
         chunk_summ, group_summ = summaries
     widths = plan_widths(config, last)
@@ -309,6 +319,11 @@ class HostKVDecode:
         num_hot: int,
         cache_entries: int = 1024,
     ) -> None:
+        if config.chunk_score != "sum" or config.group_score != "sum":
+            raise ValueError(
+                f"config: expected chunk_score='sum' and group_score='sum' (the kernels route by the summed "
+                f"summaries only so far), got {config.chunk_score!r} and {config.group_score!r}"
+            )
         self.config = config
         c, g = config.chunk_size, config.group_size
         m = c // g
@@ -389,11 +404,7 @@ class HostKVDecode:
         n = position // c
         if summaries is None:
             inv_freq = rope_inv_freq(d, rope_theta, device=dev)
-            closed = k[:, :, : n * c]
-            summaries = (
-                chunk_summaries_ref(closed, c, inv_freq, config.rope_cutoff_rad),
-                group_summaries_ref(closed, c, g, inv_freq, config.rope_cutoff_rad),
-            )
+            summaries = routing_summaries_ref(k[:, :, : n * c], config, inv_freq)
         host = torch.empty(max(1, b * n), 2, hkv, c, d, dtype=k.dtype, pin_memory=pin)
         for bi in range(b):
             for j, x in enumerate((k, v)):

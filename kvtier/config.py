@@ -13,7 +13,20 @@ from pathlib import Path
 
 from kvtier.errors import ConfigError
 
-__all__ = ["HGAConfig", "StoreConfig", "parse_bytes", "format_bytes", "env_flag"]
+__all__ = [
+    "HGAConfig",
+    "StoreConfig",
+    "CHUNK_SCORE_TERMS",
+    "GROUP_SCORES",
+    "parse_bytes",
+    "format_bytes",
+    "env_flag",
+]
+
+#: Chunk scores a query can rank candidate chunks by (``HGAConfig.chunk_score``, one or two joined by "+").
+CHUNK_SCORE_TERMS = ("sum", "max_group", "running_max", "running_max_group")
+#: Group scores (``HGAConfig.group_score``).
+GROUP_SCORES = ("sum", "bound")
 
 _UNITS = {
     "": 1, "b": 1,
@@ -105,6 +118,24 @@ class HGAConfig:
         Mixed-RoPE cut-off: frequency pair i is summarised token-wise (rotated sum) when
         ``(chunk_size - 1) * omega_i > rope_cutoff_rad`` and by sum-then-rotate at the
         anchor position otherwise. Default 0.5 rad.
+    chunk_score : str
+        How a query ranks candidate chunks at the first level. One term, or two joined by
+        ``"+"`` (the first ``ceil(Kc / 2)`` chunks by the first term, the rest by the second
+        among the chunks not yet chosen). Terms (see ``docs/fidelity.md`` for costs):
+
+        * ``"sum"``: ``q . S_c`` with S_c the mixed-RoPE chunk summary, about the sum of the
+          chunk's logits (the paper's rule; the default);
+        * ``"max_group"``: the best group score of the chunk, ``max_g score(q, G_g)`` with
+          ``group_score``'s score, so one strong group lifts its chunk (no new summary bytes);
+        * ``"running_max"``: ``max_{s <= t, s in chunk(t)} q_s . S_c``, the causal running max
+          over the queries of the query's own chunk up to its position (stateful in decode:
+          see :class:`kvtier.reference.RouteCarry`);
+        * ``"running_max_group"``: the same running max of ``"max_group"``.
+    group_score : str
+        How a query ranks the groups of its routed chunks: ``"sum"`` (``q . G_g``, the mixed-RoPE
+        group summary; the paper's rule, the default) or ``"bound"`` (Quest's bound
+        ``sum_i max(q_i min_i, q_i max_i)`` over the elementwise min and max of the group's
+        post-RoPE keys: twice the group summary bytes).
     """
 
     chunk_size: int = 64
@@ -115,6 +146,8 @@ class HGAConfig:
     top_groups: int = 32
     fetch_groups: int = 64
     rope_cutoff_rad: float = 0.5
+    chunk_score: str = "sum"
+    group_score: str = "sum"
 
     def __post_init__(self) -> None:
         _int_field("chunk_size", self.chunk_size, 1)
@@ -134,6 +167,24 @@ class HGAConfig:
         cutoff = self.rope_cutoff_rad
         if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not math.isfinite(cutoff) or cutoff < 0:
             raise ConfigError(f"HGAConfig.rope_cutoff_rad: expected a finite float >= 0, got {cutoff!r}")
+        terms = self.chunk_score.split("+") if isinstance(self.chunk_score, str) else None
+        if terms is None or len(terms) > 2 or len(set(terms)) != len(terms) or any(t not in CHUNK_SCORE_TERMS for t in terms):
+            raise ConfigError(
+                f"HGAConfig.chunk_score: expected one of {CHUNK_SCORE_TERMS} or two different ones joined "
+                f"by '+', got {self.chunk_score!r}"
+            )
+        if self.group_score not in GROUP_SCORES:
+            raise ConfigError(f"HGAConfig.group_score: expected one of {GROUP_SCORES}, got {self.group_score!r}")
+
+    @property
+    def chunk_score_terms(self) -> tuple[str, ...]:
+        """The one or two terms of ``chunk_score``."""
+        return tuple(self.chunk_score.split("+"))
+
+    @property
+    def running_routing(self) -> bool:
+        """Whether a chunk score is a running max over the current chunk's queries (stateful decode)."""
+        return any(t.startswith("running_") for t in self.chunk_score_terms)
 
     @property
     def groups_per_chunk(self) -> int:
@@ -141,7 +192,7 @@ class HGAConfig:
         return self.chunk_size // self.group_size
 
     @classmethod
-    def full_coverage(cls, **overrides: int | float) -> HGAConfig:
+    def full_coverage(cls, **overrides: int | float | str) -> HGAConfig:
         """A configuration whose budgets cover any context: HGA then equals dense attention."""
         big = 1 << 40
         base = dict(top_chunks=big, top_groups=big, fetch_groups=big)

@@ -47,9 +47,9 @@ from kvtier.config import HGAConfig, StoreConfig
 from kvtier.errors import ConfigError, TransferError
 from kvtier.layout import KVLayout, windows_at
 from kvtier.reference.attention import masked_attention_ref
-from kvtier.reference.hga import RoutePlan, route_block, plan_widths
+from kvtier.reference.hga import RouteCarry, RoutePlan, route_block, plan_widths
 from kvtier.reference.rope import rope_inv_freq
-from kvtier.reference.summaries import chunk_summaries_ref, group_summaries_ref
+from kvtier.reference.summaries import routing_summaries_ref
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -210,6 +210,9 @@ class _Settings:
     method: str
     routed_keys: int | None
     stats: AttentionStats = field(default_factory=AttentionStats)
+    # Per layer, the routing carry of the last call (running chunk scores over a growing
+    # transformers cache, where each call brings the next positions of a chunk).
+    carries: dict[int, RouteCarry | None] = field(default_factory=dict)
 
 
 def configure(
@@ -322,6 +325,7 @@ class TieredLayer(DynamicLayer):
         self._group_summ = _GrowingRows()
         self._windows: dict[int, torch.Tensor] = {}  # chunk -> [B, 2, Hkv, C, D] (sinks and local)
         self.num_closed = 0
+        self._route_carry: RouteCarry | None = None  # running chunk scores of the open chunk
 
     # -- transformers Cache layer API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -388,10 +392,9 @@ class TieredLayer(DynamicLayer):
         j = self.num_closed
         k = kv[:, 0]
         start = j * cfg.chunk_size
-        self._chunk_summ.append(chunk_summaries_ref(k, cfg.chunk_size, inv_freq, cfg.rope_cutoff_rad, start=start))
-        self._group_summ.append(
-            group_summaries_ref(k, cfg.chunk_size, cfg.group_size, inv_freq, cfg.rope_cutoff_rad, start=start)
-        )
+        chunk_summ, group_summ = routing_summaries_ref(k, cfg, inv_freq, start=start)
+        self._chunk_summ.append(chunk_summ)
+        self._group_summ.append(group_summ)
         self._cache._write_chunk(self.layer_idx, j, kv)
         self._windows[j] = kv
         self.num_closed = j + 1
@@ -472,8 +475,10 @@ class TieredLayer(DynamicLayer):
         routed = torch.empty(b, 0, dtype=torch.long, device=q.device)
         if win.num_candidates > 0 and cfg.top_chunks > 0 and cfg.top_groups > 0:
             plan = route_block(
-                q.float(), self._chunk_summ.view(), self._group_summ.view(), win, cfg, plan_widths(cfg, last)
+                q.float(), self._chunk_summ.view(), self._group_summ.view(), win, cfg, plan_widths(cfg, last),
+                first_pos=first, carry=self._route_carry,
             )
+            self._route_carry = plan.carry
             chunk_of = torch.where(plan.group_ids >= 0, plan.group_ids // m, -1).reshape(b, -1)
             per_seq = [torch.unique(row[row >= 0]) for row in chunk_of]
             width = max(len(r) for r in per_seq)
@@ -723,17 +728,20 @@ def _module_theta(module: Any) -> float:
     return theta
 
 
-def _full_context_hga(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: HGAConfig, theta: float, start: int):
+def _full_context_hga(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: HGAConfig, theta: float, start: int,
+    carry: RouteCarry | None = None,
+):
     """HGA over the full K/V: the kernels when kvtier.attention is there, the reference otherwise."""
     try:
         from kvtier.attention import hga_attention as fast
     except ImportError:
         fast = None
     if fast is not None:
-        return fast(q, k, v, config=cfg, rope_theta=theta, start_pos=start)
+        return fast(q, k, v, config=cfg, rope_theta=theta, start_pos=start, route_carry=carry)
     from kvtier.reference.hga import hga_attention
 
-    return hga_attention(q, k, v, config=cfg, rope_theta=theta, start_pos=start)
+    return hga_attention(q, k, v, config=cfg, rope_theta=theta, start_pos=start, route_carry=carry)
 
 
 def hga_attention_forward(
@@ -807,7 +815,9 @@ def hga_attention_forward(
     if not math.isclose(scale, d**-0.5, rel_tol=1e-6):
         raise ValueError(f"scaling: expected head_dim ** -0.5 = {d ** -0.5:.6g} on this path, got {scale:.6g}")
     if settings.method == "hga":
-        out, stats = _full_context_hga(query, key, value, settings.hga, _module_theta(module), start)
+        carry = settings.carries.get(module.layer_idx) if start % settings.hga.chunk_size else None
+        out, stats = _full_context_hga(query, key, value, settings.hga, _module_theta(module), start, carry)
+        settings.carries[module.layer_idx] = stats.plan.carry
     else:
         from kvtier.reference import baselines
 

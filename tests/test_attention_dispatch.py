@@ -199,3 +199,16 @@ def test_gpu_route_tf32x3_matches_reference_plan():
         _route(q, cs, gs, 65536, cfg, widths, tuple(out), precision=precision)
         same = (out[1] == rstats.plan.group_ids).all(dim=-1).float().mean().item()
         assert same >= 0.995, (precision, same)
+
+
+@pytest.mark.parametrize("scores", [("running_max", "sum"), ("max_group", "sum"), ("sum", "bound")])
+def test_kernels_refuse_routing_options_they_lack(scores):
+    """An option the kernels do not compute is refused, never replaced by another rule."""
+    cfg = HGAConfig(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=5,
+                    fetch_groups=8, chunk_score=scores[0], group_score=scores[1])
+    q = torch.randn(1, 4, 70, 16)
+    k = v = torch.randn(1, 2, 70, 16)
+    with pytest.raises(ValueError, match="backend='triton': expected chunk_score='sum' and group_score='sum'"):
+        kvtier.hga_attention(q, k, v, config=cfg, rope_theta=THETA, backend="triton")
+    out, _ = kvtier.hga_attention(q, k, v, config=cfg, rope_theta=THETA, backend="reference")
+    assert out.shape == q.shape

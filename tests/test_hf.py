@@ -113,12 +113,17 @@ def test_causal_through_the_model(ids: torch.Tensor) -> None:
     assert torch.equal(outs[0][:, :120], outs[1][:, :120])
 
 
-def test_sparse_cache_equals_cacheless_hga(ids: torch.Tensor) -> None:
-    """Per-position routing: the tiered path, fed in pieces, routes exactly like one pass over the full K/V."""
+@pytest.mark.parametrize("scores", [("sum", "sum"), ("running_max+max_group", "bound")])
+def test_sparse_cache_equals_cacheless_hga(ids: torch.Tensor, scores: tuple[str, str]) -> None:
+    """Per-position routing: the tiered path, fed in pieces, routes exactly like one pass over the full K/V.
+
+    The cuts fall inside chunks, so a running chunk score crosses them through the routing carry.
+    """
     model = tiny_model("qwen2")
-    stats = kvtier.hf.configure(model, hga=SPARSE)
+    cfg = HGAConfig(**SMALL, top_chunks=2, top_groups=3, fetch_groups=4, chunk_score=scores[0], group_score=scores[1])
+    stats = kvtier.hf.configure(model, hga=cfg)
     ref = logits_with(model, "hga", ids)
-    with kvtier.hf.TieredCache(model.config, hga=SPARSE, store=StoreConfig(gpu_bytes=0)) as cache:
+    with kvtier.hf.TieredCache(model.config, hga=cfg, store=StoreConfig(gpu_bytes=0)) as cache:
         got = prefill_in_pieces(model, ids, cache, [50, 51, 130])
         assert cache.stats()["mean_keys_per_query"] == pytest.approx(stats.mean_keys_per_query)
     assert (got - ref).abs().max().item() < 1e-5

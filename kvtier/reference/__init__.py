@@ -3,6 +3,7 @@
 from kvtier.reference.attention import dense_attention_ref, expand_kv_heads, masked_attention_ref
 from kvtier.reference.hga import (
     HGAStats,
+    RouteCarry,
     RoutePlan,
     check_hga_inputs,
     hga_attention,
@@ -14,7 +15,9 @@ from kvtier.reference.hga import (
 from kvtier.reference.rope import apply_rope, invert_rope, rope_inv_freq, rotate_half
 from kvtier.reference.summaries import (
     chunk_summaries_ref,
+    group_bounds_ref,
     group_summaries_ref,
+    routing_summaries_ref,
     tokenwise_pairs,
     unit_summaries_ref,
 )
@@ -25,6 +28,7 @@ __all__ = [
     "hga_decode_ref",
     "HGAStats",
     "RoutePlan",
+    "RouteCarry",
     "plan_widths",
     "route_block",
     "check_hga_inputs",
@@ -39,4 +43,6 @@ __all__ = [
     "unit_summaries_ref",
     "chunk_summaries_ref",
     "group_summaries_ref",
+    "group_bounds_ref",
+    "routing_summaries_ref",
 ]

@@ -17,6 +17,13 @@ of what its positions chose, but every position attends only its own choice.
 
 Routing scores are computed in float64 from float32 summaries so that neither the block
 shape nor the batch changes a selection; ties go to the lower chunk or group index.
+
+``HGAConfig.chunk_score`` and ``group_score`` choose the scores of steps 2 and 3 (the
+paper's summed summaries by default). The ``running_*`` chunk scores take, for position t,
+the maximum over the queries of t's own chunk at positions up to t: still causal (nothing
+after t), and a decoder carries the maxima from one position to the next in a
+:class:`RouteCarry`, so that a block of positions and the same positions one at a time give
+the same plans.
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ from kvtier.config import HGAConfig
 from kvtier.layout import SUPPORTED_DTYPES, Windows, windows_at
 from kvtier.reference.attention import masked_attention_ref
 from kvtier.reference.rope import rope_inv_freq
-from kvtier.reference.summaries import chunk_summaries_ref, group_summaries_ref
+from kvtier.reference.summaries import routing_summaries_ref
 
 __all__ = [
     "RoutePlan",
+    "RouteCarry",
     "HGAStats",
     "hga_attention",
     "hga_prefill_ref",
@@ -43,6 +51,24 @@ __all__ = [
     "route_block",
     "check_hga_inputs",
 ]
+
+
+@dataclass
+class RouteCarry:
+    """What routing carries from one query block of a chunk to the next (running chunk scores).
+
+    Attributes
+    ----------
+    next_pos : int
+        The position it continues at: it holds the maxima over the queries of positions
+        ``chunk_start .. next_pos - 1`` of one chunk.
+    max_scores : tuple of Tensor ``[B, Hq, Ncand]`` float64
+        Per ``running_*`` term of ``chunk_score`` (in order), the running maximum of its score
+        for each candidate chunk (the chunks ``[sink_end, local_start)`` of that chunk's windows).
+    """
+
+    next_pos: int
+    max_scores: tuple[torch.Tensor, ...]
 
 
 @dataclass
@@ -57,11 +83,15 @@ class RoutePlan:
         Attended groups as global group indices (``chunk * M + group``), ``-1`` padded.
     fetch_group_ids : Tensor ``[B, Hq, Lq, Kf]`` int64
         Groups worth making resident: ``group_ids`` followed by the next best (prefetch).
+    carry : RouteCarry or None
+        After the last position, for the next block of the same chunk; None unless
+        ``chunk_score`` keeps a running max.
     """
 
     chunk_ids: torch.Tensor
     group_ids: torch.Tensor
     fetch_group_ids: torch.Tensor
+    carry: RouteCarry | None = None
 
 
 @dataclass
@@ -114,6 +144,46 @@ def _pad(ids: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(ids, (0, missing), value=-1) if missing > 0 else ids
 
 
+def _group_query(q64: torch.Tensor, group_score: str) -> torch.Tensor:
+    """The vector group keys are dotted with: q, or ``[min(q, 0), max(q, 0)]`` for the bound."""
+    if group_score == "bound":  # sum_i max(q_i mn_i, q_i mx_i) = min(q,0) . mn + max(q,0) . mx
+        return torch.cat((q64.clamp(max=0), q64.clamp(min=0)), dim=-1)
+    return q64
+
+
+def _carry_in(
+    config: HGAConfig, win: Windows, first_pos: int | None, carry: RouteCarry | None, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, ...] | None:
+    """Validated running maxima of the positions before ``first_pos`` in its chunk (None at the chunk's start)."""
+    c = config.chunk_size
+    b, hq, lb = shape
+    if isinstance(first_pos, bool) or not isinstance(first_pos, int):
+        raise ValueError(
+            f"first_pos: expected the block's first position (chunk_score={config.chunk_score!r} keeps a "
+            f"running max), got {first_pos!r}"
+        )
+    chunk_start = win.current * c
+    if not chunk_start <= first_pos <= first_pos + lb - 1 < chunk_start + c:
+        raise ValueError(
+            f"first_pos: expected {lb} positions inside chunk {win.current} ({chunk_start}..{chunk_start + c - 1}), "
+            f"got first_pos={first_pos}"
+        )
+    if first_pos == chunk_start:
+        return None  # a new chunk: any carry belongs to the previous one
+    if not isinstance(carry, RouteCarry) or carry.next_pos != first_pos:
+        got = type(carry).__name__ if not isinstance(carry, RouteCarry) else f"next_pos={carry.next_pos}"
+        raise ValueError(
+            f"carry: expected the RouteCarry of positions {chunk_start}..{first_pos - 1} (next_pos={first_pos}), got {got}"
+        )
+    n_running = sum(t.startswith("running_") for t in config.chunk_score_terms)
+    want = (b, hq, win.num_candidates)
+    if len(carry.max_scores) != n_running or any(tuple(t.shape) != want for t in carry.max_scores):
+        raise ValueError(
+            f"carry: expected {n_running} tensors {list(want)}, got {[list(t.shape) for t in carry.max_scores]}"
+        )
+    return carry.max_scores
+
+
 def route_block(
     q: torch.Tensor,
     chunk_summ: torch.Tensor,
@@ -121,54 +191,111 @@ def route_block(
     win: Windows,
     config: HGAConfig,
     widths: tuple[int, int, int],
+    *,
+    first_pos: int | None = None,
+    carry: RouteCarry | None = None,
 ) -> RoutePlan:
     """Route queries that share one current chunk (so one set of windows), each on its own.
 
-    The routing step of the reference, public so that integrations (``kvtier.hf``) route
-    exactly as the specification does.
+    The routing step of the reference, public so that integrations (``kvtier.hf``, the
+    engine) route exactly as the specification does.
 
     Parameters
     ----------
     q : Tensor ``[B, Hq, Lb, D]``
         Post-RoPE queries whose positions all lie in chunk ``win.current``.
     chunk_summ : Tensor ``[B, Hkv, N, D]`` float32, ``N >= win.local_start``
-    group_summ : Tensor ``[B, Hkv, N, M, D]`` float32
+    group_summ : Tensor ``[B, Hkv, N, M, D]`` float32 (``[B, Hkv, N, M, 2D]`` for ``group_score="bound"``)
+        From :func:`kvtier.reference.summaries.routing_summaries_ref`.
     win : Windows
         From :func:`kvtier.layout.windows_at` for any position of the block.
     config : HGAConfig
     widths : tuple of int
         ``(Kc, Kg, Kf)`` from :func:`plan_widths`.
+    first_pos : int, optional
+        Position of ``q[:, :, 0]``; required when ``config.running_routing`` (the block's
+        positions are then consecutive).
+    carry : RouteCarry, optional
+        ``plan.carry`` of the call that routed the previous positions; required when a
+        running score starts after the chunk's first position, ignored at a chunk start.
 
     Returns
     -------
-    RoutePlan with tensors ``[B, Hq, Lb, K*]``.
+    RoutePlan with tensors ``[B, Hq, Lb, K*]`` and, for running scores, the carry after the
+    block's last position.
+
+    Raises
+    ------
+    ValueError
+        On group summaries of the wrong width for ``group_score``, or a missing or
+        mismatched ``first_pos`` / ``carry`` for running scores.
     """
     b, hq, lb, d = q.shape
     rep = hq // chunk_summ.shape[1]
     m = config.groups_per_chunk
     kc_w, kg_w, kf_w = widths
+    dg = 2 * d if config.group_score == "bound" else d
+    if group_summ.shape[-1] != dg:
+        raise ValueError(
+            f"group_summ: expected a last dim of {dg} for group_score={config.group_score!r}, "
+            f"got shape {list(group_summ.shape)}"
+        )
+    prior = _carry_in(config, win, first_pos, carry, (b, hq, lb)) if config.running_routing else None
     empty = torch.full((b, hq, lb, 0), -1, dtype=torch.long, device=q.device)
     if win.num_candidates == 0 or config.top_chunks == 0:
-        return RoutePlan(_pad(empty, kc_w), _pad(empty, kg_w), _pad(empty, kf_w))
+        out_carry = None
+        if config.running_routing:  # nothing to rank, but the next block still expects a carry
+            n_running = sum(t.startswith("running_") for t in config.chunk_score_terms)
+            zeros = q.new_zeros(b, hq, win.num_candidates, dtype=torch.float64)
+            assert first_pos is not None
+            out_carry = RouteCarry(first_pos + lb, tuple(zeros for _ in range(n_running)))
+        return RoutePlan(_pad(empty, kc_w), _pad(empty, kg_w), _pad(empty, kf_w), out_carry)
 
     q64 = q.to(torch.float64) / math.sqrt(d)
+    qg = _group_query(q64, config.group_score)
+    ncand = win.num_candidates
     cand = chunk_summ[:, :, win.sink_end : win.local_start].to(torch.float64)
     cand = cand.repeat_interleave(rep, dim=1)  # [B, Hq, Ncand, D]
-    chunk_scores = torch.matmul(q64, cand.transpose(-1, -2))  # [B, Hq, Lb, Ncand]
-    kc = min(config.top_chunks, win.num_candidates)
-    chunk_ids = _best_first(chunk_scores, kc) + win.sink_end  # [B, Hq, Lb, kc]
+    term_scores: list[torch.Tensor] = []  # each [B, Hq, Lb, Ncand]
+    running_out: list[torch.Tensor] = []
+    for term in config.chunk_score_terms:
+        if term.endswith("max_group"):  # every group of every candidate chunk: M dots per chunk
+            cand_groups = group_summ[:, :, win.sink_end : win.local_start].to(torch.float64)
+            cand_groups = cand_groups.repeat_interleave(rep, dim=1).reshape(b, hq, ncand * m, dg)
+            scores = torch.matmul(qg, cand_groups.transpose(-1, -2)).reshape(b, hq, lb, ncand, m).amax(dim=-1)
+        else:
+            scores = torch.matmul(q64, cand.transpose(-1, -2))
+        if term.startswith("running_"):
+            scores = torch.cummax(scores, dim=2).values  # over the block's positions, in order
+            if prior is not None:
+                scores = torch.maximum(scores, prior[len(running_out)][:, :, None])
+            running_out.append(scores[:, :, -1].clone())
+        term_scores.append(scores)
+    kc = min(config.top_chunks, ncand)
+    if len(term_scores) == 1:
+        local_ids = _best_first(term_scores[0], kc)
+    else:  # half by the first score, the rest by the second among the chunks left
+        k1 = -(-kc // 2)
+        first = _best_first(term_scores[0], k1)
+        rest = term_scores[1].scatter(-1, first, float("-inf"))
+        local_ids = torch.cat((first, _best_first(rest, kc - k1)), dim=-1)
+    chunk_ids = local_ids + win.sink_end  # [B, Hq, Lb, kc]
 
-    groups = group_summ.to(torch.float64).repeat_interleave(rep, dim=1)  # [B, Hq, N, M, D]
+    groups = group_summ.to(torch.float64).repeat_interleave(rep, dim=1)  # [B, Hq, N, M, Dg]
     n = groups.shape[2]
-    groups = groups.reshape(b, hq, 1, n, m * d).expand(b, hq, lb, n, m * d)
-    picked = torch.gather(groups, 3, chunk_ids[..., None].expand(b, hq, lb, kc, m * d))
-    picked = picked.reshape(b, hq, lb, kc * m, d)
-    group_scores = torch.matmul(picked, q64[..., None]).squeeze(-1)  # [B, Hq, Lb, kc * M]
+    groups = groups.reshape(b, hq, 1, n, m * dg).expand(b, hq, lb, n, m * dg)
+    picked = torch.gather(groups, 3, chunk_ids[..., None].expand(b, hq, lb, kc, m * dg))
+    picked = picked.reshape(b, hq, lb, kc * m, dg)
+    group_scores = torch.matmul(picked, qg[..., None]).squeeze(-1)  # [B, Hq, Lb, kc * M]
     global_ids = (chunk_ids[..., None] * m + torch.arange(m, device=q.device)).reshape(b, hq, lb, kc * m)
     kf = min(config.fetch_groups, kc * m)
     kg = min(config.top_groups, kc * m)
     fetch_ids = torch.gather(global_ids, 3, _best_first(group_scores, kf))
-    return RoutePlan(_pad(chunk_ids, kc_w), _pad(fetch_ids[..., :kg], kg_w), _pad(fetch_ids, kf_w))
+    out_carry = None
+    if config.running_routing:
+        assert first_pos is not None
+        out_carry = RouteCarry(first_pos + lb, tuple(running_out))
+    return RoutePlan(_pad(chunk_ids, kc_w), _pad(fetch_ids[..., :kg], kg_w), _pad(fetch_ids, kf_w), out_carry)
 
 
 def _visibility(positions: torch.Tensor, group_ids: torch.Tensor, win: Windows, lk: int, config: HGAConfig) -> torch.Tensor:
@@ -225,35 +352,53 @@ def _context(positions: torch.Tensor) -> torch.Tensor:
     return positions + 1
 
 
+def _check_carry(route_carry: object) -> None:
+    if route_carry is not None and not isinstance(route_carry, RouteCarry):
+        raise TypeError(f"route_carry: expected a RouteCarry or None, got {type(route_carry).__name__}")
+
+
+def _cat_plans(plans: list[RoutePlan]) -> RoutePlan:
+    """Plans of consecutive blocks as one (positions along dim 2), with the last block's carry."""
+    fields = (torch.cat([getattr(p, f) for p in plans], dim=2) for f in ("chunk_ids", "group_ids", "fetch_group_ids"))
+    return RoutePlan(*fields, carry=plans[-1].carry)
+
+
 def hga_prefill_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: HGAConfig, rope_theta: float, start_pos: int = 0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    config: HGAConfig,
+    rope_theta: float,
+    start_pos: int = 0,
+    route_carry: RouteCarry | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
     """HGA, chunk-parallel: the queries of each chunk are routed and attended as one block.
 
     Same parameters and result as :func:`hga_attention`.
     """
     check_hga_inputs(q, k, v, config, rope_theta, start_pos)
+    _check_carry(route_carry)
     b, hq, lq, d = q.shape
     c = config.chunk_size
     last = start_pos + lq - 1
     inv_freq = rope_inv_freq(d, rope_theta, device=q.device)
     num_closed = last // c
-    chunk_summ = chunk_summaries_ref(k[:, :, : num_closed * c], c, inv_freq, config.rope_cutoff_rad)
-    group_summ = group_summaries_ref(
-        k[:, :, : num_closed * c], c, config.group_size, inv_freq, config.rope_cutoff_rad
-    )
+    chunk_summ, group_summ = routing_summaries_ref(k[:, :, : num_closed * c], config, inv_freq)
     widths = plan_widths(config, last)
     positions = torch.arange(start_pos, last + 1, device=q.device)
     out = torch.empty_like(q)
     keys = torch.empty(b, hq, lq, dtype=torch.long, device=q.device)
     plans: list[RoutePlan] = []
+    carry = route_carry
     block_start = start_pos
     while block_start <= last:
         block_end = min(last, (block_start // c + 1) * c - 1)  # last position of this chunk
         rows = slice(block_start - start_pos, block_end - start_pos + 1)
         win = windows_at(block_start, c, config.sink_chunks, config.local_chunks)
         q_blk = q[:, :, rows].float()
-        plan = route_block(q_blk, chunk_summ, group_summ, win, config, widths)
+        plan = route_block(q_blk, chunk_summ, group_summ, win, config, widths, first_pos=block_start, carry=carry)
+        carry = plan.carry
         visible = _visibility(positions[rows], plan.group_ids, win, block_end + 1, config)
         out[:, :, rows] = masked_attention_ref(
             q[:, :, rows], k[:, :, : block_end + 1], v[:, :, : block_end + 1], visible
@@ -261,45 +406,54 @@ def hga_prefill_ref(
         keys[:, :, rows] = visible.sum(dim=-1)
         plans.append(plan)
         block_start = block_end + 1
-    plan = RoutePlan(*(torch.cat([getattr(p, f) for p in plans], dim=2) for f in ("chunk_ids", "group_ids", "fetch_group_ids")))
-    return out, HGAStats(keys, _context(positions), plan)
+    return out, HGAStats(keys, _context(positions), _cat_plans(plans))
 
 
 def hga_decode_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: HGAConfig, rope_theta: float, start_pos: int = 0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    config: HGAConfig,
+    rope_theta: float,
+    start_pos: int = 0,
+    route_carry: RouteCarry | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
     """HGA one position at a time, as a decoder runs it: summaries are appended as chunks close.
 
     Same parameters and result as :func:`hga_attention`.
     """
     check_hga_inputs(q, k, v, config, rope_theta, start_pos)
+    _check_carry(route_carry)
     b, hq, lq, d = q.shape
-    c, g = config.chunk_size, config.group_size
+    c = config.chunk_size
     inv_freq = rope_inv_freq(d, rope_theta, device=q.device)
     widths = plan_widths(config, start_pos + lq - 1)
     chunk_summ: list[torch.Tensor] = []  # one [B, Hkv, 1, D] per closed chunk
-    group_summ: list[torch.Tensor] = []  # one [B, Hkv, 1, M, D] per closed chunk
+    group_summ: list[torch.Tensor] = []  # one [B, Hkv, 1, M, D or 2D] per closed chunk
     outs, keys, plans = [], [], []
+    carry = route_carry
+    dg = 2 * d if config.group_score == "bound" else d
     for i in range(lq):
         t = start_pos + i
         while len(chunk_summ) < t // c:  # chunk j closed: summarise it once
             j = len(chunk_summ)
-            kj = k[:, :, j * c : (j + 1) * c]
-            chunk_summ.append(chunk_summaries_ref(kj, c, inv_freq, config.rope_cutoff_rad, start=j * c))
-            group_summ.append(group_summaries_ref(kj, c, g, inv_freq, config.rope_cutoff_rad, start=j * c))
+            cs_j, gs_j = routing_summaries_ref(k[:, :, j * c : (j + 1) * c], config, inv_freq, start=j * c)
+            chunk_summ.append(cs_j)
+            group_summ.append(gs_j)
         win = windows_at(t, c, config.sink_chunks, config.local_chunks)
         hkv = k.shape[1]
         cs = torch.cat(chunk_summ, dim=2) if chunk_summ else q.new_zeros(b, hkv, 0, d, dtype=torch.float32)
-        gs = torch.cat(group_summ, dim=2) if group_summ else q.new_zeros(b, hkv, 0, c // g, d, dtype=torch.float32)
-        plan = route_block(q[:, :, i : i + 1].float(), cs, gs, win, config, widths)
+        gs = torch.cat(group_summ, dim=2) if group_summ else q.new_zeros(b, hkv, 0, config.groups_per_chunk, dg, dtype=torch.float32)
+        plan = route_block(q[:, :, i : i + 1].float(), cs, gs, win, config, widths, first_pos=t, carry=carry)
+        carry = plan.carry
         pos = torch.tensor([t], device=q.device)
         visible = _visibility(pos, plan.group_ids, win, t + 1, config)
         outs.append(masked_attention_ref(q[:, :, i : i + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible))
         keys.append(visible.sum(dim=-1))
         plans.append(plan)
-    plan = RoutePlan(*(torch.cat([getattr(p, f) for p in plans], dim=2) for f in ("chunk_ids", "group_ids", "fetch_group_ids")))
     positions = torch.arange(start_pos, start_pos + lq, device=q.device)
-    return torch.cat(outs, dim=2), HGAStats(torch.cat(keys, dim=2), _context(positions), plan)
+    return torch.cat(outs, dim=2), HGAStats(torch.cat(keys, dim=2), _context(positions), _cat_plans(plans))
 
 
 def hga_attention(
@@ -310,6 +464,7 @@ def hga_attention(
     config: HGAConfig,
     rope_theta: float,
     start_pos: int = 0,
+    route_carry: RouteCarry | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
     """Hierarchical Global Attention, reference implementation.
 
@@ -327,17 +482,23 @@ def hga_attention(
         RoPE base of the model (plain RoPE, half-split pairs).
     start_pos : int
         Position of the first query.
+    route_carry : RouteCarry, optional
+        With a ``running_*`` chunk score and ``start_pos`` inside a chunk, the running maxima of
+        the chunk's earlier queries: ``stats.plan.carry`` of the call that ended at
+        ``start_pos - 1``. Not needed at a chunk boundary or for the other scores.
 
     Returns
     -------
     out : Tensor ``[B, Hq, Lq, D]`` in ``q.dtype``
     stats : HGAStats
-        Keys attended per query, density and the routing plan.
+        Keys attended per query, density and the routing plan (``stats.plan.carry`` for the
+        next call).
 
     Raises
     ------
     TypeError, ValueError
-        On a wrong type, dtype, shape, device or an inconsistent length.
+        On a wrong type, dtype, shape, device, an inconsistent length, or a running score
+        started inside a chunk without the matching ``route_carry``.
     """
     path = hga_decode_ref if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[2] == 1 else hga_prefill_ref
-    return path(q, k, v, config=config, rope_theta=rope_theta, start_pos=start_pos)
+    return path(q, k, v, config=config, rope_theta=rope_theta, start_pos=start_pos, route_carry=route_carry)

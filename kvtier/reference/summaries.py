@@ -13,15 +13,33 @@ Pair i is fast when ``(C - 1) * inv_freq[i] > cutoff`` with C the *chunk* size, 
 summaries too (the authors' rule; at theta 1e4, D 64, C 64 that is 17 of 32 pairs). The
 sums are not scaled: a common scale does not change any top-k among units of equal size,
 and summaries never enter the softmax in kvtier.
+
+With ``HGAConfig.group_score == "bound"`` the group-level routing keys are instead the
+elementwise minimum and maximum of each group's post-RoPE keys (:func:`group_bounds_ref`),
+laid out as ``[min, max]`` along a last dim of 2D, so that the bound
+``sum_i max(q_i min_i, q_i max_i)`` is the plain dot product of ``[min(q, 0), max(q, 0)]``
+with it. :func:`routing_summaries_ref` gives whichever pair a configuration routes by.
 """
 
 from __future__ import annotations
 
 import torch
 
+from typing import TYPE_CHECKING
+
 from kvtier.reference.rope import apply_rope, invert_rope
 
-__all__ = ["tokenwise_pairs", "unit_summaries_ref", "chunk_summaries_ref", "group_summaries_ref"]
+if TYPE_CHECKING:
+    from kvtier.config import HGAConfig
+
+__all__ = [
+    "tokenwise_pairs",
+    "unit_summaries_ref",
+    "chunk_summaries_ref",
+    "group_summaries_ref",
+    "group_bounds_ref",
+    "routing_summaries_ref",
+]
 
 
 def tokenwise_pairs(inv_freq: torch.Tensor, chunk_size: int, cutoff_rad: float) -> torch.Tensor:
@@ -86,3 +104,41 @@ def group_summaries_ref(
     tokenwise = tokenwise_pairs(inv_freq, chunk_size, cutoff_rad)
     s = unit_summaries_ref(k[:, :, : n * chunk_size], group_size, inv_freq, tokenwise, start=start)
     return s.reshape(b, h, n, chunk_size // group_size, d)
+
+
+def group_bounds_ref(k: torch.Tensor, chunk_size: int, group_size: int) -> torch.Tensor:
+    """Elementwise min and max of each group's keys, ``[B, Hkv, N, M, 2D]`` float32 (min first).
+
+    ``k [B, Hkv, >= N*C, D]`` holds post-RoPE keys; only its N whole chunks are used. No RoPE
+    handling is needed: the bound is over the keys as the query sees them.
+    """
+    b, h, _, d = k.shape
+    n = k.shape[2] // chunk_size
+    units = k[:, :, : n * chunk_size].float().reshape(b, h, n, chunk_size // group_size, group_size, d)
+    return torch.cat((units.amin(dim=4), units.amax(dim=4)), dim=-1)
+
+
+def routing_summaries_ref(
+    k: torch.Tensor, config: HGAConfig, inv_freq: torch.Tensor, *, start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing keys ``config`` scores: chunk summaries and group-level keys of k's whole chunks.
+
+    Parameters
+    ----------
+    k : Tensor ``[B, Hkv, >= N*C, D]``
+        Post-RoPE keys; ``k[:, :, 0]`` is at absolute position ``start`` (a chunk boundary).
+    config : HGAConfig
+    inv_freq : Tensor ``[D/2]``
+
+    Returns
+    -------
+    chunk_summ : Tensor ``[B, Hkv, N, D]`` float32
+        Mixed-RoPE chunk summaries (scored by the ``"sum"`` and ``"running_max"`` chunk terms).
+    group_summ : Tensor ``[B, Hkv, N, M, D]`` float32, or ``[B, Hkv, N, M, 2D]`` for ``group_score="bound"``
+        Mixed-RoPE group summaries, or the groups' ``[min, max]`` key bounds.
+    """
+    c = config.chunk_size
+    chunk_summ = chunk_summaries_ref(k, c, inv_freq, config.rope_cutoff_rad, start=start)
+    if config.group_score == "bound":
+        return chunk_summ, group_bounds_ref(k, c, config.group_size)
+    return chunk_summ, group_summaries_ref(k, c, config.group_size, inv_freq, config.rope_cutoff_rad, start=start)

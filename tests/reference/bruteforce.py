@@ -66,10 +66,31 @@ def hga_bruteforce(q, k, v, *, cfg, theta, start_pos=0):
                 local_start = max(sink_end, cur - cfg.local_chunks)
                 qv = q[b, h, i].double()
                 cands = list(range(sink_end, local_start))
-                scored = sorted(cands, key=lambda j: (-float(qv @ summ(b, kvh, j * c, c)), j))
-                chunks = scored[: min(cfg.top_chunks, len(cands))]
+
+                def gscore(qvec, gi):
+                    if cfg.group_score == "bound":  # Quest: the largest q . x over the group's box
+                        keys = k[b, kvh, gi * g : (gi + 1) * g].double()
+                        lo, hi = keys.min(0).values, keys.max(0).values
+                        return sum(max(float(qvec[e]) * float(lo[e]), float(qvec[e]) * float(hi[e])) for e in range(d))
+                    return float(qvec @ summ(b, kvh, gi * g, g))
+
+                def term_score(term, j):
+                    base = term.removeprefix("running_")
+                    # running: every query of t's own chunk at positions <= t (start_pos is a chunk start here)
+                    queries = [q[b, h, s_ - start_pos].double() for s_ in range(cur * c, t + 1)] if base != term else [qv]
+                    if base == "sum":
+                        return max(float(qs @ summ(b, kvh, j * c, c)) for qs in queries)
+                    return max(gscore(qs, j * m + x) for qs in queries for x in range(m))
+
+                terms = cfg.chunk_score.split("+")
+                kc = min(cfg.top_chunks, len(cands))
+                k1 = kc if len(terms) == 1 else -(-kc // 2)
+                chunks = sorted(cands, key=lambda j: (-term_score(terms[0], j), j))[:k1]
+                if len(terms) == 2:
+                    rest = [j for j in cands if j not in chunks]
+                    chunks += sorted(rest, key=lambda j: (-term_score(terms[1], j), j))[: kc - k1]
                 gids = [j * m + x for j in chunks for x in range(m)]
-                gscored = sorted(gids, key=lambda gi: (-float(qv @ summ(b, kvh, gi * g, g)), gi))
+                gscored = sorted(gids, key=lambda gi: (-gscore(qv, gi), gi))
                 chosen = gscored[: min(cfg.top_groups, len(gids))]
                 groups_chosen[(b, h, i)] = set(chosen)
                 visible = set(range(sink_end * c)) | set(range(local_start * c, t + 1))

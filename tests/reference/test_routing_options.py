@@ -1,0 +1,203 @@
+"""Routing options of HGAConfig (chunk_score, group_score) in the reference: exact at full
+coverage, causal bit for bit, prefill == decode (the running max through its carry), a
+scalar brute force of every score, and "sum" as the paper's rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier import ConfigError, HGAConfig
+from kvtier.layout import windows_at
+from kvtier.reference import (
+    RouteCarry,
+    group_bounds_ref,
+    hga_attention,
+    hga_decode_ref,
+    hga_prefill_ref,
+    plan_widths,
+    route_block,
+    routing_summaries_ref,
+    rope_inv_freq,
+)
+
+from .bruteforce import hga_bruteforce
+from .test_hga_reference import THETA, make_qkv, rel_err, sdpa_causal
+
+GEOMETRY = dict(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2)
+OPTIONS = [
+    ("sum", "sum"),
+    ("max_group", "sum"),
+    ("running_max", "sum"),
+    ("running_max_group", "sum"),
+    ("sum", "bound"),
+    ("max_group", "bound"),
+    ("sum+max_group", "sum"),
+    ("running_max+sum", "bound"),
+    ("max_group+running_max_group", "bound"),
+]
+IDS = [f"{c}/{g}" for c, g in OPTIONS]
+
+
+def sparse(chunk_score: str, group_score: str, **kw: int) -> HGAConfig:
+    base = dict(GEOMETRY, top_chunks=3, top_groups=3, fetch_groups=5)
+    base.update(kw)
+    return HGAConfig(**base, chunk_score=chunk_score, group_score=group_score)
+
+
+@pytest.mark.parametrize("chunk_score, group_score", OPTIONS, ids=IDS)
+def test_full_coverage_is_dense(chunk_score, group_score):
+    cfg = HGAConfig.full_coverage(**GEOMETRY, chunk_score=chunk_score, group_score=group_score)
+    q, k, v = make_qkv(2, 6, 2, 133, 133, 16, seed=1)
+    for path in (hga_prefill_ref, hga_decode_ref):
+        out, stats = path(q, k, v, config=cfg, rope_theta=THETA)
+        assert rel_err(out, sdpa_causal(q, k, v, 0)) < 1e-5
+        assert stats.density == 1.0
+
+
+@pytest.mark.parametrize("chunk_score, group_score", OPTIONS, ids=IDS)
+def test_matches_scalar_bruteforce(chunk_score, group_score):
+    """Every score computed by scalar loops from its definition picks the same groups."""
+    cfg = sparse(chunk_score, group_score, top_chunks=3, top_groups=5, fetch_groups=5)
+    q, k, v = make_qkv(1, 4, 2, 110, 110, 8, seed=len(chunk_score) + len(group_score))
+    out, stats = hga_attention(q, k, v, config=cfg, rope_theta=THETA)
+    want, groups, counts = hga_bruteforce(q, k, v, cfg=cfg, theta=THETA)
+    assert rel_err(out, want) < 1e-5
+    assert torch.equal(stats.keys_per_query, counts)
+    bad = [(key, sorted(g)) for key, g in groups.items() if {int(x) for x in stats.plan.group_ids[key] if x >= 0} != g]
+    assert not bad, bad[:3]
+
+
+@pytest.mark.parametrize("chunk_score, group_score", OPTIONS, ids=IDS)
+@pytest.mark.parametrize("hq, hkv", [(4, 2), (3, 1)])
+def test_prefill_equals_decode(chunk_score, group_score, hq, hkv):
+    cfg = sparse(chunk_score, group_score)
+    q, k, v = make_qkv(2, hq, hkv, 150, 150, 16, seed=hq)
+    out_p, st_p = hga_prefill_ref(q, k, v, config=cfg, rope_theta=THETA)
+    out_d, st_d = hga_decode_ref(q, k, v, config=cfg, rope_theta=THETA)
+    for f in ("chunk_ids", "group_ids", "fetch_group_ids"):
+        assert torch.equal(getattr(st_p.plan, f), getattr(st_d.plan, f)), f
+    assert rel_err(out_p, out_d) < 1e-5
+    assert (st_p.plan.carry is None) == (not cfg.running_routing)
+
+
+@pytest.mark.parametrize("chunk_score, group_score", OPTIONS, ids=IDS)
+def test_pieces_with_carry_equal_one_call(chunk_score, group_score):
+    """Split mid-chunk (77 = 4 * 16 + 13) and into single tokens: the carry makes the pieces one pass."""
+    cfg = sparse(chunk_score, group_score)
+    q, k, v = make_qkv(1, 4, 2, 120, 120, 16, seed=3)
+    whole, st = hga_attention(q, k, v, config=cfg, rope_theta=THETA)
+    outs, plans, carry, prev = [], [], None, 0
+    for cut in (77, 78, 79, 100, 120):
+        o, s = hga_attention(q[:, :, prev:cut], k, v, config=cfg, rope_theta=THETA, start_pos=prev, route_carry=carry)
+        outs.append(o)
+        plans.append(s.plan.group_ids)
+        carry, prev = s.plan.carry, cut
+    assert torch.equal(torch.cat(plans, 2), st.plan.group_ids)
+    assert rel_err(torch.cat(outs, 2), whole) < 1e-6
+
+
+@pytest.mark.parametrize("chunk_score, group_score", OPTIONS, ids=IDS)
+@pytest.mark.parametrize("path", [hga_prefill_ref, hga_decode_ref])
+def test_causal_bit_for_bit(chunk_score, group_score, path):
+    """Changing queries, keys and values after position 70 (mid-chunk) never changes an earlier bit."""
+    cfg = sparse(chunk_score, group_score)
+    cut = 70
+    q, k, v = make_qkv(1, 4, 2, 130, 130, 16, seed=5)
+    before, st_b = path(q, k, v, config=cfg, rope_theta=THETA)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    g = torch.Generator().manual_seed(9)
+    for t in (q2, k2, v2):
+        t[:, :, cut + 1 :] = torch.randn(t[:, :, cut + 1 :].shape, generator=g) * 5
+    after, st_a = path(q2, k2, v2, config=cfg, rope_theta=THETA)
+    assert torch.equal(before[:, :, : cut + 1], after[:, :, : cut + 1])
+    assert torch.equal(st_b.plan.group_ids[:, :, : cut + 1], st_a.plan.group_ids[:, :, : cut + 1])
+    assert not torch.equal(before[:, :, cut + 1 :], after[:, :, cut + 1 :])
+
+
+def test_sum_is_the_papers_rule():
+    """chunk_score='sum', group_score='sum' is the default and routes like a config that never heard of them."""
+    assert (HGAConfig().chunk_score, HGAConfig().group_score) == ("sum", "sum")
+    cfg = sparse("sum", "sum")
+    q, k, v = make_qkv(1, 4, 2, 150, 150, 16, seed=2)
+    _, explicit = hga_attention(q, k, v, config=cfg, rope_theta=THETA)
+    _, default = hga_attention(q, k, v, config=HGAConfig(**GEOMETRY, top_chunks=3, top_groups=3, fetch_groups=5), rope_theta=THETA)
+    assert torch.equal(explicit.plan.fetch_group_ids, default.plan.fetch_group_ids)
+    assert explicit.plan.carry is None
+
+
+def test_options_change_the_plan():
+    """Each option really routes differently from the summed rule somewhere (the test would catch a no-op)."""
+    q, k, v = make_qkv(1, 4, 2, 150, 150, 16, seed=8)
+    _, base = hga_attention(q, k, v, config=sparse("sum", "sum"), rope_theta=THETA)
+    for chunk_score, group_score in OPTIONS[1:]:
+        _, st = hga_attention(q, k, v, config=sparse(chunk_score, group_score), rope_theta=THETA)
+        assert not torch.equal(st.plan.group_ids, base.plan.group_ids), (chunk_score, group_score)
+
+
+def test_running_max_is_the_max_over_earlier_queries():
+    """A chunk favoured only by its chunk's first query stays routed for all the later queries."""
+    q, k, v = make_qkv(1, 1, 1, 112, 112, 16, seed=4)
+    k[:, :, 20] = 40.0  # one key of chunk 1 aligned with one strong query
+    q[:, :, 96] = 40.0  # first query of chunk 6 (candidates with F=1, L=2: chunks 1, 2, 3)
+    got = {}
+    for score in ("sum", "running_max"):
+        _, st = hga_attention(q, k, v, config=sparse(score, "sum", top_chunks=1, top_groups=4), rope_theta=THETA)
+        got[score] = st.plan.chunk_ids[0, 0, 96:112, 0].tolist()
+    assert got["running_max"] == [1] * 16
+    assert got["sum"][0] == 1 and got["sum"] != [1] * 16
+
+
+def test_group_bounds_are_min_max():
+    k = torch.randn(2, 3, 35, 8)
+    b = group_bounds_ref(k, 16, 4)
+    assert b.shape == (2, 3, 2, 4, 16)
+    assert torch.equal(b[1, 2, 1, 3, :8], k[1, 2, 28:32].amin(0))
+    assert torch.equal(b[1, 2, 1, 3, 8:], k[1, 2, 28:32].amax(0))
+
+
+def test_carry_errors():
+    cfg = sparse("running_max", "sum")
+    q, k, v = make_qkv(1, 4, 2, 100, 100, 16, seed=6)
+    with pytest.raises(ValueError, match=r"carry: expected the RouteCarry of positions 64..76 \(next_pos=77\), got NoneType"):
+        hga_attention(q[:, :, 77:], k, v, config=cfg, rope_theta=THETA, start_pos=77)
+    _, st = hga_attention(q[:, :, :70], k, v, config=cfg, rope_theta=THETA)
+    with pytest.raises(ValueError, match="got next_pos=70"):
+        hga_attention(q[:, :, 77:], k, v, config=cfg, rope_theta=THETA, start_pos=77, route_carry=st.plan.carry)
+    with pytest.raises(TypeError, match="route_carry: expected a RouteCarry or None, got dict"):
+        hga_attention(q, k, v, config=cfg, rope_theta=THETA, route_carry={})  # type: ignore[arg-type]
+    # A carry passed at a chunk start belongs to the previous chunk and is ignored.
+    a, _ = hga_attention(q[:, :, 64:], k, v, config=cfg, rope_theta=THETA, start_pos=64, route_carry=st.plan.carry)
+    b, _ = hga_attention(q[:, :, 64:], k, v, config=cfg, rope_theta=THETA, start_pos=64)
+    assert torch.equal(a, b)
+
+
+def test_route_block_checks():
+    cfg = sparse("running_max", "bound")
+    q, k, _ = make_qkv(1, 4, 2, 1, 100, 16, seed=7)
+    cs, gs = routing_summaries_ref(k[:, :, :96], cfg, rope_inv_freq(16, THETA))
+    win = windows_at(99, 16, 1, 2)
+    widths = plan_widths(cfg, 99)
+    with pytest.raises(ValueError, match="first_pos: expected the block's first position"):
+        route_block(q, cs, gs, win, cfg, widths)
+    with pytest.raises(ValueError, match=r"first_pos: expected 1 positions inside chunk 6 \(96..111\), got first_pos=90"):
+        route_block(q, cs, gs, win, cfg, widths, first_pos=90)
+    with pytest.raises(ValueError, match="group_summ: expected a last dim of 32 for group_score='bound'"):
+        route_block(q, cs, gs[..., :16], win, cfg, widths, first_pos=96)
+    bad = RouteCarry(99, (torch.zeros(1, 4, 7, dtype=torch.float64),))
+    with pytest.raises(ValueError, match=r"carry: expected 1 tensors \[1, 4, 3\]"):
+        route_block(q, cs, gs, win, cfg, widths, first_pos=99, carry=bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(chunk_score="max"), "chunk_score: expected one of"),
+        (dict(chunk_score="sum+sum"), "two different ones"),
+        (dict(chunk_score="sum+max_group+running_max"), "chunk_score: expected one of"),
+        (dict(group_score="max"), r"group_score: expected one of \('sum', 'bound'\), got 'max'"),
+    ],
+)
+def test_config_rejects_bad_scores(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        HGAConfig(**kwargs)
