@@ -8,6 +8,7 @@ from kvtier.errors import (
     CorruptChunkError,
     KvtierError,
     LayoutMismatchError,
+    StoreLockedError,
     TierUnavailableError,
     TransferError,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "KvtierError",
     "ConfigError",
     "LayoutMismatchError",
+    "StoreLockedError",
     "CapacityError",
     "TransferError",
     "CorruptChunkError",

@@ -26,7 +26,10 @@ READ_FAULTS = ("read_error", "short_read", "bitflip_read")
 WRITE_FAULTS = ("write_error", "disk_full", "torn_write")
 #: Backend calls :meth:`FaultyIO.fail_calls` can fail; "pwrite_header" is a pwrite of one
 #: 4 KiB header block (a slot header or a header clear).
-CALLS = ("open_rw", "open_reader", "pread", "pwrite", "pwrite_header", "reserve", "sync", "readv")
+CALLS = (
+    "open_rw", "open_reader", "create", "rename", "unlink", "truncate", "sync_dir",
+    "pread", "pwrite", "pwrite_header", "reserve", "sync", "readv",
+)
 
 
 class _FaultyReader:
@@ -185,6 +188,26 @@ class FaultyIO:
     def sync(self, fd: int) -> None:
         self._call("sync")
         self.inner.sync(fd)
+
+    def create(self, path: str) -> int:
+        self._call("create")
+        return self.inner.create(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        self._call("rename")
+        self.inner.rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        self._call("unlink")
+        self.inner.unlink(path)
+
+    def truncate(self, fd: int, size: int) -> None:
+        self._call("truncate")
+        self.inner.truncate(fd, size)
+
+    def sync_dir(self, path: str) -> None:
+        self._call("sync_dir")
+        self.inner.sync_dir(path)
 
     def close(self, fd: int) -> None:
         self.inner.close(fd)

@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "KvtierError",
     "ConfigError",
+    "StoreLockedError",
     "LayoutMismatchError",
     "CapacityError",
     "TransferError",
@@ -26,6 +27,10 @@ class KvtierError(Exception):
 
 class ConfigError(KvtierError, ValueError):
     """A configuration value is out of range or inconsistent with another."""
+
+
+class StoreLockedError(ConfigError):
+    """The store folder is locked by another open store (the message names its pid and host)."""
 
 
 class LayoutMismatchError(KvtierError, ValueError):

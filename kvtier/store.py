@@ -957,7 +957,9 @@ class TieredStore:
             ``capacity_bytes``, ``chunks``; and ``host_pinned``, ``pinned_keys``,
             ``prefetch_no_room`` (prefetched keys that found no host slot), ``dropped``
             (chunks that left a store without a disk tier), ``disk_io`` (backend, direct,
-            reason). The one call that still works after :meth:`close` (final counters).
+            reason), ``disk_open`` (what opening the disk folder found: ``refused_slots`` by
+            reason, ``damaged_files``, ``retired_slots``, ``manifest``, ``index``). The one
+            call that still works after :meth:`close` (final counters).
         """
         with self._lock:
             out: dict[str, Any] = {"misses": self._misses}
@@ -974,6 +976,14 @@ class TieredStore:
             out["prefetch_no_room"] = self._no_room
             out["dropped"] = self._dropped
             if self._disk is not None:
+                rep = self._disk.open_report
+                out["disk_open"] = {
+                    "refused_slots": dict(rep["refused_slots"]),
+                    "damaged_files": list(rep["damaged_files"]),
+                    "retired_slots": rep["retired_slots"],
+                    "manifest": rep["manifest"],
+                    "index": rep["index"],
+                }
                 out["disk_io"] = {
                     "backend": self._disk.io.name,
                     "direct": self._disk.direct,
@@ -1019,13 +1029,20 @@ class TieredStore:
             self._closed = True
             if self._disk is not None:
                 try:
-                    self._disk.close()
+                    self._disk.close(clean=True)
                 except TransferError as exc:
                     problems.append(str(exc))
             if self._temp_dir is not None:
                 shutil.rmtree(self._temp_dir, ignore_errors=True)
         if problems:
             raise TransferError(f"close: expected every acknowledged chunk kept, got {'; '.join(problems)}")
+
+    def _abandon(self) -> None:
+        """Stop as a killed process would: no flush, no clean-close index (tests, stress)."""
+        self._pool.shutdown(wait=True)
+        self._closed = True
+        if self._disk is not None:
+            self._disk.close(clean=False)
 
     def __enter__(self) -> Self:
         return self

@@ -46,7 +46,8 @@ def read_one(store: TieredStore, key) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------- case 2: failed header clears
-def test_failed_header_clear_fails_the_write_the_drop_and_close(tmp_path) -> None:
+@pytest.mark.parametrize("index_fails", [False, True])
+def test_failed_header_clear_fails_the_write_the_drop_and_close(tmp_path, index_fails) -> None:
     io = FaultyIO()
     store = TieredStore(LAYOUT, config(tmp_path), io=io)
     k = ChunkKey(0, 0, 0)
@@ -63,10 +64,18 @@ def test_failed_header_clear_fails_the_write_the_drop_and_close(tmp_path) -> Non
     with pytest.raises(TransferError, match=r"drop\(0\).*1 of 1 headers not cleared"):
         store.drop(0)
     assert not store.contains(k)
-    with pytest.raises(TransferError, match="could not be cleared"):
-        store.close()
+    if index_fails:  # nothing on disk can say k was dropped: close must say so
+        io.fail_calls("rename", 1000)
+        with pytest.raises(TransferError, match="could not be cleared, and no index"):
+            store.close()
+    else:
+        store.close()  # the clean-close index leaves k's uncleared slot out
     with pytest.raises(RuntimeError, match="closed"):
         store.write(k, chunk(9))
+    with TieredStore(LAYOUT, config(tmp_path)) as reopened:
+        if not index_fails:
+            assert not reopened.contains(k)
+            assert reopened.stats()["disk_open"]["refused_slots"] == {"not in the clean-close index": 1}
 
 
 # ---------------------------------------------------------------- case 7: requires_grad

@@ -252,10 +252,7 @@ class _Stress:
         while self.io.pending():  # no spill happened: drain the queued fault harmlessly
             self.io._take(("torn_write",))
         self._count_evictions()
-        self.store._pool.shutdown(wait=True)
-        if self.store._disk is not None:
-            self.store._disk.close()
-        self.store._closed = True
+        self.store._abandon()
         self.store = TieredStore(_LAYOUT, self.config, io=self.io)
         self._evictions_seen = 0
         self.c["crashes"] += 1

@@ -1,17 +1,22 @@
 """DiskTier: preallocated slab files of fixed, 4 KiB-aligned, checksummed slots.
 
-On-disk format (version :data:`kvtier.layout.FORMAT_VERSION`)::
+On-disk format (version :data:`DISK_FORMAT`)::
 
+    LOCK             flock of the store holding the folder, its pid and host (directory.py)
+    MANIFEST         store uuid, generation high-water mark, clean-close flag (directory.py)
+    INDEX            after a clean close: (slot, key, generation) of every valid slot
     slab-00000.kvt   [file header: 4 KiB][slot 0][slot 1] ... [slot n-1]     n = slots_per_file
     slot             [payload: chunk_bytes, zero-padded to 4 KiB][slot header: 4 KiB block]
 
 The payload comes first so that a whole slot is one sequential read and a page-aligned
 destination receives the payload directly (``preadv`` of two buffers, no bounce copy).
 The slot header (magic, format version, layout fingerprint, key, generation, dtype and
-shape, payload length, crc32c of the payload, crc32c of the header) is written *after*
-the payload: a writer killed mid-slot leaves either the previous header, whose checksum
-no longer matches the payload, or no header at all. Either way the slot is a miss,
-never data. Freed slots get a zeroed header so a dropped chunk never comes back on reopen.
+shape, payload length, crc32c of the payload, store uuid, the slot's own index, crc32c of
+the header) is written *after* the payload: a writer killed mid-slot leaves either the
+previous header, whose checksum no longer matches the payload, or no header at all. Either
+way the slot is a miss, never data. Freed slots get a zeroed header so a dropped chunk never
+comes back on reopen. A header naming another store or another slot (a copied or
+misdirected block) or a generation above the persisted mark is refused at open.
 """
 
 from __future__ import annotations
@@ -21,23 +26,28 @@ import os
 import struct
 import threading
 import time
+from collections import Counter
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import crc32c
+import numpy as np
 import torch
 
 from kvtier.errors import ConfigError, CorruptChunkError, LayoutMismatchError, TransferError
-from kvtier.layout import FORMAT_VERSION, KVLayout
+from kvtier.layout import KVLayout
 from kvtier.tiers.base import PAGE_BYTES, ChunkKey, SlotAllocator, SlotCounts, align_up, aligned_empty
+from kvtier.tiers.directory import GENERATION_BLOCK, Manifest, StoreDirectory
 from kvtier.tiers.io import IOBackend, PosixIO, Reader
 
-__all__ = ["FILE_MAGIC", "FILE_TARGET_BYTES", "MAX_RUN", "SLOT_MAGIC", "DiskTier", "SlotRecord"]
+__all__ = ["DISK_FORMAT", "FILE_MAGIC", "FILE_TARGET_BYTES", "MAX_RUN", "SLOT_MAGIC", "DiskTier", "SlotRecord"]
 
 log = logging.getLogger("kvtier.tiers")
 
 SLOT_MAGIC = b"KVTSLOT\x01"
 FILE_MAGIC = b"KVTSLAB\x01"
+#: Version of the slab files. 2: slot headers carry the store uuid and the slot index.
+DISK_FORMAT = 2
 #: Most slots one ``preadv`` reads (its iovec count, 2 per slot, stays far below IOV_MAX 1024).
 MAX_RUN = 32
 #: Slab files are about 1 GiB: large enough that opening them is rare, small enough that
@@ -46,15 +56,16 @@ FILE_TARGET_BYTES = 1 << 30
 
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 # magic, version, fingerprint, seq_id, layer, chunk_idx, generation, dtype, ndim, shape[4],
-# payload_len, payload_crc; followed by the header's own crc32c.
-_SLOT_FMT = struct.Struct("<8sI16sqqqQII4IQI")
-_FILE_FMT = struct.Struct("<8sI16sQQQ")
+# payload_len, payload_crc, store uuid, slot index; followed by the header's own crc32c.
+_SLOT_FMT = struct.Struct("<8sI16sqqqQII4IQI16sQ")
+_FILE_FMT = struct.Struct("<8sI16sQQQ16s")
 _CRC = struct.Struct("<I")
 # Byte ranges of a packed slot header, for the read-path fast check: [0, 28) magic, version
 # and fingerprint; [28, 60) key and generation; [60, 92) dtype, ndim, shape and payload length;
-# [92, 96) payload crc; [96, 100) the header's own crc.
+# [92, 96) payload crc; [96, 112) store uuid; [112, 120) slot index; [120, 124) the header's crc.
 _KEY_GEN = struct.Struct("<qqqQ")
-_HDR_KEY, _HDR_TAIL, _HDR_CRC = 28, 60, 92
+_SLOT_INDEX = struct.Struct("<Q")
+_HDR_KEY, _HDR_TAIL, _HDR_CRC, _HDR_ID, _HDR_SLOT = 28, 60, 92, 96, 112
 
 
 class SlotRecord(NamedTuple):
@@ -70,7 +81,7 @@ def _file_name(index: int) -> str:
 
 
 class DiskTier(SlotCounts):
-    """Chunk slots in slab files under one folder, read back only if they verify.
+    """Chunk slots in slab files under one locked folder, read back only if they verify.
 
     Parameters
     ----------
@@ -78,10 +89,11 @@ class DiskTier(SlotCounts):
         Geometry of a chunk; its fingerprint is stamped in every file and slot header.
     capacity_bytes : int
         Budget; ``capacity_bytes // slot_bytes`` slots (at least 1). File headers (4 KiB
-        per 1 GiB file) are not counted.
+        per 1 GiB file) are not counted. Slots past a smaller budget than the last open are
+        retired at open (headers cleared, files truncated or removed).
     directory : str or Path
-        Folder of the slab files, created if missing. Existing files are scanned: their
-        verified slots are reported by :meth:`scan`.
+        Folder of the slab files, created (0700) if missing, locked while the tier is open.
+        Existing files are scanned: their verified slots are reported by :meth:`scan`.
     io : IOBackend, optional
         The operating-system seam (default :class:`PosixIO`). Tests pass a fault-injecting
         wrapper here.
@@ -89,9 +101,18 @@ class DiskTier(SlotCounts):
     Raises
     ------
     LayoutMismatchError
-        If the folder holds slab files written for another layout or format version.
+        If the folder holds a slab file whose (intact) header names another layout or format.
+    StoreLockedError
+        If another store holds the folder.
     ConfigError
-        If the budget is smaller than one slot.
+        If the budget is smaller than one slot, or the folder is unsafe (another owner,
+        world-writable) or cannot be written.
+
+    Attributes
+    ----------
+    open_report : dict
+        What the open found: ``refused_slots`` by reason, ``damaged_files``,
+        ``retired_slots`` (past the budget), ``manifest`` and ``index`` status.
     """
 
     def __init__(
@@ -113,30 +134,35 @@ class DiskTier(SlotCounts):
         self.slots_per_file = max(1, FILE_TARGET_BYTES // self._slot_bytes)
         self._alloc = SlotAllocator(num_slots)
         self._fingerprint = layout.fingerprint().encode()
-        # What every valid header of this layout holds outside the key, generation and crcs:
-        # the read path compares these bytes instead of unpacking 15 fields (about 1 us
-        # against 6 us per chunk on the CI machine).
-        probe = self._slot_header(ChunkKey(0, 0, 0), 0, 0)
-        self._hdr_head = bytes(probe[:_HDR_KEY])
-        self._hdr_tail = bytes(probe[_HDR_TAIL:_HDR_CRC])
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}
         self._readers: dict[int, Reader] = {}
         self._local = threading.local()
-        self._next_generation = 1
-        #: Slots whose header on disk may be valid, with the key it names: a slot not in
-        #: here is known to hold no valid header, so freeing it needs no clear (under a
-        #: full disk, clearing a slot that was never written fails too, and leaked it).
-        self._dirty: dict[int, ChunkKey] = {}
+        #: Slots whose header on disk may be valid, with the key and generation it names: a
+        #: slot not in here is known to hold no valid header, so freeing it needs no clear
+        #: (under a full disk, clearing a slot that was never written fails too, and leaked it).
+        self._dirty: dict[int, tuple[ChunkKey, int]] = {}
         #: Freed slots whose header clear failed: kept out of the free list until cleared.
         self._uncleared: set[int] = set()
         #: Earliest time of the next retry of the pending clears (a retry per free of every
         #: pending clear cost 47 to 158 ms per 10-chunk drop under ENOSPC).
         self._retry_at = 0.0
-        #: Header clears that failed so far (callers compare before and after an operation).
+        #: Header clears that failed so far.
         self.clear_failures = 0
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._found = self._scan_existing()
+        self.open_report: dict[str, Any] = {
+            "refused_slots": Counter(),
+            "damaged_files": [],
+            "retired_slots": 0,
+            "manifest": "new",
+            "index": "none",
+        }
+        self.dir = StoreDirectory(self.directory, self.io)  # checks and locks the folder
+        try:
+            self._open()
+        except BaseException:
+            self._close_files()
+            self.dir.release()
+            raise
 
     # ------------------------------------------------------------------ geometry
     def locate(self, slot: int) -> tuple[Path, int]:
@@ -160,23 +186,37 @@ class DiskTier(SlotCounts):
         reasons = sorted({r.reason for r in self._readers.values()})
         return "; ".join(reasons) if reasons else "no file read yet"
 
+    @property
+    def store_id(self) -> bytes:
+        """The store's uuid (16 bytes), stamped in every file and slot header."""
+        return self._store_id
+
     # ------------------------------------------------------------------ files
     def _file_header(self, file_index: int) -> bytes:
         body = _FILE_FMT.pack(
-            FILE_MAGIC, FORMAT_VERSION, self._fingerprint, self._slot_bytes, self.slots_per_file, file_index
+            FILE_MAGIC, DISK_FORMAT, self._fingerprint, self._slot_bytes, self.slots_per_file, file_index,
+            self._store_id,
         )
         return (body + _CRC.pack(crc32c.crc32c(body))).ljust(PAGE_BYTES, b"\0")
 
-    def _check_file_header(self, raw: bytes, path: Path) -> None:
+    def _check_file_header(self, raw: bytes, path: Path, file_index: int) -> str | None:
+        """None if the header is this store's; why not if it is damaged or another store's.
+
+        Raises LayoutMismatchError for an intact header of another layout or format: a
+        mismatched reader gets an error, never data.
+        """
         n = _FILE_FMT.size
         if len(raw) < n + 4 or raw[:8] != FILE_MAGIC or _CRC.unpack_from(raw, n)[0] != crc32c.crc32c(raw[:n]):
+            # A pre-format-2 file has a shorter header: its magic and version still name it.
+            if len(raw) >= 12 and raw[:8] == FILE_MAGIC and struct.unpack_from("<I", raw, 8)[0] != DISK_FORMAT:
+                raise LayoutMismatchError(
+                    f"{path}: expected slab format {DISK_FORMAT}, got format {struct.unpack_from('<I', raw, 8)[0]}"
+                )
+            return f"damaged file header ({len(raw)} bytes readable)"
+        _, version, fingerprint, slot_bytes, per_file, index, store_id = _FILE_FMT.unpack_from(raw)
+        if version != DISK_FORMAT or fingerprint != self._fingerprint:
             raise LayoutMismatchError(
-                f"{path}: expected a kvtier slab file header, got {len(raw)} unreadable bytes"
-            )
-        _, version, fingerprint, slot_bytes, per_file, _ = _FILE_FMT.unpack_from(raw)
-        if version != FORMAT_VERSION or fingerprint != self._fingerprint:
-            raise LayoutMismatchError(
-                f"{path}: expected layout fingerprint {self._fingerprint.decode()} format {FORMAT_VERSION}, "
+                f"{path}: expected layout fingerprint {self._fingerprint.decode()} format {DISK_FORMAT}, "
                 f"got {fingerprint.decode(errors='replace')} format {version}"
             )
         if slot_bytes != self._slot_bytes or per_file != self.slots_per_file:
@@ -184,6 +224,11 @@ class DiskTier(SlotCounts):
                 f"{path}: expected {self._slot_bytes}-byte slots x {self.slots_per_file}, "
                 f"got {slot_bytes} x {per_file}"
             )
+        if index != file_index:
+            return f"file header names file {index}"
+        if store_id != self._store_id:
+            return "file of another store"
+        return None
 
     def _fd(self, file_index: int) -> int:
         fd = self._fds.get(file_index)
@@ -192,18 +237,33 @@ class DiskTier(SlotCounts):
         with self._lock:
             fd = self._fds.get(file_index)
             if fd is None:
-                path = str(self.directory / _file_name(file_index))
-                fd = self.io.open_rw(path)
-                try:
-                    if os.fstat(fd).st_size < PAGE_BYTES:
-                        header = self._file_header(file_index)
-                        self.io.reserve(fd, 0, PAGE_BYTES)
-                        if self.io.pwrite(fd, memoryview(header), 0) != PAGE_BYTES:
-                            raise OSError("short write of the file header")
-                except OSError:
-                    self.io.close(fd)
-                    raise
+                fd = self._create_file(file_index)
                 self._fds[file_index] = fd
+        return fd
+
+    def _create_file(self, file_index: int) -> int:
+        """A new slab file, created atomically: header written to a temporary file, which is
+        then renamed over the final name (replacing a damaged file or a planted symlink,
+        never following one). A crash leaves either no file or a whole header."""
+        final = str(self.directory / _file_name(file_index))
+        tmp = f"{final}.tmp"
+        try:
+            self.io.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        fd = self.io.create(tmp)
+        try:
+            self.io.reserve(fd, 0, PAGE_BYTES)
+            if self.io.pwrite(fd, memoryview(self._file_header(file_index)), 0) != PAGE_BYTES:
+                raise OSError("short write of the file header")
+            self.io.rename(tmp, final)
+        except OSError:
+            self.io.close(fd)
+            try:
+                self.io.unlink(tmp)
+            except OSError:
+                pass
+            raise
         return fd
 
     def _reader(self, file_index: int) -> Reader:
@@ -230,11 +290,11 @@ class DiskTier(SlotCounts):
         return buf
 
     # ------------------------------------------------------------------ headers
-    def _slot_header(self, key: ChunkKey, generation: int, payload_crc: int) -> bytes:
+    def _slot_header(self, key: ChunkKey, generation: int, payload_crc: int, slot: int) -> bytes:
         lay = self.layout
         body = _SLOT_FMT.pack(
             SLOT_MAGIC,
-            FORMAT_VERSION,
+            DISK_FORMAT,
             self._fingerprint,
             key.seq_id,
             key.layer,
@@ -245,11 +305,13 @@ class DiskTier(SlotCounts):
             *lay.chunk_shape,
             self._chunk_bytes,
             payload_crc,
+            self._store_id,
+            slot,
         )
         return (body + _CRC.pack(crc32c.crc32c(body))).ljust(PAGE_BYTES, b"\0")
 
-    def _parse_header(self, raw: bytes | memoryview) -> tuple[ChunkKey, int, int] | str:
-        """(key, generation, payload_crc), or why the header does not verify."""
+    def _parse_header(self, raw: bytes | memoryview, slot: int) -> tuple[ChunkKey, int, int] | str:
+        """(key, generation, payload_crc), or why the header does not verify for ``slot``."""
         n = _SLOT_FMT.size
         if len(raw) < n + 4:
             return "truncated header"
@@ -273,10 +335,12 @@ class DiskTier(SlotCounts):
             s3,
             payload_len,
             payload_crc,
+            store_id,
+            slot_index,
         ) = _SLOT_FMT.unpack_from(raw)
         lay = self.layout
-        if version != FORMAT_VERSION:
-            return f"format version {version}, expected {FORMAT_VERSION}"
+        if version != DISK_FORMAT:
+            return f"format version {version}, expected {DISK_FORMAT}"
         if fingerprint != self._fingerprint:
             return "layout fingerprint mismatch"
         if (dtype_code, ndim, (s0, s1, s2, s3), payload_len) != (
@@ -286,37 +350,115 @@ class DiskTier(SlotCounts):
             self._chunk_bytes,
         ):
             return "dtype, shape or payload length mismatch"
+        if store_id != self._store_id:
+            return "header of another store"
+        if slot_index != slot:
+            return f"header of another slot (a misdirected write of slot {slot_index})"
         return ChunkKey(seq_id, layer, chunk_idx), generation, payload_crc
 
-    def _scan_existing(self) -> list[SlotRecord]:
+    # ------------------------------------------------------------------ open
+    def _open(self) -> None:
+        """Read the manifest, scan the slab files, persist the next generation mark."""
+        self.dir.remove_stale_temporaries()
+        manifest = self.dir.load_manifest()
+        files = sorted(self.directory.glob("slab-*.kvt"))
+        index: dict[int, tuple[int, int, int, int]] | None = None
+        if isinstance(manifest, Manifest):
+            self._store_id, base = manifest.store_id, manifest.mark
+            self.open_report["manifest"] = "clean" if manifest.clean else "not closed cleanly"
+            if manifest.clean and manifest.index_crc is not None:
+                got = self.dir.load_index(manifest.index_crc)
+                self.open_report["index"] = got if isinstance(got, str) else "verified"
+                index = None if isinstance(got, str) else got
+        else:
+            # No manifest (or a damaged one) beside slab files: nothing says which store
+            # wrote them or which generations are legitimate, so none of their slots count.
+            self._store_id, base = StoreDirectory.new_store_id(), 0
+            self.open_report["manifest"] = manifest if isinstance(manifest, str) else "new"
+            if files:
+                log.warning(
+                    "kvtier: %s: %s; the %d slab files there are not trusted",
+                    self.directory, manifest or "no manifest", len(files),
+                )
+        self._next_generation = base + 1
+        self._mark = base + GENERATION_BLOCK
+        # What every valid header of this store holds outside the key, generation, slot and
+        # crcs: the read path compares these bytes instead of unpacking 17 fields (about
+        # 1 us against 6 us per chunk on the CI machine).
+        probe = self._slot_header(ChunkKey(0, 0, 0), 0, 0, 0)
+        self._hdr_head = bytes(probe[:_HDR_KEY])
+        self._hdr_tail = bytes(probe[_HDR_TAIL:_HDR_CRC])
+        # Persisted before any slot is written or cleared: no header can ever carry a
+        # generation above the mark on disk, and generations never restart below old ones.
+        self.dir.save_manifest(Manifest(self._store_id, self._mark))
+        self._found = self._scan(files, base, index)
+        rep = self.open_report
+        if rep["refused_slots"] or rep["damaged_files"] or rep["retired_slots"]:
+            log.warning(
+                "kvtier: %s: refused slots %s, damaged files %s, %d slots retired past the budget",
+                self.directory, dict(rep["refused_slots"]), rep["damaged_files"], rep["retired_slots"],
+            )
+
+    def _scan(
+        self, files: list[Path], mark: int, index: dict[int, tuple[int, int, int, int]] | None
+    ) -> list[SlotRecord]:
         """Verify every slot header of existing files; keep the newest copy of each key."""
         best: dict[ChunkKey, SlotRecord] = {}
         stale: list[int] = []
-        max_generation = 0
-        files = sorted(self.directory.glob("slab-*.kvt"))
+        refused = self.open_report["refused_slots"]
         for path in files:
             try:
                 file_index = int(path.stem.split("-")[1])
             except (IndexError, ValueError):
                 continue
-            fd = self.io.open_rw(str(path))
-            self._check_file_header_fd(fd, path)
+            first = file_index * self.slots_per_file
+            if first >= self.num_slots:  # wholly past the budget: retire the file
+                self.open_report["retired_slots"] += self._count_headers(path)
+                self.io.unlink(str(path))
+                continue
+            try:
+                fd = self.io.open_rw(str(path))
+            except OSError as exc:  # a symlink (ELOOP), a folder, an unreadable file
+                self.open_report["damaged_files"].append(f"{path.name}: {exc.strerror or exc}")
+                continue
+            why = self._check_file_header(self.io.pread(fd, PAGE_BYTES, 0), path, file_index)
+            if why is not None:
+                # This file's chunks are lost, never the store's: the file is recreated
+                # (atomically, over this one) when one of its slots is next needed.
+                self.io.close(fd)
+                self.open_report["damaged_files"].append(f"{path.name}: {why}")
+                continue
             self._fds[file_index] = fd
             size = os.fstat(fd).st_size
-            first = file_index * self.slots_per_file
-            for local in range(self.slots_per_file):
+            in_budget = min(self.slots_per_file, self.num_slots - first)
+            end = PAGE_BYTES + in_budget * self._slot_bytes
+            if size > end:  # slots past a smaller budget: truncated away, never resurrected
+                self.open_report["retired_slots"] += self._count_headers(path, start=end)
+                self.io.truncate(fd, end)
+                size = end
+            for local in range(in_budget):
                 slot = first + local
                 offset = PAGE_BYTES + local * self._slot_bytes
-                if slot >= self.num_slots or offset + self._slot_bytes > size:
-                    break  # beyond the budget, or a truncated file: the rest is a miss
-                parsed = self._parse_header(self.io.pread(fd, PAGE_BYTES, offset + self.payload_span))
+                if offset + self._slot_bytes > size:
+                    break  # a truncated file: the rest is a miss
+                raw = self.io.pread(fd, PAGE_BYTES, offset + self.payload_span)
+                parsed = self._parse_header(raw, slot)
                 if isinstance(parsed, str):
+                    if parsed.startswith("header of"):
+                        refused[parsed.split(" (")[0]] += 1
                     continue
                 key, generation, _ = parsed
-                max_generation = max(max_generation, generation)
-                record = SlotRecord(slot, key, generation)
                 self._alloc.claim(slot)
-                self._dirty[slot] = key
+                self._dirty[slot] = (key, generation)
+                if generation > mark:
+                    refused["generation above the persisted mark"] += 1
+                    stale.append(slot)
+                    continue
+                if index is not None and index.get(slot) != (*key, generation):
+                    refused["not in the clean-close index"] += 1
+                    stale.append(slot)
+                    continue
+                record = SlotRecord(slot, key, generation)
                 old = best.get(key)
                 if old is None or generation > old.generation:
                     best[key] = record
@@ -324,17 +466,26 @@ class DiskTier(SlotCounts):
                         stale.append(old.slot)
                 else:
                     stale.append(slot)
-        self._next_generation = max_generation + 1
         for slot in stale:
             self.free(slot)
         return sorted(best.values())
 
-    def _check_file_header_fd(self, fd: int, path: Path) -> None:
+    def _count_headers(self, path: Path, start: int = PAGE_BYTES) -> int:
+        """Slot headers with a valid magic at or after byte ``start`` of ``path`` (a report only)."""
         try:
-            self._check_file_header(self.io.pread(fd, PAGE_BYTES, 0), path)
-        except Exception:
+            fd = self.io.open_rw(str(path))
+        except OSError:
+            return 0
+        try:
+            size = os.fstat(fd).st_size
+            found = 0
+            offset = start + self.payload_span
+            while offset + 8 <= size:
+                found += self.io.pread(fd, 8, offset) == SLOT_MAGIC
+                offset += self._slot_bytes
+            return found
+        finally:
             self.io.close(fd)
-            raise
 
     def scan(self) -> list[SlotRecord]:
         """Verified slots found when the tier was opened (newest generation per key)."""
@@ -428,7 +579,7 @@ class DiskTier(SlotCounts):
         """
         if not self._uncleared:
             return
-        stale = [s for s in sorted(self._uncleared) if self._dirty.get(s) == key]
+        stale = [s for s in sorted(self._uncleared) if self._dirty.get(s, (None,))[0] == key]
         if stale and not self._clear_pending(stale):
             raise TransferError(
                 f"disk write of {tuple(key)}: an older copy's header could not be cleared (I/O error)"
@@ -462,20 +613,25 @@ class DiskTier(SlotCounts):
                 f"payload: expected [{nbytes}] uint8 on cpu, got {list(payload.shape)} "
                 f"{payload.dtype} on {payload.device}"
             )
-        with self._lock:
-            generation = self._next_generation
-            self._next_generation += 1
         file_index, offset = self._where(slot)
         data = memoryview(payload.numpy())
         try:
+            with self._lock:
+                if self._next_generation > self._mark:
+                    # Reserve the next block before any header can carry a generation above
+                    # the persisted mark (an fsynced rename once per GENERATION_BLOCK writes).
+                    self.dir.save_manifest(Manifest(self._store_id, self._mark + GENERATION_BLOCK))
+                    self._mark += GENERATION_BLOCK
+                generation = self._next_generation
+                self._next_generation += 1
             fd = self._fd(file_index)
             self.io.reserve(fd, offset, self._slot_bytes)
             written = self.io.pwrite(fd, data, offset)
             if written != nbytes:
                 raise OSError(f"short write: {written} of {nbytes} bytes")
-            header = self._slot_header(key, generation, crc32c.crc32c(data))
+            header = self._slot_header(key, generation, crc32c.crc32c(data), slot)
             with self._lock:
-                self._dirty[slot] = key  # from here on the header may verify
+                self._dirty[slot] = (key, generation)  # from here on the header may verify
             if self.io.pwrite(fd, memoryview(header), offset + self.payload_span) != PAGE_BYTES:
                 raise OSError("short write of the slot header")
         except OSError as exc:
@@ -532,8 +688,9 @@ class DiskTier(SlotCounts):
         """Raise :class:`CorruptChunkError` unless header and payload checksum match.
 
         The fast path checks the same things as :meth:`_parse_header` (magic, version,
-        fingerprint, dtype, shape and length byte for byte, the header's crc32c, then key
-        and generation); any mismatch falls through to the slow path, which names it.
+        fingerprint, dtype, shape and length byte for byte, key and generation, store uuid
+        and slot index, the header's crc32c); any mismatch falls through to the slow path,
+        which names it.
         """
         n = _SLOT_FMT.size
         if (
@@ -541,12 +698,14 @@ class DiskTier(SlotCounts):
             and header[:_HDR_KEY] == self._hdr_head
             and header[_HDR_TAIL:_HDR_CRC] == self._hdr_tail
             and header[_HDR_KEY:_HDR_TAIL] == _KEY_GEN.pack(key.seq_id, key.layer, key.chunk_idx, generation)
+            and header[_HDR_ID:_HDR_SLOT] == self._store_id
+            and header[_HDR_SLOT:n] == _SLOT_INDEX.pack(slot)
             and _CRC.unpack_from(header, n)[0] == crc32c.crc32c(header[:n])
         ):
             if crc32c.crc32c(payload) != _CRC.unpack_from(header, _HDR_CRC)[0]:
                 raise CorruptChunkError(f"disk slot {slot} for {tuple(key)}: payload checksum mismatch")
             return
-        parsed = self._parse_header(header)
+        parsed = self._parse_header(header, slot)
         if isinstance(parsed, str):
             raise CorruptChunkError(f"disk slot {slot} for {tuple(key)}: {parsed}")
         got_key, got_generation, payload_crc = parsed
@@ -648,23 +807,48 @@ class DiskTier(SlotCounts):
         for fd in list(self._fds.values()):
             self.io.sync(fd)
 
-    def close(self) -> None:
-        """Retry pending header clears, close every file; the tier cannot be used afterwards.
+    def close(self, *, clean: bool = True) -> None:
+        """Retry pending header clears, write the clean-close index, close every file and
+        release the folder's lock; the tier cannot be used afterwards.
+
+        Parameters
+        ----------
+        clean : bool
+            Write INDEX and mark the manifest clean (False: leave the folder as a crash
+            would, for tests and ``kvtier stress``).
 
         Raises
         ------
         TransferError
-            If some freed slots still hold their headers (they could reappear on reopen);
-            the files are closed anyway.
+            If the index could not be written while some freed slots still hold their
+            headers (those chunks could reappear on reopen). Everything is closed anyway.
         """
-        self._clear_pending(sorted(self._uncleared))
-        left = len(self._uncleared)
-        self._close_files()
-        if left:
-            raise TransferError(
-                f"disk tier: expected every freed slot cleared, got {left} whose headers could not be "
-                f"cleared (I/O error); their chunks may reappear on reopen"
-            )
+        try:
+            self._clear_pending(sorted(self._uncleared))
+            left = len(self._uncleared)
+            if clean:
+                try:
+                    self._save_index()
+                except OSError as exc:
+                    if left:
+                        raise TransferError(
+                            f"disk tier: expected every freed slot cleared, got {left} whose headers "
+                            f"could not be cleared, and no index to refuse them ({exc}); their chunks "
+                            f"may reappear on reopen"
+                        ) from exc
+                    log.warning("kvtier: %s: clean-close index not written (%s)", self.directory, exc)
+        finally:
+            self._close_files()
+            self.dir.release()
+
+    def _save_index(self) -> None:
+        """INDEX then a clean MANIFEST naming it: the next open refuses any valid-looking
+        slot that is not exactly in the index (a rolled-back, resurrected or uncleared slot)."""
+        with self._lock:
+            live = sorted((s, k, g) for s, (k, g) in self._dirty.items() if s not in self._uncleared)
+        rows = np.array([(s, *k, g) for s, k, g in live], dtype=np.int64).reshape(-1, 5)
+        crc = self.dir.save_index(rows)
+        self.dir.save_manifest(Manifest(self._store_id, self._mark, clean=True, index_crc=crc))
 
     def _close_files(self) -> None:
         with self._lock:

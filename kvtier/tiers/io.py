@@ -46,7 +46,28 @@ class IOBackend(Protocol):
     name: str
 
     def open_rw(self, path: str) -> int:
-        """Open (creating) a slab file for buffered writes and header scans; return an fd."""
+        """Open an existing file for buffered writes and header scans (never through a
+        symlink); return an fd."""
+        ...
+
+    def create(self, path: str) -> int:
+        """Create a new file, mode 0600, failing if anything (a symlink too) is at ``path``."""
+        ...
+
+    def rename(self, src: str, dst: str) -> None:
+        """Atomically rename ``src`` over ``dst`` (a symlink at ``dst`` is replaced, not followed)."""
+        ...
+
+    def unlink(self, path: str) -> None:
+        """Remove a file."""
+        ...
+
+    def truncate(self, fd: int, size: int) -> None:
+        """Cut a file to ``size`` bytes."""
+        ...
+
+    def sync_dir(self, path: str) -> None:
+        """Make the folder's entries (creations, renames) durable."""
         ...
 
     def open_reader(self, path: str) -> Reader:
@@ -85,7 +106,7 @@ class _PosixReader:
             self.reason = "O_DIRECT is not available on this platform"
         elif direct:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError as exc:
                 self.reason = f"O_DIRECT open refused ({errno.errorcode.get(exc.errno or 0, exc.errno)})"
             else:
@@ -99,7 +120,7 @@ class _PosixReader:
                 else:
                     self._fd, self.direct, self.reason = fd, True, "O_DIRECT"
         if self._fd < 0:
-            self._fd = os.open(path, os.O_RDONLY)
+            self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     def readv(self, buffers: list[memoryview], offset: int) -> int:
         return os.preadv(self._fd, buffers, offset)
@@ -126,7 +147,28 @@ class PosixIO:
         self._direct = direct
 
     def open_rw(self, path: str) -> int:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        return os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def create(self, path: str) -> int:
+        # O_EXCL with O_CREAT refuses any existing entry, a dangling symlink included: the
+        # store never writes through a link someone planted.
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def truncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def sync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def open_reader(self, path: str) -> Reader:
         return _PosixReader(path, direct=self._direct)

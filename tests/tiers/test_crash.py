@@ -123,8 +123,7 @@ def test_writer_killed_mid_slot_leaves_no_data(tiny_layout, tmp_path, make_chunk
         store.write(KEYS[1], make_chunk(tiny_layout, 1))  # spilling KEYS[0] dies half way
     assert store.where(KEYS[0]) == ("host",)  # the victim stayed, nothing was lost
     # Simulate the process dying now: no close(), so no flush; reopen sees the torn slot.
-    store._pool.shutdown()
-    store._disk.close()  # type: ignore[union-attr]
+    store._abandon()
     with TieredStore(tiny_layout, cfg) as reopened:
         assert len(reopened) == 0
         assert reopened.stats()["disk"]["used_bytes"] == 0
