@@ -1,23 +1,72 @@
+"""The ``kvtier`` command line: command listing, one-line errors with exit status 2, the layering."""
+
 import subprocess
 import sys
 
 import pytest
 
 from kvtier.cli import main
+from kvtier.cli.args import format_tokens, token_counts
 
 
 def test_help_lists_commands(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["--help"])
-    assert exc.value.code == 0
-    assert "demo" in capsys.readouterr().out
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("demo", "eval", "stress", "bench io", "bench attention"):
+        assert f"  {name} " in out
 
 
-def test_unknown_command_is_an_error(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["frobnicate"])
-    assert exc.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+def test_bench_alone_lists_its_subcommands(capsys):
+    assert main(["bench"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: kvtier bench COMMAND" in out and "  io " in out and "  attention " in out
+    assert "demo" not in out
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["frobnicate"], "kvtier: expected a command, one of bench, demo, eval, stress, got 'frobnicate'"),
+        (["bench", "frob"], "kvtier bench: expected a command, one of"),
+        (["bench", "io", "--size", "2GB_", "--dir", "{tmp}"], "kvtier bench io: --size: expected a byte count"),
+        (["bench", "io", "--chunk-bytes", "6000", "--dir", "{tmp}"], "kvtier bench io: --chunk-bytes: expected a multiple of 4096"),
+        (["bench", "io", "--threads", "0", "--dir", "{tmp}"], "kvtier bench io: --threads: expected an integer >= 1, got 0"),
+        (["bench", "io", "--backend", "nvme", "--dir", "{tmp}"], "kvtier bench io: --backend: expected one of"),
+        (["bench", "io"], "kvtier bench io: expected --dir, got none"),
+        (["bench", "attention", "--contexts", "8Q"], "kvtier bench attention: --contexts: expected token counts"),
+        (["bench", "attention", "--heads", "32,7,128"], "kvtier bench attention: --heads: expected KV heads dividing"),
+        (["stress", "--seconds", "-1"], "kvtier stress: --seconds: expected a number > 0, got -1"),
+        (["stress", "--fault-rate", "2"], "kvtier stress: --fault-rate: expected a fraction in [0, 1], got 2"),
+        (["stress", "--bogus"], "kvtier stress: expected no further arguments (see --help), got --bogus"),
+        (["demo", "--tokens", "zero"], "kvtier demo: --tokens: expected an integer >= 1, got 'zero'"),
+        (["demo", "--kv-heads", "3"], "kvtier demo: --kv-heads: expected a divisor of --q-heads=8, got 3"),
+        (["demo", "--host-bytes", "lots"], "kvtier demo: --host-bytes: expected a byte count"),
+        (["eval", "--methods", "hga,magic"], "kvtier eval: --methods: expected some of dense, hga, quest, oracle"),
+        (["eval", "--lengths", "2K"], "kvtier eval: --lengths: expected comma-separated integers, got '2K'"),
+        (["eval", "--budget", "710"], "kvtier eval: --budget: expected the windows plus a multiple"),
+        (["eval", "--depths", "0.5,3"], "kvtier eval: --depths: expected comma-separated fractions"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_status_2(argv, expected, capsys, tmp_path):
+    argv = [a.replace("{tmp}", str(tmp_path / "d")) for a in argv]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), captured.err
+    assert "expected" in lines[0] and ", got " in lines[0]
+    assert not (tmp_path / "d").exists()  # nothing was created before the arguments were checked
+
+
+def test_console_entry_point_prints_no_traceback(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "kvtier", "bench", "io", "--size", "2GB_", "--dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == "kvtier bench io: --size: expected a byte count like '4GiB' or '512MB', got '2GB_'"
+
+
+def test_token_labels():
+    assert [format_tokens(n) for n in (256, 720, 1536, 8192, 2**20, 12345)] == ["256", "720", "1.5K", "8K", "1M", "12345"]
+    assert token_counts("8K, 256,1M") == [8192, 256, 2**20]
 
 
 def test_synthetic_demo_runs_and_reports_exactness(capsys):
@@ -25,6 +74,8 @@ def test_synthetic_demo_runs_and_reports_exactness(capsys):
     out = capsys.readouterr().out
     full = next(line for line in out.splitlines() if line.startswith("full coverage"))
     assert float(full.split()[-2]) < 1e-5  # max relative error against dense
+    # 300 tokens are inside the windows and budgets: the "HGA" row is dense and must say so.
+    assert "paper defaults (= dense here)" in out and "IS dense attention" in out
 
 
 def test_python_dash_m_entry_point():

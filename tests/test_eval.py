@@ -72,3 +72,14 @@ def test_diagnose_on_a_tiny_model() -> None:
         assert 0 < r["window_mass"] + r["oracle_mass"] <= 1 + 1e-6
         assert 0 <= r["hga_chunk_recall"] <= 1 + 1e-6
     assert "| mean |" in diagnosis_table(rows)
+
+
+def test_markdown_table_marks_sparse_rows_that_were_dense() -> None:
+    rows = [EvalRow("dense", 700, 3.0, 0.0, 1.0, 350.5, 1216, 1.0), EvalRow("hga", 700, 3.0, 0.0, 1.0, 350.5, 1216, 1.0),
+            EvalRow("hga", 2048, 3.1, 0.1, 0.6, 900.0, 1216, 1.0),
+            EvalRow("hga", 700, None, None, float("nan"), float("nan"), 1216, 0.0, needle_accuracy=1.0)]
+    table = markdown_table(rows, dense_upto=1216)
+    assert "| 700 | hga (= dense) |" in table and "| 700 | dense |" in table and "| 2048 | hga |" in table
+    assert "| 700 | 100% (= dense) |" in table
+    assert "computed dense attention" in table
+    assert "(= dense)" not in markdown_table(rows[2:3], dense_upto=1216)

@@ -25,18 +25,19 @@ p20, p50, p80, config_json, gpu, commit, timestamp``) and a markdown table is pr
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from kvtier.cli.results import CSV_COLUMNS, append_csv
 from kvtier.attention import HostKVDecode, _hga_kernels, _route, prefill_tables
+from kvtier.cli.args import UsageError, format_tokens, positive_float, positive_int, positive_ints, token_counts
+from kvtier.cli.results import CSV_COLUMNS, add_output_arguments, append_csv, output_file, source_commit
 from kvtier.config import HGAConfig
 from kvtier.kernels.sparse_prefill import sparse_prefill
 from kvtier.reference.hga import plan_widths
@@ -44,27 +45,30 @@ from kvtier.reference.hga import plan_widths
 __all__ = ["add_arguments", "run", "main"]
 
 
-
-def _parse_tokens(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().upper()
-        mult = {"K": 1024, "M": 1024 * 1024}.get(part[-1:], 1)
-        out.append(int(float(part.rstrip("KM")) * mult))
-    return out
+def _heads(text: str) -> tuple[int, int, int]:
+    """``type=`` of --heads: query heads, KV heads, head dim, with KV heads dividing query heads."""
+    try:
+        hq, hkv, d = positive_ints(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected query heads,KV heads,head dim like 32,8,128, got {text!r}") from None
+    if hq % hkv:
+        raise argparse.ArgumentTypeError(f"expected KV heads dividing query heads, got {hq} and {hkv}")
+    return hq, hkv, d
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``kvtier bench attention``."""
-    parser.add_argument("--contexts", default="8K,32K,128K,512K,1M", help="context lengths (tokens)")
-    parser.add_argument("--batch", default="1,4", help="batch sizes")
-    parser.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head dim")
-    parser.add_argument("--steps", type=int, default=48, help="timed decode steps per state")
-    parser.add_argument("--warmup-steps", type=int, default=24, help="random-walk steps before steady timing")
-    parser.add_argument("--sigma", type=float, default=0.05, help="random-walk step of the queries")
-    parser.add_argument("--rope-theta", type=float, default=5e5)
-    parser.add_argument("--csv", default="bench/results/attention.csv", help="CSV to append to")
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs on the CPU interpreter too")
+    parser.add_argument("--contexts", default="8K,32K,128K,512K,1M", type=token_counts,
+                        help="context lengths in tokens (default 8K,32K,128K,512K,1M)")
+    parser.add_argument("--batch", default="1,4", type=positive_ints, help="batch sizes (default 1,4)")
+    parser.add_argument("--heads", default="32,8,128", type=_heads, help="query heads, KV heads, head dim")
+    parser.add_argument("--steps", type=positive_int, default=48, help="timed decode steps per state")
+    parser.add_argument("--warmup-steps", type=positive_int, default=24, help="random-walk steps before steady timing")
+    parser.add_argument("--sigma", type=positive_float, default=0.05, help="random-walk step of the queries")
+    parser.add_argument("--rope-theta", type=positive_float, default=5e5)
+    add_output_arguments(parser, "attention", kinds=("csv",))
+    parser.add_argument("--smoke", action="store_true",
+                        help="every path once at tiny sizes; without a GPU on Triton's CPU interpreter (about 20 s)")
     parser.add_argument(
         "--no-tune",
         dest="tune",
@@ -74,23 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _env() -> dict[str, str]:
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-            ).stdout.strip()
-            or "unknown"
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
     import triton
 
     env = {
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "commit": commit,
+        "commit": source_commit(),
         "cuda": str(torch.version.cuda),
-        "gpu": "cpu (interpreter)",
+        "gpu": "none: CPU, Triton interpreter",
     }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
@@ -175,11 +170,16 @@ class _Timer:
         return out
 
     def bench(self, fn, n: int = 50) -> list[float]:
-        """Warm, then time n runs of an eager callable (once each on the CPU interpreter)."""
-        for _ in range(3 if self.cuda else 1):
+        """Warm, then time n runs of an eager callable; on the CPU interpreter one run, unwarmed.
+
+        The interpreter compiles nothing, so a warm-up would only double a smoke run's time.
+        """
+        if not self.cuda:
+            return self.many(fn, 1)
+        for _ in range(3):
             fn()
         self.sync()
-        return self.many(fn, n if self.cuda else 1)
+        return self.many(fn, n)
 
 
 def _graph(fn, cuda: bool):
@@ -230,7 +230,11 @@ def _bench_one(
         "hkv": hkv,
         "d": d,
         "dtype": str(dt).removeprefix("torch."),
+        "pinned": dev == "cuda",
+        "cuda_graphs": timer.cuda,
     }
+    block = args.prefill_block
+    pf = f"prefill{block}"
 
     def add(op, impl, metric, unit, ms_or_vals, **extra):
         vals = ms_or_vals if isinstance(ms_or_vals, tuple) else _quantiles(ms_or_vals)
@@ -252,10 +256,10 @@ def _bench_one(
     k = torch.randn(bsz, hkv, ctx, d, generator=gen, device=dev).to(dt)
     v = torch.randn(bsz, hkv, ctx, d, generator=gen, device=dev).to(dt)
     q1 = torch.randn(bsz, hq, 1, d, generator=gen, device=dev).to(dt)
-    q64 = torch.randn(bsz, hq, 64, d, generator=gen, device=dev).to(dt)
+    q_blk = torch.randn(bsz, hq, block, d, generator=gen, device=dev).to(dt)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     add("decode", "sdpa", "time", "ms", timer.bench(lambda: sdpa(q1, k, v, enable_gqa=True)))
-    add("prefill64", "sdpa", "time", "ms", timer.bench(lambda: sdpa(q64, k, v, enable_gqa=True), n=20))
+    add(pf, "sdpa", "time", "ms", timer.bench(lambda: sdpa(q_blk, k, v, enable_gqa=True), n=20))
 
     pos = ctx - 1
     n = pos // c
@@ -423,11 +427,11 @@ def _bench_one(
         dec.gather_segmented = False
     dec.gather_rows = 1
 
-    # Prefill: one 64-token block at the end of the context, K/V in HBM.
-    start = ctx - 64
-    cur = q64[:, :, :1]
+    # Prefill: one block of queries (64; a chunk in a smoke run) at the end of the context, K/V in HBM.
+    start = ctx - block
+    cur = q_blk[:, :, :1]
     walk = [cur]
-    for _ in range(63):  # consecutive queries of a block drift like decode queries do
+    for _ in range(block - 1):  # consecutive queries of a block drift like decode queries do
         cur = _walk(cur, args.sigma, gen)
         walk.append(cur)
     qblk = torch.cat(walk, dim=2).contiguous()
@@ -435,24 +439,26 @@ def _bench_one(
     def prefill():
         return _hga_kernels(qblk, k, v, cfg, args.rope_theta, start, summaries=(cs, gs))
 
+    t0 = time.perf_counter()
     _, stats = prefill()
+    first_ms = [(time.perf_counter() - t0) * 1e3]
     union = stats.plan.group_ids.reshape(bsz * hq, -1).tolist()
     uniq = sum(len(set(row) - {-1}) for row in union) / max(1, bsz * hq)
     add(
-        "prefill64",
+        pf,
         "hga_kernels",
         "time",
         "ms",
-        timer.bench(prefill, n=10),
+        timer.bench(prefill, n=10) if timer.cuda else first_ms,  # the interpreter: that one run
         routed_groups_per_head=round(uniq, 1),
     )
     # Its stages: routing, block tables (torch, one host sync), the attention kernel.
     geo = dict(chunk_size=c, group_size=g, sink_chunks=cfg.sink_chunks, local_chunks=cfg.local_chunks)
     widths = plan_widths(cfg, ctx - 1)
-    plan = [torch.full((bsz, hq, 64, w_), -1, dtype=torch.int64, device=dev) for w_ in widths]
-    plan.append(torch.full((bsz, hq, 64, widths[1]), -1, dtype=torch.int32, device=dev))
+    plan = [torch.full((bsz, hq, block, w_), -1, dtype=torch.int64, device=dev) for w_ in widths]
+    plan.append(torch.full((bsz, hq, block, widths[1]), -1, dtype=torch.int32, device=dev))
     add(
-        "prefill64_stage",
+        f"{pf}_stage",
         "hga_route",
         "time",
         "ms",
@@ -460,7 +466,7 @@ def _bench_one(
     )
     if args.tune and timer.cuda:
         add(
-            "prefill64_stage",
+            f"{pf}_stage",
             "hga_route_tf32x3",
             "time",
             "ms",
@@ -469,7 +475,7 @@ def _bench_one(
             ),
         )
     add(
-        "prefill64_stage",
+        f"{pf}_stage",
         "hga_tables",
         "time",
         "ms",
@@ -478,7 +484,7 @@ def _bench_one(
     tab, num, vis = prefill_tables(stats.plan.group_ids, start, c)
     obuf = torch.empty_like(qblk)
     add(
-        "prefill64_stage",
+        f"{pf}_stage",
         "hga_attend",
         "time",
         "ms",
@@ -533,39 +539,56 @@ def _sweep(dec: HostKVDecode, args: argparse.Namespace, timer: _Timer, add, rep:
     return {"route": route, "splits": splits}
 
 
+def _smoke_config() -> HGAConfig:
+    """Budgets small enough that a 256-token context has sinks, a local window and routed chunks."""
+    return HGAConfig(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=4,
+                     fetch_groups=8)
+
+
+def _rerun_on_interpreter(args: argparse.Namespace) -> int:
+    """The smoke run in a child process with ``TRITON_INTERPRET=1``.
+
+    Triton reads the variable when a kernel is defined, i.e. when kvtier is imported, which
+    has already happened here; so the child runs the same command with it set.
+    """
+    print("# no CUDA GPU: running the smoke sizes on Triton's CPU interpreter (TRITON_INTERPRET=1, "
+          "in a child process)", flush=True)
+    argv = [sys.executable, "-m", "kvtier", "bench", "attention", "--smoke", "--out", str(args.out)]
+    if args.csv is not None:
+        argv += ["--csv", args.csv]
+    if not args.tune:
+        argv.append("--no-tune")
+    return subprocess.run(argv, env={**os.environ, "TRITON_INTERPRET": "1"}, check=False).returncode
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the sweep, append to ``args.csv`` and print a markdown table; returns 0."""
+    """Run the sweep, append to the CSV and print a markdown table; returns 0."""
     cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        raise UsageError("expected a CUDA GPU (or --smoke, which runs anywhere), got none")
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return _rerun_on_interpreter(args)
     cfg = HGAConfig()
+    contexts, batches, (hq, hkv, d) = args.contexts, args.batch, args.heads
+    args.prefill_block = 64
     if args.smoke:  # every code path once, small enough for the CPU interpreter in CI
         contexts, batches, (hq, hkv, d) = [256], [1], (4, 2, 32)
         args.steps, args.warmup_steps = 2, 2
-        cfg = HGAConfig(
-            chunk_size=16,
-            group_size=4,
-            sink_chunks=1,
-            local_chunks=2,
-            top_chunks=3,
-            top_groups=4,
-            fetch_groups=8,
-        )
-    else:
-        contexts, batches = _parse_tokens(args.contexts), [int(x) for x in args.batch.split(",")]
-        hq, hkv, d = (int(x) for x in args.heads.split(","))
-    if not cuda and not args.smoke:
-        print("kvtier bench attention: no CUDA GPU; only --smoke runs on the CPU interpreter")
-        return 2
-    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        print("kvtier bench attention --smoke without a GPU needs TRITON_INTERPRET=1")
-        return 2
+        cfg = _smoke_config()
+        # 16 queries, not 64: routing a block costs ~0.4 s per query on the interpreter.
+        args.prefill_block = cfg.chunk_size
     dev = "cuda" if cuda else "cpu"
     env = _env()
     print("# kvtier bench attention | " + " | ".join(f"{k}={v}" for k, v in env.items()))
-    print(f"# {cfg}; pinned host slab; CUDA graphs for decode steps")
+    if cuda:
+        ran = "host slab pinned; decode steps replayed as CUDA graphs"
+    else:
+        ran = ("device CPU, kernels on the Triton interpreter (times say nothing about GPU speed); "
+               "host slab pageable; decode steps called eagerly (no CUDA graphs)")
+    print(f"# {cfg}; {ran}" + ("; smoke sizes" if args.smoke else ""))
     timer = _Timer(cuda)
     rows: list[dict] = []
-    path = Path(args.csv)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = output_file(args, "csv", "attention")
     for bsz in batches:
         for ctx in contexts:
             t0 = time.perf_counter()
@@ -573,12 +596,15 @@ def run(args: argparse.Namespace) -> int:
             try:
                 _bench_one(bsz, ctx, hq, hkv, d, args, cfg, timer, dev, rows)
             except torch.OutOfMemoryError as exc:  # report and go on: smaller configs stay valid
-                print(f"# batch {bsz} context {ctx}: out of memory ({str(exc).splitlines()[0]})")
+                print(f"# batch {bsz} context {format_tokens(ctx)}: out of memory ({str(exc).splitlines()[0]})")
                 if cuda:
                     torch.cuda.empty_cache()
-            _append_csv(path, rows[done:], env)
-            print(f"# batch {bsz} context {ctx}: {time.perf_counter() - t0:.1f} s", flush=True)
+            if path is not None:
+                _append_csv(path, rows[done:], env)
+            print(f"# batch {bsz} context {format_tokens(ctx)}: {time.perf_counter() - t0:.1f} s", flush=True)
     print(_table(rows))
+    if path is not None:
+        print(f"results: {path} (rows appended)")
     return 0
 
 
@@ -596,9 +622,10 @@ def _table(rows: list[dict]) -> str:
     for r in rows:
         conf = json.loads(r["config_json"])
         keyed.setdefault((conf["batch"], r["x_value"]), {})[f"{r['op']}/{r['impl']}/{r['metric']}"] = r["p50"]
+    pf = next((r["op"] for r in rows if r["op"].startswith("prefill") and "_" not in r["op"]), "prefill64")
     head = (
         "| B | context | SDPA decode ms | HGA cold ms | HGA steady ms | steady/SDPA | reuse | route | assign | "
-        "gather | attend | gather GB/s | pinned copy GB/s | memcpy/group GB/s | SDPA 64q ms | HGA prefill64 ms |"
+        f"gather | attend | gather GB/s | pinned copy GB/s | memcpy/group GB/s | SDPA {pf[7:]}q ms | HGA {pf} ms |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (b, ctx), d in sorted(keyed.items()):
@@ -611,68 +638,19 @@ def _table(rows: list[dict]) -> str:
         st = d.get("decode/hga_host_steady/time")
         ratio = f"{st / sd:.2f}" if sd and st else "-"
         lines.append(
-            f"| {b} | {ctx // 1024}K | {f('decode/sdpa/time')} | {f('decode/hga_host_cold/time')} | "
+            f"| {b} | {format_tokens(ctx)} | {f('decode/sdpa/time')} | {f('decode/hga_host_cold/time')} | "
             f"{f('decode/hga_host_steady/time')} | {ratio} | {f('decode/hga_host_steady/reuse', '{:.3f}')} | "
             f"{f('decode_stage/hga_host_steady_route/time')} | {f('decode_stage/hga_host_steady_assign/time')} | "
             f"{f('decode_stage/hga_host_steady_gather/time')} | {f('decode_stage/hga_host_steady_attend/time')} | "
             f"{f('gather/triton_zero_copy/bandwidth', '{:.1f}')} | {f('gather/one_pinned_copy/bandwidth', '{:.1f}')} | "
-            f"{f('gather/memcpy_per_group/bandwidth', '{:.2f}')} | {f('prefill64/sdpa/time')} | "
-            f"{f('prefill64/hga_kernels/time')} |"
+            f"{f('gather/memcpy_per_group/bandwidth', '{:.2f}')} | {f(pf + '/sdpa/time')} | "
+            f"{f(pf + '/hga_kernels/time')} |"
         )
     return "\n".join(lines)
 
 
-def plot_svg(csv_path: str | Path, svg_path: str | Path) -> None:
-    """Log-log SVG of decode time per layer against context: SDPA, HGA cold and steady, per batch.
-
-    Written without matplotlib (not on the CI machine): plain SVG polylines.
-    """
-    series: dict[str, dict[int, float]] = {}
-    for r in csv.DictReader(Path(csv_path).open()):
-        if r["op"] != "decode" or r["metric"] != "time":
-            continue
-        b = json.loads(r["config_json"])["batch"]
-        series.setdefault(f"{r['impl']} B={b}", {})[int(r["x_value"])] = float(r["p50"])
-    xs = sorted({x for s_ in series.values() for x in s_})
-    ys = [y for s_ in series.values() for y in s_.values()]
-    w, h, pad = 720, 420, 60
-    lx0, lx1 = math.log10(xs[0]), math.log10(xs[-1])
-    ly0, ly1 = math.floor(math.log10(min(ys))), math.ceil(math.log10(max(ys)))
-
-    def px(x: float) -> float:
-        return pad + (math.log10(x) - lx0) / (lx1 - lx0) * (w - 2 * pad)
-
-    def py(y: float) -> float:
-        return h - pad - (math.log10(y) - ly0) / (ly1 - ly0) * (h - 2 * pad)
-
-    colors = {"sdpa": "#444444", "hga_host_cold": "#d62728", "hga_host_steady": "#1f77b4"}
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
-        f'<rect width="{w}" height="{h}" fill="white"/>',
-        f'<text x="{w / 2}" y="20" text-anchor="middle">Decode step per layer, Llama-3.1-8B shapes, H200 (ms, log scale)</text>',
-    ]
-    for e in range(ly0, ly1 + 1):
-        y = py(10.0**e)
-        out.append(f'<line x1="{pad}" x2="{w - pad}" y1="{y}" y2="{y}" stroke="#ddd"/>')
-        out.append(f'<text x="{pad - 6}" y="{y + 4}" text-anchor="end">{10.0**e:g}</text>')
-    for x in xs:
-        out.append(f'<text x="{px(x)}" y="{h - pad + 18}" text-anchor="middle">{x // 1024}K</text>')
-    for i, (name, pts) in enumerate(sorted(series.items())):
-        impl, batch = name.split(" ")
-        dash = "" if batch == "B=1" else ' stroke-dasharray="6,4"'
-        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(pts.items()))
-        out.append(
-            f'<polyline points="{path}" fill="none" stroke="{colors.get(impl, "#2ca02c")}" stroke-width="2"{dash}/>'
-        )
-        out.append(
-            f'<text x="{w - pad - 170}" y="{pad + 14 * i}" fill="{colors.get(impl, "#2ca02c")}">{name}</text>'
-        )
-    out.append("</svg>")
-    Path(svg_path).write_text("\n".join(out) + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``python bench/attention.py`` entry point."""
-    parser = argparse.ArgumentParser(prog="bench/attention.py", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``python bench/attention.py`` entry point: the same as ``kvtier bench attention``."""
+    from kvtier.cli import main as cli_main
+
+    return cli_main(["bench", "attention", *(sys.argv[1:] if argv is None else argv)])

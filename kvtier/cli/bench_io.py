@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -37,8 +36,9 @@ from typing import Any
 
 import torch
 
-from kvtier.cli.results import append_csv
-from kvtier.config import StoreConfig, format_bytes, parse_bytes
+from kvtier.cli.args import UsageError, byte_size, positive_int
+from kvtier.cli.results import add_output_arguments, append_csv, output_file, source_commit
+from kvtier.config import StoreConfig, format_bytes
 from kvtier.layout import KVLayout
 from kvtier.store import ChunkKey, TieredStore
 from kvtier.tiers.base import PAGE_BYTES, aligned_empty
@@ -57,30 +57,26 @@ _TOKEN_BYTES = 2 * _HKV * _D * 2
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``kvtier bench io``."""
     parser.add_argument(
-        "--dir", required=True, type=Path, help="folder for the file set (removed afterwards)"
+        "--dir", required=True, type=Path, help="folder on the disk to measure, for the file set (removed afterwards)"
     )
     parser.add_argument(
-        "--size", default="4GiB", help="bytes of K/V to write and read per sweep (default 4GiB)"
+        "--size", default="4GiB", type=byte_size, help="bytes of K/V to write and read per sweep (default 4GiB)"
     )
     parser.add_argument(
         "--chunk-bytes",
         default="256KiB",
+        type=byte_size,
         help="bytes per chunk, a multiple of 4 KiB (default 256KiB: 64 tokens of Llama-3-8B)",
     )
-    parser.add_argument("--threads", type=int, default=4, help="I/O threads of the baseline and the store")
-    parser.add_argument("--reps", type=int, default=5, help="timed sweeps per path (default 5)")
+    parser.add_argument("--threads", type=positive_int, default=4, help="I/O threads of the baseline and the store")
+    parser.add_argument("--reps", type=positive_int, default=5, help="timed sweeps per path (default 5)")
     parser.add_argument(
         "--backend",
         choices=("posix", "kvikio", "all"),
         default="all",
         help="kvtier disk backends to measure (all: POSIX, plus kvikio when it works)",
     )
-    parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument(
-        "--csv",
-        default="bench/results/io.csv",
-        help="append long-format rows here (default bench/results/io.csv; '' to skip)",
-    )
+    add_output_arguments(parser, "io")
 
 
 def _layout(chunk_bytes: int) -> KVLayout:
@@ -213,21 +209,8 @@ def _environment(directory: Path) -> dict[str, Any]:
                 best, fs = mnt, f"{kind} on {dev} ({mnt})"
     except OSError:
         pass
-    # The GPU machine gets a copy of the tree without .git: the caller passes the commit.
-    commit = os.environ.get("KVTIER_COMMIT", "")
-    try:
-        commit = commit or (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=False,
-            ).stdout.strip()
-            or "unknown"
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+    # The GPU machine gets a copy of the tree without .git: the caller sets KVTIER_COMMIT.
+    commit = source_commit()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {
         "gpu": gpu,
@@ -501,6 +484,11 @@ def _table(res: dict[str, Any]) -> str:
             f"{res['baseline_chunk_p99_ms']:.2f} | 100% | {'yes' if res['baseline_o_direct'] else 'NO'} | - | - |"
         ),
     ]
+    if "write_GBps" in res:
+        lines.append(
+            f"| kvtier write: store.write + flush to disk | {res['write_GBps']:.2f} | - | - | - | "
+            f"{'yes' if res['o_direct'] else 'no'} | {'yes' if res['pinned'] else 'NO'} | - |"
+        )
     for key, val in res.items():
         if key.startswith("kvtier_") and isinstance(val, dict):
             gds = "yes" if "gds" in val["io"] else ("no (compat)" if "kvikio" in val["io"] else "no")
@@ -549,10 +537,14 @@ def _table(res: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``kvtier bench io``."""
-    size = parse_bytes(args.size, name="--size")
-    chunk_bytes = parse_bytes(args.chunk_bytes, name="--chunk-bytes")
-    if args.threads < 1 or args.reps < 1:
-        raise ValueError(f"--threads and --reps: expected >= 1, got {args.threads} and {args.reps}")
+    size, chunk_bytes = args.size, args.chunk_bytes
+    try:
+        _layout(chunk_bytes)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if size < chunk_bytes:
+        raise UsageError(f"--size: expected at least one chunk ({format_bytes(chunk_bytes)}), got {format_bytes(size)}")
+    csv_path, json_path = output_file(args, "csv", "io"), output_file(args, "json", "io")
     args.dir.mkdir(parents=True, exist_ok=True)
     status = kvikio_status()
     backends: tuple[str, ...] = ("posix",)
@@ -574,16 +566,26 @@ def run(args: argparse.Namespace) -> int:
             "pinned host memory\n" + "!" * 72
         )
     if not res["pinned"]:
-        print("!! host memory is pageable (no CUDA pinned allocator)")
+        print("!! host memory is pageable" + ("" if torch.cuda.is_available() else " (no GPU: nothing to pin for)"))
     print(_table(res))
     print(
         f"read_ratio (kvtier / raw O_DIRECT) = {res['read_ratio']:.3f}"
         + (f" | h2d_ratio (chunks / one copy) = {res['h2d_ratio']:.3f}" if "h2d_ratio" in res else "")
     )
+    print(
+        f"ran on: GPU {env['gpu']} | host slab {'pinned' if res['pinned'] else 'pageable'} | "
+        f"O_DIRECT {'yes' if res['o_direct'] else 'no'} | GPUDirect Storage {'yes' if res['gds'] else 'no'} | "
+        f"backends {', '.join(backends)}"
+    )
     rows = res.pop("rows")
-    if args.csv:
-        append_csv(Path(args.csv), rows)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2, default=str))
+    written = []
+    if csv_path is not None:
+        append_csv(csv_path, rows)
+        written.append(f"{csv_path} (rows appended)")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(res, indent=2, default=str))
+        written.append(str(json_path))
+    if written:
+        print("results: " + ", ".join(written))
     return 0

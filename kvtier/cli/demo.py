@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from kvtier.cli.args import UsageError, byte_size, fraction, positive_int
+from kvtier.cli.results import dense_tokens
 from kvtier.config import HGAConfig, StoreConfig, format_bytes
 from kvtier.reference import dense_attention_ref, hga_attention
 
@@ -39,25 +41,42 @@ FACT = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``kvtier demo``."""
     parser.add_argument("--synthetic", action="store_true", help="random tensors instead of a model")
-    parser.add_argument("--tokens", type=int, default=None,
+    parser.add_argument("--tokens", type=positive_int, default=None,
                         help="prompt length in tokens (default 2600 with the model, 2048 synthetic)")
-    parser.add_argument("--q-heads", type=int, default=8, help="synthetic: query heads")
-    parser.add_argument("--kv-heads", type=int, default=2, help="synthetic: KV heads")
-    parser.add_argument("--head-dim", type=int, default=64, help="synthetic: head dim")
+    parser.add_argument("--q-heads", type=positive_int, default=8, help="synthetic: query heads")
+    parser.add_argument("--kv-heads", type=positive_int, default=2, help="synthetic: KV heads")
+    parser.add_argument("--head-dim", type=positive_int, default=64, help="synthetic: head dim")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default="smollm2", help="'smollm2' or a local model folder")
-    parser.add_argument("--fact-depth", type=float, default=0.3, help="where the fact sits, as a fraction")
-    parser.add_argument("--gpu-bytes", default="8MiB", help="device-tier budget of the store (default 8MiB)")
-    parser.add_argument("--host-bytes", default="16MiB",
+    parser.add_argument("--fact-depth", type=fraction, default=0.3, help="where the fact sits, as a fraction")
+    parser.add_argument("--gpu-bytes", default="8MiB", type=byte_size,
+                        help="device-tier budget of the store (default 8MiB)")
+    parser.add_argument("--host-bytes", default="16MiB", type=byte_size,
                         help="host-tier budget; the rest spills to the disk tier (default 16MiB)")
     parser.add_argument("--disk-dir", default=None, help="disk tier folder (default: a temporary folder)")
-    parser.add_argument("--piece", type=int, default=256, help="prefill piece in tokens (progress bar step)")
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--piece", type=positive_int, default=256, help="prefill piece in tokens (progress bar step)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=8)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def dense_note(tokens: int, config: HGAConfig) -> str | None:
+    """A line saying that HGA is dense at this length, or None when it routes (drops keys)."""
+    limit = dense_tokens(config)
+    if tokens > limit:
+        return None
+    return (f"note: at {tokens} tokens HGA attends every key (its windows and budgets cover up to {limit} "
+            f"tokens), so its result here IS dense attention; routing starts beyond {limit} tokens")
 
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the synthetic comparison or the real-model demo."""
+    if args.kv_heads and args.q_heads % args.kv_heads:
+        raise UsageError(f"--kv-heads: expected a divisor of --q-heads={args.q_heads}, got {args.kv_heads}")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}") from None
     if args.synthetic:
         if args.tokens is None:
             args.tokens = 2048
@@ -77,14 +96,20 @@ def run_synthetic(args: argparse.Namespace) -> int:
     print(f"kvtier demo (synthetic): {args.tokens} tokens, {args.q_heads} query heads, "
           f"{args.kv_heads} KV heads, head dim {args.head_dim}, fp32 on CPU")
     print(f"{'configuration':<34}{'keys/query':>12}{'density':>10}{'max rel err':>14}{'time s':>9}")
+    note = dense_note(args.tokens, HGAConfig())
     for name, cfg in (("full coverage", HGAConfig.full_coverage()), ("paper defaults", HGAConfig())):
         t0 = time.perf_counter()
         out, stats = hga_attention(q, k, v, config=cfg, rope_theta=1e4)
         seconds = time.perf_counter() - t0
         err = float((out - dense).abs().max() / dense.abs().max())
+        if name == "paper defaults" and note:
+            name += " (= dense here)"
         print(f"{name:<34}{stats.mean_keys_per_query:>12.1f}{stats.density:>10.3f}{err:>14.2e}{seconds:>9.2f}")
-    print("Full coverage must equal dense (error ~1e-7); at the paper's budgets random keys carry no "
-          "structure, so the error there only shows that routing is active, not model quality.")
+    if note:
+        print(note)
+    print("Full coverage must equal dense (error ~1e-7)" + ("." if note else
+          "; at the paper's budgets random keys carry no structure, so the error there only shows that "
+          "routing is active, not model quality."))
     return 0
 
 
@@ -107,7 +132,7 @@ def build_prompt(tokenizer: Any, num_tokens: int, depth: float) -> tuple[torch.T
         paragraphs.append(para)
         used += n
     if len(paragraphs) < 2:
-        raise SystemExit(f"kvtier demo: --tokens: expected at least a few hundred, got {num_tokens}")
+        raise UsageError(f"--tokens: expected at least a few hundred, got {num_tokens}")
     paragraphs.insert(max(1, round(depth * len(paragraphs))), FACT[0])
     doc = "\n\n".join(paragraphs)
     doc_ids = tokenizer(doc, add_special_tokens=False).input_ids
@@ -172,6 +197,9 @@ def run_model(args: argparse.Namespace) -> int:
     print(f"prompt: {ids.shape[1]} tokens, the fact planted at {args.fact_depth:.0%} of the document; "
           f"HGA defaults (chunks of {hga.chunk_size}, {hga.sink_chunks} sink + {hga.local_chunks} local chunks, "
           f"{hga.top_chunks} routed chunks, {hga.top_groups} groups of {hga.group_size})")
+    note = dense_note(ids.shape[1], hga)
+    if note:
+        print(note)
     with tempfile.TemporaryDirectory(prefix="kvtier-demo-") as tmp:
         store = StoreConfig(gpu_bytes=args.gpu_bytes, host_bytes=args.host_bytes, disk_dir=args.disk_dir or tmp,
                             disk_bytes="4GiB")

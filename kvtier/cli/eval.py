@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from kvtier.cli.args import UsageError, positive_int
+from kvtier.cli.results import add_output_arguments, dense_tokens, output_file
 from kvtier.config import HGAConfig
 
 __all__ = ["EvalRow", "NEEDLES", "add_arguments", "run", "hga_config_for_budget", "default_budget",
@@ -180,9 +182,23 @@ def _density_of(stats: Any, length: int) -> tuple[float, float]:
     return (1.0, (length + 1) / 2) if stats is None else (stats.density, stats.mean_keys_per_query)
 
 
-def markdown_table(rows: list[EvalRow]) -> str:
-    """Two markdown tables: NLL rows, then needle accuracy per method and length."""
+def _is_dense(row: EvalRow, dense_upto: int | None) -> bool:
+    """Whether a sparse method's row attended every key (what ran was dense attention)."""
+    if row.method == "dense":
+        return False
+    if row.nats_per_token is not None or row.depth is not None:
+        return row.density >= 1.0 - 1e-9
+    return dense_upto is not None and row.length <= dense_upto
+
+
+def markdown_table(rows: list[EvalRow], dense_upto: int | None = None) -> str:
+    """Two markdown tables: NLL rows, then needle accuracy per method and length.
+
+    Sparse rows that attended every key are marked ``(= dense)`` and explained below the
+    tables; ``dense_upto`` (see :func:`kvtier.cli.results.dense_tokens`) marks needle lengths.
+    """
     out = []
+    marked = False
     nll = [r for r in rows if r.nats_per_token is not None]
     if nll:
         out.append("| length | method | nats/token | gap vs dense | keys/query | density | seconds |")
@@ -190,7 +206,9 @@ def markdown_table(rows: list[EvalRow]) -> str:
         for r in nll:
             keys = f"{r.mean_keys_per_query:.0f}"
             gap = "" if r.gap_vs_dense is None else f"{r.gap_vs_dense:+.4f}"
-            out.append(f"| {r.length} | {r.method} | {r.nats_per_token:.4f} | {gap} | {keys} | {r.density:.3f} | {r.seconds:.0f} |")
+            method = r.method + (" (= dense)" if _is_dense(r, dense_upto) else "")
+            marked |= _is_dense(r, dense_upto)
+            out.append(f"| {r.length} | {method} | {r.nats_per_token:.4f} | {gap} | {keys} | {r.density:.3f} | {r.seconds:.0f} |")
     needles = [r for r in rows if r.needle_accuracy is not None and r.depth is None]
     if needles:
         methods = list(dict.fromkeys(r.method for r in needles))
@@ -199,8 +217,16 @@ def markdown_table(rows: list[EvalRow]) -> str:
         out.append("| length | " + " | ".join(methods) + " |")
         out.append("|---:|" + "---:|" * len(methods))
         for length in lengths:
-            acc = {r.method: r.needle_accuracy for r in needles if r.length == length}
-            out.append(f"| {length} | " + " | ".join(f"{100 * acc[m]:.0f}%" for m in methods if m in acc) + " |")
+            acc = {r.method: r for r in needles if r.length == length}
+            cells = [f"{100 * acc[m].needle_accuracy:.0f}%" + (" (= dense)" if _is_dense(acc[m], dense_upto) else "")
+                     for m in methods if m in acc]
+            marked |= any(_is_dense(acc[m], dense_upto) for m in methods if m in acc)
+            out.append(f"| {length} | " + " | ".join(cells) + " |")
+    if marked:
+        limit = f" (up to {dense_upto} tokens at this budget)" if dense_upto else ""
+        out.append("")
+        out.append(f"(= dense): at that length the windows and the budget cover every key{limit}, so the sparse "
+                   "method computed dense attention; it says nothing about its selection.")
     return "\n".join(out)
 
 
@@ -319,50 +345,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text to score (default: the essay shipped in kvtier/data)")
     parser.add_argument("--lengths", default="2048,4096,8192", help="comma-separated context lengths in tokens")
     parser.add_argument("--methods", default="dense,hga,quest,oracle", help=f"comma-separated, from {METHODS}")
-    parser.add_argument("--budget", type=int, default=None,
+    parser.add_argument("--budget", type=positive_int, default=None,
                         help="keys per query for every sparse method, sinks + local + current chunk included "
                              "(default: HGA's default configuration, 1216)")
-    parser.add_argument("--top-chunks", type=int, default=None,
+    parser.add_argument("--top-chunks", type=positive_int, default=None,
                         help="HGA's first-level routing width (default 16); it does not change the keys attended")
     parser.add_argument("--score-fraction", type=float, default=0.5,
                         help="fraction of each length scored, at its end (default 0.5)")
     parser.add_argument("--needles", action="store_true", help="add the needle-in-a-haystack grid")
     parser.add_argument("--needles-only", action="store_true", help="run the needle grid without the NLL passes")
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths as fractions (default 0.1,0.5,0.9)")
-    parser.add_argument("--diagnose", type=int, default=None, metavar="LENGTH",
+    parser.add_argument("--diagnose", type=positive_int, default=None, metavar="LENGTH",
                         help="only: per-layer attention mass captured by each selection at LENGTH tokens")
-    parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    add_output_arguments(parser, "eval", kinds=("json",))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
 
 
 def _ints(text: str, name: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"kvtier eval: --{name}: expected comma-separated integers, got {text!r}") from None
+        raise UsageError(f"--{name}: expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 2:
-        raise SystemExit(f"kvtier eval: --{name}: expected integers >= 2, got {text!r}")
+        raise UsageError(f"--{name}: expected integers >= 2, got {text!r}")
+    return values
+
+
+def _fractions(text: str, name: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0 <= x <= 1 for x in values):
+        raise UsageError(f"--{name}: expected comma-separated fractions in [0, 1], got {text!r}")
     return values
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation; print the table; write JSON when asked. Returns the exit status."""
-    from tqdm import tqdm
-
-    import kvtier.hf  # noqa: F401  (registers "hga")
-    from kvtier.models import load_model
-
     lengths = _ints(args.lengths, "lengths")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise SystemExit(f"kvtier eval: --methods: expected some of {METHODS}, got {args.methods!r}")
+        raise UsageError(f"--methods: expected some of {', '.join(METHODS)}, got {args.methods!r}")
     if "dense" in methods:  # gaps are measured against it, so it runs first
         methods = ["dense"] + [m for m in methods if m != "dense"]
-    depths = [float(x) for x in args.depths.split(",") if x.strip()]
+    depths = _fractions(args.depths, "depths")
     if not 0 < args.score_fraction <= 1:
-        raise SystemExit(f"kvtier eval: --score-fraction: expected a fraction in (0, 1], got {args.score_fraction}")
+        raise UsageError(f"--score-fraction: expected a fraction in (0, 1], got {args.score_fraction}")
     if args.threads:
         torch.set_num_threads(args.threads)
     base = HGAConfig() if args.top_chunks is None else HGAConfig(top_chunks=args.top_chunks)
@@ -370,24 +401,38 @@ def run(args: argparse.Namespace) -> int:
     try:
         hga, routed = hga_config_for_budget(budget, base)
     except ValueError as exc:
-        raise SystemExit(f"kvtier eval: --budget: {exc}") from None
+        raise UsageError(f"--budget: {str(exc).removeprefix('budget: ')}") from None
+    if args.text_file is not None and not args.text_file.is_file():
+        raise UsageError(f"--text-file: expected a readable file, got {str(args.text_file)!r}")
+    json_path = output_file(args, "json", "eval")
+    from tqdm import tqdm
+
+    import kvtier.hf  # noqa: F401  (registers "hga")
+    from kvtier.models import load_model
+
     text = args.text_file.read_text() if args.text_file else resources.files("kvtier").joinpath("data/essay.txt").read_text()
     model, tokenizer = load_model(args.model, attn_implementation="sdpa", device=args.device)
     device = next(model.parameters()).device
     tokens = tokenizer(text, add_special_tokens=False).input_ids
     too_long = [n for n in lengths if n > len(tokens)]
     if too_long:
-        raise SystemExit(f"kvtier eval: --lengths: expected at most the text's {len(tokens)} tokens, got {too_long}")
+        raise UsageError(f"--lengths: expected at most the text's {len(tokens)} tokens, got {too_long}")
     if args.diagnose:
         length = args.diagnose - args.diagnose % hga.chunk_size
         rows_d = diagnose(model, torch.tensor([tokens[:length]], device=device), hga, routed)
         print(f"kvtier eval --diagnose: {args.model}, {length} tokens, last 4 chunks, budget {budget} ({routed} routed)")
         print(diagnosis_table(rows_d))
-        if args.json:
-            args.json.write_text(json.dumps({"length": length, "budget": budget, "rows": rows_d}, indent=1))
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps({"length": length, "budget": budget, "rows": rows_d}, indent=1))
+            print(f"results: {json_path}")
         return 0
     print(f"kvtier eval: {args.model} on {device}, {len(tokens)} text tokens, budget {budget} keys/query "
           f"({routed} routed), methods {','.join(methods)}, lengths {','.join(map(str, lengths))}", flush=True)
+    dense_upto = dense_tokens(hga)
+    if min(lengths) <= dense_upto:
+        print(f"note: at {dense_upto} tokens or fewer this budget covers every key: sparse rows there are dense "
+              "attention and are marked (= dense)", flush=True)
     rows: list[EvalRow] = []
     dense_nll: dict[int, float] = {}
     jobs = [] if args.needles_only else [(n, m) for n in lengths for m in methods]
@@ -403,9 +448,10 @@ def run(args: argparse.Namespace) -> int:
         gap = nll - dense_nll[length] if length in dense_nll else None
         rows.append(EvalRow(method, length, nll, gap, density, keys, budget, seconds, count))
         tqdm.write(f"  {length:>6} {method:<7} {nll:.4f} nats/token" + ("" if gap is None else f"  gap {gap:+.4f}")
-                   + ("" if stats is None else f"  {keys:.0f} keys/query, density {density:.3f}"), file=sys.stderr)
-        if args.json:
-            _write_json(args.json, rows, args, budget)
+                   + ("" if stats is None else f"  {keys:.0f} keys/query, density {density:.3f}")
+                   + (" (= dense)" if _is_dense(rows[-1], dense_upto) else ""), file=sys.stderr)
+        if json_path is not None:
+            _write_json(json_path, rows, args, budget)
     if args.needles or args.needles_only:
         # the needle rotates over depths and lengths, so each one is tried at several depths
         cells = [(n, d, (i + j) % len(NEEDLES), m) for j, n in enumerate(lengths) for i, d in enumerate(depths)
@@ -424,15 +470,15 @@ def run(args: argparse.Namespace) -> int:
             found.setdefault((method, length), []).append(ok)
             rows.append(EvalRow(method, length, None, None, density, keys, budget, time.perf_counter() - t0,
                                 needle_accuracy=float(ok), depth=depth))
-            if args.json:
-                _write_json(args.json, rows, args, budget)
+            if json_path is not None:
+                _write_json(json_path, rows, args, budget)
         for (method, length), oks in found.items():
             rows.append(EvalRow(method, length, None, None, float("nan"), float("nan"), budget, 0.0,
                                 needle_accuracy=sum(oks) / len(oks)))
-    print(markdown_table(rows))
-    if args.json:
-        _write_json(args.json, rows, args, budget)
-        print(f"rows written to {args.json}")
+    print(markdown_table(rows, dense_upto))
+    if json_path is not None:
+        _write_json(json_path, rows, args, budget)
+        print(f"results: {json_path}")
     return 0
 
 

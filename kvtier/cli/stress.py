@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from kvtier._faults import READ_FAULTS, WRITE_FAULTS, FaultyIO, flip_bit_on_disk
+from kvtier.cli.args import fraction, positive_float
 from kvtier.config import StoreConfig
 from kvtier.errors import CapacityError, TransferError
 from kvtier.layout import KVLayout
@@ -58,18 +59,21 @@ _OPS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``kvtier stress``."""
-    parser.add_argument("--seconds", type=float, default=10.0, help="how long to run (default 10)")
+    parser.add_argument("--seconds", type=positive_float, default=10.0, help="how long to run (default 10)")
     parser.add_argument(
-        "--dir", required=True, type=Path, help="folder for the store's files (removed afterwards)"
+        "--dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()),
+        help="folder for the store's files, removed afterwards (default: the system's temporary folder)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the workload and of the faults")
     parser.add_argument(
         "--fault-rate",
-        type=float,
+        type=fraction,
         default=0.02,
         help="probability of each injected I/O fault per operation (default 0.02)",
     )
-    parser.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -359,13 +363,12 @@ def stress(
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``kvtier stress``; exit status 1 if any invariant broke."""
-    if args.seconds <= 0:
-        raise ValueError(f"--seconds: expected > 0, got {args.seconds}")
     args.dir.mkdir(parents=True, exist_ok=True)
     # Injected faults log a warning each (thousands per run): keep the terminal for the bar.
     logging.getLogger("kvtier").setLevel(logging.ERROR)
     report = stress(args.dir, args.seconds, args.seed, args.fault_rate, progress=not args.no_progress)
     for key in (
+        "device",
         "ops",
         "evictions",
         "bytes_verified",
@@ -382,6 +385,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
+        print(f"report written to {args.json}")
     bad = report["mismatches"] or report["budget_violations"] or report["unexpected_misses"]
     print("FAILED: the store broke an invariant" if bad else "OK: every byte verified, budgets held")
     return 1 if bad else 0
