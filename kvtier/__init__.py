@@ -13,6 +13,7 @@ from kvtier.errors import (
     TransferError,
 )
 from kvtier.layout import KVLayout
+from kvtier.rope import RopeSpec, rope_spec_of
 from kvtier.store import ChunkKey, PrefetchHandle, TieredStore
 
 __version__ = "0.1.0"
@@ -22,6 +23,8 @@ __all__ = [
     "HGAConfig",
     "StoreConfig",
     "KVLayout",
+    "RopeSpec",
+    "rope_spec_of",
     "TieredStore",
     "ChunkKey",
     "PrefetchHandle",

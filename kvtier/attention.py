@@ -23,8 +23,8 @@ from kvtier.kernels.sparse_prefill import sparse_prefill
 from kvtier.layout import windows_at
 from kvtier.reference import hga as _ref
 from kvtier.reference.hga import HGAStats, RouteCarry, RoutePlan, plan_widths
-from kvtier.reference.rope import rope_inv_freq
 from kvtier.reference.summaries import routing_summaries_ref
+from kvtier.rope import RopeSpec
 
 __all__ = ["hga_attention", "BACKENDS", "HostKVDecode", "prefill_tables"]
 
@@ -47,7 +47,8 @@ def hga_attention(
     v: torch.Tensor,
     *,
     config: HGAConfig,
-    rope_theta: float,
+    rope_theta: float | None = None,
+    rope: RopeSpec | None = None,
     start_pos: int = 0,
     backend: str = "auto",
     route_carry: RouteCarry | None = None,
@@ -63,8 +64,11 @@ def hga_attention(
         ``Hq % Hkv == 0``. The Triton path needs the last dim of q, k and v contiguous
         (any other strides, e.g. a transposed ``[B, L, H, D]`` tensor, are fine).
     config : HGAConfig
-    rope_theta : float
-        RoPE base of the model.
+    rope_theta : float, optional
+        RoPE base of a model with plain RoPE (half-split pairs over the whole head).
+    rope : RopeSpec, optional
+        The model's RoPE (:func:`kvtier.rope.rope_spec_of`); exactly one of ``rope_theta``
+        and ``rope`` is given. The summaries the kernels route over use its frequencies.
     start_pos : int
         Position of the first query.
     backend : {"auto", "triton", "reference"}
@@ -88,13 +92,11 @@ def hga_attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    _ref.check_hga_inputs(q, k, v, config, rope_theta, start_pos)
+    spec = _ref.check_hga_inputs(q, k, v, config, rope_theta, start_pos, rope=rope)
     if backend == "auto":
         backend = "triton" if q.is_cuda else "reference"
     if backend == "reference":
-        return _ref.hga_attention(
-            q, k, v, config=config, rope_theta=rope_theta, start_pos=start_pos, route_carry=route_carry
-        )
+        return _ref.hga_attention(q, k, v, config=config, rope=spec, start_pos=start_pos, route_carry=route_carry)
     if not q.is_cuda and not _interpreting():
         raise ValueError(
             f"backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}"
@@ -110,7 +112,7 @@ def hga_attention(
             raise ValueError(
                 f"{name}: expected a contiguous last dim for backend='triton', got strides {t.stride()}"
             )
-    return _hga_kernels(q, k, v, config, float(rope_theta), start_pos)
+    return _hga_kernels(q, k, v, config, spec, start_pos)
 
 
 def _fixed_keys(positions: torch.Tensor, config: HGAConfig) -> torch.Tensor:
@@ -226,19 +228,22 @@ def _hga_kernels(
     k: torch.Tensor,
     v: torch.Tensor,
     config: HGAConfig,
-    rope_theta: float,
+    rope: RopeSpec | float,
     start_pos: int,
     summaries: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
-    """The kernel path; ``summaries`` (chunk, group) may be given when they are kept incrementally."""
+    """The kernel path; ``summaries`` (chunk, group) may be given when they are kept incrementally.
+
+    ``rope`` is the model's RoPE, or a plain RoPE base.
+    """
     b, hq, lq, d = q.shape
     c, g = config.chunk_size, config.group_size
     dev = q.device
     last = start_pos + lq - 1
     n_closed = last // c
     if summaries is None:
-        inv_freq = rope_inv_freq(d, rope_theta, device=dev)
-        chunk_summ, group_summ = routing_summaries_ref(k[:, :, : n_closed * c], config, inv_freq)
+        spec = rope if isinstance(rope, RopeSpec) else RopeSpec.plain(d, float(rope))
+        chunk_summ, group_summ = routing_summaries_ref(k[:, :, : n_closed * c], config, spec)
     else:
         chunk_summ, group_summ = summaries
     widths = plan_widths(config, last)
@@ -386,7 +391,8 @@ class HostKVDecode:
         config: HGAConfig,
         num_q_heads: int,
         position: int,
-        rope_theta: float,
+        rope_theta: float | None = None,
+        rope: RopeSpec | None = None,
         pin: bool = False,
         cache_entries: int = 1024,
         summaries: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -395,7 +401,8 @@ class HostKVDecode:
 
         Closed chunks before ``position``'s chunk go to the host slab (pinned when ``pin``);
         the window chunks of ``position`` are copied to the device slab. ``summaries``
-        default to the reference's, computed from ``k``.
+        default to the reference's, computed from ``k`` with ``rope`` (or plain RoPE of base
+        ``rope_theta``).
         """
         b, hkv, lk, d = k.shape
         c, g = config.chunk_size, config.group_size
@@ -403,8 +410,10 @@ class HostKVDecode:
         dev = k.device
         n = position // c
         if summaries is None:
-            inv_freq = rope_inv_freq(d, rope_theta, device=dev)
-            summaries = routing_summaries_ref(k[:, :, : n * c], config, inv_freq)
+            if (rope is None) == (rope_theta is None):
+                raise ValueError("rope_theta, rope: expected exactly one of them when summaries are not given")
+            spec = rope if rope is not None else RopeSpec.plain(d, float(rope_theta))  # type: ignore[arg-type]
+            summaries = routing_summaries_ref(k[:, :, : n * c], config, spec)
         host = torch.empty(max(1, b * n), 2, hkv, c, d, dtype=k.dtype, pin_memory=pin)
         for bi in range(b):
             for j, x in enumerate((k, v)):

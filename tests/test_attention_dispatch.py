@@ -212,3 +212,18 @@ def test_kernels_refuse_routing_options_they_lack(scores):
         kvtier.hga_attention(q, k, v, config=cfg, rope_theta=THETA, backend="triton")
     out, _ = kvtier.hga_attention(q, k, v, config=cfg, rope_theta=THETA, backend="reference")
     assert out.shape == q.shape
+
+
+def test_kernels_route_with_a_rope_spec():
+    """The kernel path takes the model's RoPE: same plan and output as the reference with the same spec."""
+    from kvtier.rope import RopeSpec
+
+    spec = RopeSpec(16, torch.tensor([1.0, 0.2, 0.03, 1e-3, 4e-5], dtype=torch.float64), 1.1, interleaved=True)
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, h, n, 16, generator=g) for h, n in ((4, 30), (2, 130), (2, 130)))
+    out, stats = kvtier.hga_attention(q, k, v, config=CFG, rope=spec, start_pos=100, backend="triton")
+    ref, rstats = hga_ref(q, k, v, config=CFG, rope=spec, start_pos=100)
+    plain, pstats = hga_ref(q, k, v, config=CFG, rope_theta=THETA, start_pos=100)
+    assert torch.equal(stats.plan.group_ids, rstats.plan.group_ids)
+    assert not torch.equal(rstats.plan.group_ids, pstats.plan.group_ids)  # the frequencies do steer the routing
+    assert (out - ref).abs().max().item() < 1e-5

@@ -12,7 +12,7 @@ from kvtier.reference.hga import (
     plan_widths,
     route_block,
 )
-from kvtier.reference.rope import apply_rope, invert_rope, rope_inv_freq, rotate_half
+from kvtier.reference.rope import apply_rope, as_rope_spec, invert_rope, rope_inv_freq, rotate_half
 from kvtier.reference.summaries import (
     chunk_summaries_ref,
     group_bounds_ref,
@@ -36,6 +36,7 @@ __all__ = [
     "masked_attention_ref",
     "expand_kv_heads",
     "rope_inv_freq",
+    "as_rope_spec",
     "apply_rope",
     "invert_rope",
     "rotate_half",

@@ -37,8 +37,8 @@ from kvtier._checks import check_tensor
 from kvtier.config import HGAConfig
 from kvtier.layout import SUPPORTED_DTYPES, Windows, windows_at
 from kvtier.reference.attention import masked_attention_ref
-from kvtier.reference.rope import rope_inv_freq
 from kvtier.reference.summaries import routing_summaries_ref
+from kvtier.rope import RopeSpec
 
 __all__ = [
     "RoutePlan",
@@ -312,15 +312,24 @@ def _visibility(positions: torch.Tensor, group_ids: torch.Tensor, win: Windows, 
     return routed | fixed | own_chunk
 
 
-def check_hga_inputs(q: object, k: object, v: object, config: object, rope_theta: object, start_pos: object) -> None:
-    """Validate the arguments of :func:`hga_attention`: "expected X, got Y" errors."""
+def check_hga_inputs(
+    q: object, k: object, v: object, config: object, rope_theta: object, start_pos: object, *, rope: object = None
+) -> RopeSpec:
+    """Validate the arguments of :func:`hga_attention` ("expected X, got Y" errors); the RoPE to use."""
     check_tensor("q", q, ndim=4, dtypes=SUPPORTED_DTYPES)
     check_tensor("k", k, ndim=4, dtypes=SUPPORTED_DTYPES)
     check_tensor("v", v, ndim=4, dtypes=SUPPORTED_DTYPES)
     assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
     if not isinstance(config, HGAConfig):
         raise TypeError(f"config: expected an HGAConfig, got {type(config).__name__}")
-    if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not rope_theta > 0:
+    if (rope_theta is None) == (rope is None):
+        raise ValueError(
+            f"rope_theta, rope: expected exactly one of them, got rope_theta={rope_theta!r} and "
+            f"rope={'None' if rope is None else type(rope).__name__}"
+        )
+    if rope is not None and not isinstance(rope, RopeSpec):
+        raise TypeError(f"rope: expected a kvtier.rope.RopeSpec, got {type(rope).__name__}")
+    if rope is None and (isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not rope_theta > 0):
         raise ValueError(f"rope_theta: expected a positive number, got {rope_theta!r}")
     if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
         raise ValueError(f"start_pos: expected an int >= 0, got {start_pos!r}")
@@ -346,6 +355,12 @@ def check_hga_inputs(q: object, k: object, v: object, config: object, rope_theta
         raise ValueError(
             f"k: expected at least start_pos + Lq = {start_pos + lq} key positions, got {lk}"
         )
+    if rope is None:
+        return RopeSpec.plain(d, float(rope_theta))  # type: ignore[arg-type]
+    assert isinstance(rope, RopeSpec)
+    if rope.head_dim != d:
+        raise ValueError(f"rope: expected a spec for head dim {d} like q, got head_dim={rope.head_dim}")
+    return rope
 
 
 def _context(positions: torch.Tensor) -> torch.Tensor:
@@ -369,7 +384,8 @@ def hga_prefill_ref(
     v: torch.Tensor,
     *,
     config: HGAConfig,
-    rope_theta: float,
+    rope_theta: float | None = None,
+    rope: RopeSpec | None = None,
     start_pos: int = 0,
     route_carry: RouteCarry | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
@@ -377,14 +393,13 @@ def hga_prefill_ref(
 
     Same parameters and result as :func:`hga_attention`.
     """
-    check_hga_inputs(q, k, v, config, rope_theta, start_pos)
+    spec = check_hga_inputs(q, k, v, config, rope_theta, start_pos, rope=rope)
     _check_carry(route_carry)
     b, hq, lq, d = q.shape
     c = config.chunk_size
     last = start_pos + lq - 1
-    inv_freq = rope_inv_freq(d, rope_theta, device=q.device)
     num_closed = last // c
-    chunk_summ, group_summ = routing_summaries_ref(k[:, :, : num_closed * c], config, inv_freq)
+    chunk_summ, group_summ = routing_summaries_ref(k[:, :, : num_closed * c], config, spec)
     widths = plan_widths(config, last)
     positions = torch.arange(start_pos, last + 1, device=q.device)
     out = torch.empty_like(q)
@@ -415,7 +430,8 @@ def hga_decode_ref(
     v: torch.Tensor,
     *,
     config: HGAConfig,
-    rope_theta: float,
+    rope_theta: float | None = None,
+    rope: RopeSpec | None = None,
     start_pos: int = 0,
     route_carry: RouteCarry | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
@@ -423,11 +439,10 @@ def hga_decode_ref(
 
     Same parameters and result as :func:`hga_attention`.
     """
-    check_hga_inputs(q, k, v, config, rope_theta, start_pos)
+    spec = check_hga_inputs(q, k, v, config, rope_theta, start_pos, rope=rope)
     _check_carry(route_carry)
     b, hq, lq, d = q.shape
     c = config.chunk_size
-    inv_freq = rope_inv_freq(d, rope_theta, device=q.device)
     widths = plan_widths(config, start_pos + lq - 1)
     chunk_summ: list[torch.Tensor] = []  # one [B, Hkv, 1, D] per closed chunk
     group_summ: list[torch.Tensor] = []  # one [B, Hkv, 1, M, D or 2D] per closed chunk
@@ -438,7 +453,7 @@ def hga_decode_ref(
         t = start_pos + i
         while len(chunk_summ) < t // c:  # chunk j closed: summarise it once
             j = len(chunk_summ)
-            cs_j, gs_j = routing_summaries_ref(k[:, :, j * c : (j + 1) * c], config, inv_freq, start=j * c)
+            cs_j, gs_j = routing_summaries_ref(k[:, :, j * c : (j + 1) * c], config, spec, start=j * c)
             chunk_summ.append(cs_j)
             group_summ.append(gs_j)
         win = windows_at(t, c, config.sink_chunks, config.local_chunks)
@@ -462,7 +477,8 @@ def hga_attention(
     v: torch.Tensor,
     *,
     config: HGAConfig,
-    rope_theta: float,
+    rope_theta: float | None = None,
+    rope: RopeSpec | None = None,
     start_pos: int = 0,
     route_carry: RouteCarry | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
@@ -478,8 +494,12 @@ def hga_attention(
         Post-RoPE keys and values at positions ``0 .. Lk - 1``, ``Lk >= start_pos + Lq``
         (keys after a query's position are never attended). ``Hq % Hkv == 0``.
     config : HGAConfig
-    rope_theta : float
-        RoPE base of the model (plain RoPE, half-split pairs).
+    rope_theta : float, optional
+        RoPE base of a model with plain RoPE (half-split pairs over the whole head).
+    rope : RopeSpec, optional
+        The model's RoPE (:func:`kvtier.rope.rope_spec_of`: scaled frequencies, partial or
+        interleaved rotary dims). Exactly one of ``rope_theta`` and ``rope`` is given; the
+        routing summaries use its per-pair frequencies.
     start_pos : int
         Position of the first query.
     route_carry : RouteCarry, optional
@@ -501,4 +521,6 @@ def hga_attention(
         started inside a chunk without the matching ``route_carry``.
     """
     path = hga_decode_ref if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[2] == 1 else hga_prefill_ref
-    return path(q, k, v, config=config, rope_theta=rope_theta, start_pos=start_pos, route_carry=route_carry)
+    return path(
+        q, k, v, config=config, rope_theta=rope_theta, rope=rope, start_pos=start_pos, route_carry=route_carry
+    )

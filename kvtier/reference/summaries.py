@@ -10,9 +10,11 @@ A unit (a chunk or a group) of tokens at positions ``p_0 .. p_{n-1}`` with post-
   slow pair barely turns inside a chunk, and rotating once keeps the sum coherent.
 
 Pair i is fast when ``(C - 1) * inv_freq[i] > cutoff`` with C the *chunk* size, for group
-summaries too (the authors' rule; at theta 1e4, D 64, C 64 that is 17 of 32 pairs). The
-sums are not scaled: a common scale does not change any top-k among units of equal size,
-and summaries never enter the softmax in kvtier.
+summaries too (the authors' rule; at theta 1e4, D 64, C 64 that is 17 of 32 pairs), with
+the pair's real frequency (:class:`kvtier.rope.RopeSpec`: llama3, YaRN, longrope, ... scale
+each pair differently). Dims past the rotary dim carry no position and are summed plainly.
+The sums are not scaled: a common scale does not change any top-k among units of equal
+size, and summaries never enter the softmax in kvtier.
 
 With ``HGAConfig.group_score == "bound"`` the group-level routing keys are instead the
 elementwise minimum and maximum of each group's post-RoPE keys (:func:`group_bounds_ref`),
@@ -27,7 +29,8 @@ import torch
 
 from typing import TYPE_CHECKING
 
-from kvtier.reference.rope import apply_rope, invert_rope
+from kvtier.reference.rope import apply_rope, as_rope_spec, invert_rope
+from kvtier.rope import RopeSpec
 
 if TYPE_CHECKING:
     from kvtier.config import HGAConfig
@@ -42,13 +45,14 @@ __all__ = [
 ]
 
 
-def tokenwise_pairs(inv_freq: torch.Tensor, chunk_size: int, cutoff_rad: float) -> torch.Tensor:
-    """Bool ``[D/2]``: True for the pairs summarised token-wise (phase turns > cutoff in a chunk)."""
-    return (chunk_size - 1) * inv_freq > cutoff_rad
+def tokenwise_pairs(inv_freq: RopeSpec | torch.Tensor, chunk_size: int, cutoff_rad: float) -> torch.Tensor:
+    """Bool ``[R/2]``: True for the pairs summarised token-wise (phase turns > cutoff in a chunk)."""
+    freq = inv_freq.inv_freq if isinstance(inv_freq, RopeSpec) else inv_freq
+    return (chunk_size - 1) * freq > cutoff_rad
 
 
 def unit_summaries_ref(
-    k: torch.Tensor, unit_size: int, inv_freq: torch.Tensor, tokenwise: torch.Tensor, *, start: int = 0
+    k: torch.Tensor, unit_size: int, inv_freq: RopeSpec | torch.Tensor, tokenwise: torch.Tensor, *, start: int = 0
 ) -> torch.Tensor:
     """Summaries of consecutive units of ``unit_size`` tokens, the first at position ``start``.
 
@@ -58,8 +62,8 @@ def unit_summaries_ref(
         Post-RoPE keys at positions ``start .. start + N * unit_size - 1``.
     unit_size : int
         Tokens per unit (chunk size or group size).
-    inv_freq : Tensor ``[D/2]``
-    tokenwise : bool Tensor ``[D/2]``
+    inv_freq : RopeSpec, or Tensor ``[D/2]`` (plain half-split RoPE)
+    tokenwise : bool Tensor ``[R/2]``
         From :func:`tokenwise_pairs`.
 
     Returns
@@ -69,18 +73,19 @@ def unit_summaries_ref(
     b, h, length, d = k.shape
     assert length % unit_size == 0, "only whole units are summarised"
     n = length // unit_size
+    spec = as_rope_spec(inv_freq, d)
     positions = torch.arange(start, start + length, device=k.device)
-    k_raw = invert_rope(k.to(torch.float64), positions, inv_freq)
+    k_raw = invert_rope(k.to(torch.float64), positions, spec)
     tokenwise_sum = k.to(torch.float64).reshape(b, h, n, unit_size, d).sum(dim=3)
     raw_sum = k_raw.reshape(b, h, n, unit_size, d).sum(dim=3)
     anchors = start + torch.arange(n, device=k.device) * unit_size + (unit_size - 1) // 2
-    anchored = apply_rope(raw_sum, anchors, inv_freq)
-    use_tokenwise = torch.cat((tokenwise, tokenwise)).to(k.device)  # pair i is dims (i, i + D/2)
+    anchored = apply_rope(raw_sum, anchors, spec)
+    use_tokenwise = spec.pair_to_dims(tokenwise.cpu(), True).to(k.device)  # position-free dims: plain sums
     return torch.where(use_tokenwise, tokenwise_sum, anchored).to(torch.float32)
 
 
 def chunk_summaries_ref(
-    k: torch.Tensor, chunk_size: int, inv_freq: torch.Tensor, cutoff_rad: float, *, start: int = 0
+    k: torch.Tensor, chunk_size: int, inv_freq: RopeSpec | torch.Tensor, cutoff_rad: float, *, start: int = 0
 ) -> torch.Tensor:
     """Chunk summaries ``[B, Hkv, N, D]`` of the N whole chunks of ``k [B, Hkv, >= N*C, D]``.
 
@@ -92,7 +97,7 @@ def chunk_summaries_ref(
 
 
 def group_summaries_ref(
-    k: torch.Tensor, chunk_size: int, group_size: int, inv_freq: torch.Tensor, cutoff_rad: float,
+    k: torch.Tensor, chunk_size: int, group_size: int, inv_freq: RopeSpec | torch.Tensor, cutoff_rad: float,
     *, start: int = 0,
 ) -> torch.Tensor:
     """Group summaries ``[B, Hkv, N, M, D]`` of the N whole chunks of ``k``, M groups each.
@@ -119,7 +124,7 @@ def group_bounds_ref(k: torch.Tensor, chunk_size: int, group_size: int) -> torch
 
 
 def routing_summaries_ref(
-    k: torch.Tensor, config: HGAConfig, inv_freq: torch.Tensor, *, start: int = 0
+    k: torch.Tensor, config: HGAConfig, inv_freq: RopeSpec | torch.Tensor, *, start: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The routing keys ``config`` scores: chunk summaries and group-level keys of k's whole chunks.
 
@@ -128,7 +133,7 @@ def routing_summaries_ref(
     k : Tensor ``[B, Hkv, >= N*C, D]``
         Post-RoPE keys; ``k[:, :, 0]`` is at absolute position ``start`` (a chunk boundary).
     config : HGAConfig
-    inv_freq : Tensor ``[D/2]``
+    inv_freq : RopeSpec, or Tensor ``[D/2]`` (plain half-split RoPE)
 
     Returns
     -------

@@ -7,14 +7,28 @@ import math
 import torch
 
 
-def rotate_pair(x: torch.Tensor, pos: float, inv_freq: list[float]) -> torch.Tensor:
-    """Rotate each pair (i, i + D/2) of the vector x [D] by pos * inv_freq[i], in float64."""
-    half = x.shape[0] // 2
+def half_pairs(head_dim: int, rotary_dim: int | None = None) -> list[tuple[int, int]]:
+    """Dims (i, i + R/2) of the first R dims: the rotate_half convention."""
+    half = (rotary_dim or head_dim) // 2
+    return [(i, i + half) for i in range(half)]
+
+
+def interleaved_pairs(rotary_dim: int) -> list[tuple[int, int]]:
+    """Dims (2i, 2i + 1): GLM's convention."""
+    return [(2 * i, 2 * i + 1) for i in range(rotary_dim // 2)]
+
+
+def rotate_pair(x: torch.Tensor, pos: float, inv_freq: list[float], pairs: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """Rotate each pair ``pairs[i]`` (default (i, i + D/2)) of the vector x [D] by pos * inv_freq[i], in float64.
+
+    Dims in no pair are left as they are.
+    """
+    pairs = half_pairs(x.shape[0]) if pairs is None else pairs
     out = x.clone().double()
-    for i in range(half):
-        a, b = float(x[i]), float(x[i + half])
+    for i, (ia, ib) in enumerate(pairs):
+        a, b = float(x[ia]), float(x[ib])
         c, s = math.cos(pos * inv_freq[i]), math.sin(pos * inv_freq[i])
-        out[i], out[i + half] = a * c - b * s, a * s + b * c
+        out[ia], out[ib] = a * c - b * s, a * s + b * c
     return out
 
 
@@ -23,28 +37,34 @@ def inv_freqs(head_dim: int, theta: float) -> list[float]:
     return [theta ** (-i / half) for i in range(half)]
 
 
-def unit_summary(keys: torch.Tensor, first_pos: int, chunk_size: int, inv_freq: list[float], cutoff: float) -> torch.Tensor:
+def unit_summary(
+    keys: torch.Tensor, first_pos: int, chunk_size: int, inv_freq: list[float], cutoff: float,
+    pairs: list[tuple[int, int]] | None = None,
+) -> torch.Tensor:
     """Mixed-RoPE summary of one unit: keys [n, D] post-RoPE at positions first_pos...."""
     n, d = keys.shape
-    half = d // 2
+    pairs = half_pairs(d) if pairs is None else pairs
     tokenwise = keys.double().sum(0)
-    raw = sum(rotate_pair(keys[t], -(first_pos + t), inv_freq) for t in range(n))
-    anchored = rotate_pair(raw, first_pos + (n - 1) // 2, inv_freq)
+    raw = sum(rotate_pair(keys[t], -(first_pos + t), inv_freq, pairs) for t in range(n))
+    anchored = rotate_pair(raw, first_pos + (n - 1) // 2, inv_freq, pairs)
     out = anchored.clone()
-    for i in range(half):
+    for i, (ia, ib) in enumerate(pairs):
         if (chunk_size - 1) * inv_freq[i] > cutoff:
-            out[i], out[i + half] = tokenwise[i], tokenwise[i + half]
+            out[ia], out[ib] = tokenwise[ia], tokenwise[ib]
     return out
 
 
-def hga_bruteforce(q, k, v, *, cfg, theta, start_pos=0):
-    """Loops over batch, head and position. Returns (out fp64 [B,Hq,Lq,D], group sets, key counts)."""
+def hga_bruteforce(q, k, v, *, cfg, theta=None, start_pos=0, freqs=None, pairs=None):
+    """Loops over batch, head and position. Returns (out fp64 [B,Hq,Lq,D], group sets, key counts).
+
+    RoPE: plain of base ``theta``, or frequencies ``freqs`` over dim ``pairs``.
+    """
     b_, hq, lq, d = q.shape
     hkv = k.shape[1]
     rep = hq // hkv
     c, g = cfg.chunk_size, cfg.group_size
     m = c // g
-    freqs = inv_freqs(d, theta)
+    freqs = inv_freqs(d, theta) if freqs is None else freqs
     out = torch.zeros(b_, hq, lq, d, dtype=torch.float64)
     groups_chosen = {}
     counts = torch.zeros(b_, hq, lq, dtype=torch.long)
@@ -53,7 +73,7 @@ def hga_bruteforce(q, k, v, *, cfg, theta, start_pos=0):
     def summ(b, kvh, first, n):
         key = (b, kvh, first, n)
         if key not in summ_cache:
-            summ_cache[key] = unit_summary(k[b, kvh, first : first + n], first, c, freqs, cfg.rope_cutoff_rad)
+            summ_cache[key] = unit_summary(k[b, kvh, first : first + n], first, c, freqs, cfg.rope_cutoff_rad, pairs)
         return summ_cache[key]
 
     for b in range(b_):

@@ -265,3 +265,46 @@ def test_bad_config_theta_start_pos():
         hga_attention(q, k, v, config=SMALL, rope_theta=0)
     with pytest.raises(ValueError, match="start_pos: expected an int >= 0, got -1"):
         hga_attention(q, k, v, config=SMALL, rope_theta=THETA, start_pos=-1)
+
+
+# ---------------------------------------------------------------- the model's RoPE (RopeSpec)
+
+
+def _interleaved_half_partial_spec():
+    from kvtier.rope import RopeSpec
+
+    inv = torch.tensor([1.0, 0.3, 0.05, 0.004, 2e-4], dtype=torch.float64)  # scaled, uneven frequencies
+    return [RopeSpec(16, inv, attention_scaling=1.2), RopeSpec(16, inv, attention_scaling=1.2, interleaved=True)]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["half-split", "interleaved"])
+def test_sparse_with_a_rope_spec_matches_bruteforce(which):
+    """Routing with partial-rotary, scaled frequencies equals the scalar brute force with the same frequencies."""
+    from .bruteforce import half_pairs, interleaved_pairs
+
+    spec = _interleaved_half_partial_spec()[which]
+    q, k, v = make_qkv(2, 4, 2, 60, 150, 16, seed=which)
+    out, stats = hga_attention(q, k, v, config=SMALL, rope=spec, start_pos=90)
+    pairs = interleaved_pairs(10) if spec.interleaved else half_pairs(16, 10)
+    want, groups, counts = hga_bruteforce(q, k, v, cfg=SMALL, start_pos=90, freqs=spec.inv_freq.tolist(), pairs=pairs)
+    assert rel_err(out, want) < 1e-5
+    assert torch.equal(stats.keys_per_query, counts)
+    for (bi, h, i), chosen in groups.items():
+        assert {int(x) for x in stats.plan.group_ids[bi, h, i] if x >= 0} == chosen, (bi, h, i)
+
+
+def test_rope_spec_and_theta_agree_and_exactly_one_is_given():
+    from kvtier.rope import RopeSpec
+
+    q, k, v = make_qkv(1, 2, 1, 40, 100, 16, seed=3)
+    a, sa = hga_attention(q, k, v, config=SMALL, rope_theta=THETA, start_pos=60)
+    b, sb = hga_attention(q, k, v, config=SMALL, rope=RopeSpec.plain(16, THETA), start_pos=60)
+    assert torch.equal(a, b) and torch.equal(sa.plan.group_ids, sb.plan.group_ids)
+    with pytest.raises(ValueError, match="rope_theta, rope: expected exactly one of them"):
+        hga_attention(q, k, v, config=SMALL, rope_theta=THETA, rope=RopeSpec.plain(16, THETA))
+    with pytest.raises(ValueError, match="rope_theta, rope: expected exactly one of them"):
+        hga_attention(q, k, v, config=SMALL)
+    with pytest.raises(ValueError, match="rope: expected a spec for head dim 16 like q, got head_dim=8"):
+        hga_attention(q, k, v, config=SMALL, rope=RopeSpec.plain(8, THETA))
+    with pytest.raises(TypeError, match="rope: expected a kvtier.rope.RopeSpec, got float"):
+        hga_attention(q, k, v, config=SMALL, rope=1e4)  # type: ignore[arg-type]
