@@ -8,12 +8,14 @@ from kvtier.errors import (
     CorruptChunkError,
     KvtierError,
     LayoutMismatchError,
+    SnapshotError,
     StoreLockedError,
     TierUnavailableError,
     TransferError,
 )
 from kvtier.layout import KVLayout
 from kvtier.rope import RopeSpec, rope_spec_of
+from kvtier.snapshot import export_sequence, import_sequence
 from kvtier.store import ChunkKey, PrefetchHandle, TieredStore
 
 __version__ = "0.1.0"
@@ -28,9 +30,12 @@ __all__ = [
     "TieredStore",
     "ChunkKey",
     "PrefetchHandle",
+    "export_sequence",
+    "import_sequence",
     "KvtierError",
     "ConfigError",
     "LayoutMismatchError",
+    "SnapshotError",
     "StoreLockedError",
     "CapacityError",
     "TransferError",

@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "StoreLockedError",
     "LayoutMismatchError",
+    "SnapshotError",
     "CapacityError",
     "TransferError",
     "CorruptChunkError",
@@ -35,6 +36,10 @@ class StoreLockedError(ConfigError):
 
 class LayoutMismatchError(KvtierError, ValueError):
     """Stored data was written for another model shape, dtype, chunk size or format."""
+
+
+class SnapshotError(KvtierError, ValueError):
+    """A snapshot is not what its metadata promises, does not fit, or its sequence is incomplete."""
 
 
 class CapacityError(KvtierError):

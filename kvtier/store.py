@@ -557,6 +557,11 @@ class TieredStore:
         return None if self._device is None else self._device.slab
 
     @property
+    def capacity_chunks(self) -> int:
+        """Most distinct chunks the store can hold at once: host slots plus disk slots."""
+        return self._host.num_slots + (0 if self._disk is None else self._disk.num_slots)
+
+    @property
     def host_pinned(self) -> bool:
         """Whether the host slab is pinned."""
         return self._host.pinned
