@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 
 import torch
 
@@ -28,7 +29,9 @@ def test_bench_attention_smoke(tmp_path, capsys):
     if not torch.cuda.is_available():  # the header says what ran, not what a GPU run would do
         assert "Triton interpreter" in text and "no CUDA graphs" in text and "pageable" in text
         assert "pinned host slab" not in text
-    assert f"results: {out}" in text
+    assert f"results: {out} (rows appended), " in text
+    if importlib.util.find_spec("matplotlib"):  # the plot goes beside the CSV
+        assert (tmp_path / "attention.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_smoke_without_the_interpreter_reruns_itself_with_it(tmp_path, monkeypatch, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -72,7 +73,9 @@ def test_bench_io_writes_into_kvtier_results_and_tables_the_write_rate(tmp_path,
     res = json.loads((tmp_path / "kvtier-results" / "io.json").read_text())
     rows = list(csv.DictReader((tmp_path / "kvtier-results" / "io.csv").open()))
     assert rows and {r["bench"] for r in rows} == {"io"}
-    assert "results: kvtier-results/io.csv (rows appended), kvtier-results/io.json" in out
+    assert "results: kvtier-results/io.csv (rows appended), kvtier-results/io.json, " in out
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "kvtier-results" / "io.png").read_bytes()[:4] == b"\x89PNG"
     write_line = next(line for line in out.splitlines() if line.startswith("| kvtier write"))
     assert f"| {res['write_GBps']:.2f} |" in write_line
     assert "ran on: GPU none | host slab pageable | O_DIRECT" in out and "GPUDirect Storage no" in out

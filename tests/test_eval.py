@@ -49,6 +49,8 @@ def test_eval_smoke(tmp_path, capsys) -> None:
     acc = [r for r in rows if r["needle_accuracy"] is not None and r["depth"] is None]
     assert {r["method"] for r in acc} == {"dense", "hga", "quest", "oracle"}
     assert "| 720 | dense |" in capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib"):  # the plot goes beside the JSON
+        assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_diagnose_on_a_tiny_model() -> None:

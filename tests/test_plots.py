@@ -37,3 +37,30 @@ def test_without_matplotlib_nothing_is_written(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(plots, "plot_available", lambda: False)
     assert plots.plot_lines(tmp_path / "x.png", {"a": ([1], [1.0])}, "x", "y", "t") is None
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_docs_plots_redraw_from_the_committed_results(tmp_path) -> None:
+    """bench/plots.py draws docs/*.png from bench/results/attention.csv and docs/fidelity.json."""
+    pytest.importorskip("matplotlib")
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "plots.py"
+    assert runpy.run_path(str(script))["main"](tmp_path) == 0
+    for name in ("decode_attention", "fidelity_gap", "fidelity_methods", "needles"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+        assert (script.parents[1] / "docs" / f"{name}.png").exists()  # committed, shown in the README
+
+
+def test_eval_plot_picks_nll_gaps_or_needles(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from kvtier.cli.eval import plot_eval
+
+    base = {"density": 0.5, "mean_keys_per_query": 1.0, "budget": 1216, "seconds": 1.0, "scored_tokens": 1}
+    nll = [dict(base, method=m, length=n, nats_per_token=3.0, gap_vs_dense=g, needle_accuracy=None, depth=None)
+           for m, g in (("dense", 0.0), ("hga", 0.01)) for n in (2048, 4096)]
+    assert plot_eval(nll, tmp_path / "a.png").read_bytes()[:8] == PNG_MAGIC
+    needles = [dict(base, method="hga", length=2048, nats_per_token=None, gap_vs_dense=None, needle_accuracy=1.0,
+                    depth=None)]
+    assert plot_eval(needles, tmp_path / "b.png").exists()
+    assert plot_eval([], tmp_path / "c.png") is None

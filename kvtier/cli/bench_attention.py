@@ -37,12 +37,13 @@ import torch
 
 from kvtier.attention import HostKVDecode, _hga_kernels, _route, prefill_tables
 from kvtier.cli.args import UsageError, format_tokens, positive_float, positive_int, positive_ints, token_counts
+from kvtier.cli.plots import PLOT_HINT, plot_lines
 from kvtier.cli.results import CSV_COLUMNS, add_output_arguments, append_csv, output_file, source_commit
 from kvtier.config import HGAConfig
 from kvtier.kernels.sparse_prefill import sparse_prefill
 from kvtier.reference.hga import plan_widths
 
-__all__ = ["add_arguments", "run", "main"]
+__all__ = ["add_arguments", "run", "main", "plot_decode"]
 
 
 def _heads(text: str) -> tuple[int, int, int]:
@@ -603,8 +604,10 @@ def run(args: argparse.Namespace) -> int:
                 _append_csv(path, rows[done:], env)
             print(f"# batch {bsz} context {format_tokens(ctx)}: {time.perf_counter() - t0:.1f} s", flush=True)
     print(_table(rows))
-    if path is not None:
-        print(f"results: {path} (rows appended)")
+    written = [f"{path} (rows appended)"] if path is not None else []
+    png = plot_decode(rows, output_file(args, "png", "attention"))
+    written += [str(png)] if png else [PLOT_HINT]
+    print("results: " + ", ".join(written))
     return 0
 
 
@@ -647,6 +650,37 @@ def _table(rows: list[dict]) -> str:
             f"{f(pf + '/hga_kernels/time')} |"
         )
     return "\n".join(lines)
+
+
+_DECODE_LINES = {"sdpa": "SDPA, all K/V in HBM", "hga_host_steady": "HGA steady, K/V in host memory",
+                 "hga_host_cold": "HGA cold (empty group cache)"}
+
+
+def plot_decode(rows: list[dict], path: str | Path) -> Path | None:
+    """PNG of the decode step's p50 time against context: SDPA beside HGA cold and steady, per batch.
+
+    ``rows`` are CSV rows (as read back, strings) or this run's rows; for a (batch, context,
+    impl) measured more than once the last row wins, so an appended CSV plots its latest run.
+    Returns the file, or None without matplotlib.
+    """
+    points: dict[tuple[str, int], dict[int, float]] = {}
+    gpu = ""
+    for r in rows:
+        if r["op"] != "decode" or r["metric"] != "time" or r["impl"] not in _DECODE_LINES:
+            continue
+        batch = json.loads(r["config_json"])["batch"]
+        points.setdefault((r["impl"], batch), {})[int(r["x_value"])] = float(r["p50"])
+        gpu = r.get("gpu", gpu)
+    if not points:
+        return None
+    series = {}
+    for (impl, batch), pts in sorted(points.items(), key=lambda kv: (kv[0][1], list(_DECODE_LINES).index(kv[0][0]))):
+        xs = sorted(pts)
+        series[f"{_DECODE_LINES[impl]}, batch {batch}"] = (xs, [pts[x] for x in xs])
+    contexts = sorted({x for pts in points.values() for x in pts})
+    return plot_lines(path, series, "context (tokens)", "time per decode step and layer (ms, p50)",
+                      f"Decode attention vs context{f' on {gpu}' if gpu else ''}", logx=True, logy=True,
+                      xticks=[(c, format_tokens(c)) for c in contexts])
 
 
 def main(argv: list[str] | None = None) -> int:

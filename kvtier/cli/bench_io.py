@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from kvtier.cli.args import UsageError, byte_size, positive_int
+from kvtier.cli.plots import PLOT_HINT, plot_bars
 from kvtier.cli.results import add_output_arguments, append_csv, output_file, source_commit
 from kvtier.config import StoreConfig, format_bytes
 from kvtier.layout import KVLayout
@@ -44,7 +45,7 @@ from kvtier.store import ChunkKey, TieredStore
 from kvtier.tiers.base import PAGE_BYTES, aligned_empty
 from kvtier.tiers.io import kvikio_status
 
-__all__ = ["add_arguments", "bench_io", "run"]
+__all__ = ["add_arguments", "bench_io", "plot_io", "run"]
 
 log = logging.getLogger("kvtier.bench")
 
@@ -535,6 +536,27 @@ def _table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_io(res: dict[str, Any], path: str | Path) -> Path | None:
+    """PNG of the medians of one run (the JSON of ``--json``): GB/s per path, grouped by direction."""
+    reads = {"raw O_DIRECT reader (baseline)": res["baseline_read_GBps"]}
+    for key, val in res.items():
+        if key.startswith("kvtier_") and isinstance(val, dict):
+            reads[key.replace("_", " ")] = val["read_GBps"]
+    groups: dict[str, dict[str, float | None]] = {"disk to host": reads}
+    if "write_GBps" in res:
+        groups["host to disk"] = {"kvtier write + flush": res["write_GBps"]}
+    if "kvtier_disk_to_gpu_GBps" in res:
+        groups["disk to GPU"] = {"kvtier disk to GPU": res["kvtier_disk_to_gpu_GBps"]}
+    if "h2d_single_copy_GBps" in res:
+        groups["host to GPU"] = {"one pinned copy_ (baseline)": res["h2d_single_copy_GBps"],
+                                 "kvtier host to GPU": res["h2d_kvtier_GBps"],
+                                 "one copy_ per chunk": res["h2d_per_chunk_copy_GBps"]}
+    env = res.get("environment", {})
+    title = (f"kvtier bench io: {format_bytes(res['size_bytes'])} in {format_bytes(res['chunk_bytes'])} chunks, "
+             f"GPU {env.get('gpu', '?')}")
+    return plot_bars(path, groups, "GB/s (median of the reps, log scale)", title, logy=True)
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``kvtier bench io``."""
     size, chunk_bytes = args.size, args.chunk_bytes
@@ -586,6 +608,7 @@ def run(args: argparse.Namespace) -> int:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(res, indent=2, default=str))
         written.append(str(json_path))
-    if written:
-        print("results: " + ", ".join(written))
+    png = plot_io(res, output_file(args, "png", "io"))
+    written.append(str(png) if png else PLOT_HINT)
+    print("results: " + ", ".join(written))
     return 0

@@ -32,11 +32,12 @@ from typing import Any
 import torch
 
 from kvtier.cli.args import UsageError, positive_int
+from kvtier.cli.plots import PLOT_HINT, plot_lines
 from kvtier.cli.results import add_output_arguments, dense_tokens, output_file
 from kvtier.config import HGAConfig
 
 __all__ = ["EvalRow", "NEEDLES", "add_arguments", "run", "hga_config_for_budget", "default_budget",
-           "sequence_nll", "plant_needle", "markdown_table", "diagnose", "diagnosis_table"]
+           "sequence_nll", "plant_needle", "markdown_table", "diagnose", "diagnosis_table", "plot_eval"]
 
 METHODS = ("dense", "hga", "quest", "oracle")
 
@@ -476,10 +477,39 @@ def run(args: argparse.Namespace) -> int:
             rows.append(EvalRow(method, length, None, None, float("nan"), float("nan"), budget, 0.0,
                                 needle_accuracy=sum(oks) / len(oks)))
     print(markdown_table(rows, dense_upto))
+    written = []
     if json_path is not None:
         _write_json(json_path, rows, args, budget)
-        print(f"results: {json_path}")
+        written.append(str(json_path))
+    png = plot_eval([asdict(r) for r in rows], output_file(args, "png", "eval"), f"{args.model}, budget {budget} keys/query")
+    written.append(str(png) if png else PLOT_HINT)
+    print("results: " + ", ".join(written))
     return 0
+
+
+def plot_eval(rows: list[dict[str, Any]], path: str | Path, subtitle: str = "") -> Path | None:
+    """PNG of the NLL gap to dense against context per sparse method (needle accuracy without NLL rows).
+
+    ``rows`` are :class:`EvalRow` fields as dicts (the ``rows`` of the JSON). Returns the file,
+    or None without matplotlib or without rows to plot.
+    """
+    nll = [r for r in rows if r["nats_per_token"] is not None and r["gap_vs_dense"] is not None and r["method"] != "dense"]
+    if nll:
+        key, ylabel, title = "gap_vs_dense", "NLL gap to dense (nats/token)", "Fidelity: NLL gap to dense attention"
+        use = nll
+    else:
+        use = [r for r in rows if r["needle_accuracy"] is not None and r["depth"] is None]
+        key, ylabel, title = "needle_accuracy", "needles found (fraction)", "Needle retrieval"
+    if not use:
+        return None
+    series = {}
+    for method in dict.fromkeys(r["method"] for r in use):
+        pts = {r["length"]: r[key] for r in use if r["method"] == method}
+        xs = sorted(pts)
+        series[method] = (xs, [pts[x] for x in xs])
+    lengths = sorted({r["length"] for r in use})
+    return plot_lines(path, series, "context (tokens)", ylabel, f"{title}{f' ({subtitle})' if subtitle else ''}",
+                      logx=len(lengths) > 2, xticks=[(n, str(n)) for n in lengths])
 
 
 def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budget: int) -> None:

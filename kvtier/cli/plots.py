@@ -98,7 +98,11 @@ def plot_lines(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend()
+    if len(series) > 4:  # many lines: the legend goes beside the axes, not over the lines
+        fig.set_size_inches(9.5, 4.2)
+        fig.legend(loc="outside right upper", fontsize="small")
+    else:
+        ax.legend(fontsize="small")
     return _save(fig, path)
 
 
@@ -132,18 +136,23 @@ def plot_bars(
     if not plot_available():
         return None
     bars = list(dict.fromkeys(b for group in values.values() for b in group))
-    width = 0.8 / len(bars)
+    colors = {b: f"C{i % 10}" for i, b in enumerate(bars)}
+    widest = max(sum(v is not None for v in group.values()) for group in values.values())
+    width = 0.8 / max(1, widest)
     fig = _figure()
     ax = fig.add_subplot()
-    for i, bar in enumerate(bars):
-        xs = [g + (i - (len(bars) - 1) / 2) * width for g, group in enumerate(values.values()) if group.get(bar) is not None]
-        ys = [group[bar] for group in values.values() if group.get(bar) is not None]
-        ax.bar(xs, ys, width=width, label=bar)
+    labelled: set[str] = set()
+    for g, group in enumerate(values.values()):
+        present = [(b, v) for b, v in group.items() if v is not None]
+        for i, (bar, value) in enumerate(present):  # centred within its own group
+            ax.bar(g + (i - (len(present) - 1) / 2) * width, value, width=width, color=colors[bar],
+                   label="_nolegend_" if bar in labelled else bar)
+            labelled.add(bar)
     ax.set_xticks(range(len(values)), list(values))
     if logy:
         ax.set_yscale("log")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small")
     return _save(fig, path)
