@@ -22,6 +22,7 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("demo",), "kvtier.cli.demo", "HGA against dense attention on the embedded default"),
     (("bench", "io"), "kvtier.cli.bench_io", "disk and host-to-GPU throughput of the store beside raw baselines"),
     (("bench", "attention"), "kvtier.cli.bench_attention", "HGA decode/prefill kernels beside torch SDPA, 8K to 1M tokens"),
+    (("bench", "decode"), "kvtier.cli.bench_decode", "end-to-end generation: HGA over a TieredCache beside dense and offloaded caches"),
     (("stress",), "kvtier.cli.stress", "random store workload with injected faults, checked byte for byte"),
     (("eval",), "kvtier.cli.eval", "HGA against dense, Quest and oracle top-k on a real model: NLL gap and needles"),
 ]
