@@ -386,13 +386,12 @@ def _offloaded_cache(config: Any) -> Any:
     return OffloadedCache()
 
 
-def _dense_kv_device_bytes(cache: Any) -> int:
+def _dense_kv_bytes(cache: Any) -> int:
+    """Bytes of the K/V tensors a DynamicCache holds (all on the compute device)."""
     total = 0
     for layer in getattr(cache, "layers", []):
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor) and t.device.type != "cpu":
-                total += t.numel() * t.element_size()
-            elif isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
     return total
 
@@ -606,7 +605,7 @@ def _run_mode(
                 else:
                     res.extra["graphs"] = False
                     if mode == "dense":
-                        res.extra["kv_state_bytes"] = _dense_kv_device_bytes(cache)
+                        res.extra["kv_state_bytes"] = _dense_kv_bytes(cache)
             except torch.cuda.OutOfMemoryError as exc:
                 res.status = stopped = f"oom: {str(exc).splitlines()[0][:160]}"
             except Exception as exc:  # a failed mode is reported and the others still run
@@ -786,8 +785,14 @@ def _hga_config(text: str, smoke: bool) -> HGAConfig:
         key = key.strip()
         if not sep or key not in values:
             raise ValueError(f"--hga: expected key=value with keys among {sorted(values)}, got {part!r}")
-        values[key] = float(value) if key == "rope_cutoff_rad" else int(value)
-    return HGAConfig(**values)
+        try:
+            values[key] = float(value) if key == "rope_cutoff_rad" else int(value)
+        except ValueError:
+            raise ValueError(f"--hga: expected a number for {key}, got {value!r}") from None
+    try:
+        return HGAConfig(**values)
+    except ValueError as exc:
+        raise ValueError(f"--hga: {exc}") from None
 
 
 def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, list[int], list[int], list[str], int]:
@@ -800,9 +805,13 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, list[
         raise ValueError(f"--device: expected cpu without a GPU, got {args.device}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    contexts = parse_tokens(args.contexts)
-    ref = parse_tokens(args.reference_context)[0]
-    batches = parse_tokens(args.batch)
+    parsed = {}
+    for flag in ("contexts", "reference_context", "batch"):
+        try:
+            parsed[flag] = parse_tokens(getattr(args, flag))
+        except ValueError as exc:
+            raise ValueError(f"--{flag.replace('_', '-')}: {exc}") from None
+    contexts, ref, batches = parsed["contexts"], parsed["reference_context"][0], parsed["batch"]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
