@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-import kvtier.bench_decode as bench_decode
-from kvtier._benchcsv import CSV_COLUMNS
+import kvtier.cli.bench_decode as bench_decode
+from kvtier.cli.results import CSV_COLUMNS
 from kvtier.cli import main
 
 SMOKE_CONTEXTS = (64, 160, 256)
@@ -115,7 +115,7 @@ def test_reruns_itself_with_passive_omp_and_the_same_arguments(tmp_path, monkeyp
     monkeypatch.setattr(bench_decode.subprocess, "run", fake_run)
     assert main(["bench", "decode", "--smoke", "--out", str(tmp_path), "--contexts", "1K,2K"]) == 7
     (cmd, env), = calls
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and cmd[-2:] == ["-m", "kvtier.bench_decode"]
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and cmd[-2:] == ["-m", "kvtier.cli.bench_decode"]
     seen = []
     monkeypatch.setattr(bench_decode, "bench_decode", lambda args: seen.append(args) or 0)
     monkeypatch.setattr(os, "environ", env)

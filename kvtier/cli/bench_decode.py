@@ -35,7 +35,7 @@ differently per mode; the variable is read once when torch loads OpenMP, so the 
 re-runs itself with it set when it is not.
 
 Output, in ``--out`` (default ``kvtier-results/``): ``decode.csv`` (the long format of
-:mod:`kvtier._benchcsv`, appended), ``decode.md`` (header and table, also printed) and
+:mod:`kvtier.cli.results`, appended), ``decode.md`` (header and table, also printed) and
 ``decode.png`` (ms per decode step against context, one line per mode and batch).
 """
 
@@ -59,7 +59,8 @@ from typing import Any
 
 import torch
 
-from kvtier._benchcsv import append_csv
+from kvtier.cli.plots import plot_lines
+from kvtier.cli.results import append_csv
 from kvtier.config import HGAConfig, StoreConfig, format_bytes, parse_bytes
 
 __all__ = ["MODES", "add_arguments", "run", "bench_decode", "parse_tokens"]
@@ -77,6 +78,8 @@ _LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
+#: Models built from a config with random weights.
+_RANDOM_MODELS = ("llama8b", "smollm2-shape", "tiny")
 # HGA budgets scaled down for --smoke so that routing is active in contexts of a few hundred tokens.
 _SMOKE_HGA = HGAConfig(
     chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=2, top_groups=4, fetch_groups=8
@@ -114,16 +117,18 @@ def _tokens_label(n: int) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``kvtier bench decode``."""
-    parser.add_argument("--model", default="smollm2", help="smollm2 | llama8b | tiny | a local model folder")
-    parser.add_argument("--contexts", default="4K,8K,16K", help="context lengths in tokens (default 4K,8K,16K)")
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2 | llama8b | smollm2-shape (random weights) | tiny | a local model folder")
+    parser.add_argument("--contexts", default=None,
+                        help="context lengths in tokens (default 4K,8K,16K; --smoke: 64,160,256)")
     parser.add_argument("--batch", default="1", help="batch sizes, e.g. 1,4 (equal-length sequences)")
     parser.add_argument("--modes", default="hga,dense,offload", help="any of hga,dense,offload")
-    parser.add_argument("--reference-context", default="4K",
+    parser.add_argument("--reference-context", default=None,
                         help="context of the reference decode step every row is compared with (added to the "
-                             "contexts when missing; default 4K)")
-    parser.add_argument("--steps", type=int, default=32, help="timed decode steps per context (default 32)")
-    parser.add_argument("--warmup", type=int, default=4, help="untimed decode steps before them (default 4)")
-    parser.add_argument("--piece", type=int, default=512, help="prefill piece in tokens (default 512)")
+                             "contexts when missing; default 4K, --smoke: 64)")
+    parser.add_argument("--steps", type=int, default=None, help="timed decode steps per context (default 32; --smoke: 4)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed decode steps before them (default 4; --smoke: 1)")
+    parser.add_argument("--piece", type=int, default=None, help="prefill piece in tokens (default 512; --smoke: 48)")
     parser.add_argument("--prompt", choices=("auto", "essay", "random"), default="auto",
                         help="prompt tokens: the shipped essay repeated, or random ids (auto: essay for "
                              "smollm2, random for random-weight models)")
@@ -144,6 +149,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--host-bytes is below the K/V")
     parser.add_argument("--disk-bytes", default=None, help="disk-tier budget (default: the K/V plus 10%%)")
     parser.add_argument("--hga", default="", help="HGAConfig overrides, e.g. top_chunks=8,top_groups=16")
+    parser.add_argument("--max-context", default="",
+                        help="per-mode context caps, e.g. dense=512K,offload=128K (larger contexts are skipped)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds per (batch, mode): later contexts of that mode are skipped past it")
     parser.add_argument("--out", type=Path, default=Path("kvtier-results"),
@@ -164,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
               "(CPU time is measured under it)", flush=True)
         payload = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **{_ARGS_ENV: json.dumps(payload)})
-        return subprocess.run([sys.executable, "-m", "kvtier.bench_decode"], env=env, check=False).returncode
+        return subprocess.run([sys.executable, "-m", "kvtier.cli.bench_decode"], env=env, check=False).returncode
     return bench_decode(args)
 
 
@@ -284,7 +291,11 @@ class _Model:
 def _llama_config(args: argparse.Namespace, rope: str, max_positions: int) -> Any:
     from transformers import LlamaConfig
 
-    if args.model == "tiny":
+    if args.model == "smollm2-shape":
+        dims = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152}
+        rope_parameters = {"rope_type": "default", "rope_theta": 100000.0}
+    elif args.model == "tiny":
         dims = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                 "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}
         rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
@@ -317,7 +328,7 @@ def _build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     """Load or build the model on ``device`` in ``dtype`` with ``sdpa`` attention."""
     from transformers import AutoModelForCausalLM
 
-    if args.model in ("llama8b", "tiny"):
+    if args.model in _RANDOM_MODELS:
         notes = []
         rope = args.rope
         config = _llama_config(args, rope, max_positions)
@@ -525,6 +536,7 @@ class _Sync:
 def _run_mode(
     m: _Model, mode: str, batch: int, contexts: list[int], ids: torch.Tensor, args: argparse.Namespace,
     hga: HGAConfig, store_config: StoreConfig | None, device: torch.device, dtype: torch.dtype,
+    caps: dict[str, int],
 ) -> list[_Result]:
     """Prefill and decode through ``contexts`` (increasing) on one cache of ``mode``."""
     import kvtier.hf
@@ -554,6 +566,8 @@ def _run_mode(
                 res.status = stopped
                 continue
             why = _does_not_fit(m, mode, ctx + args.warmup + args.steps, batch, dtype, device, pos)
+            if ctx > caps.get(mode, ctx):
+                why = f"skipped: above --max-context {mode}={_tokens_label(caps[mode])}"
             if why is None and args.time_limit is not None and time.perf_counter() - started > args.time_limit:
                 why = f"skipped: past --time-limit {args.time_limit:g} s for this mode"
             if why is not None:
@@ -741,33 +755,19 @@ def _csv_rows(results: list[_Result], conf: dict[str, Any], gpu: str, commit: st
 
 
 def _plot(results: list[_Result], path: Path, title: str) -> Path | None:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    fig = Figure(figsize=(7.0, 4.2), dpi=110, layout="constrained")
-    ax = fig.add_subplot()
+    """ms per decode step against context, one line per (mode, batch); None without matplotlib or data."""
     contexts = sorted({r.context for r in results})
+    series = {}
     for mode in MODES:
         for batch in sorted({r.batch for r in results}):
-            pts = [(r.context, r.step_wall_ms[1]) for r in results
-                   if r.mode == mode and r.batch == batch and r.step_wall_ms is not None]
-            if pts:
-                xs, ys = zip(*sorted(pts))
-                ax.plot(xs, ys, marker="o", label=f"{mode}, batch {batch}")
-    if not ax.lines:
+            mine = {r.context: r for r in results if r.mode == mode and r.batch == batch}
+            if any(r.step_wall_ms is not None for r in mine.values()):
+                ys = [mine[c].step_wall_ms[1] if c in mine and mine[c].step_wall_ms else None for c in contexts]
+                series[f"{mode}, batch {batch}"] = (contexts, ys)
+    if not series:
         return None
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(contexts, [_tokens_label(c) for c in contexts])
-    ax.minorticks_off()
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel("ms per decode step (median, wall)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return plot_lines(path, series, "context (tokens)", "ms per decode step (median, wall)", title, logx=True,
+                      logy=True, xticks=[(c, _tokens_label(c)) for c in contexts])
 
 
 # --------------------------------------------------------------------------- the run
@@ -795,11 +795,28 @@ def _hga_config(text: str, smoke: bool) -> HGAConfig:
         raise ValueError(f"--hga: {exc}") from None
 
 
+def _caps(text: str) -> dict[str, int]:
+    """``"dense=512K,offload=128K"`` -> ``{"dense": 524288, "offload": 131072}``."""
+    caps = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        mode, sep, value = part.partition("=")
+        if not sep or mode.strip() not in MODES:
+            raise ValueError(f"--max-context: expected MODE=TOKENS with MODE among {','.join(MODES)}, got {part!r}")
+        try:
+            caps[mode.strip()] = parse_tokens(value)[0]
+        except ValueError as exc:
+            raise ValueError(f"--max-context: {exc}") from None
+    return caps
+
+
 def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, list[int], list[int], list[str], int]:
-    if args.smoke:
-        args.model = "tiny" if args.model == "smollm2" else args.model
-        args.contexts, args.reference_context = "64,160,256", "64"
-        args.steps, args.warmup, args.piece = min(args.steps, 4), min(args.warmup, 1), min(args.piece, 48)
+    defaults = {"contexts": "64,160,256", "reference_context": "64", "steps": 4, "warmup": 1, "piece": 48} \
+        if args.smoke else {"contexts": "4K,8K,16K", "reference_context": "4K", "steps": 32, "warmup": 4, "piece": 512}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.smoke and args.model == "smollm2":
+        args.model = "tiny"
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device: expected cpu without a GPU, got {args.device}")
@@ -852,6 +869,7 @@ def bench_decode(args: argparse.Namespace) -> int:
     try:
         device, dtype, contexts, batches, modes, ref = _resolve(args)
         hga = _hga_config(args.hga, args.smoke)
+        caps = _caps(args.max_context)
     except ValueError as exc:
         print(f"kvtier bench decode: {exc}", file=sys.stderr)
         return 2
@@ -882,7 +900,7 @@ def bench_decode(args: argparse.Namespace) -> int:
                     print(f"kvtier bench decode: {exc}", file=sys.stderr)
                     return 2
             t0 = time.perf_counter()
-            out = _run_mode(m, mode, batch, ctxs, ids, args, hga, store, device, dtype)
+            out = _run_mode(m, mode, batch, ctxs, ids, args, hga, store, device, dtype, caps)
             for r in out:
                 if r.mode == "hga" and r.extra.get("pinned") is not None:
                     pinned = bool(r.extra["pinned"])
