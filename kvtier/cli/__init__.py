@@ -1,4 +1,4 @@
-"""Command line: ``kvtier demo | eval | bench io | bench attention | stress``.
+"""Command line: ``kvtier demo | eval | bench io | bench attention | bench decode | stress``.
 
 Each subcommand lives in its own module, which exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; this file only wires them together, importing each lazily so that

@@ -52,18 +52,19 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kvtier.cli.args import UsageError, byte_size, format_tokens, positive_int, positive_ints, token_counts
 from kvtier.cli.plots import plot_lines
-from kvtier.cli.results import append_csv
-from kvtier.config import HGAConfig, StoreConfig, format_bytes, parse_bytes
+from kvtier.cli.results import add_output_arguments, append_csv, dense_tokens, output_file, source_commit
+from kvtier.config import HGAConfig, StoreConfig, format_bytes
 
-__all__ = ["MODES", "add_arguments", "run", "bench_decode", "parse_tokens"]
+__all__ = ["MODES", "add_arguments", "run", "bench_decode"]
 
 #: Cache modes, in table order.
 MODES = ("hga", "dense", "offload")
@@ -86,75 +87,45 @@ _SMOKE_HGA = HGAConfig(
 )
 
 
-def parse_tokens(text: str) -> list[int]:
-    """``"4K,16K,1M,300"`` -> ``[4096, 16384, 1048576, 300]`` (K = 1024 tokens, M = 1024 K)."""
-    out = []
-    for part in str(text).split(","):
-        part = part.strip().upper()
-        if not part:
-            continue
-        mult = {"K": 1024, "M": 1024 * 1024}.get(part[-1:], 1)
-        try:
-            value = int(float(part.rstrip("KM")) * mult)
-        except ValueError:
-            raise ValueError(f"expected token counts like 4K,16K,1M, got {text!r}") from None
-        if value < 1:
-            raise ValueError(f"expected token counts >= 1, got {part!r} in {text!r}")
-        out.append(value)
-    if not out:
-        raise ValueError(f"expected at least one token count, got {text!r}")
-    return out
-
-
-def _tokens_label(n: int) -> str:
-    """4096 -> "4K", 1048576 -> "1M", 300 -> "300"."""
-    if n >= 1 << 20 and n % (1 << 20) == 0:
-        return f"{n >> 20}M"
-    if n >= 1024 and n % 1024 == 0:
-        return f"{n >> 10}K"
-    return str(n)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``kvtier bench decode``."""
     parser.add_argument("--model", default="smollm2",
                         help="smollm2 | llama8b | smollm2-shape (random weights) | tiny | a local model folder")
-    parser.add_argument("--contexts", default=None,
+    parser.add_argument("--contexts", type=token_counts, default=None,
                         help="context lengths in tokens (default 4K,8K,16K; --smoke: 64,160,256)")
-    parser.add_argument("--batch", default="1", help="batch sizes, e.g. 1,4 (equal-length sequences)")
+    parser.add_argument("--batch", type=positive_ints, default=[1], help="batch sizes, e.g. 1,4 (equal-length sequences)")
     parser.add_argument("--modes", default="hga,dense,offload", help="any of hga,dense,offload")
-    parser.add_argument("--reference-context", default=None,
+    parser.add_argument("--reference-context", type=token_counts, default=None,
                         help="context of the reference decode step every row is compared with (added to the "
                              "contexts when missing; default 4K, --smoke: 64)")
-    parser.add_argument("--steps", type=int, default=None, help="timed decode steps per context (default 32; --smoke: 4)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="timed decode steps per context (default 32; --smoke: 4)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed decode steps before them (default 4; --smoke: 1)")
-    parser.add_argument("--piece", type=int, default=None, help="prefill piece in tokens (default 512; --smoke: 48)")
+    parser.add_argument("--piece", type=positive_int, default=None, help="prefill piece in tokens (default 512; --smoke: 48)")
     parser.add_argument("--prompt", choices=("auto", "essay", "random"), default="auto",
                         help="prompt tokens: the shipped essay repeated, or random ids (auto: essay for "
                              "smollm2, random for random-weight models)")
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                         help="model and K/V dtype (auto: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--device", default="auto", help="cpu | cuda (auto: cuda when available)")
-    parser.add_argument("--layers", type=int, default=None, help="random models: decoder layers (llama8b: 32)")
-    parser.add_argument("--hidden-size", type=int, default=None, help="random models: hidden size (llama8b: 4096)")
-    parser.add_argument("--intermediate-size", type=int, default=None,
+    parser.add_argument("--layers", type=positive_int, default=None, help="random models: decoder layers (llama8b: 32)")
+    parser.add_argument("--hidden-size", type=positive_int, default=None, help="random models: hidden size (llama8b: 4096)")
+    parser.add_argument("--intermediate-size", type=positive_int, default=None,
                         help="random models: MLP width (llama8b: 14336)")
     parser.add_argument("--rope", choices=("llama3", "default"), default="llama3",
                         help="llama8b: RoPE type; llama3 falls back to default when TieredCache refuses it")
-    parser.add_argument("--gpu-bytes", default=None, help="store device-tier budget (default: StoreConfig's)")
-    parser.add_argument("--host-bytes", default=None,
+    parser.add_argument("--gpu-bytes", type=byte_size, default=None, help="store device-tier budget (default: StoreConfig's)")
+    parser.add_argument("--host-bytes", type=byte_size, default=None,
                         help="store host-tier budget (default: the largest context's K/V plus 5%%)")
     parser.add_argument("--disk-dir", default=None, type=Path,
                         help="disk tier folder (a subfolder is created and removed); needed when "
                              "--host-bytes is below the K/V")
-    parser.add_argument("--disk-bytes", default=None, help="disk-tier budget (default: the K/V plus 10%%)")
+    parser.add_argument("--disk-bytes", type=byte_size, default=None, help="disk-tier budget (default: the K/V plus 10%%)")
     parser.add_argument("--hga", default="", help="HGAConfig overrides, e.g. top_chunks=8,top_groups=16")
     parser.add_argument("--max-context", default="",
                         help="per-mode context caps, e.g. dense=512K,offload=128K (larger contexts are skipped)")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds per (batch, mode): later contexts of that mode are skipped past it")
-    parser.add_argument("--out", type=Path, default=Path("kvtier-results"),
-                        help="output folder for decode.csv, decode.md and decode.png (default kvtier-results/)")
+    add_output_arguments(parser, "decode", kinds=("csv",))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny random model, tiny contexts and budgets, every mode: runs anywhere in seconds")
@@ -185,20 +156,6 @@ def _child_main() -> int:
 
 
 # --------------------------------------------------------------------------- environment
-
-
-def _commit() -> str:
-    """Short commit of the checkout kvtier runs from ("unknown" outside a git checkout)."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
-        commit = out.stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
 
 
 def _cpu_name() -> str:
@@ -567,7 +524,7 @@ def _run_mode(
                 continue
             why = _does_not_fit(m, mode, ctx + args.warmup + args.steps, batch, dtype, device, pos)
             if ctx > caps.get(mode, ctx):
-                why = f"skipped: above --max-context {mode}={_tokens_label(caps[mode])}"
+                why = f"skipped: above --max-context {mode}={format_tokens(caps[mode])}"
             if why is None and args.time_limit is not None and time.perf_counter() - started > args.time_limit:
                 why = f"skipped: past --time-limit {args.time_limit:g} s for this mode"
             if why is not None:
@@ -676,14 +633,14 @@ def _reference(results: list[_Result], mode: str, batch: int, ref_ctx: int) -> f
 
 
 def _table(results: list[_Result], ref_ctx: int, cpu: bool) -> str:
-    ref = _tokens_label(ref_ctx)
+    ref = format_tokens(ref_ctx)
     mem = "peak RSS" if cpu else "peak HBM"
     head = (f"| B | context | mode | prefill tok/s | prefill CPU ms/tok | step ms p50 (p20-p80) | step CPU ms | "
             f"tok/s | x hga@{ref} | x dense@{ref} | {mem} | K/V state on device | read/step device / host / disk | "
             f"device hit | prefetch hit | graphs |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
-        label = _tokens_label(r.context)
+        label = format_tokens(r.context)
         if r.status != "ok":
             lines.append(f"| {r.batch} | {label} | {r.mode} | {r.status} |" + " |" * (head.count("|") - 5))
             continue
@@ -767,7 +724,7 @@ def _plot(results: list[_Result], path: Path, title: str) -> Path | None:
     if not series:
         return None
     return plot_lines(path, series, "context (tokens)", "ms per decode step (median, wall)", title, logx=True,
-                      logy=True, xticks=[(c, _tokens_label(c)) for c in contexts])
+                      logy=True, xticks=[(c, format_tokens(c)) for c in contexts])
 
 
 # --------------------------------------------------------------------------- the run
@@ -777,8 +734,6 @@ def _hga_config(text: str, smoke: bool) -> HGAConfig:
     base = _SMOKE_HGA if smoke else HGAConfig()
     if not text:
         return base
-    from dataclasses import asdict
-
     values: dict[str, Any] = asdict(base)
     for part in text.split(","):
         key, sep, value = part.partition("=")
@@ -803,15 +758,16 @@ def _caps(text: str) -> dict[str, int]:
         if not sep or mode.strip() not in MODES:
             raise ValueError(f"--max-context: expected MODE=TOKENS with MODE among {','.join(MODES)}, got {part!r}")
         try:
-            caps[mode.strip()] = parse_tokens(value)[0]
-        except ValueError as exc:
+            caps[mode.strip()] = token_counts(value)[0]
+        except argparse.ArgumentTypeError as exc:
             raise ValueError(f"--max-context: {exc}") from None
     return caps
 
 
 def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, list[int], list[int], list[str], int]:
-    defaults = {"contexts": "64,160,256", "reference_context": "64", "steps": 4, "warmup": 1, "piece": 48} \
-        if args.smoke else {"contexts": "4K,8K,16K", "reference_context": "4K", "steps": 32, "warmup": 4, "piece": 512}
+    defaults = {"contexts": [64, 160, 256], "reference_context": [64], "steps": 4, "warmup": 1, "piece": 48} \
+        if args.smoke else {"contexts": [4096, 8192, 16384], "reference_context": [4096], "steps": 32, "warmup": 4,
+                            "piece": 512}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -822,13 +778,7 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, list[
         raise ValueError(f"--device: expected cpu without a GPU, got {args.device}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    parsed = {}
-    for flag in ("contexts", "reference_context", "batch"):
-        try:
-            parsed[flag] = parse_tokens(getattr(args, flag))
-        except ValueError as exc:
-            raise ValueError(f"--{flag.replace('_', '-')}: {exc}") from None
-    contexts, ref, batches = parsed["contexts"], parsed["reference_context"][0], parsed["batch"]
+    contexts, ref, batches = list(args.contexts), int(args.reference_context[0]), list(args.batch)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
@@ -844,14 +794,14 @@ def _resolve(args: argparse.Namespace) -> tuple[torch.device, torch.dtype, list[
 def _store_config(args: argparse.Namespace, m: _Model, tokens: int, batch: int, dtype: torch.dtype,
                   device: torch.device, sub: str) -> StoreConfig:
     kv = _kv_bytes(m.config, tokens, batch, dtype)
-    host = parse_bytes(args.host_bytes, name="--host-bytes") if args.host_bytes else int(kv * 1.05) + (64 << 20)
+    host = int(args.host_bytes) if args.host_bytes is not None else int(kv * 1.05) + (64 << 20)
     disk_dir = None
     kwargs: dict[str, Any] = {}
     if args.disk_dir is not None:
         disk_dir = Path(args.disk_dir) / sub
         shutil.rmtree(disk_dir, ignore_errors=True)
         disk_dir.mkdir(parents=True)
-        kwargs["disk_bytes"] = parse_bytes(args.disk_bytes, name="--disk-bytes") if args.disk_bytes else int(kv * 1.1) + (64 << 20)
+        kwargs["disk_bytes"] = int(args.disk_bytes) if args.disk_bytes is not None else int(kv * 1.1) + (64 << 20)
     elif host < kv:
         raise ValueError(f"--host-bytes: expected at least the K/V of {tokens} tokens x batch {batch} "
                          f"({format_bytes(kv)}) without --disk-dir, got {format_bytes(host)}")
@@ -870,13 +820,13 @@ def bench_decode(args: argparse.Namespace) -> int:
         device, dtype, contexts, batches, modes, ref = _resolve(args)
         hga = _hga_config(args.hga, args.smoke)
         caps = _caps(args.max_context)
-    except ValueError as exc:
+    except (ValueError, UsageError) as exc:
         print(f"kvtier bench decode: {exc}", file=sys.stderr)
         return 2
     max_ctx = max(contexts + [ref])
     m = _build_model(args, device, dtype, max_positions=max(131072, max_ctx + args.warmup + args.steps + 64))
     prompt = args.prompt if args.prompt != "auto" else ("random" if m.random_weights else "essay")
-    commit = _commit()
+    commit = source_commit()
     pinned = None
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     layers, hkv, d = _geometry(m.config)
@@ -905,8 +855,8 @@ def bench_decode(args: argparse.Namespace) -> int:
                 if r.mode == "hga" and r.extra.get("pinned") is not None:
                     pinned = bool(r.extra["pinned"])
             print(f"  batch {batch} {mode}: " + ", ".join(
-                f"{_tokens_label(r.context)} {r.step_wall_ms[1]:.1f} ms/step" if r.step_wall_ms else
-                f"{_tokens_label(r.context)} {r.status}" for r in out) + f" ({time.perf_counter() - t0:.0f} s)",
+                f"{format_tokens(r.context)} {r.step_wall_ms[1]:.1f} ms/step" if r.step_wall_ms else
+                f"{format_tokens(r.context)} {r.status}" for r in out) + f" ({time.perf_counter() - t0:.0f} s)",
                 flush=True)
             results.extend(out)
             if store is not None and store.disk_dir is not None:
@@ -933,6 +883,8 @@ def bench_decode(args: argparse.Namespace) -> int:
         f"process's (all threads) with OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; contexts run "
         f"in increasing order on one cache per mode, prefill columns are per segment since the previous context",
     ]
+    header.append(f"- HGA attends every key up to {format_tokens(dense_tokens(hga))} tokens with these budgets: "
+                  "rows at or below that are dense attention through HGA's path")
     header += [f"- note: {n}" for n in m.notes]
     if args.smoke:
         header.append("- smoke run: tiny model, tiny contexts and scaled-down HGA budgets; the numbers mean nothing")
@@ -940,20 +892,26 @@ def bench_decode(args: argparse.Namespace) -> int:
     report = "\n".join(header) + "\n\n" + table + "\n"
     print()
     print(report)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     conf = {"model": m.name, "layers": layers, "hq": int(text.num_attention_heads), "hkv": hkv, "d": d,
             "dtype": str(dtype).removeprefix("torch."), "device": str(device), "random_weights": m.random_weights,
             "prompt": prompt, "piece": args.piece, "steps": args.steps, "warmup": args.warmup,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "threads": torch.get_num_threads(),
-            "host_bytes": args.host_bytes, "disk_dir": None if args.disk_dir is None else str(args.disk_dir)}
-    append_csv(out_dir / "decode.csv", _csv_rows(results, conf, gpu, commit))
-    (out_dir / "decode.md").write_text(report)
+            "host_bytes": args.host_bytes, "disk_dir": None if args.disk_dir is None else str(args.disk_dir),
+            "hga": asdict(hga)}
+    written = []
+    csv_path = output_file(args, "csv", "decode")
+    if csv_path is not None:
+        append_csv(csv_path, _csv_rows(results, conf, gpu, commit))
+        written.append(f"{csv_path} (appended)")
+    md_path = (csv_path.parent if csv_path is not None else Path(args.out)) / "decode.md"
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(report)
+    written.append(str(md_path))
     title = f"{m.name}{' (random weights)' if m.random_weights else ''}, {layers} layers, " \
             f"{str(dtype).removeprefix('torch.')} on {gpu if device.type == 'cuda' else 'CPU'}"
-    png = _plot(results, out_dir / "decode.png", title)
-    print(f"results: {out_dir / 'decode.csv'} (appended), {out_dir / 'decode.md'}"
-          + (f", {png}" if png else " (no plot: matplotlib missing)"))
+    png = _plot(results, output_file(args, "png", "decode"), title)
+    written.append(str(png) if png else "no plot (matplotlib missing: pip install 'kvtier[plot]')")
+    print("results: " + ", ".join(written))
     return 1 if any(r.status.startswith("failed") for r in results) else 0
 
 
