@@ -13,6 +13,7 @@ import errno
 import os
 import random
 import threading
+import time
 from collections import Counter, deque
 from pathlib import Path
 
@@ -41,6 +42,8 @@ class _FaultyReader:
 
     def readv(self, buffers: list[memoryview], offset: int) -> int:
         self._owner._call("readv")
+        if self._owner.read_delay_s:
+            time.sleep(self._owner.read_delay_s)  # a slow disk: transfers stay in flight
         fault = self._owner._take(READ_FAULTS)
         if fault == "read_error":
             raise OSError(errno.EIO, "injected read error")
@@ -102,6 +105,8 @@ class FaultyIO:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self.enabled = True
+        #: Seconds each slot read sleeps before reading (a slow disk, for concurrency tests).
+        self.read_delay_s = 0.0
         #: Backend calls made so far, by name (see :data:`CALLS`).
         self.calls: Counter[str] = Counter()
         self._fail: dict[str, list[int]] = {}  # call -> [calls left to fail, errno]

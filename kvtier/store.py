@@ -181,7 +181,10 @@ class TieredStore:
         self._by_seq: dict[int, set[ChunkKey]] = {}
         # Pins belong to one version of a key (an entry): overwriting a pinned key makes a
         # new, unpinned version while the pinned one keeps its slots for zero-copy readers.
-        self._user_pins: dict[ChunkKey, list[_Entry]] = {}
+        # Each pin remembers the thread that took it: unpin releases that thread's oldest
+        # pinned version first (a global oldest-first order let one thread's unpin free the
+        # slot another thread was still reading).
+        self._user_pins: dict[ChunkKey, list[tuple[_Entry, int]]] = {}
         self._stats = {t: _TierStats() for t in _TIERS}
         self._misses = 0
         #: Prefetches that found no host room (pinned or in flight): a counter and a debug
@@ -277,35 +280,46 @@ class TieredStore:
     def _victim(self, tier: str, *, wait: bool = False) -> _Entry:
         """The first unpinned chunk in eviction order (under the lock).
 
-        With ``wait``, if every candidate is pinned but some only by transfers in flight,
-        wait (up to :data:`_WAIT_S`) for one to finish instead of failing at once. Only
-        the caller's thread waits: a pool worker that waited could be waiting for a task
-        queued behind itself.
+        With ``wait``, if every candidate is pinned but some only by transfers in flight or
+        by other threads' pins (which those threads release), wait (up to :data:`_WAIT_S`)
+        for one to be released instead of failing at once; pins of the calling thread alone
+        fail at once (waiting for them would wait for nothing). Only the caller's thread
+        waits: a pool worker that waited could be waiting for a task queued behind itself.
         """
         deadline = None
+        me = threading.get_ident()
         while True:
             in_flight = self._in_transfer[tier] > 0  # slots taken by transfers, not yet indexed
             for key in self._policy[tier].candidates():
                 entry = self._index[key]  # type: ignore[index]
                 if entry.pins == 0:
                     return entry
-                in_flight = in_flight or entry.pins > sum(
-                    e is entry for e in self._user_pins.get(entry.key, ())
-                )
+                if not in_flight:
+                    owners = [t for e, t in self._user_pins.get(entry.key, ()) if e is entry]
+                    in_flight = entry.pins > len(owners) or any(t != me for t in owners)
             if not (wait and in_flight):
                 break
             deadline = time.monotonic() + _WAIT_S if deadline is None else deadline
             if deadline <= time.monotonic():
                 break
             self._released.wait(deadline - time.monotonic())
-        why = "pinned or in flight" if in_flight else "pinned"
+        why = "pinned or in flight" if in_flight else "pinned by this thread"
         raise CapacityError(f"{tier} tier: expected an unpinned chunk to evict, got every used slot {why}")
 
     def _alloc_host(self, *, wait: bool = False) -> int:
-        if self._host.num_free == 0:
+        while self._host.num_free == 0:
             victim = self._victim("host", wait=wait)
             if victim.disk is None and self._disk is not None:
-                self._spill(victim, wait=wait)  # raises TransferError / CapacityError: the victim stays
+                # The spill may wait for a disk slot, which releases the lock: hold the victim
+                # meanwhile, and choose again if another thread pinned, replaced or moved it
+                # (freeing its host slot then handed a pinned slot to a new chunk).
+                victim.pins += 1
+                try:
+                    self._spill(victim, wait=wait)  # raises TransferError / CapacityError: the victim stays
+                finally:
+                    self._release([victim])
+                if victim.pins or victim.host is None or self._index.get(victim.key) is not victim:
+                    continue
             self._stats["host"].evictions += 1
             self._policy["host"].remove(victim.key)
             self._host.free(victim.host)  # type: ignore[arg-type]
@@ -461,10 +475,41 @@ class TieredStore:
             entries = [self._index[k] for k in ks]
             self._hold(entries)
             for k, e in zip(ks, entries):
-                self._user_pins.setdefault(k, []).append(e)
+                self._user_pins.setdefault(k, []).append((e, threading.get_ident()))
+
+    def pin_host_slots(self, keys: Iterable[tuple[int, int, int]]) -> torch.Tensor:
+        """Pin the current version of each key and return its host slot, atomically.
+
+        The slots are those of exactly the pinned versions: calling :meth:`pin` then
+        :meth:`host_slots` could return the slot of a newer version another thread wrote in
+        between (unpinned, so its slot may be reused under a zero-copy reader). Release with
+        :meth:`unpin` as for :meth:`pin`.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[len(keys)]`` int64 on the CPU: the pinned version's slot in :attr:`host_slab`,
+            or -1 where that version has no host copy (disk only: prefetch it to the host
+            first, then pin). The bytes at a returned slot do not change until the last unpin.
+
+        Raises
+        ------
+        KeyError
+            If a key is not stored (no key is pinned then).
+        """
+        ks = self._keys(keys)
+        with self._lock:
+            self.pin(ks)
+            entries = [self._user_pins[k][-1][0] for k in ks]
+            return torch.tensor([-1 if e.host is None else e.host for e in entries], dtype=torch.long)
 
     def unpin(self, keys: Iterable[tuple[int, int, int]]) -> None:
-        """Release one pin of each key; retired slots of a key are freed at its last unpin."""
+        """Release one pin of each key; retired slots of a key are freed at its last unpin.
+
+        The version released is the oldest one the calling thread pinned (or, if it pinned
+        none, the oldest one pinned), so threads pinning the same key never release each
+        other's versions.
+        """
         self._check_open()
         ks = self._keys(keys)
         with self._lock:
@@ -472,9 +517,11 @@ class TieredStore:
             bad = [k for k, n in need.items() if len(self._user_pins.get(k, ())) < n]
             if bad:
                 raise ValueError(f"unpin: expected pinned keys, got {tuple(bad[0])} not pinned")
+            me = threading.get_ident()
             for k in ks:
                 stack = self._user_pins[k]
-                self._release([stack.pop(0)])  # the oldest pinned version goes first
+                mine = next((i for i, (_, owner) in enumerate(stack) if owner == me), 0)
+                self._release([stack.pop(mine)[0]])
                 if not stack:
                     del self._user_pins[k]
 
@@ -597,9 +644,13 @@ class TieredStore:
                         self._policy["disk"].touch(entry.key)
                     oks.append(True)
                     continue
+                oks.append(False)
+                if not live and isinstance(exc, CorruptChunkError):
+                    # Replaced or dropped while in flight: its header was cleared on purpose.
+                    log.debug("kvtier: %s (the chunk was replaced meanwhile)", exc)
+                    continue
                 log.warning("kvtier: %s", exc)
                 st.failures += 1
-                oks.append(False)
                 if isinstance(exc, CorruptChunkError) and live and entry.disk == slot:
                     # Discard the corrupt copy. A reader still in flight on this slot fails
                     # its own generation check if the slot is reused, so freeing is safe.
@@ -664,7 +715,9 @@ class TieredStore:
         """
         self._check_open()
         ks = self._keys(keys)
-        outs = self._check_out(ks, out)
+        return self._read(ks, self._check_out(ks, out), attempts=3)
+
+    def _read(self, ks: list[ChunkKey], outs: list[torch.Tensor], attempts: int) -> list[ChunkKey]:
         missed: list[ChunkKey] = []
         from_disk: list[tuple[_Entry, int, int, torch.Tensor]] = []
         on_gpu = any(o.device.type == "cuda" for o in outs)
@@ -696,14 +749,29 @@ class TieredStore:
             ]
             if on_gpu:
                 torch.cuda.current_stream().synchronize()
+            failed: set[ChunkKey] = set()
             for fut in futures:
-                failed = fut.result()
-                missed.extend(failed)
-                with self._lock:
-                    self._misses += len(failed)
+                failed.update(fut.result())
         finally:
             with self._lock:
                 self._release(held)
+        if failed:
+            # A key overwritten or dropped while its old disk copy was being read fails
+            # that read (the old header is cleared before the new version is acknowledged):
+            # read the key's current state again rather than report a miss it does not have.
+            with self._lock:
+                again = [
+                    (e.key, o)
+                    for e, _, _, o in from_disk
+                    if e.key in failed and self._index.get(e.key) is not e and attempts > 1
+                ]
+            again_keys = {k for k, _ in again}
+            lost = [e.key for e, _, _, _ in from_disk if e.key in failed and e.key not in again_keys]
+            with self._lock:
+                self._misses += len(lost)
+            missed.extend(lost)
+            if again:
+                missed.extend(self._read([k for k, _ in again], [o for _, o in again], attempts - 1))
         return missed
 
     def _hit(self, tier: str, key: ChunkKey) -> None:
