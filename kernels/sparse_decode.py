@@ -16,8 +16,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -221,6 +219,7 @@ def sparse_decode(
     sink_chunks: int,
     local_chunks: int,
     slot_map: torch.Tensor | None = None,
+    scale: float | None = None,
     block_n: int = 64,
     num_warps: int = 4,
 ) -> torch.Tensor:
@@ -249,6 +248,8 @@ def sparse_decode(
         Geometry and windows (``HGAConfig`` fields).
     slot_map : Tensor ``[B, N]`` int32, optional
         Slab slot of each window chunk (sink, local and current chunks) per batch row.
+    scale : float, optional
+        Softmax scale, ``D ** -0.5`` when None.
 
     Returns
     -------
@@ -322,7 +323,7 @@ def sparse_decode(
         workspace,
         routed.shape[2],
         units_per_split,
-        _LOG2E / math.sqrt(d),
+        _LOG2E * (d**-0.5 if scale is None else scale),
         q.stride(0),
         q.stride(1),
         skb,

@@ -17,8 +17,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -203,6 +201,7 @@ def sparse_prefill(
     sink_chunks: int,
     local_chunks: int,
     slot_map: torch.Tensor | None = None,
+    scale: float | None = None,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
@@ -228,6 +227,8 @@ def sparse_prefill(
         First position and geometry (``HGAConfig``).
     slot_map : Tensor ``[B, N]`` int32, optional
         Slab slot of each window chunk per batch row.
+    scale : float, optional
+        Softmax scale, ``D ** -0.5`` when None.
 
     Returns
     -------
@@ -287,7 +288,7 @@ def sparse_prefill(
         out,
         start_pos,
         lq,
-        _LOG2E / math.sqrt(d),
+        _LOG2E * (d**-0.5 if scale is None else scale),
         q.stride(0),
         q.stride(1),
         q.stride(2),

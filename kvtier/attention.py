@@ -49,9 +49,10 @@ def hga_attention(
     config: HGAConfig,
     rope_theta: float | None = None,
     rope: RopeSpec | None = None,
-    start_pos: int = 0,
+    start_pos: int | None = None,
     backend: str = "auto",
     route_carry: RouteCarry | None = None,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
     """Hierarchical Global Attention: routed exact attention over windows and chosen groups.
 
@@ -69,14 +70,18 @@ def hga_attention(
     rope : RopeSpec, optional
         The model's RoPE (:func:`kvtier.rope.rope_spec_of`); exactly one of ``rope_theta``
         and ``rope`` is given. The summaries the kernels route over use its frequencies.
-    start_pos : int
-        Position of the first query.
+    start_pos : int, optional
+        Position of the first query. None (the default) means ``Lk - Lq``: the queries are the
+        context's last positions, as in a decode step ``hga_attention(q[:, :, -1:], k, v, ...)``
+        or a prefill of the whole context.
     backend : {"auto", "triton", "reference"}
         "auto" runs the kernels on CUDA tensors and the reference otherwise; the other two
         force a path ("triton" on CPU tensors needs ``TRITON_INTERPRET=1``).
     route_carry : RouteCarry, optional
         For a ``running_*`` chunk score starting inside a chunk: ``stats.plan.carry`` of the
         call that ended at ``start_pos - 1`` (see :func:`kvtier.reference.hga_attention`).
+    scale : float, optional
+        Softmax scale; ``D ** -0.5`` when None (a model's ``scaling``, e.g. Gemma's, goes here).
 
     Returns
     -------
@@ -92,11 +97,15 @@ def hga_attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    start_pos = _ref.resolve_start_pos(q, k, start_pos)
     spec = _ref.check_hga_inputs(q, k, v, config, rope_theta, start_pos, rope=rope)
+    scale = _ref.check_scale(scale, q.shape[-1])
     if backend == "auto":
         backend = "triton" if q.is_cuda else "reference"
     if backend == "reference":
-        return _ref.hga_attention(q, k, v, config=config, rope=spec, start_pos=start_pos, route_carry=route_carry)
+        return _ref.hga_attention(
+            q, k, v, config=config, rope=spec, start_pos=start_pos, route_carry=route_carry, scale=scale
+        )
     if not q.is_cuda and not _interpreting():
         raise ValueError(
             f"backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}"
@@ -112,7 +121,7 @@ def hga_attention(
             raise ValueError(
                 f"{name}: expected a contiguous last dim for backend='triton', got strides {t.stride()}"
             )
-    return _hga_kernels(q, k, v, config, spec, start_pos)
+    return _hga_kernels(q, k, v, config, spec, start_pos, scale=scale)
 
 
 def _fixed_keys(positions: torch.Tensor, config: HGAConfig) -> torch.Tensor:
@@ -231,6 +240,7 @@ def _hga_kernels(
     rope: RopeSpec | float,
     start_pos: int,
     summaries: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
     """The kernel path; ``summaries`` (chunk, group) may be given when they are kept incrementally.
 
@@ -267,11 +277,12 @@ def _hga_kernels(
             splits = decode_num_splits(b, hq, max_keys)
             ws = torch.empty(b, hq, splits, d + 2, dtype=torch.float32, device=dev)
             sparse_decode(
-                q[:, :, s0 - start_pos], k, v, positions, sl[3][:, :, 0], out[:, :, s0 - start_pos], ws, **geo
+                q[:, :, s0 - start_pos], k, v, positions, sl[3][:, :, 0], out[:, :, s0 - start_pos], ws,
+                scale=scale, **geo
             )
         else:
             tab, num, vis = prefill_tables(sl[1], s0, c)
-            sparse_prefill(q[:, :, rows], k, v, tab, num, vis, out[:, :, rows], start_pos=s0, **geo)
+            sparse_prefill(q[:, :, rows], k, v, tab, num, vis, out[:, :, rows], start_pos=s0, scale=scale, **geo)
         s0 = s1
 
     positions = torch.arange(start_pos, last + 1, device=dev)

@@ -50,6 +50,8 @@ __all__ = [
     "plan_widths",
     "route_block",
     "check_hga_inputs",
+    "check_scale",
+    "resolve_start_pos",
 ]
 
 
@@ -348,12 +350,12 @@ def check_hga_inputs(
     if d % 2 != 0:
         raise ValueError(f"q: expected an even head dim (RoPE pairs), got {d}")
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"k: expected a number of KV heads dividing {hq} query heads, got {hkv}")
+        raise ValueError(f"k: expected a number of KV heads dividing {hq} query heads, got {hkv}{_bhld_hint(q, k)}")
     if lq == 0:
         raise ValueError("q: expected at least one query position, got 0")
     if lk < start_pos + lq:
         raise ValueError(
-            f"k: expected at least start_pos + Lq = {start_pos + lq} key positions, got {lk}"
+            f"k: expected at least start_pos + Lq = {start_pos + lq} key positions, got {lk}{_bhld_hint(q, k)}"
         )
     if rope is None:
         return RopeSpec.plain(d, float(rope_theta))  # type: ignore[arg-type]
@@ -361,6 +363,31 @@ def check_hga_inputs(
     if rope.head_dim != d:
         raise ValueError(f"rope: expected a spec for head dim {d} like q, got head_dim={rope.head_dim}")
     return rope
+
+
+def _bhld_hint(q: torch.Tensor, k: torch.Tensor) -> str:
+    """A hint for inputs that look ``[B, L, H, D]`` (more "heads" than positions in k); "" otherwise."""
+    if k.shape[1] <= k.shape[2]:
+        return ""
+    return (f"; expected [B, H, L, D], got q {list(q.shape)} and k {list(k.shape)}, which look like "
+            "[B, L, H, D]: transpose(1, 2)?")
+
+
+def resolve_start_pos(q: object, k: object, start_pos: int | None) -> object:
+    """``start_pos`` as given, or for None the position that makes the queries the context's last
+    ``Lq`` positions (``Lk - Lq``, a decode step's default; 0 when ``Lq >= Lk``)."""
+    if start_pos is None and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == k.dim() == 4:
+        return max(0, k.shape[2] - q.shape[2])
+    return start_pos
+
+
+def check_scale(scale: object, head_dim: int) -> float:
+    """The softmax scale: ``head_dim ** -0.5`` for None, else a positive finite number."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise ValueError(f"scale: expected a positive number or None, got {scale!r}")
+    return float(scale)
 
 
 def _context(positions: torch.Tensor) -> torch.Tensor:
@@ -386,14 +413,17 @@ def hga_prefill_ref(
     config: HGAConfig,
     rope_theta: float | None = None,
     rope: RopeSpec | None = None,
-    start_pos: int = 0,
+    start_pos: int | None = None,
     route_carry: RouteCarry | None = None,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
     """HGA, chunk-parallel: the queries of each chunk are routed and attended as one block.
 
     Same parameters and result as :func:`hga_attention`.
     """
+    start_pos = resolve_start_pos(q, k, start_pos)
     spec = check_hga_inputs(q, k, v, config, rope_theta, start_pos, rope=rope)
+    scale = check_scale(scale, q.shape[-1])
     _check_carry(route_carry)
     b, hq, lq, d = q.shape
     c = config.chunk_size
@@ -416,7 +446,7 @@ def hga_prefill_ref(
         carry = plan.carry
         visible = _visibility(positions[rows], plan.group_ids, win, block_end + 1, config)
         out[:, :, rows] = masked_attention_ref(
-            q[:, :, rows], k[:, :, : block_end + 1], v[:, :, : block_end + 1], visible
+            q[:, :, rows], k[:, :, : block_end + 1], v[:, :, : block_end + 1], visible, scale=scale
         )
         keys[:, :, rows] = visible.sum(dim=-1)
         plans.append(plan)
@@ -432,14 +462,17 @@ def hga_decode_ref(
     config: HGAConfig,
     rope_theta: float | None = None,
     rope: RopeSpec | None = None,
-    start_pos: int = 0,
+    start_pos: int | None = None,
     route_carry: RouteCarry | None = None,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
     """HGA one position at a time, as a decoder runs it: summaries are appended as chunks close.
 
     Same parameters and result as :func:`hga_attention`.
     """
+    start_pos = resolve_start_pos(q, k, start_pos)
     spec = check_hga_inputs(q, k, v, config, rope_theta, start_pos, rope=rope)
+    scale = check_scale(scale, q.shape[-1])
     _check_carry(route_carry)
     b, hq, lq, d = q.shape
     c = config.chunk_size
@@ -464,7 +497,7 @@ def hga_decode_ref(
         carry = plan.carry
         pos = torch.tensor([t], device=q.device)
         visible = _visibility(pos, plan.group_ids, win, t + 1, config)
-        outs.append(masked_attention_ref(q[:, :, i : i + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible))
+        outs.append(masked_attention_ref(q[:, :, i : i + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible, scale=scale))
         keys.append(visible.sum(dim=-1))
         plans.append(plan)
     positions = torch.arange(start_pos, start_pos + lq, device=q.device)
@@ -479,8 +512,9 @@ def hga_attention(
     config: HGAConfig,
     rope_theta: float | None = None,
     rope: RopeSpec | None = None,
-    start_pos: int = 0,
+    start_pos: int | None = None,
     route_carry: RouteCarry | None = None,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
     """Hierarchical Global Attention, reference implementation.
 
@@ -500,12 +534,16 @@ def hga_attention(
         The model's RoPE (:func:`kvtier.rope.rope_spec_of`: scaled frequencies, partial or
         interleaved rotary dims). Exactly one of ``rope_theta`` and ``rope`` is given; the
         routing summaries use its per-pair frequencies.
-    start_pos : int
-        Position of the first query.
+    start_pos : int, optional
+        Position of the first query. None (the default) means ``Lk - Lq``: the queries are the
+        last ``Lq`` positions of the context, as in a decode step (``q[:, :, -1:]`` over all
+        keys) or a prefill of the whole context (``Lq == Lk``).
     route_carry : RouteCarry, optional
         With a ``running_*`` chunk score and ``start_pos`` inside a chunk, the running maxima of
         the chunk's earlier queries: ``stats.plan.carry`` of the call that ended at
         ``start_pos - 1``. Not needed at a chunk boundary or for the other scores.
+    scale : float, optional
+        Softmax scale of the attention; ``D ** -0.5`` when None. Routing ranks are unaffected.
 
     Returns
     -------
@@ -522,5 +560,6 @@ def hga_attention(
     """
     path = hga_decode_ref if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[2] == 1 else hga_prefill_ref
     return path(
-        q, k, v, config=config, rope_theta=rope_theta, rope=rope, start_pos=start_pos, route_carry=route_carry
+        q, k, v, config=config, rope_theta=rope_theta, rope=rope, start_pos=start_pos, route_carry=route_carry,
+        scale=scale,
     )

@@ -161,7 +161,7 @@ def test_carry_errors():
     q, k, v = make_qkv(1, 4, 2, 100, 100, 16, seed=6)
     with pytest.raises(ValueError, match=r"carry: expected the RouteCarry of positions 64..76 \(next_pos=77\), got NoneType"):
         hga_attention(q[:, :, 77:], k, v, config=cfg, rope_theta=THETA, start_pos=77)
-    _, st = hga_attention(q[:, :, :70], k, v, config=cfg, rope_theta=THETA)
+    _, st = hga_attention(q[:, :, :70], k, v, config=cfg, rope_theta=THETA, start_pos=0)
     with pytest.raises(ValueError, match="got next_pos=70"):
         hga_attention(q[:, :, 77:], k, v, config=cfg, rope_theta=THETA, start_pos=77, route_carry=st.plan.carry)
     with pytest.raises(TypeError, match="route_carry: expected a RouteCarry or None, got dict"):
