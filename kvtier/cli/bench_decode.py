@@ -379,36 +379,45 @@ def _lookup(stats: dict[str, Any], *paths: str) -> Any:
 
 
 def _hga_snapshot(cache: Any) -> dict[str, Any]:
-    """The counters of ``cache.stats()`` the table uses; absent keys stay absent."""
+    """The cumulative counters of ``cache.stats()`` the table uses; keys the cache lacks stay absent.
+
+    Reads both the engine's statistics (``stats()["engine"]``: groups gathered from the host
+    slab, device group-cache hit rate, prefetch hits and disk waits, ``cuda_graphs``) and the
+    store's (bytes read per tier), so the benchmark runs on any TieredCache that reports either.
+    """
     stats = cache.stats()
     store = stats.get("store") or {}
-    snap: dict[str, Any] = {"raw": stats}
+    engine = stats.get("engine") or {}
+    snap: dict[str, Any] = {}
     for tier in ("device", "host", "disk"):
         value = _lookup(store, f"{tier}.bytes_read")
         if value is not None:
             snap[f"{tier}_bytes_read"] = int(value)
     reads = stats.get("reads_by_tier")
-    if isinstance(reads, dict):
+    if isinstance(reads, dict) and not engine:
         for tier, n in reads.items():
             snap[f"reads_{tier}"] = int(n)
-    for key, paths in {
-        "cache_hits": ("device_cache.hits", "group_cache.hits", "cache_hits"),
-        "cache_misses": ("device_cache.misses", "group_cache.misses", "cache_misses"),
-        "prefetch_hits": ("prefetch.hits", "prefetch_hits"),
-        "prefetch_needed": ("prefetch.needed", "prefetch.disk_routed", "prefetch_needed"),
-    }.items():
-        value = _lookup(stats, *paths)
-        if isinstance(value, (int, float)):
-            snap[key] = value
-    for key, paths in {
-        "hit_rate": ("device_hit_rate", "device_cache.hit_rate", "cache_hit_rate"),
-        "prefetch_share": ("prefetch_hit_share", "prefetch.hit_share"),
-        "graphs": ("cuda_graphs", "graphs", "cuda_graph"),
-        "pinned": ("store.host_pinned", "host_pinned"),
-        "kv_state_bytes": ("device_state_bytes", "device_resident_bytes"),
-        "device_tier_bytes": ("store.device.capacity_bytes",),
-    }.items():
-        value = _lookup(stats, *paths)
+    gathered, rate = engine.get("groups_gathered"), engine.get("device_cache_hit_rate")
+    if engine.get("host_bytes_gathered") is not None:
+        # The zero-copy gather reads the host slab without a store call: the engine counts it.
+        snap["host_bytes_read"] = int(engine["host_bytes_gathered"])
+    if gathered is not None and rate is not None and rate < 1.0:
+        used = gathered / (1.0 - rate)  # distinct groups asked of the cache
+        snap["cache_hits"], snap["cache_misses"] = used - gathered, float(gathered)
+        if gathered:
+            snap["group_bytes"] = engine["host_bytes_gathered"] / gathered
+    elif rate is not None:
+        snap["hit_rate"] = rate
+    for key in ("prefetch_hits", "disk_waits"):
+        if isinstance(engine.get(key), (int, float)):
+            snap[key] = engine[key]
+    for key, value in (
+        ("graphs", engine.get("cuda_graphs", stats.get("cuda_graphs"))),
+        ("pinned", store.get("host_pinned")),
+        ("kv_state_bytes", stats.get("device_resident_bytes")),
+        ("device_tier_bytes", _lookup(store, "device.capacity_bytes")),
+        ("prefetch_share", engine.get("prefetch_hit_share")),
+    ):
         if value is not None:
             snap[key] = value
     return snap
@@ -427,19 +436,24 @@ def _hga_step_stats(before: dict[str, Any], after: dict[str, Any], steps: int) -
         d = _delta(after, before, f"{tier}_bytes_read")
         out[f"read_{tier}_bytes"] = None if d is None else d / steps
     hits, misses = _delta(after, before, "cache_hits"), _delta(after, before, "cache_misses")
-    if hits is not None and misses is not None and hits + misses > 0:
-        out["hit_rate"] = hits / (hits + misses)
+    if hits is not None and misses is not None:
+        out["hit_rate"] = hits / (hits + misses) if hits + misses > 0 else None
+        if "group_bytes" in after and "device_bytes_read" not in after:
+            out["read_device_bytes"] = hits * after["group_bytes"] / steps  # served by the group cache
     elif all(f"reads_{t}" in after for t in ("device", "host", "disk")):
         served = {t: _delta(after, before, f"reads_{t}") or 0.0 for t in ("device", "host", "disk")}
         total = sum(served.values())
         out["hit_rate"] = served["device"] / total if total else None
     else:
         out["hit_rate"] = after.get("hit_rate")
-    ph, pn = _delta(after, before, "prefetch_hits"), _delta(after, before, "prefetch_needed")
-    if ph is not None and pn:
-        out["prefetch_share"] = ph / pn
+    ph, waits = _delta(after, before, "prefetch_hits"), _delta(after, before, "disk_waits")
+    if ph is not None and waits is not None:
+        # Of the routed chunks that were only on disk, the share prefetch brought in time.
+        out["prefetch_share"] = ph / (ph + waits) if ph + waits > 0 else None
     else:
         out["prefetch_share"] = after.get("prefetch_share")
+    if waits is not None:
+        out["disk_waits_per_step"] = waits / steps
     out["graphs"] = after.get("graphs")
     out["pinned"] = after.get("pinned")
     state = after.get("kv_state_bytes")
@@ -702,6 +716,7 @@ def _csv_rows(results: list[_Result], conf: dict[str, Any], gpu: str, commit: st
             add(r, "memory", "kv_state_bytes", "bytes", float(r.extra["kv_state_bytes"]))
         for tier in ("device", "host", "disk"):
             add(r, "read_per_step", f"{tier}_bytes", "bytes", r.extra.get(f"read_{tier}_bytes"))
+        add(r, "read_per_step", "disk_waits", "chunks", r.extra.get("disk_waits_per_step"))
         if isinstance(r.extra.get("hit_rate"), (int, float)):
             add(r, "cache", "device_hit_rate", "fraction", float(r.extra["hit_rate"]))
         if isinstance(r.extra.get("prefetch_share"), (int, float)):
