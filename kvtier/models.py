@@ -15,6 +15,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +59,8 @@ def model_cache_dir() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "kvtier"
 
 
-def _convert_smollm2(target: Path) -> None:
-    """Dequantise the GGUF once and save it as float32 safetensors plus tokenizer in ``target``."""
+def _convert_smollm2(dest: Path) -> None:
+    """Dequantise the GGUF and save it as float32 safetensors plus tokenizer into the empty folder ``dest``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
@@ -71,25 +73,64 @@ def _convert_smollm2(target: Path) -> None:
         delattr(config, "quantization_config")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a sibling temporary folder and rename: a crash mid-conversion never leaves a
-    # half-written model that later loads would trust.
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
+def _complete(target: Path) -> bool:
+    """Whether ``target`` holds a finished conversion (it only ever appears whole, by rename)."""
+    return (target / "config.json").is_file()
+
+
+@contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """An exclusive lock on ``<target>.lock`` (POSIX ``flock``), so that concurrent processes
+    convert once; where ``flock`` is missing the rename below still keeps the result whole."""
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        import fcntl
+    except ImportError:  # not POSIX: no lock, the tolerant rename alone
+        yield
+        return
+    with open(target.parent / (target.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _install_once(target: Path, produce: Callable[[Path], None]) -> Path:
+    """Make ``target`` by ``produce(folder)`` unless it exists, safe against concurrent callers.
+
+    ``produce`` writes into a private temporary folder beside ``target``, which is then renamed
+    to ``target`` in one step, so a crash never leaves a half-written model that later loads
+    would trust. Several processes (two ``make demo``, pytest workers) first serialise on a
+    lock file; and if another one still won the race (no ``flock``, a lock that a network
+    file system ignores), a ``target`` that is already complete counts as success.
+    """
+    if _complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _conversion_lock(target):
+        if _complete(target):  # converted by whoever held the lock before us
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            produce(tmp)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # target appeared meanwhile (ENOTEMPTY / EEXIST)
+                if not _complete(target):
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _smollm2_folder() -> Path:
     """Converted SmolLM2 folder, converting on first use."""
-    target = model_cache_dir() / _CONVERTED_NAME
-    if not (target / "config.json").is_file():
-        _convert_smollm2(target)
-    return target
+    return _install_once(model_cache_dir() / _CONVERTED_NAME, _convert_smollm2)
 
 
 def load_model(
