@@ -26,11 +26,11 @@ Routing is per position (see :mod:`kvtier.reference.hga`), so a prompt fed in pi
 one token at a time, gives the same result as one prefill, and with budgets covering the
 context the output equals dense causal attention.
 
-Supported: decoder-only models with plain RoPE (``rope_type`` "default", half-split pairs,
-full rotary dim) and GQA: the Llama, Mistral, Qwen2 and Qwen3 families, transformers 5.17 to
-5.24, batches of equal-length sequences (no padding: the ``"hga"`` implementation receives
-no attention mask), greedy and sampled decoding, CPU and CUDA. Sliding-window layers are
-not modelled: HGA replaces the attention pattern as a whole.
+Cache-less path: decoder-only models with the RoPE schemes of :mod:`kvtier.rope` (read from
+the model) and GQA; full-attention layers run HGA, sliding-window layers exact windowed
+attention (:mod:`kvtier.hf_layers`); padded batches (each row over its own real keys);
+families and refusals in docs/hf.md. TieredCache: every layer full attention, plain RoPE,
+batches of equal-length sequences. transformers 5.17 to 5.24, CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -45,11 +45,13 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from kvtier.config import HGAConfig, StoreConfig
 from kvtier.errors import ConfigError, TransferError
+from kvtier.hf_layers import exact_attention, hga_mask, key_padding_of, layer_types_of, sliding_window_of
 from kvtier.layout import KVLayout, windows_at
 from kvtier.reference.attention import masked_attention_ref
 from kvtier.reference.hga import RouteCarry, RoutePlan, route_block, plan_widths
 from kvtier.reference.rope import rope_inv_freq
 from kvtier.reference.summaries import routing_summaries_ref
+from kvtier.rope import RopeSpec, rope_spec_of
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -140,7 +142,13 @@ def rope_theta_of(config: Any) -> float:
 
 
 def _model_geometry(config: Any) -> tuple[int, int, int, int]:
-    """``(num_layers, num_q_heads, num_kv_heads, head_dim)`` of a decoder config."""
+    """``(num_layers, num_q_heads, num_kv_heads, head_dim)`` of a decoder config (a model is read through its config).
+
+    Refuses sliding-window layers: a :class:`TieredCache` serves full-attention layers only
+    (the cache-less path runs sliding layers as exact windowed attention).
+    """
+    if isinstance(config, torch.nn.Module):
+        config = getattr(config, "config", config)
     config = _text_config(config)
     try:
         layers = int(config.num_hidden_layers)
@@ -151,9 +159,14 @@ def _model_geometry(config: Any) -> tuple[int, int, int, int]:
         raise ConfigError(f"model config: expected a decoder config with heads and layers, got {exc}") from None
     if hq % hkv != 0:
         raise ConfigError(f"num_key_value_heads: expected a divisor of {hq} query heads, got {hkv}")
-    types = getattr(config, "layer_types", None) or ()
+    types = layer_types_of(config)
     if any(t != "full_attention" for t in types):
-        raise ConfigError(f"layer_types: expected only 'full_attention' layers, got {sorted(set(types))}")
+        sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        raise ConfigError(
+            f"layer_types: TieredCache expected only 'full_attention' layers, got sliding-window layers {sliding} "
+            f"(window {sliding_window_of(config)}); run such models without a TieredCache (exact windowed attention "
+            "on sliding layers, HGA on full ones)"
+        )
     return layers, hq, hkv, d
 
 
@@ -720,16 +733,40 @@ class TieredCache(Cache):
 # --------------------------------------------------------------------------- attention function
 
 
-def _module_theta(module: Any) -> float:
-    theta = getattr(module, "_kvtier_rope_theta", None)
-    if theta is None:
-        theta = rope_theta_of(module.config)
-        module._kvtier_rope_theta = theta
-    return theta
+def _module_rope(module: Any, seq_len: int) -> RopeSpec:
+    """The RoPE of a full-attention module at a context of ``seq_len`` tokens (cached per regime)."""
+    spec: RopeSpec | None = getattr(module, "_kvtier_rope", None)
+    if spec is not None:
+        try:
+            spec.check_context(seq_len)
+            return spec
+        except ConfigError:
+            pass
+    spec = rope_spec_of(module.config, seq_len=seq_len, layer_idx=getattr(module, "layer_idx", None))
+    module._kvtier_rope = spec
+    return spec
+
+
+def _layer_window(module: Any, kwargs: dict[str, Any]) -> int | None:
+    """The window of a sliding-window layer, None for a full-attention layer.
+
+    What the model passes (``sliding_window=``) decides, with the config's ``layer_types``
+    for models that pass nothing; a window of at least ``max_position_embeddings`` never bites.
+    """
+    window = kwargs.get("sliding_window")
+    config = getattr(module, "config", None)
+    if window is None and config is not None and hasattr(module, "layer_idx"):
+        types = layer_types_of(config)
+        if types[module.layer_idx] == "sliding_attention":
+            window = sliding_window_of(config)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if window is not None and max_pos is not None and int(window) >= int(max_pos):
+        return None
+    return None if window is None else int(window)
 
 
 def _full_context_hga(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: HGAConfig, theta: float, start: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: HGAConfig, rope: RopeSpec, start: int,
     carry: RouteCarry | None = None,
 ):
     """HGA over the full K/V: the kernels when kvtier.attention is there, the reference otherwise."""
@@ -738,10 +775,67 @@ def _full_context_hga(
     except ImportError:
         fast = None
     if fast is not None:
-        return fast(q, k, v, config=cfg, rope_theta=theta, start_pos=start, route_carry=carry)
+        return fast(q, k, v, config=cfg, rope=rope, start_pos=start, route_carry=carry)
     from kvtier.reference.hga import hga_attention
 
-    return hga_attention(q, k, v, config=cfg, rope_theta=theta, start_pos=start, route_carry=carry)
+    return hga_attention(q, k, v, config=cfg, rope=rope, start_pos=start, route_carry=carry)
+
+
+def _check_positions(position_ids: Any, row: int, got: torch.Tensor, first: int) -> None:
+    """The real queries of batch row ``row`` must sit at positions ``first, first + 1, ...`` (their ranks)."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.numel() == 0:
+        return
+    pid = position_ids.reshape(-1, position_ids.shape[-1])
+    pid = pid[row if pid.shape[0] > 1 else 0, got]
+    want = torch.arange(first, first + got.numel(), device=pid.device)
+    if not torch.equal(pid.to(want.dtype), want):
+        raise ValueError(
+            f"position_ids: expected row {row}'s real tokens at positions {first}..{first + got.numel() - 1} "
+            f"(their order among the row's real keys; generate passes attention_mask.cumsum(-1) - 1), got "
+            f"{int(pid[0])}..{int(pid[-1])}"
+        )
+
+
+def _hga_layer(
+    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor | None,
+    settings: _Settings, kwargs: dict[str, Any],
+) -> torch.Tensor:
+    """A full-attention layer through HGA (or a baseline); each padded row on its own real keys."""
+    b, hq, lq, d = query.shape
+    lk = key.shape[2]
+    position_ids = kwargs.get("position_ids")
+    if keep is None:
+        rows = [(slice(None), torch.arange(lk, device=key.device), torch.arange(lq, device=key.device))]
+    else:
+        rows = [(i, keep[i].nonzero().squeeze(1), keep[i, lk - lq :].nonzero().squeeze(1)) for i in range(b)]
+    seq_len = max(int(r[1].numel()) for r in rows)
+    out = torch.zeros_like(query)
+    for i, kidx, qidx in rows:
+        if qidx.numel() == 0:
+            continue  # a row whose queries are all padding
+        start = kidx.numel() - qidx.numel()
+        _check_positions(position_ids, 0 if keep is None else i, qidx, start)
+        sl = slice(i, i + 1) if keep is not None else i
+        if keep is None:  # no copy of the context
+            q_i, k_i, v_i = query, key, value
+        else:
+            q_i, k_i, v_i = query[sl][:, :, qidx], key[sl][:, :, kidx], value[sl][:, :, kidx]
+        if settings.method == "hga":
+            cid = module.layer_idx if keep is None else (module.layer_idx, i)
+            carry = settings.carries.get(cid) if start % settings.hga.chunk_size else None
+            o, stats = _full_context_hga(q_i, k_i, v_i, settings.hga, _module_rope(module, seq_len), start, carry)
+            settings.carries[cid] = stats.plan.carry
+        else:
+            from kvtier.reference import baselines
+
+            fn = baselines.quest_attention_ref if settings.method == "quest" else baselines.oracle_attention_ref
+            o, stats = fn(q_i, k_i, v_i, config=settings.hga, routed_keys=settings.routed_keys, start_pos=start)
+        if keep is None:
+            out = o
+        else:
+            out[sl][:, :, qidx] = o
+        settings.stats.add(stats.keys_per_query, stats.context_per_query)
+    return out
 
 
 def hga_attention_forward(
@@ -756,27 +850,43 @@ def hga_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """The function registered as ``"hga"``: transformers calls it in every attention layer.
 
+    Full-attention layers run HGA (or the baseline :func:`configure` chose); sliding-window
+    layers run exact windowed attention with the model's own mask, sinks and soft-capping.
+
     Parameters
     ----------
     module : torch.nn.Module
-        The attention module (its ``config`` gives the RoPE base).
+        The attention module (its ``config`` gives the RoPE, the layer types and the window).
     query : Tensor ``[B, Hq, Lq, D]``
         Post-RoPE queries.
     key, value : Tensor ``[B, Hkv, Lk, D]``
         Post-RoPE keys and values: the new tokens' only when a :class:`TieredCache`
         returned them, else the whole context (the queries are its last Lq positions).
-    attention_mask : None
-        ``"hga"`` registers no mask function, so transformers passes None; causality is
-        applied here. A padded batch is not supported.
+    attention_mask : None or Tensor
+        From :func:`kvtier.hf_layers.hga_mask` (registered for ``"hga"``): None (no padding),
+        a ``[B, Lk]`` key-padding mask on full-attention layers, or a ``[B, 1, Lq, Lk]`` bool
+        mask for sliding windows. Padding keys are never attended, routed or summarised: each
+        padded row runs HGA over its own real keys, at the positions ``position_ids`` gives.
     scaling : float, optional
-        Softmax scale; ``D ** -0.5`` when omitted.
+        Softmax scale; ``D ** -0.5`` when omitted. HGA takes any scale (it scales the queries:
+        a positive factor leaves every routing choice unchanged).
     dropout : float
         Must be 0 (HGA has no attention dropout).
+    **kwargs
+        ``sliding_window``, ``s_aux`` (gpt-oss sinks), ``softcap`` (Gemma-2), ``position_ids``
+        as the model passes them.
 
     Returns
     -------
     out : Tensor ``[B, Lq, Hq, D]``
     weights : None
+
+    Raises
+    ------
+    ConfigError
+        Sinks or soft-capping on a full-attention layer; a RoPE the integration cannot serve.
+    ValueError
+        Dropout, a mask HGA cannot reproduce, or padded positions that are not each row's ranks.
     """
     if dropout:
         raise ValueError(f"dropout: expected 0.0 (HGA has no attention dropout), got {dropout}")
@@ -784,6 +894,11 @@ def hga_attention_forward(
     scale = d**-0.5 if scaling is None else float(scaling)
     layer = getattr(key, _MARK, None)
     if isinstance(layer, TieredLayer):
+        if attention_mask is not None:
+            raise ValueError(
+                "attention_mask: TieredCache expected a batch without padding (every row of equal length), got "
+                "padding; run padded batches without a TieredCache, or one sequence at a time"
+            )
         out, keys, context = layer.attend(query, scale)
         layer._cache.attention_stats.add(keys, context)
         return out.transpose(1, 2).contiguous(), None
@@ -791,45 +906,50 @@ def hga_attention_forward(
     if settings is None:
         settings = _Settings(hga=HGAConfig(), method="hga", routed_keys=None)
         setattr(module, _SETTINGS, settings)
-    start = key.shape[2] - query.shape[2]
-    if start < 0:
-        raise ValueError(f"key: expected at least Lq={query.shape[2]} positions, got {key.shape[2]}")
-    position_ids = kwargs.get("position_ids")
-    if isinstance(position_ids, torch.Tensor) and position_ids.numel():
-        # The keys here are the whole context, so the last query sits at Lk - 1; anything else
-        # means K/V that are not the full causal prefix (a cache whose mark was lost, padding).
-        last = int(position_ids.reshape(-1)[-1])
-        if last != key.shape[2] - 1:
-            raise ValueError(
-                f"position_ids: expected the last query at position {key.shape[2] - 1} (the keys are the whole "
-                f"context), got {last}"
-            )
-    if settings.method == "dense":
-        from kvtier.reference.attention import dense_attention_ref
-
-        out = dense_attention_ref(query, key, value, start_pos=start, scale=scale)
-        lq = query.shape[2]
-        context = torch.arange(start + 1, start + lq + 1, device=query.device)
-        settings.stats.add(context.expand(query.shape[0], query.shape[1], lq), context)
+    lq, lk = query.shape[2], key.shape[2]
+    if lk < lq:
+        raise ValueError(f"key: expected at least Lq={lq} positions, got {lk}")
+    window = _layer_window(module, kwargs)
+    sinks, softcap = kwargs.get("s_aux"), kwargs.get("softcap")
+    if window is not None:  # a sliding-window layer: exact, with the model's own mask
+        four_d = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+        mask = attention_mask if four_d else None
+        keep = None if four_d else key_padding_of(attention_mask, lq, lk)
+        out = exact_attention(
+            query, key, value, mask=mask, keep=keep, scale=scale, window=window, sinks=sinks, softcap=softcap
+        )
         return out.transpose(1, 2).contiguous(), None
-    if not math.isclose(scale, d**-0.5, rel_tol=1e-6):
-        raise ValueError(f"scaling: expected head_dim ** -0.5 = {d ** -0.5:.6g} on this path, got {scale:.6g}")
-    if settings.method == "hga":
-        carry = settings.carries.get(module.layer_idx) if start % settings.hga.chunk_size else None
-        out, stats = _full_context_hga(query, key, value, settings.hga, _module_theta(module), start, carry)
-        settings.carries[module.layer_idx] = stats.plan.carry
-    else:
-        from kvtier.reference import baselines
-
-        fn = baselines.quest_attention_ref if settings.method == "quest" else baselines.oracle_attention_ref
-        out, stats = fn(query, key, value, config=settings.hga, routed_keys=settings.routed_keys, start_pos=start)
-    settings.stats.add(stats.keys_per_query, stats.context_per_query)
+    if sinks is not None and settings.method != "dense":
+        raise ConfigError(
+            f"attention sinks (gpt-oss s_aux): expected none on full-attention layer {module.layer_idx}, got per-head "
+            "sink logits; HGA's attention has none (served: sinks on sliding-window layers)"
+        )
+    if softcap is not None and settings.method != "dense":
+        raise ConfigError(
+            f"attention logit soft-capping (Gemma-2 softcap={softcap}): expected none on full-attention layer "
+            f"{module.layer_idx}; HGA's attention has none (served: soft-capping on sliding-window layers)"
+        )
+    keep = key_padding_of(attention_mask, lq, lk)
+    if settings.method == "dense":
+        qpos = torch.arange(lk - lq, lk, device=key.device)
+        causal = (torch.arange(lk, device=key.device)[None, :] <= qpos[:, None])[None, None]
+        mask = causal if keep is None else causal & keep[:, None, None, :]
+        out = exact_attention(query, key, value, mask=mask, scale=scale, sinks=sinks, softcap=softcap)
+        count = mask.expand(query.shape[0], query.shape[1], lq, lk).sum(dim=-1)
+        settings.stats.add(count, torch.arange(lk - lq + 1, lk + 1, device=key.device))
+        return out.transpose(1, 2).contiguous(), None
+    # HGA routes by q . summary / sqrt(D): a positive factor on q moves no routing choice.
+    q = query if math.isclose(scale, d**-0.5, rel_tol=1e-6) else query * (scale * math.sqrt(d))
+    out = _hga_layer(module, q, key, value, keep, settings, kwargs)
     return out.transpose(1, 2).contiguous(), None
 
 
 def register() -> None:
-    """Register ``"hga"`` with transformers (done on import; calling again is harmless)."""
+    """Register ``"hga"`` with transformers' attention and mask interfaces (done on import; harmless again)."""
+    from transformers.masking_utils import AttentionMaskInterface
+
     AttentionInterface.register(ATTN_IMPLEMENTATION, hga_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, hga_mask)
 
 
 register()

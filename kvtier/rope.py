@@ -220,8 +220,23 @@ def _probe_layout(rotary: Any, key: str | None, spec: RopeSpec) -> bool:
     )
 
 
+# Families whose full-attention layers apply no RoPE at all (the module skips apply_rotary_pos_emb).
+_NOPE_FULL_LAYERS = ("cohere2",)
+
+
+def _position_free(config: Any, layer_type: str | None, layer_idx: int | None) -> bool:
+    """Whether the layer asked for applies no RoPE (Cohere2's full layers, SmolLM3's ``no_rope_layers``)."""
+    if layer_idx is not None and getattr(config, "no_rope_layers", None):
+        return not config.no_rope_layers[layer_idx]
+    if getattr(config, "model_type", None) in _NOPE_FULL_LAYERS:
+        types = getattr(config, "layer_types", None)
+        kind = types[layer_idx] if (layer_idx is not None and types) else (layer_type or "full_attention")
+        return kind == "full_attention"
+    return False
+
+
 def rope_spec_of(
-    source: Any, *, layer_type: str | None = None, seq_len: int | None = None
+    source: Any, *, layer_type: str | None = None, seq_len: int | None = None, layer_idx: int | None = None
 ) -> RopeSpec:
     """The RoPE frequencies a transformers model uses in its full-attention layers.
 
@@ -236,6 +251,10 @@ def rope_spec_of(
     seq_len : int, optional
         Context length in use (max position + 1); picks longrope's short or long factors
         and checks that dynamic NTK is within ``max_position_embeddings``.
+    layer_idx : int, optional
+        The layer asked for, for families whose layers differ: a layer without RoPE
+        (Cohere2's full-attention layers, SmolLM3's ``no_rope_layers``) gets a spec with no
+        rotated dims.
 
     Returns
     -------
@@ -249,6 +268,9 @@ def rope_spec_of(
         source that is not a transformers decoder.
     """
     config, rotary_cls = _rotary_source(source)
+    if _position_free(config, layer_type, layer_idx):
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        return RopeSpec(head_dim, torch.zeros(0, dtype=torch.float64), rope_type="none")
     try:
         rotary = rotary_cls(config)
     except Exception as exc:  # a config the class cannot build is not a model we can serve

@@ -36,7 +36,7 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
         rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0, original_max_position_embeddings=32768),
     ), "Qwen2.5 with YaRN (Qwen3 uses the same scheme)"),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-        max_position_embeddings=131072, sliding_window=WINDOW, query_pre_attn_scalar=16,
+        max_position_embeddings=131072, sliding_window=WINDOW, query_pre_attn_scalar=24,
         layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1e6),
                          "sliding_attention": dict(rope_type="default", rope_theta=1e4)},
@@ -63,6 +63,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "glm4-partial": ("GlmConfig", "GlmForCausalLM", dict(
         max_position_embeddings=131072, partial_rotary_factor=0.5, rope_theta=1e4,
     ), "GLM-4 (interleaved pairs over half the head)"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        max_position_embeddings=8192, sliding_window=WINDOW, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"], rope_theta=1e4,
+    ), "Gemma-2 (logit soft-capping on every layer)"),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(
+        max_position_embeddings=8192, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+        rope_theta=5e4,
+    ), "Cohere2 / Command-R7B (sliding layers with RoPE, full layers without)"),
     "llama-dynamic": ("LlamaConfig", "LlamaForCausalLM", dict(
         max_position_embeddings=4096, rope_parameters=dict(rope_type="dynamic", rope_theta=1e4, factor=2.0),
     ), "dynamic NTK (served within max_position_embeddings)"),

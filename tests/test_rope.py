@@ -33,7 +33,9 @@ def test_spec_rotates_as_the_model(name: str) -> None:
         with torch.no_grad():
             cos, sin = rotary(q, positions[None], **kw)
             want = apply_fn(q, q, cos, sin)[0]
-        spec = rope_spec_of(family_config(name), seq_len=length)
+        # Cohere2 rotates only its sliding layers (its full layers carry no RoPE: see below)
+        lt = "sliding_attention" if name == "cohere2" else None
+        spec = rope_spec_of(family_config(name), seq_len=length, layer_type=lt)
         assert spec.head_dim == 16
         got = apply_rope(q.double(), positions, spec)
         assert (got - want.double()).abs().max().item() < 1e-4, length  # float32 angles at position < 300
@@ -54,6 +56,9 @@ def test_what_each_family_carries() -> None:
     long = rope_spec_of(family_config("phi4mini-partial"), seq_len=129)
     assert long.min_seq_len == 129 and long.max_seq_len is None
     assert not torch.equal(long.inv_freq, phi.inv_freq)
+    nope = rope_spec_of(family_config("cohere2"))  # full-attention layers: no RoPE, every dim position-free
+    assert nope.rotary_dim == 0 and nope.rope_type == "none"
+    assert rope_spec_of(family_config("cohere2"), layer_idx=0).rotary_dim == 16  # layer 0 is sliding
     gemma = rope_spec_of(family_config("gemma3"))  # the full-attention layers' RoPE, not the sliding layers'
     assert gemma.rope_type == "linear"
     assert rope_spec_of(family_config("gemma3"), layer_type="sliding_attention").rope_type == "default"

@@ -19,7 +19,14 @@ def expand_kv_heads(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
 
 
 def masked_attention_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, *, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    visible: torch.Tensor,
+    *,
+    scale: float | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Exact softmax attention restricted to ``visible`` keys, in float32.
 
@@ -31,6 +38,10 @@ def masked_attention_ref(
         Every query row must see at least one key.
     scale : float, optional
         Defaults to ``D ** -0.5``.
+    sinks : Tensor ``[Hq]``, optional
+        Per-head sink logits (gpt-oss): one more softmax entry per row, carrying no value.
+    softcap : float, optional
+        Logits become ``softcap * tanh(logits / softcap)`` before masking (Gemma-2).
 
     Returns
     -------
@@ -41,7 +52,13 @@ def masked_attention_ref(
     kf = expand_kv_heads(k.float(), hq)
     vf = expand_kv_heads(v.float(), hq)
     scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().reshape(1, hq, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+        return torch.matmul(probs, vf).to(q.dtype)
     return torch.matmul(torch.softmax(scores, dim=-1), vf).to(q.dtype)
 
 

@@ -1,0 +1,259 @@
+"""The model families people run, through transformers with attn_implementation="hga" (CPU, float32).
+
+Each family is a tiny random-weight config with its real RoPE and layer settings
+(tests/families.py). The context (200 tokens) is longer than the sliding window (48) and
+than 2 x (sinks + local) chunks (96), so sliding layers really slide and HGA really routes.
+:data:`SUPPORT` is the support matrix; docs/hf.md carries it verbatim
+(``test_docs_carry_the_support_matrix``; regenerate with ``python -m tests.test_hf_families``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import kvtier.hf  # noqa: E402  (registers "hga")
+from kvtier import HGAConfig, StoreConfig  # noqa: E402
+from kvtier.errors import ConfigError  # noqa: E402
+
+from .families import FAMILIES, WINDOW, family_config, family_model  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning"),
+]
+
+SMALL = dict(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2)
+FULL = HGAConfig.full_coverage(**SMALL)
+SPARSE = HGAConfig(**SMALL, top_chunks=2, top_groups=3, fetch_groups=4)
+LENGTH = 200
+
+#: family -> (RoPE, layers, status). status "hga": HGA on every full-attention layer, exact
+#: windowed attention on sliding ones; "exact": no layer for HGA (every layer sliding), exact
+#: windowed attention everywhere; "refused: ..." a ConfigError naming the feature.
+SUPPORT: dict[str, tuple[str, str, str]] = {
+    "llama3.1": ("llama3", "full", "hga"),
+    "qwen2.5-yarn": ("yarn", "full", "hga"),
+    "gemma3": ("linear (full), default (sliding)", "sliding + full (1:1 here, 5:1 real)", "hga"),
+    "phi3-longrope": ("longrope (short and long factors)", "full", "hga"),
+    "phi4mini-partial": ("longrope, partial rotary 0.75", "full", "hga"),
+    "glm4-partial": ("default, interleaved pairs, partial rotary 0.5", "full", "hga"),
+    "cohere2": ("default interleaved (sliding), none (full)", "sliding + full", "hga"),
+    "llama-dynamic": ("dynamic NTK within max_position_embeddings", "full", "hga"),
+    "mistral-v0.1": ("default", "all sliding", "exact"),
+    "gpt-oss": ("yarn", "sliding + full, attention sinks", "refused: attention sinks on full-attention layers"),
+    "gemma2": ("default", "sliding + full, logit soft-capping", "refused: logit soft-capping on full-attention layers"),
+}
+
+
+def _reference_impl(name: str) -> str:
+    """The implementation HGA is compared with: sdpa, or eager where the family has no sdpa."""
+    return "eager" if name in ("gpt-oss", "gemma2") else "sdpa"
+
+
+def _logits(model: torch.nn.Module, impl: str, ids: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    return torch.randint(3, 96, (1, LENGTH), generator=torch.Generator().manual_seed(1))
+
+
+SERVED = [n for n, (_, _, status) in SUPPORT.items() if not status.startswith("refused")]
+REFUSED = [n for n, (_, _, status) in SUPPORT.items() if status.startswith("refused")]
+
+
+def test_every_family_is_in_the_matrix() -> None:
+    assert sorted(SUPPORT) == sorted(FAMILIES)
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_full_coverage_equals_the_model(name: str, ids: torch.Tensor) -> None:
+    """Budgets covering the context: logits equal sdpa to 1e-4 and greedy tokens are identical."""
+    model = family_model(name)
+    ref = _logits(model, _reference_impl(name), ids)
+    prompt = ids[:, :150]
+    dense = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False)
+    stats = kvtier.hf.configure(model, hga=FULL)
+    got = _logits(model, "hga", ids)
+    assert (got - ref).abs().max().item() < 1e-4
+    assert (stats.queries > 0) == (SUPPORT[name][2] == "hga")  # HGA layers ran (none in an all-sliding model)
+    hga = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False)
+    assert torch.equal(hga, dense)
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_sparse_budgets_route_and_stay_causal(name: str, ids: torch.Tensor) -> None:
+    """Sparse budgets: changing tokens from 150 on leaves earlier logits bit-identical; output differs from dense."""
+    model = family_model(name)
+    dense = _logits(model, _reference_impl(name), ids)
+    stats = kvtier.hf.configure(model, hga=SPARSE)
+    a = _logits(model, "hga", ids)
+    changed = ids.clone()
+    changed[:, 150:] = (changed[:, 150:] + 7) % 93 + 3
+    b = _logits(model, "hga", changed)
+    assert torch.equal(a[:, :150], b[:, :150])
+    if SUPPORT[name][2] == "hga":
+        assert stats.density < 0.8  # routing is active
+        assert (a - dense).abs().max().item() > 1e-3
+    else:  # no full-attention layer: exact windowed attention, whatever the budgets
+        assert stats.queries == 0
+        assert (a - dense).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_refused_families_name_the_feature(name: str, ids: torch.Tensor) -> None:
+    model = family_model(name)
+    kvtier.hf.configure(model, hga=FULL)
+    feature = {"gpt-oss": "attention sinks", "gemma2": "soft-capping"}[name]
+    with pytest.raises(ConfigError, match=feature):
+        _logits(model, "hga", ids[:, :40])
+    with pytest.raises(ConfigError):
+        kvtier.hf.TieredCache(model.config, hga=FULL)
+
+
+def test_sliding_layers_keep_their_window(ids: torch.Tensor) -> None:
+    """Mistral v0.1: the window is applied (dropping it would change the logits past 48 tokens)."""
+    model = family_model("mistral-v0.1")
+    windowed = _logits(model, "hga", ids)
+    unwindowed = family_model("mistral-v0.1", sliding_window=None)
+    kvtier.hf.configure(unwindowed, hga=FULL)
+    full = _logits(unwindowed, "hga", ids)
+    assert torch.equal(windowed[:, :WINDOW], full[:, :WINDOW])
+    assert (windowed[:, WINDOW:] - full[:, WINDOW:]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["mistral-v0.1", "cohere2"])
+def test_tiered_cache_refuses_sliding_layers(name: str) -> None:
+    model = family_model(name)
+    with pytest.raises(ConfigError, match=rf"sliding-window layers \[0.*\(window {WINDOW}\)"):
+        kvtier.hf.TieredCache(model.config, hga=FULL)
+
+
+def test_phi3_window_that_never_bites_is_full_attention(ids: torch.Tensor) -> None:
+    """Phi-3-128k's sliding_window (2x max_position_embeddings) excludes nothing: HGA serves every layer."""
+    model = family_model("phi3-longrope", sliding_window=8192)
+    ref = _logits(model, "sdpa", ids)
+    stats = kvtier.hf.configure(model, hga=FULL)
+    assert (_logits(model, "hga", ids) - ref).abs().max().item() < 1e-4
+    assert stats.queries == 2 * 4 * LENGTH  # both layers, every head and position
+
+
+def test_scaling_other_than_head_dim(ids: torch.Tensor) -> None:
+    """Gemma-3's query_pre_attn_scalar (24 over head dim 16): exact at full coverage, routes with sparse budgets."""
+    model = family_model("gemma3")
+    assert model.model.layers[1].self_attn.scaling != 16**-0.5
+    ref = _logits(model, "sdpa", ids)
+    kvtier.hf.configure(model, hga=FULL)
+    assert (_logits(model, "hga", ids) - ref).abs().max().item() < 1e-4
+
+
+# --------------------------------------------------------------------------- the matrix in the docs
+
+
+def support_table() -> str:
+    """The support matrix as a markdown table (docs/hf.md carries it between markers)."""
+    lines = ["| family (tiny config in tests/families.py) | RoPE | layers | status |", "|---|---|---|---|"]
+    for name, (rope, layers, status) in SUPPORT.items():
+        if status == "hga":
+            status = ("served: HGA on full-attention layers, exact windowed attention on sliding ones"
+                      if "sliding" in layers else "served: HGA on every layer")
+        elif status == "exact":
+            status = "served: exact windowed attention on every layer (no full-attention layer for HGA)"
+        lines.append(f"| {FAMILIES[name][3]} | {rope} | {layers} | {status} |")
+    return "\n".join(lines)
+
+
+_DOC = Path(__file__).resolve().parents[1] / "docs" / "hf.md"
+_BEGIN, _END = "<!-- support-matrix:begin -->", "<!-- support-matrix:end -->"
+
+
+def test_docs_carry_the_support_matrix() -> None:
+    text = _DOC.read_text()
+    assert _BEGIN in text and _END in text, "docs/hf.md: support-matrix markers missing"
+    body = text.split(_BEGIN, 1)[1].split(_END, 1)[0].strip()
+    assert body == support_table(), "docs/hf.md: regenerate the matrix with `python -m tests.test_hf_families`"
+
+
+if __name__ == "__main__":
+    text = _DOC.read_text()
+    head, rest = text.split(_BEGIN, 1)
+    tail = rest.split(_END, 1)[1]
+    _DOC.write_text(f"{head}{_BEGIN}\n{support_table()}\n{_END}{tail}")
+
+
+# --------------------------------------------------------------------------- padded batches
+
+
+def _padded(rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(r.numel() for r in rows)
+    ids = torch.zeros(len(rows), n, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(n - r.numel(), n) if side == "left" else slice(0, r.numel())
+        ids[i, sl], mask[i, sl] = r, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", ["llama3.1", "gemma3"])
+def test_padded_batch_rows_equal_each_row_alone(name: str, side: str, ids: torch.Tensor) -> None:
+    """Sparse budgets, rows of 150, 97 and 31 tokens: each row's real logits equal that row alone.
+
+    Padding is never attended, routed or summarised (a padding token's K/V cannot reach a real one's
+    output), positions are each row's own (generate's attention_mask.cumsum(-1) - 1).
+    """
+    model = family_model(name)
+    stats = kvtier.hf.configure(model, hga=SPARSE)
+    rows = [ids[0, :150], ids[0, 20:117], ids[0, 60:91]]
+    batch, mask = _padded(rows, side)
+    if name == "gemma3":  # its sliding layers count the window over indices (as sdpa does): keep rows within it
+        rows = [r[:WINDOW] for r in rows]
+        batch, mask = _padded(rows, side)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    together = _logits(model, "hga", batch, attention_mask=mask, position_ids=pos)
+    assert stats.density < 1.0 or name == "gemma3"
+    for i, r in enumerate(rows):
+        alone = _logits(model, "hga", r[None])
+        real = mask[i].bool()
+        assert (together[i, real] - alone[0]).abs().max().item() < 1e-5, i
+    # the padding token ids do not matter: change them, the real logits stay bit-identical
+    other = torch.where(mask.bool(), batch, (batch + 5) % 93 + 3)
+    again = _logits(model, "hga", other, attention_mask=mask, position_ids=pos)
+    assert torch.equal(again[mask.bool()], together[mask.bool()])
+
+
+def test_padded_generation_equals_each_prompt_alone(ids: torch.Tensor) -> None:
+    """Left-padded greedy generation (sparse budgets, transformers' DynamicCache) = each prompt alone."""
+    model = family_model("qwen2.5-yarn")
+    kvtier.hf.configure(model, hga=SPARSE)
+    model.set_attn_implementation("hga")
+    prompts = [ids[0, :130], ids[0, 40:107]]
+    batch, mask = _padded(prompts, "left")
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], attention_mask=torch.ones_like(p[None]), max_new_tokens=8, do_sample=False)
+        assert torch.equal(out[i, batch.shape[1] :], alone[0, p.numel() :]), i
+
+
+def test_padded_positions_must_be_each_rows_own(ids: torch.Tensor) -> None:
+    model = family_model("llama3.1")
+    kvtier.hf.configure(model, hga=SPARSE)
+    batch, mask = _padded([ids[0, :40], ids[0, :25]], "left")
+    with pytest.raises(ValueError, match=r"position_ids: expected row 1's real tokens at positions 0..24"):
+        _logits(model, "hga", batch, attention_mask=mask)  # arange positions: the padding shifted row 1
+
+
+def test_tiered_cache_refuses_a_padded_batch(ids: torch.Tensor) -> None:
+    model = family_model("llama3.1", rope_parameters=None, rope_theta=1e4)
+    batch, mask = _padded([ids[0, :40], ids[0, :25]], "left")
+    with kvtier.hf.TieredCache(model.config, hga=FULL, store=StoreConfig(gpu_bytes=0)) as cache:
+        with pytest.raises(ValueError, match="TieredCache expected a batch without padding"):
+            _logits(model, "hga", batch, attention_mask=mask, **kvtier.hf.cache_kwargs(model, cache))
