@@ -19,7 +19,9 @@ from pathlib import Path
 
 from kvtier.tiers.io import IOBackend, PosixIO, Reader
 
-__all__ = ["CALLS", "READ_FAULTS", "WRITE_FAULTS", "FaultyIO", "flip_bit_on_disk", "truncate_file"]
+__all__ = [
+    "CALLS", "READ_FAULTS", "WRITE_FAULTS", "FaultyIO", "Killed", "VolatileIO", "flip_bit_on_disk", "truncate_file",
+]
 
 #: Faults of the read path: each makes one slot read fail (a reported miss).
 READ_FAULTS = ("read_error", "short_read", "bitflip_read")
@@ -214,6 +216,9 @@ class FaultyIO:
         self._call("sync_dir")
         self.inner.sync_dir(path)
 
+    def boot_id(self) -> str:
+        return self.inner.boot_id()
+
     def close(self, fd: int) -> None:
         self.inner.close(fd)
 
@@ -233,3 +238,180 @@ def flip_bit_on_disk(path: str | Path, offset: int, bit: int = 0) -> None:
 def truncate_file(path: str | Path, size: int) -> None:
     """Cut a file to ``size`` bytes (a crash before the filesystem grew it)."""
     os.truncate(str(path), size)
+
+
+class Killed(BaseException):
+    """The simulated process died at a kill point (BaseException: no handler may swallow it)."""
+
+
+class VolatileIO:
+    """An :class:`~kvtier.tiers.io.IOBackend` with a simulated page cache, for crash tests.
+
+    Every write reaches the real file at once (as the page cache would), and is also
+    remembered until it is made durable: data writes until an ``fsync`` of their file,
+    creations, renames and removals until an ``fsync`` of the folder. Then:
+
+    - :meth:`process_crash`: the process dies, the kernel keeps its page cache: every write
+      survives.
+    - :meth:`power_loss`: the machine loses power: each 4 KiB page written since its file's
+      last fsync keeps one of its versions since then, independently (writes are reordered),
+      and a prefix of the folder operations since the last folder fsync survives (journaled
+      filesystems keep their order); the boot id changes.
+    - :meth:`kill_after`: the process dies inside the store, after ``n`` more backend
+      calls: every later call raises :class:`Killed`.
+
+    Parameters
+    ----------
+    seed : int
+        Seed of which pages and folder operations survive a power loss.
+    """
+
+    name = "volatile"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.inner = PosixIO(direct=False)
+        self._rng = random.Random(seed)
+        self._ino_path: dict[int, str] = {}  # inode -> current path
+        self._fd_ino: dict[int, int] = {}
+        self._pages: list[tuple[int, int, bytes]] = []  # (inode, offset, old bytes) not durable
+        self._meta: list[tuple[str, str, str | None]] = []  # (op, path, backup or source)
+        self._boot = 0
+        self._kill_in: int | None = None
+        self.calls = 0
+        self.lost_pages = 0
+
+    # ----- crash control
+    def kill_after(self, n: int) -> None:
+        """Die inside the store after ``n`` more backend calls."""
+        self._kill_in = n
+
+    def _tick(self) -> None:
+        self.calls += 1
+        if self._kill_in is not None:
+            if self._kill_in <= 0:
+                raise Killed("simulated process death at a kill point")
+            self._kill_in -= 1
+
+    def process_crash(self) -> None:
+        """The process died; the page cache is written back eventually: nothing is lost."""
+        self._kill_in = None
+        self._pages.clear()
+        self._settle(self._meta)
+
+    @staticmethod
+    def _settle(ops: list[tuple[str, str, str | None]]) -> None:
+        """Folder operations made durable: their undo copies go."""
+        for _, path, _ in ops:
+            if os.path.lexists(path + ".crashbak"):
+                os.unlink(path + ".crashbak")
+        ops.clear()
+
+    def power_loss(self) -> None:
+        """Lose what was not made durable (see the class docstring); a new boot id."""
+        self._kill_in = None
+        for ino, offset, old in reversed(self._pages):
+            if self._rng.random() < 0.5:
+                path = self._ino_path.get(ino)
+                if path is not None and os.path.exists(path):
+                    fd = os.open(path, os.O_RDWR)
+                    try:
+                        os.pwrite(fd, old, offset)
+                    finally:
+                        os.close(fd)
+                    self.lost_pages += 1
+        self._pages.clear()
+        keep = self._rng.randint(0, len(self._meta))
+        for op, path, other in reversed(self._meta[keep:]):
+            if op == "create" and os.path.exists(path):
+                os.unlink(path)
+            elif op == "rename":  # path was renamed from other (its old content kept in path.crashbak)
+                assert other is not None
+                if os.path.exists(path):
+                    os.rename(path, other)
+                if os.path.exists(path + ".crashbak"):
+                    os.rename(path + ".crashbak", path)
+            elif op == "unlink" and os.path.exists(path + ".crashbak"):
+                os.rename(path + ".crashbak", path)
+        self._settle(self._meta)
+        self._boot += 1
+
+    # ----- IOBackend
+    def _track(self, fd: int, path: str) -> int:
+        ino = os.fstat(fd).st_ino
+        self._fd_ino[fd] = ino
+        self._ino_path[ino] = path
+        return fd
+
+    def open_rw(self, path: str) -> int:
+        self._tick()
+        return self._track(self.inner.open_rw(path), path)
+
+    def open_reader(self, path: str) -> Reader:
+        self._tick()
+        return self.inner.open_reader(path)
+
+    def create(self, path: str) -> int:
+        self._tick()
+        fd = self._track(self.inner.create(path), path)
+        self._meta.append(("create", path, None))
+        return fd
+
+    def rename(self, src: str, dst: str) -> None:
+        self._tick()
+        if os.path.exists(dst) and not os.path.lexists(dst + ".crashbak"):
+            os.link(dst, dst + ".crashbak")
+        self.inner.rename(src, dst)
+        for ino, p in self._ino_path.items():
+            if p == src:
+                self._ino_path[ino] = dst
+        self._meta.append(("rename", dst, src))
+
+    def unlink(self, path: str) -> None:
+        self._tick()
+        if not os.path.lexists(path + ".crashbak"):
+            os.link(path, path + ".crashbak")
+        self.inner.unlink(path)
+        self._meta.append(("unlink", path, None))
+
+    def truncate(self, fd: int, size: int) -> None:
+        self._tick()
+        tail = os.pread(fd, os.fstat(fd).st_size - size, size) if os.fstat(fd).st_size > size else b""
+        if tail:
+            self._pages.append((self._fd_ino[fd], size, tail))
+        self.inner.truncate(fd, size)
+
+    def pread(self, fd: int, nbytes: int, offset: int) -> bytes:
+        self._tick()
+        return self.inner.pread(fd, nbytes, offset)
+
+    def pwrite(self, fd: int, data: memoryview, offset: int) -> int:
+        self._tick()
+        ino = self._fd_ino[fd]
+        size = data.nbytes
+        old = os.pread(fd, size, offset)
+        old = old + bytes(size - len(old))  # past the end: a lost write reads as zeros
+        for start in range(0, size, 4096):
+            self._pages.append((ino, offset + start, old[start : start + 4096]))
+        return self.inner.pwrite(fd, data, offset)
+
+    def reserve(self, fd: int, offset: int, length: int) -> None:
+        self._tick()
+        self.inner.reserve(fd, offset, length)
+
+    def sync(self, fd: int) -> None:
+        self._tick()
+        self.inner.sync(fd)
+        ino = self._fd_ino[fd]
+        self._pages = [p for p in self._pages if p[0] != ino]
+
+    def sync_dir(self, path: str) -> None:
+        self._tick()
+        self.inner.sync_dir(path)
+        self._settle(self._meta)
+
+    def close(self, fd: int) -> None:
+        self.inner.close(fd)  # never a kill point: a dead process's files close anyway
+        self._fd_ino.pop(fd, None)
+
+    def boot_id(self) -> str:
+        return f"volatile-boot-{self._boot}"

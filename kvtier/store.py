@@ -195,13 +195,19 @@ class TieredStore:
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="kvtier-io")
         if self._disk is not None:
-            for rec in sorted(self._disk.scan(), key=lambda r: r.generation):
-                if rec.key.layer >= layout.num_layers:
-                    self._disk.free(rec.slot)
-                    continue
-                entry = _Entry(rec.key, disk=rec.slot, disk_generation=rec.generation)
-                self._install(entry)
-                self._policy["disk"].touch(rec.key)
+            try:
+                for rec in sorted(self._disk.scan(), key=lambda r: r.generation):
+                    if rec.key.layer >= layout.num_layers:
+                        self._disk.free(rec.slot)
+                        continue
+                    entry = _Entry(rec.key, disk=rec.slot, disk_generation=rec.generation)
+                    self._install(entry)
+                    self._policy["disk"].touch(rec.key)
+            except BaseException:
+                self._abandon()  # release the folder's lock: a failed open must not hold it
+                if self._temp_dir is not None:
+                    shutil.rmtree(self._temp_dir, ignore_errors=True)
+                raise
 
     # ------------------------------------------------------------------ keys
     def _key(self, key: object) -> ChunkKey:
@@ -996,6 +1002,27 @@ class TieredStore:
         if failed:
             raise TransferError(f"flush: expected every host-only chunk written, got {failed} failed writes")
         return written
+
+    def sync(self) -> None:
+        """A sync point: flush host-only chunks to disk, then make the disk tier durable.
+
+        After it returns, the state of every chunk on disk survives a power loss or an OS
+        crash (see docs/storage.md for exactly what survives what). Costs an fsync of every
+        slab file and a manifest rename; :meth:`close` does the same.
+
+        Raises
+        ------
+        TransferError
+            If a flush or an fsync failed (the previous sync point stands).
+        """
+        self._check_open()
+        if self._disk is None:
+            return
+        with self._lock:
+            _, failed, _ = self._flush()
+            if failed:
+                raise TransferError(f"sync: expected every host-only chunk written, got {failed} failed writes")
+            self._disk.sync()
 
     def _flush(self) -> tuple[int, int, int]:
         """(written, failed by an I/O error, left out for want of a free disk slot)."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
+
 from kvtier.cli import main
-from kvtier.cli.stress import stress
+from kvtier.cli.stress import process_trials, stress
 
 
 def test_stress_short_run_holds_every_invariant(tmp_path) -> None:
@@ -30,3 +31,16 @@ def test_stress_cli_writes_json(tmp_path, capsys) -> None:
     for key in ("ops", "bytes_verified", "faults_injected", "mismatches", "budget_violations"):
         assert key in report
     assert "OK: every byte verified" in capsys.readouterr().out
+
+
+def test_stress_crash_mode_reports_in_json(tmp_path, capsys) -> None:
+    out = tmp_path / "r.json"
+    argv = ["stress", "--seconds", "2", "--crash", "--dir", str(tmp_path / "d"), "--json", str(out), "--no-progress"]
+    assert main(argv) == 0
+    crash = json.loads(out.read_text())["crash"]
+    assert crash["trials"] >= 2 and crash["mismatches"] == 0 and crash["reads"] > 0
+
+
+def test_stress_processes_mode(tmp_path) -> None:
+    report = process_trials(tmp_path, processes=2, seconds=2.0, seed=1)
+    assert report["opens"] >= 2 and report["mismatches"] == 0 and report["reads"] > 0

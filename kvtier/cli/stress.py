@@ -30,14 +30,16 @@ from typing import Any
 
 import torch
 
+from kvtier._crash import crash_trial
 from kvtier._faults import READ_FAULTS, WRITE_FAULTS, FaultyIO, flip_bit_on_disk
+from kvtier._multiproc import run_processes
 from kvtier.cli.args import fraction, positive_float
 from kvtier.config import StoreConfig
 from kvtier.errors import CapacityError, TransferError
 from kvtier.layout import KVLayout
 from kvtier.store import ChunkKey, TieredStore
 
-__all__ = ["add_arguments", "run", "stress"]
+__all__ = ["add_arguments", "crash_trials", "process_trials", "run", "stress"]
 
 # 2 layers x 2 KV heads x 8 tokens x 16 dims in fp16: 1 KiB chunks, so a second of
 # stress runs hundreds of operations even on 2 CPU cores.
@@ -72,6 +74,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=fraction,
         default=0.02,
         help="probability of each injected I/O fault per operation (default 0.02)",
+    )
+    parser.add_argument(
+        "--crash",
+        action="store_true",
+        help="also run crash trials below the page cache (process deaths, power losses, kill points), "
+        "checked against an expected-state model",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="also run this many processes contending for one store folder (its lock), each checking "
+        "what it finds against what the others acknowledged (default 0: off)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -361,12 +376,54 @@ def stress(
     return report
 
 
+def crash_trials(directory: Path, seconds: float, seed: int = 0) -> dict[str, Any]:
+    """Crash trials (:func:`kvtier._crash.crash_trial`) for ``seconds``; their summed counters."""
+    root = Path(tempfile.mkdtemp(prefix="kvtier-crash-", dir=directory))
+    total: Counter[str] = Counter()
+    t0 = time.monotonic()
+    trials = 0
+    try:
+        while time.monotonic() - t0 < seconds:
+            trial_dir = root / f"t{trials}"
+            total.update(crash_trial(trial_dir, seed * 100_000 + trials))
+            shutil.rmtree(trial_dir, ignore_errors=True)
+            trials += 1
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    mismatches = total["mismatches_live"] + total["mismatches_reopen"] + total["mismatches_after_crash"]
+    return {"trials": trials, "mismatches": mismatches, **dict(sorted(total.items()))}
+
+
+def process_trials(directory: Path, processes: int, seconds: float, seed: int = 0) -> dict[str, Any]:
+    """``processes`` processes contending for one folder (:func:`kvtier._multiproc.run_processes`)."""
+    root = Path(tempfile.mkdtemp(prefix="kvtier-procs-", dir=directory))
+    try:
+        return run_processes(root, processes, seconds, seed)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Entry point of ``kvtier stress``; exit status 1 if any invariant broke."""
+    """Entry point of ``kvtier stress``; exit status 1 if any invariant broke.
+
+    With ``--crash`` and ``--processes`` the ``--seconds`` are shared evenly between the
+    random workload and each extra mode.
+    """
+    if args.processes < 0:
+        raise ValueError(f"--processes: expected an int >= 0, got {args.processes}")
     args.dir.mkdir(parents=True, exist_ok=True)
     # Injected faults log a warning each (thousands per run): keep the terminal for the bar.
     logging.getLogger("kvtier").setLevel(logging.ERROR)
-    report = stress(args.dir, args.seconds, args.seed, args.fault_rate, progress=not args.no_progress)
+    share = args.seconds / (1 + bool(args.crash) + bool(args.processes))
+    report = stress(args.dir, share, args.seed, args.fault_rate, progress=not args.no_progress)
+    if args.crash:
+        report["crash"] = crash_trials(args.dir, share, args.seed)
+        report["mismatches"] += report["crash"]["mismatches"]
+        print(f"{'crash':>18}: {report['crash']}")
+    if args.processes:
+        report["processes"] = process_trials(args.dir, args.processes, share, args.seed)
+        report["mismatches"] += report["processes"]["mismatches"]
+        print(f"{'processes':>18}: {report['processes']}")
     for key in (
         "device",
         "ops",

@@ -26,7 +26,6 @@ import stat
 import struct
 import uuid
 from pathlib import Path
-from typing import Any
 
 import crc32c
 import numpy as np
@@ -50,9 +49,24 @@ _CRC = struct.Struct("<I")
 class Manifest:
     """What ``MANIFEST`` says: store uuid, generation mark and, after a clean close, the index."""
 
-    def __init__(self, store_id: bytes, mark: int, clean: bool = False, index_crc: int | None = None) -> None:
+    def __init__(
+        self,
+        store_id: bytes,
+        mark: int,
+        *,
+        synced: int = 0,
+        boot_id: str = "",
+        clean: bool = False,
+        index_crc: int | None = None,
+    ) -> None:
         self.store_id = store_id
         self.mark = mark
+        #: Every write (payload, header, clear) issued before the slot write of generation
+        #: ``synced + 1`` had been made durable (fsync) when this manifest was written.
+        self.synced = synced
+        #: The kernel boot id of the writer: a different one at the next open means the
+        #: machine rebooted (power loss, OS crash), so only ``synced`` is known to be on disk.
+        self.boot_id = boot_id
         self.clean = clean
         self.index_crc = index_crc
 
@@ -62,6 +76,8 @@ class Manifest:
                 "format": _MANIFEST_FORMAT,
                 "store_id": self.store_id.hex(),
                 "generation_mark": self.mark,
+                "synced_generation": self.synced,
+                "boot_id": self.boot_id,
                 "clean": self.clean,
                 "index_crc32c": self.index_crc,
             },
@@ -82,7 +98,14 @@ class Manifest:
             d = json.loads(body)
             if d.get("format") != _MANIFEST_FORMAT:
                 return f"manifest format {d.get('format')}, expected {_MANIFEST_FORMAT}"
-            return cls(bytes.fromhex(d["store_id"]), int(d["generation_mark"]), bool(d["clean"]), d["index_crc32c"])
+            return cls(
+                bytes.fromhex(d["store_id"]),
+                int(d["generation_mark"]),
+                synced=int(d["synced_generation"]),
+                boot_id=str(d["boot_id"]),
+                clean=bool(d["clean"]),
+                index_crc=d["index_crc32c"],
+            )
         except (ValueError, KeyError, TypeError) as exc:
             return f"unreadable manifest ({exc})"
 
@@ -209,9 +232,6 @@ class StoreDirectory:
             return "index checksum mismatch"
         rows = np.frombuffer(raw, dtype="<i8").reshape(-1, _ROW)
         return {int(r[0]): (int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows}
-
-    def info(self) -> dict[str, Any]:
-        return {"path": str(self.path)}
 
 
 def check_folder(path: Path) -> None:

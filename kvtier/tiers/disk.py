@@ -363,17 +363,26 @@ class DiskTier(SlotCounts):
         manifest = self.dir.load_manifest()
         files = sorted(self.directory.glob("slab-*.kvt"))
         index: dict[int, tuple[int, int, int, int]] | None = None
+        self._boot = self.io.boot_id()
+        trusted = None  # generations above this were not made durable before a reboot
         if isinstance(manifest, Manifest):
-            self._store_id, base = manifest.store_id, manifest.mark
+            self._store_id, base, self._synced = manifest.store_id, manifest.mark, manifest.synced
             self.open_report["manifest"] = "clean" if manifest.clean else "not closed cleanly"
             if manifest.clean and manifest.index_crc is not None:
                 got = self.dir.load_index(manifest.index_crc)
                 self.open_report["index"] = got if isinstance(got, str) else "verified"
                 index = None if isinstance(got, str) else got
+            elif not manifest.clean and not (self._boot and manifest.boot_id == self._boot):
+                # The machine restarted since the store was last open (power loss or an OS
+                # crash): writes after the last sync point may be partly lost, in any order,
+                # so a slot written after it could be an intermediate version whose
+                # replacement was lost. Only what the last sync made durable counts.
+                trusted = manifest.synced
+                self.open_report["manifest"] = "not closed cleanly, machine restarted since"
         else:
             # No manifest (or a damaged one) beside slab files: nothing says which store
             # wrote them or which generations are legitimate, so none of their slots count.
-            self._store_id, base = StoreDirectory.new_store_id(), 0
+            self._store_id, base, self._synced = StoreDirectory.new_store_id(), 0, 0
             self.open_report["manifest"] = manifest if isinstance(manifest, str) else "new"
             if files:
                 log.warning(
@@ -390,8 +399,8 @@ class DiskTier(SlotCounts):
         self._hdr_tail = bytes(probe[_HDR_TAIL:_HDR_CRC])
         # Persisted before any slot is written or cleared: no header can ever carry a
         # generation above the mark on disk, and generations never restart below old ones.
-        self.dir.save_manifest(Manifest(self._store_id, self._mark))
-        self._found = self._scan(files, base, index)
+        self.dir.save_manifest(self._manifest())
+        self._found = self._scan(files, base if trusted is None else trusted, index)
         rep = self.open_report
         if rep["refused_slots"] or rep["damaged_files"] or rep["retired_slots"]:
             log.warning(
@@ -402,7 +411,12 @@ class DiskTier(SlotCounts):
     def _scan(
         self, files: list[Path], mark: int, index: dict[int, tuple[int, int, int, int]] | None
     ) -> list[SlotRecord]:
-        """Verify every slot header of existing files; keep the newest copy of each key."""
+        """Verify every slot header of existing files; keep the newest copy of each key.
+
+        Slots of a generation above ``mark`` (the persisted mark, or the last sync point
+        after a restart) are refused and cleared.
+        """
+        mark_limit = self._next_generation - 1
         best: dict[ChunkKey, SlotRecord] = {}
         stale: list[int] = []
         refused = self.open_report["refused_slots"]
@@ -451,7 +465,11 @@ class DiskTier(SlotCounts):
                 self._alloc.claim(slot)
                 self._dirty[slot] = (key, generation)
                 if generation > mark:
-                    refused["generation above the persisted mark"] += 1
+                    refused[
+                        "generation above the persisted mark"
+                        if mark == mark_limit
+                        else "written after the last sync, before a restart"
+                    ] += 1
                     stale.append(slot)
                     continue
                 if index is not None and index.get(slot) != (*key, generation):
@@ -620,8 +638,12 @@ class DiskTier(SlotCounts):
                 if self._next_generation > self._mark:
                     # Reserve the next block before any header can carry a generation above
                     # the persisted mark (an fsynced rename once per GENERATION_BLOCK writes).
-                    self.dir.save_manifest(Manifest(self._store_id, self._mark + GENERATION_BLOCK))
                     self._mark += GENERATION_BLOCK
+                    try:
+                        self.dir.save_manifest(self._manifest())
+                    except OSError:
+                        self._mark -= GENERATION_BLOCK
+                        raise
                 generation = self._next_generation
                 self._next_generation += 1
             fd = self._fd(file_index)
@@ -802,10 +824,35 @@ class DiskTier(SlotCounts):
             self._local.headers = buf
         return buf
 
+    def _manifest(self, *, clean: bool = False, index_crc: int | None = None) -> Manifest:
+        return Manifest(
+            self._store_id, self._mark, synced=self._synced, boot_id=self._boot, clean=clean, index_crc=index_crc
+        )
+
     def sync(self) -> None:
-        """Flush dirty pages of every slab file (benchmarks; not needed for correctness)."""
-        for fd in list(self._fds.values()):
-            self.io.sync(fd)
+        """A sync point: make every write so far durable, then say so in the manifest.
+
+        fsync of every slab file and of the folder, then the manifest records the last
+        generation issued: after a machine restart, slots written after the last sync point
+        are refused (they may be intermediate versions whose replacement was lost).
+
+        Raises
+        ------
+        TransferError
+            If an fsync or the manifest write fails (the previous sync point stands).
+        """
+        with self._lock:
+            issued = self._next_generation - 1
+            fds = list(self._fds.values())
+        try:
+            for fd in fds:
+                self.io.sync(fd)
+            self.io.sync_dir(str(self.directory))
+            with self._lock:
+                self._synced = max(self._synced, issued)
+                self.dir.save_manifest(self._manifest())
+        except OSError as exc:
+            raise TransferError(f"disk tier: sync of {self.directory} failed ({exc})") from exc
 
     def close(self, *, clean: bool = True) -> None:
         """Retry pending header clears, write the clean-close index, close every file and
@@ -824,10 +871,13 @@ class DiskTier(SlotCounts):
             headers (those chunks could reappear on reopen). Everything is closed anyway.
         """
         try:
+            if not clean:
+                return  # a killed process does no more I/O
             self._clear_pending(sorted(self._uncleared))
             left = len(self._uncleared)
             if clean:
                 try:
+                    self._sync_files()
                     self._save_index()
                 except OSError as exc:
                     if left:
@@ -848,7 +898,13 @@ class DiskTier(SlotCounts):
             live = sorted((s, k, g) for s, (k, g) in self._dirty.items() if s not in self._uncleared)
         rows = np.array([(s, *k, g) for s, k, g in live], dtype=np.int64).reshape(-1, 5)
         crc = self.dir.save_index(rows)
-        self.dir.save_manifest(Manifest(self._store_id, self._mark, clean=True, index_crc=crc))
+        self._synced = self._next_generation - 1  # _sync_files made everything durable
+        self.dir.save_manifest(self._manifest(clean=True, index_crc=crc))
+
+    def _sync_files(self) -> None:
+        for fd in list(self._fds.values()):
+            self.io.sync(fd)
+        self.io.sync_dir(str(self.directory))
 
     def _close_files(self) -> None:
         with self._lock:

@@ -70,6 +70,11 @@ class IOBackend(Protocol):
         """Make the folder's entries (creations, renames) durable."""
         ...
 
+    def boot_id(self) -> str:
+        """An id of the running kernel boot ("" if unknown): writes not made durable may be
+        lost only when it changed."""
+        ...
+
     def open_reader(self, path: str) -> Reader:
         """A reader of the slab file at ``path`` (O_DIRECT when possible)."""
         ...
@@ -169,6 +174,13 @@ class PosixIO:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def boot_id(self) -> str:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                return f.read().strip()
+        except OSError:  # not Linux: assume every open may follow a reboot
+            return ""
 
     def open_reader(self, path: str) -> Reader:
         return _PosixReader(path, direct=self._direct)
