@@ -875,18 +875,17 @@ class DiskTier(SlotCounts):
                 return  # a killed process does no more I/O
             self._clear_pending(sorted(self._uncleared))
             left = len(self._uncleared)
-            if clean:
-                try:
-                    self._sync_files()
-                    self._save_index()
-                except OSError as exc:
-                    if left:
-                        raise TransferError(
-                            f"disk tier: expected every freed slot cleared, got {left} whose headers "
-                            f"could not be cleared, and no index to refuse them ({exc}); their chunks "
-                            f"may reappear on reopen"
-                        ) from exc
-                    log.warning("kvtier: %s: clean-close index not written (%s)", self.directory, exc)
+            try:
+                self._sync_files()
+                self._save_index()
+            except OSError as exc:
+                if left:
+                    raise TransferError(
+                        f"disk tier: expected every freed slot cleared, got {left} whose headers "
+                        f"could not be cleared, and no index to refuse them ({exc}); their chunks "
+                        f"may reappear on reopen"
+                    ) from exc
+                log.warning("kvtier: %s: clean-close index not written (%s)", self.directory, exc)
         finally:
             self._close_files()
             self.dir.release()
