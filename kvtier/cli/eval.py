@@ -35,11 +35,35 @@ from kvtier.cli.args import UsageError, positive_int
 from kvtier.cli.plots import PLOT_HINT, plot_lines
 from kvtier.cli.results import add_output_arguments, dense_tokens, output_file
 from kvtier.config import HGAConfig
+from kvtier.errors import ConfigError
 
-__all__ = ["EvalRow", "NEEDLES", "add_arguments", "run", "hga_config_for_budget", "default_budget",
+__all__ = ["EvalRow", "NEEDLES", "method_config", "answer_correct", "add_arguments", "run", "hga_config_for_budget", "default_budget",
            "sequence_nll", "plant_needle", "markdown_table", "diagnose", "diagnosis_table", "plot_eval"]
 
 METHODS = ("dense", "hga", "quest", "oracle")
+#: Method names also accept ``hga-<chunk_score>`` and ``hga-<chunk_score>-<group_score>`` (an HGA routing
+#: option, see ``HGAConfig``), e.g. ``hga-max_group``, ``hga-running_max-bound``, ``hga-sum+max_group``.
+HGA_PREFIX = "hga-"
+
+
+def method_config(method: str, hga: HGAConfig) -> tuple[str, HGAConfig]:
+    """``(kind, config)`` of a method name: kind is one of METHODS; hga options applied to ``hga``.
+
+    Raises
+    ------
+    ValueError
+        On an unknown method or routing option.
+    """
+    if method in METHODS:
+        return method, hga
+    if not method.startswith(HGA_PREFIX) or method.count("-") > 2:
+        raise ValueError(f"expected one of {', '.join(METHODS)} or hga-<chunk_score>[-<group_score>], got {method!r}")
+    chunk_score, _, group_score = method[len(HGA_PREFIX):].partition("-")
+    fields = {**asdict(hga), "chunk_score": chunk_score, "group_score": group_score or "sum"}
+    try:
+        return "hga", HGAConfig(**fields)
+    except ConfigError as exc:
+        raise ValueError(f"{method!r}: {exc}") from None
 
 #: (statement, value, question): the haystack gets ``statement + value + "."``; the prompt ends with
 #: ``"Question: <question>\nAnswer: <statement>"`` and the model must copy the value. Values are
@@ -59,8 +83,9 @@ NEEDLES: tuple[tuple[str, str, str], ...] = (
 class EvalRow:
     """One result row (the JSON schema of ``--json``).
 
-    ``needle_accuracy`` is set on needle rows (``nats_per_token`` is then None); ``depth``
-    on per-needle rows only.
+    ``needle_accuracy`` is set on needle and task rows (``nats_per_token`` is then None);
+    ``depth`` on per-needle rows only; ``task`` and ``seed`` on task-suite rows (``seed`` None:
+    the mean over seeds).
     """
 
     method: str
@@ -74,6 +99,8 @@ class EvalRow:
     scored_tokens: int = 0
     needle_accuracy: float | None = None
     depth: float | None = None
+    task: str | None = None
+    seed: int | None = None
 
 
 def default_budget(config: HGAConfig) -> int:
@@ -168,14 +195,15 @@ def plant_needle(
 
 
 def _use(model: Any, method: str, hga: HGAConfig, routed: int) -> Any:
-    """Switch the model to ``method``; return the stats accumulator (None for dense)."""
+    """Switch the model to ``method`` (a name of :func:`method_config`); return the stats accumulator (None for dense)."""
     import kvtier.hf
 
-    if method == "dense":
+    kind, cfg = method_config(method, hga)
+    if kind == "dense":
         model.set_attn_implementation("sdpa")
         return None
     model.set_attn_implementation(kvtier.hf.ATTN_IMPLEMENTATION)
-    return kvtier.hf.configure(model, hga=hga, method=method, routed_keys=routed)
+    return kvtier.hf.configure(model, hga=cfg, method=kind, routed_keys=routed)
 
 
 def _density_of(stats: Any, length: int) -> tuple[float, float]:
@@ -210,7 +238,17 @@ def markdown_table(rows: list[EvalRow], dense_upto: int | None = None) -> str:
             method = r.method + (" (= dense)" if _is_dense(r, dense_upto) else "")
             marked |= _is_dense(r, dense_upto)
             out.append(f"| {r.length} | {method} | {r.nats_per_token:.4f} | {gap} | {keys} | {r.density:.3f} | {r.seconds:.0f} |")
-    needles = [r for r in rows if r.needle_accuracy is not None and r.depth is None]
+    needles = [r for r in rows if r.needle_accuracy is not None and r.depth is None and r.task is None]
+    tasks = [r for r in rows if r.task is not None and r.seed is None]
+    if tasks:
+        methods = list(dict.fromkeys(r.method for r in tasks))
+        out.append("")
+        out.append("| task | length | budget | " + " | ".join(methods) + " |")
+        out.append("|---|---:|---:|" + "---:|" * len(methods))
+        for key in dict.fromkeys((r.task, r.length, r.budget) for r in tasks):
+            acc = {r.method: r.needle_accuracy for r in tasks if (r.task, r.length, r.budget) == key}
+            out.append(f"| {key[0]} | {key[1]} | {key[2]} | "
+                       + " | ".join(f"{100 * acc[m]:.0f}%" if m in acc else "" for m in methods) + " |")
     if needles:
         methods = list(dict.fromkeys(r.method for r in needles))
         lengths = sorted({r.length for r in needles})
@@ -345,7 +383,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-file", type=Path, default=None,
                         help="text to score (default: the essay shipped in kvtier/data)")
     parser.add_argument("--lengths", default="2048,4096,8192", help="comma-separated context lengths in tokens")
-    parser.add_argument("--methods", default="dense,hga,quest,oracle", help=f"comma-separated, from {METHODS}")
+    parser.add_argument("--methods", default=None,
+                        help=f"default dense,hga,quest,oracle (--smoke: dense,hga); comma-separated, from {METHODS} "
+                             "or hga-<chunk_score>[-<group_score>] (e.g. hga-max_group, hga-running_max-bound, "
+                             "hga-sum+max_group)")
     parser.add_argument("--budget", type=positive_int, default=None,
                         help="keys per query for every sparse method, sinks + local + current chunk included "
                              "(default: HGA's default configuration, 1216)")
@@ -358,6 +399,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths as fractions (default 0.1,0.5,0.9)")
     parser.add_argument("--diagnose", type=positive_int, default=None, metavar="LENGTH",
                         help="only: per-layer attention mass captured by each selection at LENGTH tokens")
+    parser.add_argument("--budgets", default=None,
+                        help="comma-separated budgets (keys per query) to sweep; overrides --budget")
+    parser.add_argument("--tasks", default=None,
+                        help="task suite: 'all' or comma-separated from single, multikey, multivalue, multiquery, "
+                             "vartrack, freqwords, randkey (see kvtier/cli/tasks.py)")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="samples per task, length and method (default 3)")
+    parser.add_argument("--tasks-only", action="store_true", help="run the task suite without NLL passes or needles")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds: every task once at 768 tokens with a 720-key budget, no NLL passes")
     add_output_arguments(parser, "eval", kinds=("json",))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
@@ -386,10 +436,16 @@ def _fractions(text: str, name: str) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation; print the table; write JSON when asked. Returns the exit status."""
     lengths = _ints(args.lengths, "lengths")
+    if args.methods is None:
+        args.methods = "dense,hga" if args.smoke else "dense,hga,quest,oracle"
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
+    if not methods:
         raise UsageError(f"--methods: expected some of {', '.join(METHODS)}, got {args.methods!r}")
+    for m in methods:
+        try:
+            method_config(m, HGAConfig())
+        except ValueError as exc:
+            raise UsageError(f"--methods: {exc}") from None
     if "dense" in methods:  # gaps are measured against it, so it runs first
         methods = ["dense"] + [m for m in methods if m != "dense"]
     depths = _fractions(args.depths, "depths")
@@ -398,11 +454,21 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     base = HGAConfig() if args.top_chunks is None else HGAConfig(top_chunks=args.top_chunks)
-    budget = default_budget(base) if args.budget is None else args.budget
-    try:
-        hga, routed = hga_config_for_budget(budget, base)
-    except ValueError as exc:
-        raise UsageError(f"--budget: {str(exc).removeprefix('budget: ')}") from None
+    if args.smoke:  # seconds: one short length, one group routed, one seed of every task
+        lengths, args.budget, args.budgets, args.seeds = [768], 720, None, 1
+        args.tasks = args.tasks or "all"
+    budgets = [default_budget(base)] if args.budget is None else [args.budget]
+    if args.budgets:
+        budgets = _ints(args.budgets, "budgets")
+    configs = []
+    for budget in budgets:
+        try:
+            configs.append((budget, *hga_config_for_budget(budget, base)))
+        except ValueError as exc:
+            raise UsageError(f"--budget: {str(exc).removeprefix('budget: ')}") from None
+    tasks = _task_list(args.tasks)
+    args.budget_list = budgets
+    budget, hga, routed = configs[0]
     if args.text_file is not None and not args.text_file.is_file():
         raise UsageError(f"--text-file: expected a readable file, got {str(args.text_file)!r}")
     json_path = output_file(args, "json", "eval")
@@ -428,15 +494,70 @@ def run(args: argparse.Namespace) -> int:
             json_path.write_text(json.dumps({"length": length, "budget": budget, "rows": rows_d}, indent=1))
             print(f"results: {json_path}")
         return 0
-    print(f"kvtier eval: {args.model} on {device}, {len(tokens)} text tokens, budget {budget} keys/query "
-          f"({routed} routed), methods {','.join(methods)}, lengths {','.join(map(str, lengths))}", flush=True)
-    dense_upto = dense_tokens(hga)
-    if min(lengths) <= dense_upto:
-        print(f"note: at {dense_upto} tokens or fewer this budget covers every key: sparse rows there are dense "
-              "attention and are marked (= dense)", flush=True)
     rows: list[EvalRow] = []
+    for budget, hga, routed in configs:
+        print(f"kvtier eval: {args.model} on {device}, {len(tokens)} text tokens, budget {budget} keys/query "
+              f"({routed} routed), methods {','.join(methods)}, lengths {','.join(map(str, lengths))}", flush=True)
+        dense_upto = dense_tokens(hga)
+        if min(lengths) <= dense_upto:
+            print(f"note: at {dense_upto} tokens or fewer this budget covers every key: sparse rows there are dense "
+                  "attention and are marked (= dense)", flush=True)
+        _run_budget(args, rows, json_path, model, tokenizer, tokens, text, device, methods, lengths, depths, tasks,
+                    budget, hga, routed)
+    print(markdown_table(rows, dense_upto))
+    written = []
+    if json_path is not None:
+        _write_json(json_path, rows, args, budgets)
+        written.append(str(json_path))
+    png = plot_eval([asdict(r) for r in rows], output_file(args, "png", "eval"), f"{args.model}, budget {budget} keys/query")
+    written.append(str(png) if png else PLOT_HINT)
+    print("results: " + ", ".join(written))
+    return 0
+
+
+def _task_list(text: str | None) -> list[str]:
+    from kvtier.cli.tasks import TASKS
+
+    if not text:
+        return []
+    tasks = list(TASKS) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise UsageError(f"--tasks: expected 'all' or some of {', '.join(TASKS)}, got {bad}")
+    return tasks
+
+
+@torch.no_grad()
+def answer_correct(model: Any, ids: torch.Tensor, spans: list[tuple[int, int]]) -> bool:
+    """Whether the greedy prediction is right at every token of every span (teacher-forced).
+
+    Parameters
+    ----------
+    ids : Tensor ``[1, L]``
+    spans : list of ``[start, end)``
+        Positions whose token the position before must predict.
+    """
+    hidden = _backbone(model)(input_ids=ids, use_cache=False).last_hidden_state
+    pos = torch.tensor([p - 1 for s, e in spans for p in range(s, e)], device=ids.device)
+    pred = model.get_output_embeddings()(hidden[0, pos]).argmax(-1)
+    return bool(torch.equal(pred, ids[0, pos + 1]))
+
+
+def _run_budget(args: argparse.Namespace, rows: list[EvalRow], json_path: Path | None, model: Any, tokenizer: Any,
+                tokens: list[int], text: str, device: Any, methods: list[str], lengths: list[int],
+                depths: list[float], tasks: list[str], budget: int, hga: HGAConfig, routed: int) -> None:
+    """NLL passes, needles and tasks at one budget; rows are appended (and written) as they come."""
+    from tqdm import tqdm
+
+    from kvtier.cli.tasks import make_sample
+
+    def save() -> None:
+        if json_path is not None:
+            _write_json(json_path, rows, args, args.budget_list)
+
+    dense_upto = dense_tokens(hga)
     dense_nll: dict[int, float] = {}
-    jobs = [] if args.needles_only else [(n, m) for n in lengths for m in methods]
+    jobs = [] if (args.needles_only or args.tasks_only or args.smoke) else [(n, m) for n in lengths for m in methods]
     for length, method in tqdm(jobs, desc="nll", unit="pass", file=sys.stderr):
         ids = torch.tensor([tokens[:length]], device=device)
         stats = _use(model, method, hga, routed)
@@ -451,9 +572,8 @@ def run(args: argparse.Namespace) -> int:
         tqdm.write(f"  {length:>6} {method:<7} {nll:.4f} nats/token" + ("" if gap is None else f"  gap {gap:+.4f}")
                    + ("" if stats is None else f"  {keys:.0f} keys/query, density {density:.3f}")
                    + (" (= dense)" if _is_dense(rows[-1], dense_upto) else ""), file=sys.stderr)
-        if json_path is not None:
-            _write_json(json_path, rows, args, budget)
-    if args.needles or args.needles_only:
+        save()
+    if (args.needles or args.needles_only) and not args.tasks_only:
         # the needle rotates over depths and lengths, so each one is tried at several depths
         cells = [(n, d, (i + j) % len(NEEDLES), m) for j, n in enumerate(lengths) for i, d in enumerate(depths)
                  for m in methods]
@@ -471,20 +591,29 @@ def run(args: argparse.Namespace) -> int:
             found.setdefault((method, length), []).append(ok)
             rows.append(EvalRow(method, length, None, None, density, keys, budget, time.perf_counter() - t0,
                                 needle_accuracy=float(ok), depth=depth))
-            if json_path is not None:
-                _write_json(json_path, rows, args, budget)
+            save()
         for (method, length), oks in found.items():
             rows.append(EvalRow(method, length, None, None, float("nan"), float("nan"), budget, 0.0,
                                 needle_accuracy=sum(oks) / len(oks)))
-    print(markdown_table(rows, dense_upto))
-    written = []
-    if json_path is not None:
-        _write_json(json_path, rows, args, budget)
-        written.append(str(json_path))
-    png = plot_eval([asdict(r) for r in rows], output_file(args, "png", "eval"), f"{args.model}, budget {budget} keys/query")
-    written.append(str(png) if png else PLOT_HINT)
-    print("results: " + ", ".join(written))
-    return 0
+    cells = [(t, n, seed, m) for t in tasks for n in lengths for seed in range(args.seeds) for m in methods]
+    solved: dict[tuple[str, int, str], list[bool]] = {}
+    for task, length, seed, method in tqdm(cells, desc="tasks", unit="pass", file=sys.stderr):
+        sample = make_sample(task, length, seed, tokenizer, tokens, text)
+        ids = torch.tensor([sample.ids], device=device)
+        stats = _use(model, method, hga, routed)
+        t0 = time.perf_counter()
+        ok = answer_correct(model, ids, sample.spans)
+        density, keys = _density_of(stats, length)
+        solved.setdefault((task, length, method), []).append(ok)
+        rows.append(EvalRow(method, length, None, None, density, keys, budget, time.perf_counter() - t0,
+                            needle_accuracy=float(ok), task=task, seed=seed))
+        save()
+    for (task, length, method), oks in solved.items():
+        dens = [r.density for r in rows if r.task == task and r.length == length and r.method == method
+                and r.budget == budget and r.seed is not None]
+        rows.append(EvalRow(method, length, None, None, sum(dens) / len(dens), float("nan"), budget, 0.0,
+                            needle_accuracy=sum(oks) / len(oks), task=task))
+    save()
 
 
 def plot_eval(rows: list[dict[str, Any]], path: str | Path, subtitle: str = "") -> Path | None:
@@ -498,7 +627,7 @@ def plot_eval(rows: list[dict[str, Any]], path: str | Path, subtitle: str = "") 
         key, ylabel, title = "gap_vs_dense", "NLL gap to dense (nats/token)", "Fidelity: NLL gap to dense attention"
         use = nll
     else:
-        use = [r for r in rows if r["needle_accuracy"] is not None and r["depth"] is None]
+        use = [r for r in rows if r["needle_accuracy"] is not None and r["depth"] is None and r.get("task") is None]
         key, ylabel, title = "needle_accuracy", "needles found (fraction)", "Needle retrieval"
     if not use:
         return None
@@ -512,12 +641,12 @@ def plot_eval(rows: list[dict[str, Any]], path: str | Path, subtitle: str = "") 
                       logx=len(lengths) > 2, xticks=[(n, str(n)) for n in lengths])
 
 
-def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budget: int) -> None:
+def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budgets: list[int]) -> None:
     def clean(x: Any) -> Any:
         return None if isinstance(x, float) and math.isnan(x) else x
 
     payload = {
-        "conditions": {"model": args.model, "budget": budget, "score_fraction": args.score_fraction,
+        "conditions": {"model": args.model, "budget": budgets[0] if len(budgets) == 1 else budgets, "score_fraction": args.score_fraction,
                        "lengths": args.lengths, "methods": args.methods, "torch": torch.__version__,
                        "threads": torch.get_num_threads(),
                        "text_file": str(args.text_file) if args.text_file else "kvtier/data/essay.txt"},

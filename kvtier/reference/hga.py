@@ -283,10 +283,11 @@ def route_block(
         local_ids = torch.cat((first, _best_first(rest, kc - k1)), dim=-1)
     chunk_ids = local_ids + win.sink_end  # [B, Hq, Lb, kc]
 
-    groups = group_summ.to(torch.float64).repeat_interleave(rep, dim=1)  # [B, Hq, N, M, Dg]
-    n = groups.shape[2]
-    groups = groups.reshape(b, hq, 1, n, m * dg).expand(b, hq, lb, n, m * dg)
-    picked = torch.gather(groups, 3, chunk_ids[..., None].expand(b, hq, lb, kc, m * dg))
+    # The routed chunks' groups by indexing (query head h reads KV head h // rep): the same
+    # values a gather from the head-expanded table would give, without building it per block.
+    bi = torch.arange(b, device=q.device)[:, None, None, None]
+    hi = (torch.arange(hq, device=q.device) // rep)[None, :, None, None]
+    picked = group_summ[bi, hi, chunk_ids].to(torch.float64)  # [B, Hq, Lb, kc, M, Dg]
     picked = picked.reshape(b, hq, lb, kc * m, dg)
     group_scores = torch.matmul(picked, qg[..., None]).squeeze(-1)  # [B, Hq, Lb, kc * M]
     global_ids = (chunk_ids[..., None] * m + torch.arange(m, device=q.device)).reshape(b, hq, lb, kc * m)
