@@ -41,7 +41,7 @@ def test_bench_alone_lists_its_subcommands(capsys):
         (["demo", "--tokens", "zero"], "kvtier demo: --tokens: expected an integer >= 1, got 'zero'"),
         (["demo", "--kv-heads", "3"], "kvtier demo: --kv-heads: expected a divisor of --q-heads=8, got 3"),
         (["demo", "--host-bytes", "lots"], "kvtier demo: --host-bytes: expected a byte count"),
-        (["eval", "--methods", "hga,magic"], "kvtier eval: --methods: expected some of dense, hga, quest, oracle"),
+        (["eval", "--methods", "hga,magic"], "kvtier eval: --methods: expected one of dense, hga, quest, oracle or hga-"),
         (["eval", "--lengths", "2K"], "kvtier eval: --lengths: expected comma-separated integers, got '2K'"),
         (["eval", "--budget", "710"], "kvtier eval: --budget: expected the windows plus a multiple"),
         (["eval", "--depths", "0.5,3"], "kvtier eval: --depths: expected comma-separated fractions"),
