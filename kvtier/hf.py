@@ -11,12 +11,13 @@ own weights, unchanged::
 
 Two paths, one result:
 
-* **With a TieredCache** (generation): closed chunks (64 tokens per layer, ``[2, Hkv, C, D]``)
-  go to a :class:`kvtier.TieredStore` (device cache, host tier, disk tier). The compute
-  device keeps only the chunk and group summaries, the sink chunks, the local window and
-  the open chunk; for each block of queries that share a chunk, the routed chunks are read
-  from the store and exact softmax attention runs over sinks + local window + routed
-  groups + the causal part of the current chunk.
+* **With a TieredCache** (generation): a thin adapter over :class:`kvtier.engine.HGAEngine`.
+  Closed chunks (64 tokens per layer, ``[2, Hkv, C, D]``) go to a :class:`kvtier.TieredStore`
+  (host tier, disk tier); the compute device keeps the chunk and group summaries, the sink
+  chunks, the local window, the open chunk and (CUDA) a group cache; for each block of
+  queries that share a chunk, the routed groups are gathered from the host slab by slot and
+  exact softmax attention runs over sinks + local window + routed groups + the causal part
+  of the current chunk.
 * **Without a cache, or with a transformers cache** (teacher-forced scoring): the full K/V
   arrives and the function calls HGA over it directly (``kvtier.hga_attention`` when the
   kernels are there, the reference otherwise); ``configure(model, method="quest" | "oracle")``
@@ -44,13 +45,10 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvtier.config import HGAConfig, StoreConfig
-from kvtier.errors import ConfigError, TransferError
+from kvtier.errors import ConfigError
 from kvtier.hf_layers import exact_attention, hga_mask, key_padding_of, layer_types_of, sliding_window_of
-from kvtier.layout import KVLayout, windows_at
-from kvtier.reference.attention import masked_attention_ref
-from kvtier.reference.hga import RouteCarry, RoutePlan, route_block, plan_widths
-from kvtier.reference.rope import rope_inv_freq
-from kvtier.reference.summaries import routing_summaries_ref
+from kvtier.layout import KVLayout
+from kvtier.reference.hga import RouteCarry
 from kvtier.rope import RopeSpec, rope_spec_of
 
 __all__ = [
@@ -290,36 +288,12 @@ def cache_kwargs(model: Any, cache: Cache) -> dict[str, Cache]:
 # --------------------------------------------------------------------------- tiered cache
 
 
-class _GrowingRows:
-    """A tensor that grows along dim 2 by doubling (amortised O(1) append per closed chunk)."""
-
-    def __init__(self) -> None:
-        self.buf: torch.Tensor | None = None
-        self.n = 0
-
-    def append(self, rows: torch.Tensor) -> None:
-        need = self.n + rows.shape[2]
-        if self.buf is None or need > self.buf.shape[2]:
-            cap = max(need, 2 * (self.buf.shape[2] if self.buf is not None else 8))
-            grown = rows.new_empty(*rows.shape[:2], cap, *rows.shape[3:])
-            if self.buf is not None:
-                grown[:, :, : self.n] = self.buf[:, :, : self.n]
-            self.buf = grown
-        self.buf[:, :, self.n : need] = rows
-        self.n = need
-
-    def view(self) -> torch.Tensor:
-        assert self.buf is not None
-        return self.buf[:, :, : self.n]
-
-
 class TieredLayer(DynamicLayer):
     """One layer of a :class:`TieredCache` (created by it; not meant to be built directly).
 
-    Holds, on the compute device: float32 chunk summaries ``[B, Hkv, N, D]`` and group
-    summaries ``[B, Hkv, N, M, D]`` of the N closed chunks, the sink chunks, the last
-    ``local_chunks`` closed chunks and the open chunk (``[B, Hkv, < C, D]``). Every closed
-    chunk is written to the store as ``[2, Hkv, C, D]`` under ``(seq_id=b, layer, chunk)``.
+    Holds the new tokens' K/V between ``update`` and the ``"hga"`` attention call that
+    follows; everything else (summaries, windows, group cache, slot tables) lives in the
+    cache's :class:`kvtier.engine.HGAEngine`.
     """
 
     def __init__(self, cache: TieredCache, layer_idx: int) -> None:
@@ -331,14 +305,7 @@ class TieredLayer(DynamicLayer):
     def _clear(self) -> None:
         self.num_tokens = 0
         self.batch_size: int | None = None
-        self._open_k: torch.Tensor | None = None  # [B, Hkv, n_open, D], n_open < C after attend
-        self._open_v: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._chunk_summ = _GrowingRows()
-        self._group_summ = _GrowingRows()
-        self._windows: dict[int, torch.Tensor] = {}  # chunk -> [B, 2, Hkv, C, D] (sinks and local)
-        self.num_closed = 0
-        self._route_carry: RouteCarry | None = None  # running chunk scores of the open chunk
 
     # -- transformers Cache layer API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -381,7 +348,6 @@ class TieredLayer(DynamicLayer):
         return -1
 
     def reset(self) -> None:
-        self._cache._drop_layer(self)
         self._clear()
         self.is_initialized = False
 
@@ -398,152 +364,31 @@ class TieredLayer(DynamicLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("TieredCache: beam search is not supported")
 
-    # -- HGA over the tiered K/V
-    def _close(self, kv: torch.Tensor, inv_freq: torch.Tensor) -> None:
-        """Close chunk ``num_closed``: ``kv [B, 2, Hkv, C, D]``; summarise, store, window it."""
-        cfg = self._cache.hga
-        j = self.num_closed
-        k = kv[:, 0]
-        start = j * cfg.chunk_size
-        chunk_summ, group_summ = routing_summaries_ref(k, cfg, inv_freq, start=start)
-        self._chunk_summ.append(chunk_summ)
-        self._group_summ.append(group_summ)
-        self._cache._write_chunk(self.layer_idx, j, kv)
-        self._windows[j] = kv
-        self.num_closed = j + 1
-        # The next query sits in chunk >= num_closed: its local window starts at num_closed - L.
-        keep_from = max(cfg.sink_chunks, self.num_closed - cfg.local_chunks)
-        for old in [c for c in self._windows if cfg.sink_chunks <= c < keep_from]:
-            del self._windows[old]
-
-    def attend(self, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """HGA for the pending tokens' queries.
-
-        Parameters
-        ----------
-        q : Tensor ``[B, Hq, Lq, D]``
-            Post-RoPE queries of the tokens passed to the last :meth:`update`.
-        scale : float
-            Softmax scale of the model.
-
-        Returns
-        -------
-        out : Tensor ``[B, Hq, Lq, D]`` in ``q.dtype``
-        keys_per_query : Tensor ``[B, Hq, Lq]`` int64
-        context_per_query : Tensor ``[Lq]`` int64
-        """
+    def attend(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """HGA for the pending tokens' queries ``q [B, Hq, Lq, D]``; returns ``[B, Hq, Lq, D]``."""
         if self._pending is None:
             raise RuntimeError(f"TieredCache layer {self.layer_idx}: expected an update before attention, got none")
-        new_k, new_v = self._pending
-        cache, cfg = self._cache, self._cache.hga
-        c, m = cfg.chunk_size, cfg.groups_per_chunk
-        b, hq, lq, d = q.shape
-        if new_k.shape[2] != lq or new_k.shape[0] != b:
-            raise ValueError(f"q: expected [B={new_k.shape[0]}, Hq, Lq={new_k.shape[2]}, D] like the update, got {list(q.shape)}")
-        inv_freq = cache._inv_freq(q.device)
-        start = self.num_tokens
-        base = self.num_closed * c  # absolute position of work[:, :, 0]
-        work_k = new_k if self._open_k is None else torch.cat((self._open_k, new_k), dim=2)
-        work_v = new_v if self._open_v is None else torch.cat((self._open_v, new_v), dim=2)
-        out = torch.empty_like(q)
-        keys = torch.empty(b, hq, lq, dtype=torch.long, device=q.device)
-        pos = start
-        while pos < start + lq:
-            cur = pos // c
-            block_end = min(start + lq - 1, cur * c + c - 1)
-            while self.num_closed < cur:  # every chunk before the block's own is closed
-                lo = self.num_closed * c - base
-                self._close(torch.stack((work_k[:, :, lo : lo + c], work_v[:, :, lo : lo + c]), dim=1), inv_freq)
-            rows = slice(pos - start, block_end - start + 1)
-            cur_lo, cur_hi = cur * c - base, block_end + 1 - base
-            o, kq = self._attend_block(
-                q[:, :, rows], pos, block_end, work_k[:, :, cur_lo:cur_hi], work_v[:, :, cur_lo:cur_hi], scale
-            )
-            out[:, :, rows] = o
-            keys[:, :, rows] = kq
-            pos = block_end + 1
-        end = start + lq
-        while (self.num_closed + 1) * c <= end:  # close the chunks that filled up
-            lo = self.num_closed * c - base
-            self._close(torch.stack((work_k[:, :, lo : lo + c], work_v[:, :, lo : lo + c]), dim=1), inv_freq)
-        lo = self.num_closed * c - base
-        self._open_k = work_k[:, :, lo:].clone() if end > self.num_closed * c else None
-        self._open_v = work_v[:, :, lo:].clone() if end > self.num_closed * c else None
-        self.num_tokens = end
+        k, v = self._pending
         self._pending = None
-        context = torch.arange(start + 1, end + 1, device=q.device)
-        return out, keys, context
+        out = self._cache.engine.forward(self.layer_idx, q, k, v, scale=scale)
+        self.num_tokens += k.shape[2]
+        return out
 
-    def _attend_block(
-        self, q: torch.Tensor, first: int, last: int, cur_k: torch.Tensor, cur_v: torch.Tensor, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries at positions ``first..last`` of one chunk; ``cur_k/v [B, Hkv, last - chunk start + 1, D]``."""
-        cfg = self._cache.hga
-        c, g, m = cfg.chunk_size, cfg.group_size, cfg.groups_per_chunk
-        b, hq, lb, d = q.shape
-        win = windows_at(first, c, cfg.sink_chunks, cfg.local_chunks)
-        assert self.num_closed == win.current
-        fixed = list(range(win.sink_end)) + list(range(win.local_start, win.current))
-        plan: RoutePlan | None = None
-        routed = torch.empty(b, 0, dtype=torch.long, device=q.device)
-        if win.num_candidates > 0 and cfg.top_chunks > 0 and cfg.top_groups > 0:
-            plan = route_block(
-                q.float(), self._chunk_summ.view(), self._group_summ.view(), win, cfg, plan_widths(cfg, last),
-                first_pos=first, carry=self._route_carry,
-            )
-            self._route_carry = plan.carry
-            chunk_of = torch.where(plan.group_ids >= 0, plan.group_ids // m, -1).reshape(b, -1)
-            per_seq = [torch.unique(row[row >= 0]) for row in chunk_of]
-            width = max(len(r) for r in per_seq)
-            routed = torch.full((b, width), -1, dtype=torch.long, device=q.device)
-            for i, r in enumerate(per_seq):
-                routed[i, : len(r)] = r
-            fetch_of = torch.where(plan.fetch_group_ids >= 0, plan.fetch_group_ids // m, -1).reshape(b, -1)
-            fetch = [torch.unique(row[row >= 0]) for row in fetch_of]
-            prefetch = torch.full((b, max(len(f) for f in fetch)), -1, dtype=torch.long, device=q.device)
-            for i, f in enumerate(fetch):
-                prefetch[i, : len(f)] = f
-        else:
-            prefetch = None
-        routed_kv = self._cache._read_chunks(self.layer_idx, routed, prefetch)  # [B, R, 2, Hkv, C, D]
-        parts = [self._windows[j] for j in fixed]  # each [B, 2, Hkv, C, D]
-        kv = torch.cat([p.unsqueeze(1) for p in parts] + [routed_kv], dim=1) if parts or routed.numel() else None
-        hkv = cur_k.shape[1]
-        n_cur = cur_k.shape[2]
-        if kv is not None:
-            n_units = kv.shape[1]
-            k_all = torch.cat((kv[:, :, 0].permute(0, 2, 1, 3, 4).reshape(b, hkv, n_units * c, d), cur_k), dim=2)
-            v_all = torch.cat((kv[:, :, 1].permute(0, 2, 1, 3, 4).reshape(b, hkv, n_units * c, d), cur_v), dim=2)
-        else:
-            k_all, v_all = cur_k, cur_v
-        n_fixed = len(fixed) * c
-        vis_fixed = torch.ones(b, hq, lb, n_fixed, dtype=torch.bool, device=q.device)
-        if plan is not None and routed.shape[1] > 0:
-            total_groups = self.num_closed * m
-            chosen = torch.zeros(b, hq, lb, total_groups + 1, dtype=torch.bool, device=q.device)
-            chosen.scatter_(3, torch.where(plan.group_ids < 0, total_groups, plan.group_ids), True)
-            slot_groups = (routed[:, :, None] * m + torch.arange(m, device=q.device)).reshape(b, -1)
-            slot_groups = torch.where(slot_groups < 0, total_groups, slot_groups)  # padding -> never chosen
-            chosen[..., total_groups] = False
-            vis_routed = torch.gather(chosen, 3, slot_groups[:, None, None, :].expand(b, hq, lb, -1))
-            vis_routed = vis_routed.repeat_interleave(g, dim=3)
-        else:
-            vis_routed = torch.zeros(b, hq, lb, 0, dtype=torch.bool, device=q.device)
-        qpos = torch.arange(first, last + 1, device=q.device)
-        kpos = win.current * c + torch.arange(n_cur, device=q.device)
-        vis_cur = (kpos[None, :] <= qpos[:, None]).expand(b, hq, lb, n_cur)
-        visible = torch.cat((vis_fixed, vis_routed, vis_cur), dim=3)
-        out = masked_attention_ref(q, k_all, v_all, visible, scale=scale)
-        return out, visible.sum(dim=-1)
+
+#: Engine counters TieredCache.stats() also shows at its top level (what a benchmark reads).
+_FLAT_STATS = (
+    "cache_hits", "cache_misses", "device_cache_hit_rate", "host_bytes_gathered", "disk_waits", "disk_wait_s",
+    "prefetch_issued", "prefetch_hits", "prefetch_hit_share", "host_syncs", "cuda_graphs", "decode_steps",
+)  # fmt: skip
 
 
 class TieredCache(Cache):
     """A transformers ``Cache`` whose K/V lives in a :class:`kvtier.TieredStore`, attended by HGA.
 
-    The compute device keeps the chunk and group summaries, the sink chunks, the local window
-    and the open chunk of every layer; every closed chunk goes to the store (its device tier
-    is the bounded cache of routed chunks, then the host tier, which spills to a disk tier
-    under ``store.disk_dir`` when ``host_bytes`` is exceeded).
+    A thin adapter over :class:`kvtier.engine.HGAEngine`: the compute device keeps the chunk
+    and group summaries, the sink chunks, the local window and the open chunk of every layer
+    (and, on CUDA, a group cache); every closed chunk goes to the store's host tier, which
+    spills to a disk tier under ``store.disk_dir`` when ``host_bytes`` is exceeded.
 
     Parameters
     ----------
@@ -552,11 +397,13 @@ class TieredCache(Cache):
     hga : HGAConfig, optional
         Budgets and windows; the paper's defaults when omitted.
     store : StoreConfig, optional
-        Budgets and disk folder of the store; ``StoreConfig()`` when omitted (a private temporary disk folder).
+        Budgets and disk folder of the store; ``StoreConfig()`` when omitted (no disk tier).
+        ``gpu_bytes`` is the budget of the engine's device group cache (the store itself
+        gets no device tier: the engine caches groups, not chunks).
     prefetch : bool
-        After each block's reads, ask the store to make the block's fetch set (the routed
-        chunks and the next best, ``HGAConfig.fetch_groups``) resident in its device tier,
-        asynchronously, so that later blocks and decode steps hit there. Default True.
+        Promote the router's fetch set (the routed chunks and the next best,
+        ``HGAConfig.fetch_groups``) from disk to the host tier on the store's I/O threads
+        while other layers compute. Default True.
 
     Raises
     ------
@@ -567,9 +414,10 @@ class TieredCache(Cache):
     Notes
     -----
     Only models loaded with ``attn_implementation="hga"`` can use it: ``update`` returns
-    the new tokens' K/V only. The store is created at the first update (when dtype and
-    device are known) and closed by :meth:`close` (or ``with TieredCache(...) as cache``).
-    Sequences of a batch have equal lengths; sequence b's chunks are stored under seq_id b.
+    the new tokens' K/V only. The store and the engine are created at the first update (when
+    dtype, device and batch are known) and closed by :meth:`close` (or ``with
+    TieredCache(...) as cache``). Sequences of a batch have equal lengths (no padding);
+    sequence b's chunks are stored under seq_id b.
     """
 
     def __init__(
@@ -586,12 +434,9 @@ class TieredCache(Cache):
         self.rope_theta = rope_theta_of(model_config)
         self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim = _model_geometry(model_config)
         self.store: Any = None
-        self.attention_stats = AttentionStats()
-        #: Routed-chunk reads by the tier that served them ("device", "host", "disk").
-        self.reads_by_tier = {"device": 0, "host": 0, "disk": 0}
-        #: Ask the store to bring each block's fetch set to its device tier (router-driven prefetch).
+        self.engine: Any = None
+        #: Promote the router's fetch set from disk on the store's I/O threads.
         self.prefetch = prefetch
-        self._inv_freq_by_device: dict[torch.device, torch.Tensor] = {}
         super().__init__(layers=[TieredLayer(self, i) for i in range(self.num_layers)])
 
     # -- called by the layers
@@ -607,12 +452,17 @@ class TieredCache(Cache):
             layer.batch_size = k.shape[0]
         elif layer.batch_size != k.shape[0]:
             raise ValueError(f"key states: expected batch {layer.batch_size} as before, got {k.shape[0]}")
-        if self.store is None:
-            self._open_store(k.dtype, k.device)
+        if self.engine is None:
+            self._open(k.dtype, k.device, k.shape[0])
         elif k.dtype != self.store.layout.dtype:
             raise TypeError(f"key states: expected dtype {self.store.layout.dtype} as before, got {k.dtype}")
+        elif k.shape[0] != self.engine.batch_size:
+            raise ValueError(f"key states: expected batch {self.engine.batch_size} as before, got {k.shape[0]}")
 
-    def _open_store(self, dtype: torch.dtype, device: torch.device) -> None:
+    def _open(self, dtype: torch.dtype, device: torch.device, batch_size: int) -> None:
+        from dataclasses import replace
+
+        from kvtier.engine import HGAEngine
         from kvtier.store import TieredStore
 
         layout = KVLayout(
@@ -620,106 +470,81 @@ class TieredCache(Cache):
             dtype=dtype, chunk_size=self.hga.chunk_size, group_size=self.hga.group_size,
         )
         config = self.store_config
-        if config.device is None:
-            from dataclasses import replace
-
-            config = replace(config, device=str(device))
-        self.store = TieredStore(layout, config)
-        # A disk folder may hold chunks of an earlier run with the same layout: never serve them.
-        for seq_id in sorted({key.seq_id for key in self.store.keys()}):
-            self.store.drop(seq_id)
-
-    def _inv_freq(self, device: torch.device) -> torch.Tensor:
-        if device not in self._inv_freq_by_device:
-            self._inv_freq_by_device[device] = rope_inv_freq(self.head_dim, self.rope_theta, device=device)
-        return self._inv_freq_by_device[device]
-
-    def _write_chunk(self, layer: int, chunk: int, kv: torch.Tensor) -> None:
-        """``kv [B, 2, Hkv, C, D]``: one store write per sequence."""
-        for b in range(kv.shape[0]):
-            self.store.write((b, layer, chunk), kv[b].contiguous())
-
-    def _read_chunks(self, layer: int, chunk_ids: torch.Tensor, prefetch_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """``chunk_ids [B, R]`` (-1: padding) -> ``[B, R, 2, Hkv, C, D]`` read from the store.
-
-        ``prefetch_ids [B, F]`` (the routed chunks plus the next best) are then made resident in
-        the store's device tier, asynchronously, for the next blocks and decode steps.
-        """
-        b, r = chunk_ids.shape
-        store = self.store
-        lay = store.layout
-        out = torch.zeros(b, r, *lay.chunk_shape, dtype=lay.dtype, device=self.store_device)
-        ids = chunk_ids.tolist()
-        keys = [(i, layer, j) for i in range(b) for j in ids[i] if j >= 0]
-        if keys:
-            bufs = [out[i, s] for i in range(b) for s, j in enumerate(ids[i]) if j >= 0]
-            for key in keys:  # where each read is served from: the fastest tier holding it
-                where = store.where(key)
-                tier = "device" if "device" in where else "host" if "host" in where else "disk"
-                self.reads_by_tier[tier] += 1
-            missed = store.read(keys, bufs)
-            if missed:
-                raise TransferError(
-                    f"TieredCache: expected every routed chunk in the store, got {len(missed)} missing "
-                    f"(first {tuple(missed[0])}); give the store a disk_dir or a larger host_bytes"
-                )
-        if prefetch_ids is not None and store._device is not None and self.prefetch:
-            wanted = prefetch_ids.tolist()
-            hints = [(i, layer, j) for i in range(b) for j in wanted[i] if j >= 0]
-            if hints:
-                store.prefetch(hints, to="device")
-        return out
+        # The store's tensors are made outside inference mode: its I/O threads write them.
+        with torch.inference_mode(False):
+            if self.store is None:
+                self.store = TieredStore(layout, replace(config, gpu_bytes=0, device=str(device)))
+                # A disk folder may hold chunks of an earlier run with the same layout: never serve them.
+                for seq_id in sorted({key.seq_id for key in self.store.keys()}):
+                    self.store.drop(seq_id)
+            self.engine = HGAEngine(
+                self.store, self.hga, num_q_heads=self.num_q_heads, batch_size=batch_size,
+                rope_theta=self.rope_theta, device=device, cache_bytes=int(config.gpu_bytes),
+                prefetch=self.prefetch,
+            )  # fmt: skip
 
     @property
     def store_device(self) -> torch.device:
         """Device the attention runs on (the first layer's K/V device)."""
-        for layer in self.layers:
-            if getattr(layer, "is_initialized", False):
-                return layer.device
-        return torch.device("cpu")
-
-    def _drop_layer(self, layer: TieredLayer) -> None:
-        """Nothing per layer: chunks are dropped per sequence in :meth:`reset`."""
+        return self.engine.device if self.engine is not None else torch.device("cpu")
 
     # -- public
     def reset(self) -> None:
         """Forget every sequence (store contents included); the cache can be reused."""
+        if self.engine is not None:
+            self.engine.reset()
+            self.engine.close()
+            self.engine = None
         if self.store is not None:
             for seq_id in sorted({key.seq_id for key in self.store.keys()}):
                 self.store.drop(seq_id)
         for layer in self.layers:
             layer.reset()
-        self.attention_stats.reset()
-        self.reads_by_tier = dict.fromkeys(self.reads_by_tier, 0)
 
     def stats(self) -> dict[str, Any]:
-        """Tokens, keys per query, density and the store's counters.
+        """Tokens, keys per query, density, what the engine moved, and the store's counters.
 
         Returns
         -------
         dict
             ``tokens``, ``closed_chunks`` (per layer, layer 0), ``mean_keys_per_query``,
-            ``density``, ``device_resident_bytes`` (summaries, windows and open chunks on
-            the compute device), ``reads_by_tier`` (routed-chunk reads by the tier that
-            served them) and ``store`` (:meth:`kvtier.TieredStore.stats`, or None).
+            ``density``, ``device_resident_bytes`` (engine state on the compute device),
+            ``reads_by_tier`` (routed groups served per step by the device group cache, the
+            host slab, and chunks read from disk for a waiting step), ``engine``
+            (:meth:`kvtier.engine.HGAEngine.stats`: bytes gathered, cache hit rate, disk
+            waits, prefetch hit share, host syncs, ``cuda_graphs``; the benchmark's counters
+            also at the top level: ``cache_hits``, ``cache_misses``, ``device_cache_hit_rate``,
+            ``host_bytes_gathered``, ``disk_waits``, ``disk_wait_s``, ``prefetch_issued``,
+            ``prefetch_hits``, ``prefetch_needed``, ``prefetch_hit_share``, ``host_syncs``,
+            ``cuda_graphs``, ``decode_steps``) and ``store``
+            (:meth:`kvtier.TieredStore.stats`, or None).
         """
-        resident = 0
-        for layer in self.layers:
-            tensors = [layer._chunk_summ.buf, layer._group_summ.buf, layer._open_k, layer._open_v]
-            tensors += list(layer._windows.values())
-            resident += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        eng = self.engine.stats() if self.engine is not None else None
+        reads = {"device": 0, "host": 0, "disk": 0}
+        if eng is not None:
+            rate = eng["device_cache_hit_rate"]
+            gathered = eng["groups_gathered"]
+            if rate is not None and rate < 1.0:
+                reads["device"] = round(gathered * rate / (1.0 - rate))
+            reads["host"] = gathered
+            reads["disk"] = eng["disk_waits"]
         return {
             "tokens": self.get_seq_length(),
-            "closed_chunks": self.layers[0].num_closed if self.layers else 0,
-            "mean_keys_per_query": self.attention_stats.mean_keys_per_query,
-            "density": self.attention_stats.density,
-            "device_resident_bytes": resident,
-            "reads_by_tier": dict(self.reads_by_tier),
+            "closed_chunks": eng["closed_chunks"] if eng else 0,
+            "mean_keys_per_query": eng["mean_keys_per_query"] if eng else 0.0,
+            "density": eng["density"] if eng else 0.0,
+            "device_resident_bytes": eng["device_resident_bytes"] if eng else 0,
+            "reads_by_tier": reads,
+            **{key: eng[key] for key in _FLAT_STATS if eng is not None},
+            "prefetch_needed": (eng["prefetch_hits"] + eng["disk_waits"]) if eng else 0,
+            "engine": eng,
             "store": None if self.store is None else self.store.stats(),
         }
 
     def close(self) -> None:
         """Close the store (its disk files stay in ``disk_dir``, which the caller owns)."""
+        if self.engine is not None:
+            self.engine.close()
         if self.store is not None:
             self.store.close()
 
@@ -899,9 +724,7 @@ def hga_attention_forward(
                 "attention_mask: TieredCache expected a batch without padding (every row of equal length), got "
                 "padding; run padded batches without a TieredCache, or one sequence at a time"
             )
-        out, keys, context = layer.attend(query, scale)
-        layer._cache.attention_stats.add(keys, context)
-        return out.transpose(1, 2).contiguous(), None
+        return layer.attend(query, scale).transpose(1, 2).contiguous(), None
     settings: _Settings | None = getattr(module, _SETTINGS, None)
     if settings is None:
         settings = _Settings(hga=HGAConfig(), method="hga", routed_keys=None)

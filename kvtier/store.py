@@ -193,6 +193,8 @@ class TieredStore:
         #: Chunks that left the store because the host tier was full and there is no disk tier.
         self._dropped = 0
         self._local = threading.local()
+        self._host_watch: Callable[[ChunkKey, int], None] | None = None  # engine support
+        self._host_fence: Callable[[], None] | None = None  # engine support
         self._pool = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="kvtier-io")
         if self._disk is not None:
             try:
@@ -272,6 +274,7 @@ class TieredStore:
         key = entry.key
         assert self._index.get(key) is entry, "only live entries are unindexed"
         del self._index[key]
+        self._note_host(key, -1)
         seq = self._by_seq[key.seq_id]
         seq.discard(key)
         if not seq:
@@ -330,6 +333,7 @@ class TieredStore:
             self._policy["host"].remove(victim.key)
             self._host.free(victim.host)  # type: ignore[arg-type]
             victim.host = None
+            self._note_host(victim.key, -1)
             if victim.disk is None:  # no disk tier: the chunk is gone (device copy too)
                 if self._dropped == 0:
                     log.info(
@@ -339,6 +343,8 @@ class TieredStore:
                 self._dropped += 1
                 log.debug("kvtier: dropped %s (host tier full, no disk tier)", tuple(victim.key))
                 self._unindex(victim)
+            if self._host_fence is not None:  # a device reader may still read the freed slot
+                self._host_fence()
         return self._host.allocate()
 
     def _alloc_disk(self, *, wait: bool = False) -> int:
@@ -422,6 +428,7 @@ class TieredStore:
             if old is not None:
                 self._unindex(old)
             self._install(_Entry(k, host=slot))
+            self._note_host(k, slot)
             self._policy["host"].touch(k)
             self._stats["host"].bytes_written += self._cb
 
@@ -912,6 +919,7 @@ class TieredStore:
             for (entry, _, _, host_slot), ok in zip(reqs, oks):
                 if ok and self._index.get(entry.key) is entry and entry.host is None:
                     entry.host = host_slot
+                    self._note_host(entry.key, host_slot)
                     self._policy["host"].touch(entry.key)
                     self._stats["host"].bytes_written += self._cb
                 else:
@@ -1149,3 +1157,36 @@ class TieredStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- engine support
+    # What kvtier.engine needs to address the host slab by slot from its own tensors: a
+    # callback on every host slot change, the lock under which slots are stable, and a fence
+    # that device readers of the slab register so a slot freed by eviction is reused only
+    # after the reads queued before the eviction have run.
+    def watch_host_slots(self, callback: Callable[[ChunkKey, int], None] | None) -> None:
+        """Call ``callback(key, slot)`` whenever the host slab slot of a stored key changes.
+
+        ``slot`` is the new slot in :attr:`host_slab`, or -1 when the key left the host tier
+        (spilled, evicted, dropped, overwritten). It runs under the store lock (see
+        :meth:`host_lock`), on whichever thread changed the slot (I/O workers included), so it
+        must be quick and must not call the store. One watcher at a time; None removes it.
+        """
+        with self._lock:
+            self._host_watch = callback
+
+    def set_host_fence(self, fence: Callable[[], None] | None) -> None:
+        """Call ``fence()`` (under the store lock) before reusing a host slot freed by eviction.
+
+        A reader that queues asynchronous reads of :attr:`host_slab` (a GPU gather) passes a
+        function that waits for those reads, e.g. ``event.synchronize``.
+        """
+        with self._lock:
+            self._host_fence = fence
+
+    def host_lock(self) -> threading.RLock:
+        """The store lock: while held, no host slot changes owner (``with store.host_lock(): ...``)."""
+        return self._lock
+
+    def _note_host(self, key: ChunkKey, slot: int) -> None:
+        if self._host_watch is not None:
+            self._host_watch(key, slot)

@@ -7,7 +7,6 @@ import torch
 
 import kvtier
 from kvtier import HGAConfig
-from kvtier.attention import HostKVDecode
 from kvtier.reference import dense_attention_ref
 from kvtier.reference import hga_attention as hga_ref
 
@@ -135,48 +134,6 @@ def test_gpu_prefill_block_bf16_equals_reference():
 def test_gpu_prefill_spanning_chunks_bf16_equals_reference():
     q, k, v = _gpu_case(4096 + 100, 100, 4096)
     _gpu_compare(q, k, v, 4096)
-
-
-def _host_decode_case(dtype, device, lk, hq, hkv, d, cfg, theta, bsz=2, seed=12, steps=3, segmented=False):
-    torch.manual_seed(seed)
-    k = torch.randn(bsz, hkv, lk, d, dtype=dtype, device=device)
-    v = torch.randn(bsz, hkv, lk, d, dtype=dtype, device=device)
-    pos = lk - 1
-    dec = HostKVDecode.from_dense(
-        k,
-        v,
-        config=cfg,
-        num_q_heads=hq,
-        position=pos,
-        rope_theta=theta,
-        pin=device == "cuda",
-        cache_entries=64 if device == "cpu" else 1024,
-    )
-    dec.gather_segmented = segmented
-    q = torch.randn(bsz, hq, 1, d, dtype=dtype, device=device)
-    for step in range(steps):  # a random walk: later steps hit the cache
-        qs = q + 0.1 * step * torch.randn_like(q)
-        dec.q.copy_(qs)
-        out = dec.step()
-        want, stats = kvtier.hga_attention(
-            qs, k, v, config=cfg, rope_theta=theta, start_pos=pos, backend="triton"
-        )
-        assert torch.equal(dec.plan[1], stats.plan.group_ids)
-        assert (out.float() - want[:, :, 0].float()).abs().max().item() <= 1e-5 + 1e-2 * (
-            dtype != torch.float32
-        )
-    return dec
-
-
-@pytest.mark.parametrize("segmented", [False, True])
-def test_host_decode_equals_dense_kernel_path(segmented):
-    dec = _host_decode_case(torch.float32, "cpu", 230, 4, 2, 32, CFG, THETA, segmented=segmented)
-    assert int(dec.misses.sum()) <= 2 * 2 * 2 * 8  # bounded by the fetch union
-
-
-@pytest.mark.gpu
-def test_gpu_host_decode_bf16_equals_dense_kernel_path():
-    _host_decode_case(torch.bfloat16, "cuda", 16384 + 5, 32, 8, 128, HGAConfig(), 5e5, bsz=2)
 
 
 @pytest.mark.gpu

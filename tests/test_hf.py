@@ -136,7 +136,7 @@ def test_sparse_generation_spilled_to_disk_is_reproducible(ids: torch.Tensor, tm
     layout_chunk_bytes = 2 * 2 * 16 * 16 * 4  # [2, Hkv=2, C=16, D=16] float32
     runs = []
     for run in range(2):
-        store = StoreConfig(gpu_bytes=2 * layout_chunk_bytes, host_bytes=4 * layout_chunk_bytes,
+        store = StoreConfig(gpu_bytes=2 * layout_chunk_bytes, host_bytes=8 * layout_chunk_bytes,
                             disk_dir=tmp_path / f"run{run}", disk_bytes="8MiB")
         with kvtier.hf.TieredCache(model.config, hga=SPARSE, store=store) as cache:
             torch.manual_seed(5)
@@ -144,7 +144,7 @@ def test_sparse_generation_spilled_to_disk_is_reproducible(ids: torch.Tensor, tm
                                  max_new_tokens=20, do_sample=False)
             st = cache.stats()["store"]
             assert st["disk"]["chunks"] > 0 and st["disk"]["bytes_read"] > 0  # routed chunks came from disk
-            assert st["host"]["used_bytes"] <= 4 * layout_chunk_bytes
+            assert st["host"]["used_bytes"] <= 8 * layout_chunk_bytes
         runs.append(out)
     assert torch.equal(runs[0], runs[1])
     kvtier.hf.configure(model, hga=SPARSE)
@@ -152,6 +152,31 @@ def test_sparse_generation_spilled_to_disk_is_reproducible(ids: torch.Tensor, tm
     cacheless = model.generate(prompt, attention_mask=torch.ones_like(prompt), use_cache=False,
                                max_new_tokens=20, do_sample=False)
     assert torch.equal(runs[0], cacheless)
+
+
+def test_generation_inside_inference_mode(ids: torch.Tensor, tmp_path) -> None:
+    """Runtimes generate inside torch.inference_mode(): the store's I/O threads (prefetch from
+    disk) and later calls outside it keep working, with the same tokens as under no_grad."""
+    model = tiny_model("llama")
+    prompt = ids[:, :150]
+    chunk_bytes = 2 * 2 * 16 * 16 * 4
+    runs, stats = [], []
+    for run, mode in enumerate((torch.inference_mode, torch.no_grad)):
+        store = StoreConfig(gpu_bytes=0, host_bytes=8 * chunk_bytes, disk_dir=tmp_path / f"r{run}", disk_bytes="8MiB")
+        # Routing wider than what is attended, so the fetch set reaches chunks no query attended yet.
+        hga = HGAConfig(**SMALL, top_chunks=4, top_groups=2, fetch_groups=8)
+        with kvtier.hf.TieredCache(model.config, hga=hga, store=store) as cache:
+            with mode():
+                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+                                     max_new_tokens=12, do_sample=False)
+            with torch.no_grad():  # the same cache, continued outside inference mode
+                model(out[:, -1:], **kvtier.hf.cache_kwargs(model, cache))
+            stats.append(cache.stats())
+        runs.append(out)
+    assert torch.equal(runs[0], runs[1])
+    st = stats[0]
+    assert st["store"]["disk"]["bytes_read"] > 0 and st["prefetch_issued"] > 0
+    assert st["prefetch_needed"] == st["prefetch_hits"] + st["disk_waits"]
 
 
 def test_sampled_generation_is_seeded(ids: torch.Tensor) -> None:

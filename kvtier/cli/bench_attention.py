@@ -6,8 +6,8 @@ one layer, contexts 8K .. 1M, batch 1 and 4, all in one run:
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with every K/V in HBM
   (decode: one query over all keys; prefill: 64 queries over all keys, not causal);
 * ``hga_host``: one HGA decode step (routing + dedup/cache lookup + gather + attention,
-  :class:`kvtier.attention.HostKVDecode`) with closed chunks in pinned host memory and an
-  HBM group cache, replayed as a CUDA graph; ``cold`` empties the cache before every step,
+  :class:`kvtier.engine.LayerDecode` of a one-layer engine from ``engine_from_dense``) with
+  closed chunks in pinned host memory and an HBM group cache, replayed as a CUDA graph; ``cold`` empties the cache before every step,
   ``steady`` follows a random walk of the queries (``q += sigma * |q| * noise`` per step,
   normalised) after warm-up steps, and reports the reuse it got;
 * per-stage times of the steady step (each stage its own graph);
@@ -35,11 +35,12 @@ from pathlib import Path
 
 import torch
 
-from kvtier.attention import HostKVDecode, _hga_kernels, _route, prefill_tables
+from kvtier.attention import _hga_kernels, _route, prefill_tables
 from kvtier.cli.args import UsageError, format_tokens, positive_float, positive_int, positive_ints, token_counts
 from kvtier.cli.plots import PLOT_HINT, plot_lines
 from kvtier.cli.results import CSV_COLUMNS, add_output_arguments, append_csv, output_file, source_commit
 from kvtier.config import HGAConfig
+from kvtier.engine import LayerDecode, engine_from_dense
 from kvtier.kernels.sparse_prefill import sparse_prefill
 from kvtier.reference.hga import plan_widths
 
@@ -263,21 +264,21 @@ def _bench_one(
     add(pf, "sdpa", "time", "ms", timer.bench(lambda: sdpa(q_blk, k, v, enable_gqa=True), n=20))
 
     pos = ctx - 1
-    n = pos // c
-    gs = torch.randn(bsz, hkv, n, m, d, generator=gen, device=dev)
+    n = ctx // c  # chunks the engine closes over ctx tokens
+    gs = torch.randn(bsz, hkv, max(1, n), m, d, generator=gen, device=dev)
     cs = gs.sum(dim=3)
     t0 = time.perf_counter()
-    dec = HostKVDecode.from_dense(
+    engine = engine_from_dense(
         k,
         v,
         config=cfg,
         num_q_heads=hq,
-        position=pos,
         rope_theta=args.rope_theta,
         pin=dev == "cuda",
         summaries=(cs, gs),
         cache_entries=1024 if timer.cuda else 64,
     )
+    dec = engine.decoder(0)  # the kernel decode step of a query at position ctx - 1
     setup_s = time.perf_counter() - t0
     dec.q.copy_(q1)
     dec.step()  # compile every kernel before capture
@@ -495,7 +496,7 @@ def _bench_one(
         torch.cuda.empty_cache()
 
 
-def _sweep(dec: HostKVDecode, args: argparse.Namespace, timer: _Timer, add, rep: int) -> dict[str, object]:
+def _sweep(dec: LayerDecode, args: argparse.Namespace, timer: _Timer, add, rep: int) -> dict[str, object]:
     """Time launch variants of the decode step's stages (each its own graph); keep the fastest.
 
     This is the autotuning of the benchmark: the chosen route and attention settings are

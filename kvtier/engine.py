@@ -1,0 +1,1155 @@
+"""The HGA engine: per model, the state HGA keeps beside a :class:`kvtier.TieredStore`, and one step per layer.
+
+Per layer and batch row the engine owns, on the compute device:
+
+* float32 chunk summaries ``[B, Hkv, N, D]`` and group summaries ``[B, Hkv, N, M, D]`` of the
+  N closed chunks (grown by doubling);
+* a ring of ``hot = sink_chunks + local_chunks + 1`` chunk slots per row holding the sink
+  chunks, the local window and the open chunk, the first ``B * hot`` slots of a device slab
+  ``[slots, 2, Hkv, C, D]`` (``slot_map [B, N]`` says which slot holds a window chunk);
+* with the kernels, the rest of that slab is the device group cache: E entries per
+  (row, KV head), looked up and filled by ``assign_groups`` / ``gather_groups``;
+* a slot table ``[B, N]`` int32 mapping (row, chunk) of this layer to the store's host slab
+  slot (-1: not in the host tier), kept current by the store's host-slot callback on every
+  write, spill, eviction, promotion and drop, so a step never asks the store where a chunk is.
+
+One call, :meth:`HGAEngine.forward`, takes one layer's new post-RoPE K/V and the queries of
+the same tokens and returns the attention output; prefill pieces and decode tokens go through
+it alike, split into blocks of positions that share a chunk, each position routed on its own
+(as the reference, :mod:`kvtier.reference.hga`). A block: route -> make the routed groups
+resident (host slab by slot; only chunks that are on disk alone are waited for, with one
+batched store call) -> attend over windows + routed groups + the causal own chunk. A chunk
+that fills is summarised and written to the store (``seq_id`` = batch row).
+
+Two flows over the same state:
+
+* ``"torch"`` (CPU): routing by :func:`kvtier.reference.route_block`; per (row, KV head) the
+  union of the groups its query heads and positions chose is gathered from the host slab by
+  slot-table indexing, once; softmax attention in float32 over ring keys + those groups, each
+  query masked to its own choice.
+* ``"kernels"`` (CUDA, or the Triton interpreter): decode by :class:`LayerDecode`
+  (``route_chunks`` + ``route_groups`` -> ``assign_groups`` -> ``gather_groups`` from the
+  pinned host slab -> ``sparse_decode``) over preallocated buffers, no host sync and no
+  allocation while every chunk is host-resident; prefill blocks by the routing kernels, the
+  block's union gathered into a scratch slab and ``sparse_prefill``.
+
+Batches are sequences of equal length (no padding: the engine carries one length per layer).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvtier.config import HGAConfig
+from kvtier.errors import CapacityError, TransferError
+from kvtier.layout import Windows, windows_at
+from kvtier.reference.hga import RouteCarry, RoutePlan, plan_widths, route_block
+from kvtier.reference.rope import rope_inv_freq
+from kvtier.reference.summaries import routing_summaries_ref
+from kvtier.store import ChunkKey, TieredStore
+
+__all__ = ["BACKENDS", "HGAEngine", "LayerDecode", "engine_from_dense"]
+
+#: Accepted values of ``backend``.
+BACKENDS = ("auto", "torch", "kernels")
+
+_BIG = 1 << 62  # padding of sorted id rows (sorts after every real id)
+_PREFETCH_TTL = 64  # decode steps a prefetched chunk is tracked for the prefetch hit share
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _normal_tensors() -> Any:
+    """Engine state is created outside inference mode: it is updated in place across calls
+    that may run inside or outside ``torch.inference_mode()`` and by the store's I/O threads."""
+    return torch.inference_mode(False)
+
+
+def _union(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sorted distinct ids of each row of ``ids [..., n]`` (-1 = none): ``([..., U], U)``, ``_BIG`` padded.
+
+    U is the longest row's count (one device-to-host read on CUDA).
+    """
+    if ids.shape[-1] == 0:
+        return ids.new_full((*ids.shape[:-1], 0), _BIG), 0
+    x = torch.where(ids < 0, _BIG, ids).sort(dim=-1).values
+    dup = torch.zeros_like(x, dtype=torch.bool)
+    dup[..., 1:] = x[..., 1:] == x[..., :-1]
+    x = torch.where(dup, _BIG, x).sort(dim=-1).values
+    u = int((x < _BIG).sum(dim=-1).max()) if x.numel() else 0
+    return x[..., :u].contiguous(), u
+
+
+def _fixed_keys(positions: torch.Tensor, config: HGAConfig) -> torch.Tensor:
+    """Keys of the windows and the causal current chunk of each position ``[Lq]``."""
+    c = config.chunk_size
+    cur = positions // c
+    sink_end = cur.clamp(max=config.sink_chunks)
+    local_start = torch.maximum(sink_end, cur - config.local_chunks)
+    return (sink_end + cur - local_start) * c + positions - cur * c + 1
+
+
+@dataclass
+class _Counters:
+    """Python-side counters of the engine (device-side ones live in tensors)."""
+
+    queries: int = 0
+    decode_steps: int = 0
+    disk_waits: int = 0  # routed chunks a step waited for (disk to host)
+    disk_wait_s: float = 0.0
+    prefetch_issued: int = 0
+    prefetch_hits: int = 0  # routed chunks that were disk-resident, made host-resident by prefetch in time
+    host_syncs: int = 0  # deliberate device-to-host reads (residency checks, table sizes)
+    fence_waits: int = 0  # host slot reuse waited for queued gathers
+
+
+class _Layer:
+    """State of one layer (see the module docstring)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.num_tokens = 0
+        self.num_closed = 0
+        self.cap = 0
+        self.cs: torch.Tensor | None = None  # [B, Hkv, cap, D] float32
+        self.gs: torch.Tensor | None = None  # [B, Hkv, cap, M, D] float32
+        self.slab: torch.Tensor | None = None  # [B * hot + cache slots, 2, Hkv, C, D]
+        self.ring_chunk: list[int] = []  # chunk held by each ring slot (-1: none)
+        self.slot_map: torch.Tensor | None = None  # [B, cap] int32, ring slot of window chunks
+        self.host_np: np.ndarray = np.zeros((0, 0), dtype=np.int32)  # [B, cap] host slot, -1 absent
+        self.host_cpu: torch.Tensor | None = None  # torch view of host_np
+        self.host_dev: torch.Tensor | None = None  # device copy (CUDA only)
+        self.dirty: set[tuple[int, int]] = set()  # entries of host_np not yet in host_dev
+        self.missing: set[tuple[int, int]] = set()  # closed chunks not in the host tier
+        self.prefetched: dict[tuple[int, int], int] = {}  # (row, chunk) -> decode step it was asked for
+        # group cache (kernels): where [B, Hkv, cap * M], tags / stamp [B, Hkv, E], counter [B, Hkv]
+        self.where: torch.Tensor | None = None
+        self.tags: torch.Tensor | None = None
+        self.stamp: torch.Tensor | None = None
+        self.counter: torch.Tensor | None = None
+        self.decode: LayerDecode | None = None
+        # Routing options that keep state across the positions of one chunk (a running-max
+        # chunk score) carry it from block to block: RoutePlan.carry of the last block.
+        self.carry: RouteCarry | None = None
+
+    @property
+    def ring(self) -> torch.Tensor:
+        """``[B, hot, 2, Hkv, C, D]`` view of the ring slots."""
+        assert self.slab is not None
+        return self._ring
+
+    def host_table(self) -> torch.Tensor:
+        """Slot table the compute device reads: ``[B, cap]`` int32."""
+        return self.host_dev if self.host_dev is not None else self.host_cpu  # type: ignore[return-value]
+
+
+class HGAEngine:
+    """HGA over a :class:`kvtier.TieredStore`: summaries, windows, group cache and slot tables per layer.
+
+    Parameters
+    ----------
+    store : TieredStore
+        Holds every closed chunk; its layout gives layers, Hkv, D, dtype, C and G. The engine
+        registers itself as the store's host-slot watcher (one engine per store).
+    hga : HGAConfig, optional
+        Budgets and windows; ``chunk_size`` and ``group_size`` must match the store's layout.
+    num_q_heads : int
+        Hq, a multiple of the layout's Hkv.
+    batch_size : int
+        B; row b's chunks are stored under ``seq_id = b``.
+    rope_theta : float, optional
+        RoPE base of plain RoPE, for the summaries.
+    rope : kvtier.rope.RopeSpec, optional
+        The model's own RoPE frequencies (instead of ``rope_theta``).
+    device : torch.device or str
+        Compute device of q, k, v and of the engine's state.
+    backend : {"auto", "torch", "kernels"}
+        "auto": the kernels on CUDA, torch ops otherwise. "kernels" on the CPU needs
+        ``TRITON_INTERPRET=1``.
+    cache_bytes : int, optional
+        Budget of the device group cache over all layers (kernels); sets E, the entries per
+        (row, KV head, layer), rounded down to a power of two but never below one step's
+        fetch set (``Hq / Hkv * fetch width``).
+    cache_entries : int, optional
+        E itself (a power of two), overriding ``cache_bytes``.
+    prefetch : bool
+        Promote the router's fetch set (``fetch_group_ids``) from disk to the host tier on the
+        store's I/O threads when some of it is on disk only. Default True.
+
+    Notes
+    -----
+    What synchronises with the host, and why (CUDA):
+
+    * a chunk closing (every C tokens per layer): ``store.write`` copies it to the host tier;
+      if that evicts a host slot, the store waits (fence) for the gathers queued before;
+    * a block whose layer has chunks on disk only, or prefetches in flight: the routed chunk
+      ids are read back to know which chunks to wait for and to prefetch;
+    * a prefill block: the size of its routed-group union is read back to size the tables.
+
+    A decode step over host-resident chunks reads nothing back.
+    """
+
+    def __init__(
+        self,
+        store: TieredStore,
+        hga: HGAConfig | None = None,
+        *,
+        num_q_heads: int,
+        batch_size: int,
+        rope_theta: float | None = None,
+        rope: Any = None,
+        device: torch.device | str = "cpu",
+        backend: str = "auto",
+        cache_bytes: int | None = None,
+        cache_entries: int | None = None,
+        prefetch: bool = True,
+    ) -> None:
+        if not isinstance(store, TieredStore):
+            raise TypeError(f"store: expected a TieredStore, got {type(store).__name__}")
+        hga = HGAConfig() if hga is None else hga
+        if not isinstance(hga, HGAConfig):
+            raise TypeError(f"hga: expected an HGAConfig, got {type(hga).__name__}")
+        lay = store.layout
+        if (hga.chunk_size, hga.group_size) != (lay.chunk_size, lay.group_size):
+            raise ValueError(
+                f"hga: expected chunk_size, group_size = {lay.chunk_size}, {lay.group_size} like the store's "
+                f"layout, got {hga.chunk_size}, {hga.group_size}"
+            )
+        if isinstance(num_q_heads, bool) or not isinstance(num_q_heads, int) or num_q_heads % lay.num_kv_heads:
+            raise ValueError(f"num_q_heads: expected a multiple of Hkv={lay.num_kv_heads}, got {num_q_heads!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        self.device = torch.device(device)
+        summed = hga.chunk_score == "sum" and hga.group_score == "sum"
+        if backend == "auto":
+            backend = "kernels" if self.device.type == "cuda" and summed else "torch"
+        if backend == "kernels" and not summed:
+            raise ValueError(
+                f"backend='kernels': expected chunk_score='sum' and group_score='sum' (the routing kernels score "
+                f"summed summaries only), got {hga.chunk_score!r} and {hga.group_score!r}; use backend='torch'"
+            )
+        if backend == "kernels" and self.device.type != "cuda" and not _interpreting():
+            raise ValueError(f"backend='kernels': expected a CUDA device (or TRITON_INTERPRET=1), got {self.device}")
+        self.backend = backend
+        self.store = store
+        self.hga = hga
+        self.layout = lay
+        self.num_layers = lay.num_layers
+        self.num_q_heads = num_q_heads
+        self.num_kv_heads = lay.num_kv_heads
+        self.head_dim = lay.head_dim
+        self.batch_size = batch_size
+        self.rep = num_q_heads // lay.num_kv_heads
+        self.prefetch = prefetch
+        if (rope is None) == (rope_theta is None):
+            raise ValueError("rope_theta, rope: expected exactly one of them, got " + ("both" if rope is not None else "neither"))
+        self.rope_theta = None if rope_theta is None else float(rope_theta)
+        c, m = hga.chunk_size, hga.groups_per_chunk
+        self.hot = hga.sink_chunks + hga.local_chunks + 1
+        self.group_key_dim = 2 * lay.head_dim if hga.group_score == "bound" else lay.head_dim
+        # What the summaries rotate by: the model's RopeSpec, or plain RoPE's frequencies.
+        self._inv_freq = rope if rope is not None else rope_inv_freq(lay.head_dim, self.rope_theta, device=self.device)
+        kf_max = min(hga.fetch_groups, hga.top_chunks * m)
+        e_min = 1 << max(0, (max(m, self.rep * kf_max) - 1).bit_length())
+        if cache_entries is None:
+            e = e_min
+            if cache_bytes is not None:
+                per_entry = self.num_layers * batch_size * lay.num_kv_heads * lay.group_bytes
+                fit = max(1, int(cache_bytes) // per_entry)
+                e = max(e_min, 1 << (fit.bit_length() - 1))
+        else:
+            e = int(cache_entries)
+            if e & (e - 1) or e < e_min:
+                raise ValueError(f"cache_entries: expected a power of two >= {e_min}, got {cache_entries}")
+        self.cache_entries = e if backend == "kernels" else 0
+        self.counters = _Counters()
+        self._layers = [_Layer(i) for i in range(self.num_layers)]
+        with _normal_tensors():
+            self._keys_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            self._density_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            self._gathered = torch.zeros((), dtype=torch.int64, device=self.device)  # groups host -> device
+            self._cache_used = torch.zeros((), dtype=torch.int64, device=self.device)  # distinct groups asked
+            self._gather_event = torch.cuda.Event() if self.device.type == "cuda" else None
+        self._slot_changes = 0
+        #: Attended group ids ``[B, Hq, Lb, Kg]`` of the last block (a view of the step's buffer: clone to keep).
+        self.last_group_ids: torch.Tensor | None = None
+        store.watch_host_slots(self._on_host_slot)
+        if self._gather_event is not None:
+            store.set_host_fence(self._fence)
+        del c
+
+    # ------------------------------------------------------------------ store callbacks
+    def _on_host_slot(self, key: ChunkKey, slot: int) -> None:
+        """Store callback (under its lock, any thread): keep the slot tables current."""
+        if key.seq_id >= self.batch_size:
+            return
+        st = self._layers[key.layer]
+        b, j = key.seq_id, key.chunk_idx
+        if j >= st.cap:
+            return
+        st.host_np[b, j] = slot
+        self._slot_changes += 1
+        if st.host_dev is not None:
+            st.dirty.add((b, j))
+        if j < st.num_closed:
+            if slot < 0:
+                st.missing.add((b, j))
+            else:
+                st.missing.discard((b, j))
+
+    def _fence(self) -> None:
+        """Store fence: a host slot freed by eviction may be read by a queued gather."""
+        if self._gather_event is not None:
+            self.counters.fence_waits += 1
+            self._gather_event.synchronize()
+
+    # ------------------------------------------------------------------ state
+    def _ring_slot(self, chunk: int) -> int:
+        sink = self.hga.sink_chunks
+        return chunk if chunk < sink else sink + (chunk - sink) % (self.hga.local_chunks + 1)
+
+    def _init_layer(self, st: _Layer, dtype: torch.dtype) -> None:
+        b, hkv, d = self.batch_size, self.num_kv_heads, self.head_dim
+        c, m = self.hga.chunk_size, self.hga.groups_per_chunk
+        cache_slots = -(-b * self.cache_entries // m) if self.backend == "kernels" else 0
+        with _normal_tensors():
+            st.slab = torch.zeros(b * self.hot + cache_slots, 2, hkv, c, d, dtype=dtype, device=self.device)
+            st._ring = st.slab[: b * self.hot].view(b, self.hot, 2, hkv, c, d)  # type: ignore[attr-defined]
+            if self.backend == "kernels":
+                e = self.cache_entries
+                i32 = dict(dtype=torch.int32, device=self.device)
+                st.tags = torch.full((b, hkv, e), -1, **i32)
+                st.stamp = torch.full((b, hkv, e), -1, **i32)
+                st.counter = torch.zeros(b, hkv, **i32)
+                st.where = torch.full((b, hkv, 0), -1, **i32)
+        st.ring_chunk = [-1] * self.hot
+        self._grow(st, 16)
+
+    def _grow(self, st: _Layer, need: int) -> None:
+        """Make room for ``need`` chunks in every per-chunk tensor (doubling)."""
+        if need <= st.cap:
+            return
+        cap = max(need, 2 * st.cap, 16)
+        b, hkv, d, m = self.batch_size, self.num_kv_heads, self.head_dim, self.hga.groups_per_chunk
+        n = st.cap
+        with _normal_tensors(), self.store.host_lock():
+            cs = torch.zeros(b, hkv, cap, d, dtype=torch.float32, device=self.device)
+            gs = torch.zeros(b, hkv, cap, m, self.group_key_dim, dtype=torch.float32, device=self.device)
+            slot_map = torch.zeros(b, cap, dtype=torch.int32, device=self.device)
+            host_np = np.full((b, cap), -1, dtype=np.int32)
+            if n:
+                cs[:, :, :n] = st.cs
+                gs[:, :, :n] = st.gs
+                slot_map[:, :n] = st.slot_map
+                host_np[:, :n] = st.host_np
+            st.cs, st.gs, st.slot_map, st.host_np = cs, gs, slot_map, host_np
+            st.host_cpu = torch.from_numpy(host_np)
+            if self.device.type != "cpu":
+                st.host_dev = st.host_cpu.to(self.device)
+                st.dirty.clear()
+            if st.where is not None:
+                where = torch.full((b, hkv, cap * m), -1, dtype=torch.int32, device=self.device)
+                where[:, :, : n * m] = st.where
+                st.where = where
+            st.cap = cap
+            st.decode = None  # its buffers view the old tensors
+
+    def _open_chunk(self, st: _Layer, chunk: int) -> None:
+        self._grow(st, chunk + 1)
+        slot = self._ring_slot(chunk)
+        st.ring_chunk[slot] = chunk
+        assert st.slot_map is not None
+        rows = torch.arange(self.batch_size, dtype=torch.int32, device=self.device) * self.hot + slot
+        st.slot_map[:, chunk] = rows
+
+    def _close_chunk(self, st: _Layer, chunk: int, summaries: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Chunk ``chunk`` is full: summarise it, write it to the store (it stays in the ring)."""
+        cfg = self.hga
+        c = cfg.chunk_size
+        slot = self._ring_slot(chunk)
+        assert st.cs is not None and st.gs is not None
+        if summaries is None:
+            k = st.ring[:, slot, 0]  # [B, Hkv, C, D]
+            cs, gs = routing_summaries_ref(k, cfg, self._inv_freq, start=chunk * c)
+            st.cs[:, :, chunk] = cs[:, :, 0]
+            st.gs[:, :, chunk] = gs[:, :, 0]
+        else:
+            st.cs[:, :, chunk] = summaries[0][:, :, chunk]
+            st.gs[:, :, chunk] = summaries[1][:, :, chunk]
+        with self.store.host_lock():
+            st.missing.update((b, chunk) for b in range(self.batch_size))
+            st.num_closed = chunk + 1
+        for b in range(self.batch_size):
+            self.store.write((b, st.index, chunk), st.ring[b, slot])
+
+    # ------------------------------------------------------------------ public
+    def num_tokens(self, layer: int = 0) -> int:
+        """Tokens the engine holds for ``layer`` (every row has as many)."""
+        return self._layers[layer].num_tokens
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
+    ) -> torch.Tensor:
+        """Append one layer's new tokens and attend their queries.
+
+        Parameters
+        ----------
+        layer : int
+            Layer index, ``0 <= layer < num_layers``.
+        q : Tensor ``[B, Hq, L, D]``
+            Post-RoPE queries of the new tokens (positions ``num_tokens(layer) ..``), last dim
+            contiguous, dtype of the store's layout, on the engine's device.
+        k, v : Tensor ``[B, Hkv, L, D]``
+            Post-RoPE keys and values of the same tokens.
+        scale : float, optional
+            Softmax scale, ``D ** -0.5`` when omitted (the kernels support only that).
+
+        Returns
+        -------
+        Tensor ``[B, Hq, L, D]`` in ``q.dtype``: HGA over every token so far, per position.
+
+        Raises
+        ------
+        TypeError, ValueError
+            On a wrong shape, dtype, device or scale.
+        TransferError
+            If a routed chunk is no longer in the store (lost), or a disk read failed.
+        CapacityError
+            If the host tier cannot hold one block's routed chunks at once.
+        """
+        self._check(layer, q, k, v)
+        d = self.head_dim
+        scale = d**-0.5 if scale is None else float(scale)
+        if self.backend == "kernels" and not math.isclose(scale, d**-0.5, rel_tol=1e-6):
+            raise ValueError(f"scale: expected head_dim ** -0.5 = {d ** -0.5:.6g} with the kernels, got {scale:.6g}")
+        st = self._layers[layer]
+        if st.slab is None:
+            self._init_layer(st, k.dtype)
+        c = self.hga.chunk_size
+        start, length = st.num_tokens, k.shape[2]
+        out = torch.empty_like(q)
+        pos = start
+        while pos < start + length:
+            cur = pos // c
+            end = min(start + length - 1, cur * c + c - 1)
+            rows = slice(pos - start, end - start + 1)
+            if pos % c == 0 or st.ring_chunk[self._ring_slot(cur)] != cur:
+                self._open_chunk(st, cur)
+            slot = self._ring_slot(cur)
+            st.ring[:, slot, 0, :, pos - cur * c : end - cur * c + 1] = k[:, :, rows]
+            st.ring[:, slot, 1, :, pos - cur * c : end - cur * c + 1] = v[:, :, rows]
+            st.num_tokens = end + 1
+            if self.backend == "kernels" and end == pos:
+                out[:, :, rows] = self._decode_kernels(st, q[:, :, rows], pos)
+            elif self.backend == "kernels":
+                out[:, :, rows] = self._prefill_kernels(st, q[:, :, rows], pos, end)
+            else:
+                out[:, :, rows] = self._block_torch(st, q[:, :, rows], pos, end, scale)
+            if layer == 0 and end == pos and length == 1:
+                self.counters.decode_steps += 1
+            if end % c == c - 1:
+                self._close_chunk(st, cur)
+            pos = end + 1
+        return out
+
+    def load_dense(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, *, summaries: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
+        """Take a whole context's K/V for ``layer`` without attending it (benchmarks, tests).
+
+        Parameters
+        ----------
+        layer : int
+            A layer that holds no tokens yet.
+        k, v : Tensor ``[B, Hkv, Lk, D]``
+            Post-RoPE K/V of positions ``0 .. Lk - 1``; afterwards the layer is as if
+            :meth:`forward` had run over them (chunks closed and written to the store).
+        summaries : tuple of Tensor, optional
+            ``(chunk_summ [B, Hkv, >= N, D], group_summ [B, Hkv, >= N, M, D])`` float32 to use
+            instead of computing them (the timing of routing does not depend on their values).
+        """
+        self._check(layer, k.new_zeros(self.batch_size, self.num_q_heads, k.shape[2], self.head_dim), k, v)
+        st = self._layers[layer]
+        if st.num_tokens:
+            raise ValueError(f"layer: expected an empty layer, got {st.num_tokens} tokens in layer {layer}")
+        if st.slab is None:
+            self._init_layer(st, k.dtype)
+        c, lk = self.hga.chunk_size, k.shape[2]
+        self._grow(st, -(-lk // c))
+        for j in range(-(-lk // c)):
+            end = min(lk, (j + 1) * c)
+            self._open_chunk(st, j)
+            slot = self._ring_slot(j)
+            st.ring[:, slot, 0, :, : end - j * c] = k[:, :, j * c : end]
+            st.ring[:, slot, 1, :, : end - j * c] = v[:, :, j * c : end]
+            st.num_tokens = end
+            if end == (j + 1) * c:
+                self._close_chunk(st, j, summaries)
+
+    def _check(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+            if t.dtype != self.layout.dtype:
+                raise TypeError(f"{name}: expected dtype {self.layout.dtype} (the store's layout), got {t.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"{name}: expected device {self.device}, got {t.device}")
+        b, hkv, d = self.batch_size, self.num_kv_heads, self.head_dim
+        if k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (b, hkv, d) or v.shape != k.shape:
+            raise ValueError(
+                f"k, v: expected [B={b}, Hkv={hkv}, L, D={d}] each, got {list(k.shape)} and {list(v.shape)}"
+            )
+        if q.dim() != 4 or tuple(q.shape) != (b, self.num_q_heads, k.shape[2], d):
+            raise ValueError(f"q: expected [{b}, {self.num_q_heads}, {k.shape[2]}, {d}], got {list(q.shape)}")
+        if k.shape[2] == 0:
+            raise ValueError("k: expected at least one new token, got 0")
+        if q.stride(-1) != 1:
+            raise ValueError(f"q: expected a contiguous last dim, got strides {q.stride()}")
+
+    # ------------------------------------------------------------------ residency
+    def _keys_of(self, st: _Layer, ids: torch.Tensor) -> list[ChunkKey]:
+        """Distinct (row, layer, chunk) keys of the chunks of global group ids ``[B, ...]`` (-1 = none)."""
+        m = self.hga.groups_per_chunk
+        flat = ids.reshape(ids.shape[0], -1)
+        rows = torch.arange(flat.shape[0], device=flat.device)[:, None].expand_as(flat)
+        code = torch.where(flat >= 0, rows * (1 << 40) + flat // m, -1).reshape(-1)
+        code = torch.unique(code[code >= 0])
+        if code.device.type != "cpu":
+            self.counters.host_syncs += 1
+        return [ChunkKey(x >> 40, st.index, x & ((1 << 40) - 1)) for x in code.tolist()]
+
+    def _make_resident(self, st: _Layer, attended: torch.Tensor, fetch: torch.Tensor) -> list[ChunkKey]:
+        """Pin the routed chunks, wait for those on disk only, prefetch the rest of the fetch set.
+
+        Returns the pinned keys (the caller unpins them once its gather is queued).
+        """
+        store = self.store
+        need = self._keys_of(st, attended)
+        with store.host_lock():
+            slots = {key: int(st.host_np[key.seq_id, key.chunk_idx]) for key in need}
+            for key in need:
+                if st.prefetched.pop((key.seq_id, key.chunk_idx), None) is not None and slots[key] >= 0:
+                    self.counters.prefetch_hits += 1
+            try:
+                store.pin(need)
+            except KeyError as exc:
+                raise TransferError(
+                    f"HGAEngine layer {st.index}: expected every routed chunk in the store, got {exc.args[0]}"
+                ) from None
+        waits = [key for key in need if slots[key] < 0]
+        try:
+            if waits:
+                self.counters.disk_waits += len(waits)
+                host_slots = store.host_slab.shape[0]
+                if len(need) > host_slots:
+                    raise CapacityError(
+                        f"host tier: expected room for one block's {len(need)} routed chunks of layer {st.index}, "
+                        f"got {host_slots} slots; raise StoreConfig.host_bytes"
+                    )
+                t0 = time.perf_counter()
+                store.prefetch(waits, to="host").wait()
+                self.counters.disk_wait_s += time.perf_counter() - t0
+                lost = [key for key in waits if st.host_np[key.seq_id, key.chunk_idx] < 0]
+                if lost:
+                    raise TransferError(
+                        f"HGAEngine layer {st.index}: expected routed chunks readable from disk, got {len(lost)} "
+                        f"failed or lost (first {tuple(lost[0])}); see the kvtier.store log"
+                    )
+            if self.prefetch:
+                want = set(self._keys_of(st, fetch)) - set(need)
+                step = self.counters.decode_steps
+                extra = [
+                    key for key in sorted(want)
+                    if st.host_np[key.seq_id, key.chunk_idx] < 0 and (key.seq_id, key.chunk_idx) not in st.prefetched
+                ]  # fmt: skip
+                if extra:
+                    store.prefetch(extra, to="host")
+                    self.counters.prefetch_issued += len(extra)
+                    st.prefetched.update(((key.seq_id, key.chunk_idx), step) for key in extra)
+                for rc, asked in list(st.prefetched.items()):
+                    if step - asked > _PREFETCH_TTL:
+                        del st.prefetched[rc]
+        except BaseException:
+            store.unpin(need)
+            raise
+        return need
+
+    def _fetch_set(self, chunk_ids: torch.Tensor, fetch_ids: torch.Tensor) -> torch.Tensor:
+        """What prefetch brings to the host tier, as group ids ``[B, n]``: the groups of
+        ``fetch_group_ids`` and the first group of every routed chunk (a chunk the router picked
+        but no query attended yet is the likeliest to be attended at the next step)."""
+        m = self.hga.groups_per_chunk
+        b = chunk_ids.shape[0]
+        first = torch.where(chunk_ids >= 0, chunk_ids * m, -1)
+        return torch.cat((fetch_ids.reshape(b, -1), first.reshape(b, -1)), dim=1)
+
+    def _drain(self, st: _Layer) -> None:
+        """Copy slot-table changes to the device table (CUDA; under the store lock)."""
+        if st.host_dev is None or not st.dirty:
+            return
+        items = list(st.dirty)
+        st.dirty.clear()
+        rows = torch.tensor([i for i, _ in items], dtype=torch.long)
+        cols = torch.tensor([j for _, j in items], dtype=torch.long)
+        vals = st.host_cpu[rows, cols]  # type: ignore[index]
+        st.host_dev[rows.to(self.device), cols.to(self.device)] = vals.to(self.device)
+
+    def _resident(
+        self, st: _Layer, attended: torch.Tensor, fetch: torch.Tensor, gather: Callable[[], bool]
+    ) -> None:
+        """Run ``gather`` under the store lock once every attended chunk is host-resident.
+
+        ``gather`` returns False when it finds an attended chunk off the host tier (the torch
+        flow checks its slots); it then runs again after :meth:`_make_resident`.
+        """
+        pinned: list[ChunkKey] = []
+        checked = False
+        try:
+            for _ in range(4):
+                if (st.missing or st.prefetched) and not checked:
+                    pinned = self._make_resident(st, attended, fetch)
+                    checked = True
+                with self.store.host_lock():
+                    if st.missing and not checked:
+                        continue
+                    self._drain(st)
+                    if gather():
+                        return
+                if checked:
+                    break
+                checked = False
+            raise CapacityError(
+                f"HGAEngine layer {st.index}: expected the routed chunks to stay host-resident, got them evicted "
+                "again; raise StoreConfig.host_bytes"
+            )
+        finally:
+            if pinned:
+                self.store.unpin(pinned)
+
+    # ------------------------------------------------------------------ torch flow
+    def _route_torch(self, st: _Layer, q: torch.Tensor, win: Windows, widths: tuple[int, int, int]) -> RoutePlan:
+        assert st.cs is not None and st.gs is not None
+        n = st.num_closed
+        p0 = st.num_tokens - q.shape[2]
+        plan = route_block(
+            q.float(), st.cs[:, :, :n], st.gs[:, :, :n], win, self.hga, widths, first_pos=p0, carry=st.carry
+        )
+        st.carry = plan.carry
+        return plan
+
+    def _ring_mask(self, st: _Layer, win: Windows, p0: int, p1: int, device: torch.device) -> torch.Tensor:
+        """Bool ``[Lb, hot * C]``: which ring keys each query of the block attends."""
+        c = self.hga.chunk_size
+        rc = torch.tensor(st.ring_chunk, device=device)
+        fixed = (rc >= 0) & ((rc < win.sink_end) | ((rc >= win.local_start) & (rc < win.current)))
+        kpos = (rc[:, None] * c + torch.arange(c, device=device)).reshape(-1)
+        qpos = torch.arange(p0, p1 + 1, device=device)
+        own = (rc == win.current).repeat_interleave(c)[None, :] & (kpos[None, :] <= qpos[:, None])
+        return fixed.repeat_interleave(c)[None, :] | own
+
+    def _block_torch(self, st: _Layer, q: torch.Tensor, p0: int, p1: int, scale: float) -> torch.Tensor:
+        cfg = self.hga
+        c, g, m = cfg.chunk_size, cfg.group_size, cfg.groups_per_chunk
+        b, hq, lb, d = q.shape
+        hkv, rep = self.num_kv_heads, self.rep
+        win = windows_at(p0, c, cfg.sink_chunks, cfg.local_chunks)
+        widths = plan_widths(cfg, p1)
+        plan = self._route_torch(st, q, win, widths)
+        ids = plan.group_ids.reshape(b, hkv, rep * lb, widths[1])  # rows r * Lb + l of KV head kvh
+        union, u = _union(ids.reshape(b, hkv, -1))
+        slab_dev = self.store.host_slab.device
+        got: dict[str, torch.Tensor] = {}
+
+        def gather() -> bool:
+            if u == 0:
+                return True
+            table = st.host_cpu if slab_dev.type == "cpu" else st.host_table()
+            valid = union < _BIG
+            chunk = torch.where(valid, union // m, 0).to(slab_dev)
+            rows = torch.arange(b, device=slab_dev)[:, None, None]
+            slots = table.to(slab_dev)[rows, chunk]  # type: ignore[union-attr]
+            if bool((valid.to(slab_dev) & (slots < 0)).any()):
+                return False
+            tok = (torch.where(valid, union % m, 0).to(slab_dev) * g)[..., None] + torch.arange(g, device=slab_dev)
+            kvh = torch.arange(hkv, device=slab_dev)[None, :, None, None]
+            s4 = slots.clamp(min=0)[..., None].long()
+            slab = self.store.host_slab
+            got["k"] = slab[:, 0][s4, kvh, tok].to(q.device)  # [B, Hkv, U, G, D]
+            got["v"] = slab[:, 1][s4, kvh, tok].to(q.device)
+            return True
+
+        self._resident(st, plan.group_ids, self._fetch_set(plan.chunk_ids, plan.fetch_group_ids), gather)
+        qf = q.float().reshape(b, hkv, rep * lb, d)
+        ring = st.ring
+        kw = ring[:, :, 0].permute(0, 2, 1, 3, 4).reshape(b, hkv, self.hot * c, d).float()
+        vw = ring[:, :, 1].permute(0, 2, 1, 3, 4).reshape(b, hkv, self.hot * c, d).float()
+        mask_w = self._ring_mask(st, win, p0, p1, q.device).repeat(rep, 1)  # [rep * Lb, hot * C]
+        scores = [torch.matmul(qf, kw.transpose(-1, -2)).mul_(scale).masked_fill_(~mask_w, float("-inf"))]
+        values = [vw]
+        if u:
+            self._gathered += int(b * hkv * u) if q.device.type == "cpu" else (union < _BIG).sum()
+            kr = got["k"].reshape(b, hkv, u * g, d).float()
+            values.append(got["v"].reshape(b, hkv, u * g, d).float())
+            pos = torch.searchsorted(union, ids.clamp(min=0).reshape(b, hkv, -1)).reshape(ids.shape)
+            vis = torch.zeros(b, hkv, rep * lb, u + 1, dtype=torch.bool, device=q.device)
+            vis.scatter_(3, torch.where(ids >= 0, pos, u), True)
+            vis = vis[..., :u].repeat_interleave(g, dim=3)
+            scores.append(torch.matmul(qf, kr.transpose(-1, -2)).mul_(scale).masked_fill_(~vis, float("-inf")))
+        p = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
+        out = torch.matmul(p, torch.cat(values, dim=2))
+        self._count(plan.group_ids, p0, p1)
+        self.last_group_ids = plan.group_ids
+        return out.reshape(b, hq, lb, d).to(q.dtype)
+
+    def _count(self, group_ids: torch.Tensor, p0: int, p1: int) -> None:
+        """Keys attended per query and density, accumulated on the device (no host sync)."""
+        positions = torch.arange(p0, p1 + 1, device=group_ids.device)
+        keys = _fixed_keys(positions, self.hga) + self.hga.group_size * (group_ids >= 0).sum(dim=-1)
+        self._keys_sum += keys.sum()
+        self._density_sum += (keys.double() / (positions + 1).double()).sum()
+        self.counters.queries += keys.numel()
+
+    # ------------------------------------------------------------------ kernel flow
+    def decoder(self, layer: int) -> LayerDecode:
+        """The kernel decode step of ``layer`` for a query at its last token (``num_tokens - 1``)."""
+        st = self._layers[layer]
+        if self.backend != "kernels":
+            raise ValueError(f"decoder: expected backend 'kernels', got {self.backend!r}")
+        if st.num_tokens == 0:
+            raise ValueError(f"decoder: expected layer {layer} to hold tokens, got none")
+        return self._decoder(st, st.num_tokens - 1)
+
+    def _decoder(self, st: _Layer, position: int) -> LayerDecode:
+        dec = st.decode
+        if dec is None or not dec.fits(position):
+            with _normal_tensors():
+                dec = LayerDecode(self, st, position)
+            st.decode = dec
+        dec.move_to(position)
+        return dec
+
+    def _decode_kernels(self, st: _Layer, q: torch.Tensor, pos: int) -> torch.Tensor:
+        dec = self._decoder(st, pos)
+        dec.q.copy_(q)
+        dec.route()
+        group_ids, fetch = dec.plan[1], dec.plan[2]
+
+        def gather() -> bool:
+            if st.missing:  # some chunks of this layer are off the host tier: fetch only resident ones
+                m = self.hga.groups_per_chunk
+                rows = torch.arange(self.batch_size, device=self.device)[:, None, None, None]
+                ok = st.host_table()[rows, fetch.clamp(min=0) // m] >= 0
+                fetch.copy_(torch.where(ok & (fetch >= 0), fetch, -1))
+            dec.assign()
+            dec.gather()
+            if self._gather_event is not None:
+                self._gather_event.record()
+            return True
+
+        self._resident(st, group_ids, self._fetch_set(dec.plan[0], fetch), gather)
+        out = dec.attend()
+        self._gathered += dec.misses.sum()
+        assert st.stamp is not None and st.counter is not None
+        self._cache_used += (st.stamp == (st.counter[..., None] - 1)).sum()
+        self._count(group_ids, pos, pos)
+        self.last_group_ids = group_ids
+        return out[:, :, None]
+
+    def _prefill_kernels(self, st: _Layer, q: torch.Tensor, p0: int, p1: int) -> torch.Tensor:
+        from kvtier.attention import _route, prefill_tables
+        from kvtier.kernels.gather_groups import gather_groups
+        from kvtier.kernels.sparse_prefill import sparse_prefill
+
+        cfg = self.hga
+        c, g, m = cfg.chunk_size, cfg.group_size, cfg.groups_per_chunk
+        b, hq, lb, d = q.shape
+        hkv, rep, dev = self.num_kv_heads, self.rep, self.device
+        widths = plan_widths(cfg, p1)
+        plan = [torch.full((b, hq, lb, w), -1, dtype=torch.int64, device=dev) for w in widths]
+        routed = torch.full((b, hq, lb, widths[1]), -1, dtype=torch.int32, device=dev)
+        assert st.cs is not None and st.gs is not None
+        _route(q, st.cs, st.gs, p0, cfg, widths, (*plan, routed), precision=self._precision())
+        group_ids = plan[1]
+        ids = group_ids.reshape(b, hkv, -1)
+        union, u = _union(ids)
+        if u:
+            self.counters.host_syncs += int(dev.type != "cpu")
+        nb = b * self.hot
+        scratch = torch.empty(nb + -(-b * max(u, 1) // m), 2, hkv, c, d, dtype=q.dtype, device=dev)
+        scratch[:nb].copy_(st.slab[:nb])  # type: ignore[index]
+        base = nb * m
+
+        def gather() -> bool:
+            if u == 0:
+                return True
+            valid = union < _BIG
+            rows = torch.arange(b, device=dev)[:, None, None]
+            slots = st.host_table()[rows, torch.where(valid, union // m, 0)]
+            src = torch.where(valid, slots.long() * m + union % m, -1)
+            dst = base + rows * u + torch.arange(u, device=dev)
+            kvh = torch.arange(hkv, device=dev)[None, :, None].expand_as(src)
+            table = torch.stack((src, dst.expand_as(src), kvh), dim=-1).reshape(-1, 3).to(torch.int32)
+            gather_groups(self.store.host_slab, table, scratch, group_size=g)
+            if self._gather_event is not None:
+                self._gather_event.record()
+            self._gathered += valid.sum()
+            return True
+
+        self._resident(st, group_ids, self._fetch_set(plan[0], plan[2]), gather)
+        if u:
+            at = torch.searchsorted(union, ids.clamp(min=0))
+            rows = torch.arange(b, device=dev)[:, None, None]
+            blocks = torch.where(ids >= 0, base + rows * u + at, -1).reshape(group_ids.shape)
+        else:
+            blocks = group_ids
+        tab, num, vis = prefill_tables(blocks, p0, c)
+        out = torch.empty_like(q)
+        sparse_prefill(
+            q, scratch[:, 0], scratch[:, 1], tab, num, vis, out, start_pos=p0, chunk_size=c, group_size=g,
+            sink_chunks=cfg.sink_chunks, local_chunks=cfg.local_chunks, slot_map=st.slot_map,
+        )  # fmt: skip
+        self._count(group_ids, p0, p1)
+        self.last_group_ids = group_ids
+        return out
+
+    def _precision(self) -> str:
+        # tf32x3: three tf32 products, about fp32 accurate and faster on the H200 (docs/kernels.md);
+        # the interpreter computes in plain fp32 either way.
+        return "tf32x3" if self.device.type == "cuda" else "ieee"
+
+    # ------------------------------------------------------------------ bookkeeping
+    def host_slots(self, layer: int) -> torch.Tensor:
+        """The slot table of ``layer``: ``[B, N]`` int32 (CPU copy), host slab slot or -1 per closed chunk."""
+        st = self._layers[layer]
+        with self.store.host_lock():
+            if st.host_cpu is None:
+                return torch.empty(self.batch_size, 0, dtype=torch.int32)
+            return st.host_cpu[:, : st.num_closed].clone()
+
+    def device_resident_bytes(self) -> int:
+        """Bytes of engine state on the compute device (summaries, ring and cache slabs, tables)."""
+        total = 0
+        for st in self._layers:
+            for t in (st.cs, st.gs, st.slab, st.slot_map, st.host_dev, st.where, st.tags, st.stamp):
+                if t is not None and t.device.type == self.device.type:
+                    total += t.numel() * t.element_size()
+        return total
+
+    def stats(self) -> dict[str, Any]:
+        """What the engine attended and moved (reads the device counters: one host sync).
+
+        Returns
+        -------
+        dict
+            ``backend``, ``tokens`` (layer 0), ``closed_chunks`` (layer 0), ``queries``,
+            ``mean_keys_per_query``, ``density``, ``decode_steps``; ``groups_gathered``
+            (host slab to compute device), ``host_bytes_gathered``, ``device_cache_hit_rate``
+            (kernels: distinct groups asked that were cached; None with torch ops),
+            ``disk_waits`` (routed chunks a block waited for), ``disk_wait_s``,
+            ``prefetch_issued``, ``prefetch_hits``, ``prefetch_hit_share`` (of the routed
+            chunks that were on disk, the share prefetch made host-resident in time; None
+            before any), ``host_syncs``, ``fence_waits``, ``cuda_graphs`` (False: the engine
+            runs eagerly; :class:`LayerDecode` steps can be captured by a caller) and
+            ``device_resident_bytes``.
+        """
+        c = self.counters
+        gathered = int(self._gathered)
+        used = int(self._cache_used)
+        asked_disk = c.prefetch_hits + c.disk_waits
+        return {
+            "backend": self.backend,
+            "tokens": self._layers[0].num_tokens,
+            "closed_chunks": self._layers[0].num_closed,
+            "queries": c.queries,
+            "mean_keys_per_query": float(self._keys_sum) / c.queries if c.queries else 0.0,
+            "density": float(self._density_sum) / c.queries if c.queries else 0.0,
+            "decode_steps": c.decode_steps,
+            "groups_gathered": gathered,
+            "host_bytes_gathered": gathered * self.layout.group_bytes,
+            "device_cache_hit_rate": (1.0 - gathered / used) if used else None,
+            "cache_hits": max(0, used - gathered),
+            "cache_misses": gathered if self.backend == "kernels" else 0,
+            "disk_waits": c.disk_waits,
+            "disk_wait_s": c.disk_wait_s,
+            "prefetch_issued": c.prefetch_issued,
+            "prefetch_hits": c.prefetch_hits,
+            "prefetch_hit_share": c.prefetch_hits / asked_disk if asked_disk else None,
+            "host_syncs": c.host_syncs,
+            "fence_waits": c.fence_waits,
+            "cuda_graphs": False,
+            "device_resident_bytes": self.device_resident_bytes(),
+        }
+
+    def reset_stats(self) -> None:
+        """Zero the counters (the state is kept)."""
+        self.counters = _Counters()
+        for t in (self._keys_sum, self._density_sum, self._gathered, self._cache_used):
+            t.zero_()
+
+    def reset(self) -> None:
+        """Forget every token of every layer and drop the rows' chunks from the store."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # queued gathers may still read host slots
+        for b in range(self.batch_size):
+            self.store.drop(b)
+        with self.store.host_lock():
+            self._layers = [_Layer(i) for i in range(self.num_layers)]
+        self.reset_stats()
+
+    def close(self) -> None:
+        """Detach from the store (the store itself is the caller's to close)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.store.watch_host_slots(None)
+        self.store.set_host_fence(None)
+
+
+def engine_from_dense(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    config: HGAConfig,
+    num_q_heads: int,
+    rope_theta: float,
+    pin: bool = False,
+    cache_entries: int | None = None,
+    summaries: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> HGAEngine:
+    """A one-layer engine over dense ``k, v [B, Hkv, Lk, D]``, with a store whose host tier holds them all.
+
+    For benchmarks and tests of one layer's step: ``engine.decoder(0)`` is the kernel decode
+    step of a query at position ``Lk - 1``. The caller closes ``engine.store``.
+    """
+    from kvtier.config import StoreConfig
+    from kvtier.layout import KVLayout
+
+    b, hkv, lk, d = k.shape
+    layout = KVLayout(
+        num_layers=1, num_kv_heads=hkv, head_dim=d, dtype=k.dtype,
+        chunk_size=config.chunk_size, group_size=config.group_size,
+    )  # fmt: skip
+    n = max(1, lk // config.chunk_size)
+    with _normal_tensors():
+        store = TieredStore(
+            layout, StoreConfig(gpu_bytes=0, host_bytes=b * n * layout.chunk_bytes, device=str(k.device)), pin_host=pin
+        )
+        engine = HGAEngine(
+            store, config, num_q_heads=num_q_heads, batch_size=b, rope_theta=rope_theta, device=k.device,
+            backend="kernels" if k.is_cuda or _interpreting() else "torch", cache_entries=cache_entries,
+        )  # fmt: skip
+        engine.load_dense(0, k, v, summaries=summaries)
+    return engine
+
+
+class LayerDecode:
+    """One layer's decode step on the kernels, over preallocated buffers (made by :class:`HGAEngine`).
+
+    :meth:`step` routes ``q`` (``route_chunks``, ``route_groups``), deduplicates the groups the
+    query heads of each KV head ask for and finds them in the device group cache
+    (``assign_groups``), gathers the misses from the store's host slab (``gather_groups``:
+    zero-copy reads of pinned memory) and attends (``sparse_decode`` over the layer's slab:
+    ring slots for windows and the open chunk, cache entries for routed groups). Nothing
+    synchronises with the host and nothing is allocated, so a step over host-resident chunks
+    can be captured in a CUDA graph and replayed (at the same position: ``route_chunks``
+    takes it as a scalar). The engine keeps the residency and slot-table bookkeeping around it.
+
+    Attributes
+    ----------
+    q : Tensor ``[B, Hq, 1, D]``
+        Query buffer: copy the step's query here.
+    plan : tuple of Tensor
+        ``chunk_ids, group_ids, fetch_ids`` ``[B, Hq, 1, Kc | Kg | Kf]`` int64 (RoutePlan).
+    misses : Tensor ``[B, Hkv]`` int32
+        Groups the last :meth:`assign` sent to the gather.
+    table : Tensor ``[B * Hkv * R, 3]`` int32
+        Gather rows of the last :meth:`assign`.
+    out : Tensor ``[B, Hq, D]``
+    """
+
+    def __init__(self, engine: HGAEngine, st: _Layer, position: int) -> None:
+        from kvtier.kernels.route_chunks import route_chunks_tiles
+
+        self.engine = engine
+        self.config = cfg = engine.hga
+        c, g, m = cfg.chunk_size, cfg.group_size, cfg.groups_per_chunk
+        b, hq, hkv, d = engine.batch_size, engine.num_q_heads, engine.num_kv_heads, engine.head_dim
+        dev = engine.device
+        assert st.slab is not None and st.cs is not None and st.gs is not None
+        self.st = st
+        self.host_slab = engine.store.host_slab
+        self.device_slab = st.slab
+        self.slot_map = st.slot_map
+        self.chunk_summ, self.group_summ = st.cs, st.gs
+        self.cap = st.cap
+        self.widths = plan_widths(cfg, position)
+        kc_w, kg_w, kf_w = self.widths
+        self.route_options: dict[str, object] = {"precision": engine._precision()}
+        self.group_warps = 4
+        self.gather_rows = 1
+        self.gather_segmented = False  # measured default: one program per table row
+        self.tiles = route_chunks_tiles(self.cap, cfg.top_chunks, block_t=128 if dev.type == "cuda" else None)
+        bt, nt, kt = self.tiles
+        i32 = dict(dtype=torch.int32, device=dev)
+        self.q = torch.zeros(b, hq, 1, d, dtype=st.slab.dtype, device=dev)
+        # Room for the smallest tile width (most tiles) set_route_tiles may choose.
+        self.cand = torch.empty(b, hq, 1, max(nt, -(-self.cap // 16)), kt, dtype=torch.int64, device=dev)
+        self.plan = tuple(torch.full((b, hq, 1, w), -1, dtype=torch.int64, device=dev) for w in self.widths)
+        self.routed_dense = torch.full((b, hq, 1, kg_w), -1, **i32)
+        e = engine.cache_entries
+        self.order = torch.empty(b, hkv, e, **i32)
+        self.misses = torch.zeros(b, hkv, **i32)
+        rows = 1 << max(0, (hq // hkv * kf_w - 1).bit_length())
+        self.table = torch.full((b * hkv * rows, 3), -1, **i32)
+        self.routed = torch.full((b, hq, kg_w), -1, **i32)
+        self.positions = torch.full((b,), position, **i32)
+        self.max_keys = (cfg.sink_chunks + cfg.local_chunks + 1) * c + kg_w * g
+        self.out = torch.empty(b, hq, d, dtype=st.slab.dtype, device=dev)
+        self.base_block = b * engine.hot * m
+        self.position = position
+        self.num_cand_chunks = windows_at(position, c, cfg.sink_chunks, cfg.local_chunks).local_start
+        self.set_decode_splits(None)
+
+    def fits(self, position: int) -> bool:
+        """Whether these buffers serve a step at ``position`` (same widths, same table capacity)."""
+        return plan_widths(self.config, position) == self.widths and self.st.cap == self.cap
+
+    def move_to(self, position: int) -> None:
+        """Point the step at ``position`` (a device fill when it changed; no host sync)."""
+        if position != self.position:
+            self.positions.fill_(position)
+            self.position = position
+        cfg = self.config
+        self.num_cand_chunks = windows_at(position, cfg.chunk_size, cfg.sink_chunks, cfg.local_chunks).local_start
+
+    # -- tuning (kvtier bench attention)
+    def reset_cache(self) -> None:
+        """Forget every cached group of this layer (the next step is cold)."""
+        st = self.st
+        for t in (st.where, st.tags, st.stamp):
+            t.fill_(-1)  # type: ignore[union-attr]
+        st.counter.zero_()  # type: ignore[union-attr]
+
+    def set_decode_splits(self, num_splits: int | None, block_n: int = 64) -> None:
+        """Splits per query of the decode kernel (None: ``decode_num_splits``) and its key tile."""
+        from kvtier.kernels.sparse_decode import decode_num_splits
+
+        b, hq, d = self.out.shape
+        if num_splits is None:
+            num_splits = decode_num_splits(b, hq, self.max_keys, block_n=block_n)
+        self.block_n = block_n
+        self.workspace = torch.empty(b, hq, num_splits, d + 2, dtype=torch.float32, device=self.q.device)
+
+    def set_route_tiles(self, block_t: int | None, group_warps: int = 4, **options: object) -> None:
+        """Chunk-routing tile width (None: default), route_chunks options, route_groups warps."""
+        from kvtier.kernels.route_chunks import route_chunks_tiles
+
+        self.tiles = route_chunks_tiles(max(1, self.cap), self.config.top_chunks, block_t=block_t)
+        self.route_options = dict(options)
+        self.group_warps = group_warps
+
+    # -- the stages of a step
+    def route(self) -> None:
+        """Routing of ``q``: fills ``plan``."""
+        from kvtier.kernels.route_chunks import route_chunks
+        from kvtier.kernels.route_groups import route_groups
+
+        cfg = self.config
+        if self.widths[0] == 0:
+            return
+        bt, nt, kt = self.tiles
+        cand = self.cand[:, :, :, :nt, :kt]
+        route_chunks(
+            self.q,
+            self.chunk_summ[:, :, : self.num_cand_chunks],
+            cand,
+            start_pos=self.position,
+            chunk_size=cfg.chunk_size,
+            sink_chunks=cfg.sink_chunks,
+            local_chunks=cfg.local_chunks,
+            block_t=bt,
+            **self.route_options,  # type: ignore[arg-type]
+        )
+        route_groups(
+            cand,
+            self.q,
+            self.group_summ,
+            *self.plan,
+            self.routed_dense,
+            top_chunks=cfg.top_chunks,
+            top_groups=cfg.top_groups,
+            fetch_groups=cfg.fetch_groups,
+            num_warps=self.group_warps,
+        )
+
+    def assign(self) -> None:
+        """Dedup and cache lookup: fills ``table`` (gather rows) and the attention block table."""
+        from kvtier.kernels.assign_groups import assign_groups
+
+        st, cfg = self.st, self.config
+        assign_groups(
+            self.plan[2][:, :, 0],
+            st.host_table(),
+            st.where,  # type: ignore[arg-type]
+            st.tags,  # type: ignore[arg-type]
+            st.stamp,  # type: ignore[arg-type]
+            st.counter,  # type: ignore[arg-type]
+            self.order,
+            self.misses,
+            self.table,
+            self.routed,
+            group_size=cfg.group_size,
+            chunk_size=cfg.chunk_size,
+            base_block=self.base_block,
+        )
+
+    def gather(self) -> None:
+        """Copy this step's misses from the host slab into the cache."""
+        from kvtier.kernels.gather_groups import gather_groups
+
+        g = self.config.group_size
+        if self.gather_segmented:  # copies only the misses of each (b, kvh), counts from assign
+            gather_groups(self.host_slab, self.table, self.device_slab, group_size=g, counts=self.misses.view(-1))
+        else:
+            gather_groups(self.host_slab, self.table, self.device_slab, group_size=g, rows_per_program=self.gather_rows)
+
+    def attend(self) -> torch.Tensor:
+        """Sparse decode attention over the layer's slab; returns ``out [B, Hq, D]``."""
+        from kvtier.kernels.sparse_decode import sparse_decode
+
+        cfg = self.config
+        return sparse_decode(
+            self.q[:, :, 0],
+            self.device_slab[:, 0],
+            self.device_slab[:, 1],
+            self.positions,
+            self.routed,
+            self.out,
+            self.workspace,
+            chunk_size=cfg.chunk_size,
+            group_size=cfg.group_size,
+            sink_chunks=cfg.sink_chunks,
+            local_chunks=cfg.local_chunks,
+            slot_map=self.slot_map,
+            block_n=self.block_n,
+        )
+
+    def step(self) -> torch.Tensor:
+        """Route, assign, gather, attend for the query in ``q``; returns ``out [B, Hq, D]``."""
+        self.route()
+        self.assign()
+        self.gather()
+        return self.attend()
