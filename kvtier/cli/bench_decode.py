@@ -401,7 +401,12 @@ def _hga_snapshot(cache: Any) -> dict[str, Any]:
     if engine.get("host_bytes_gathered") is not None:
         # The zero-copy gather reads the host slab without a store call: the engine counts it.
         snap["host_bytes_read"] = int(engine["host_bytes_gathered"])
-    if gathered is not None and rate is not None and rate < 1.0:
+    flat_hits, flat_misses = stats.get("cache_hits"), stats.get("cache_misses")
+    if isinstance(flat_hits, (int, float)) and isinstance(flat_misses, (int, float)):
+        snap["cache_hits"], snap["cache_misses"] = float(flat_hits), float(flat_misses)
+        if gathered:
+            snap["group_bytes"] = engine["host_bytes_gathered"] / gathered
+    elif gathered is not None and rate is not None and rate < 1.0:
         used = gathered / (1.0 - rate)  # distinct groups asked of the cache
         snap["cache_hits"], snap["cache_misses"] = used - gathered, float(gathered)
         if gathered:
