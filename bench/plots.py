@@ -5,7 +5,9 @@
 * docs/fidelity_gap.png: NLL gap to dense against context, HGA beside Quest and oracle top-k
   at 1,216 keys per query (docs/fidelity.json);
 * docs/fidelity_methods.png: the same gaps per method, plus 8K at a budget of 1,728 keys;
-* docs/needles.png: needles found per method and context (docs/fidelity.json).
+* docs/needles.png: needles found per method and context (docs/fidelity.json);
+* docs/decode_cpu.png: CPU ms per end-to-end decode step of SmolLM2 against context, HGA beside
+  dense sdpa + DynamicCache, before and after the engine (bench/results/decode_cpu.csv).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 from kvtier.cli.bench_attention import plot_decode
+from kvtier.cli.bench_decode import plot_decode as plot_generation
 from kvtier.cli.eval import plot_eval
 from kvtier.cli.plots import PLOT_HINT, plot_available, plot_bars
 
@@ -24,7 +27,7 @@ DOCS = ROOT / "docs"
 
 
 def main(out: Path = DOCS) -> int:
-    """Write the four PNGs into ``out`` (docs/); returns 1 without matplotlib."""
+    """Write the PNGs into ``out`` (docs/); returns 1 without matplotlib."""
     if not plot_available():
         print(PLOT_HINT)
         return 1
@@ -49,6 +52,10 @@ def main(out: Path = DOCS) -> int:
         found.items(), key=lambda kv: int(kv[0][:-1]))}
     written.append(plot_bars(out / "needles.png", acc, "needles found (fraction of depths 0.1, 0.5, 0.9)",
                              f"Needle retrieval at 1216 keys per query ({model})"))
+    with (ROOT / "bench" / "results" / "decode_cpu.csv").open() as f:
+        written.append(plot_generation(list(csv.DictReader(f)), out / "decode_cpu.png",
+                                       "SmolLM2-135M end to end, fp32, 2 shared CPU cores", metric="cpu_ms",
+                                       label="{impl} at {commit}"))
     for path in written:
         print(path)
     return 0

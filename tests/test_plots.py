@@ -47,7 +47,7 @@ def test_the_docs_plots_redraw_from_the_committed_results(tmp_path) -> None:
 
     script = Path(__file__).resolve().parents[1] / "bench" / "plots.py"
     assert runpy.run_path(str(script))["main"](tmp_path) == 0
-    for name in ("decode_attention", "fidelity_gap", "fidelity_methods", "needles"):
+    for name in ("decode_attention", "fidelity_gap", "fidelity_methods", "needles", "decode_cpu"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
         assert (script.parents[1] / "docs" / f"{name}.png").exists()  # committed, shown in the README
 

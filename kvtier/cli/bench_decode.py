@@ -64,7 +64,7 @@ from kvtier.cli.plots import plot_lines
 from kvtier.cli.results import add_output_arguments, append_csv, dense_tokens, output_file, source_commit
 from kvtier.config import HGAConfig, StoreConfig, format_bytes
 
-__all__ = ["MODES", "add_arguments", "run", "bench_decode"]
+__all__ = ["MODES", "add_arguments", "run", "bench_decode", "plot_decode"]
 
 #: Cache modes, in table order.
 MODES = ("hga", "dense", "offload")
@@ -731,20 +731,46 @@ def _csv_rows(results: list[_Result], conf: dict[str, Any], gpu: str, commit: st
     return rows
 
 
-def _plot(results: list[_Result], path: Path, title: str) -> Path | None:
-    """ms per decode step against context, one line per (mode, batch); None without matplotlib or data."""
-    contexts = sorted({r.context for r in results})
-    series = {}
-    for mode in MODES:
-        for batch in sorted({r.batch for r in results}):
-            mine = {r.context: r for r in results if r.mode == mode and r.batch == batch}
-            if any(r.step_wall_ms is not None for r in mine.values()):
-                ys = [mine[c].step_wall_ms[1] if c in mine and mine[c].step_wall_ms else None for c in contexts]
-                series[f"{mode}, batch {batch}"] = (contexts, ys)
-    if not series:
+def plot_decode(rows: list[dict[str, Any]], path: Path, title: str, metric: str = "wall_ms",
+                label: str = "{impl}, batch {batch}") -> Path | None:
+    """Milliseconds per decode step (median) against context, one line per label, log-log.
+
+    Parameters
+    ----------
+    rows : list of dict
+        CSV rows of ``kvtier bench decode`` (:data:`kvtier.cli.results.CSV_COLUMNS`); other
+        benches' rows are ignored.
+    path : Path
+        Where the PNG goes.
+    title : str
+    metric : {"wall_ms", "cpu_ms"}
+        Wall-clock or process CPU time per step.
+    label : str
+        Format of a line's label from ``impl``, ``batch`` and ``commit`` (rows that share a
+        label form one line), e.g. ``"{impl} at {commit}"`` to set runs side by side.
+
+    Returns
+    -------
+    Path or None
+        The PNG, or None without matplotlib or without a measured step.
+    """
+    points: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if (r.get("bench"), r.get("op"), r.get("metric")) != ("decode", "decode_step", metric):
+            continue
+        batch = json.loads(r["config_json"]).get("batch", 1)
+        key = label.format(impl=r["impl"], batch=batch, commit=r.get("commit", ""))
+        points.setdefault(key, {})[int(r["x_value"])] = float(r["p50"])
+    if not points:
         return None
-    return plot_lines(path, series, "context (tokens)", "ms per decode step (median, wall)", title, logx=True,
-                      logy=True, xticks=[(c, format_tokens(c)) for c in contexts])
+    contexts = sorted({c for line in points.values() for c in line})
+    series = {key: (contexts, [line.get(c) for c in contexts]) for key, line in points.items()}
+    what = "CPU ms" if metric == "cpu_ms" else "ms (wall)"
+    values = [v for line in points.values() for v in line.values() if v > 0]
+    # A log axis inside one decade gets no labelled ticks: linear then.
+    logy = bool(values) and max(values) / min(values) > 10
+    return plot_lines(path, series, "context (tokens)", f"{what} per decode step, median", title, logx=True,
+                      logy=logy, xticks=[(c, format_tokens(c)) for c in contexts])
 
 
 # --------------------------------------------------------------------------- the run
@@ -915,7 +941,7 @@ def bench_decode(args: argparse.Namespace) -> int:
         md_path.parent.mkdir(parents=True, exist_ok=True)
         md_path.write_text(report)
         if png_path is not None:
-            _plot(results, png_path, title)
+            plot_decode(_csv_rows(results, {}, gpu, commit), png_path, title)
         return report
 
     report = ""
