@@ -99,6 +99,10 @@ def _fixed_keys(positions: torch.Tensor, config: HGAConfig) -> torch.Tensor:
     return (sink_end + cur - local_start) * c + positions - cur * c + 1
 
 
+class _TooManyChunks(CapacityError):
+    """One block's routed chunks of one layer do not fit in the host tier at once."""
+
+
 @dataclass
 class _Counters:
     """Python-side counters of the engine (device-side ones live in tensors)."""
@@ -414,7 +418,7 @@ class HGAEngine:
         k, v : Tensor ``[B, Hkv, L, D]``
             Post-RoPE keys and values of the same tokens.
         scale : float, optional
-            Softmax scale, ``D ** -0.5`` when omitted (the kernels support only that).
+            Softmax scale, ``D ** -0.5`` when omitted.
 
         Returns
         -------
@@ -423,7 +427,7 @@ class HGAEngine:
         Raises
         ------
         TypeError, ValueError
-            On a wrong shape, dtype, device or scale.
+            On a wrong shape, dtype or device.
         TransferError
             If a routed chunk is no longer in the store (lost), or a disk read failed.
         CapacityError
@@ -433,7 +437,9 @@ class HGAEngine:
         d = self.head_dim
         scale = d**-0.5 if scale is None else float(scale)
         if self.backend == "kernels" and not math.isclose(scale, d**-0.5, rel_tol=1e-6):
-            raise ValueError(f"scale: expected head_dim ** -0.5 = {d ** -0.5:.6g} with the kernels, got {scale:.6g}")
+            # The kernels scale by D ** -0.5: fold the rest into q (a positive factor leaves
+            # every routing choice as it is).
+            q = (q * (scale * d**0.5)).to(q.dtype)
         st = self._layers[layer]
         if st.slab is None:
             self._init_layer(st, k.dtype)
@@ -451,12 +457,7 @@ class HGAEngine:
             st.ring[:, slot, 0, :, pos - cur * c : end - cur * c + 1] = k[:, :, rows]
             st.ring[:, slot, 1, :, pos - cur * c : end - cur * c + 1] = v[:, :, rows]
             st.num_tokens = end + 1
-            if self.backend == "kernels" and end == pos:
-                out[:, :, rows] = self._decode_kernels(st, q[:, :, rows], pos)
-            elif self.backend == "kernels":
-                out[:, :, rows] = self._prefill_kernels(st, q[:, :, rows], pos, end)
-            else:
-                out[:, :, rows] = self._block_torch(st, q[:, :, rows], pos, end, scale)
+            out[:, :, rows] = self._attend(st, q[:, :, rows], pos, end, scale)
             if layer == 0 and end == pos and length == 1:
                 self.counters.decode_steps += 1
             if end % c == c - 1:
@@ -497,6 +498,25 @@ class HGAEngine:
             st.num_tokens = end
             if end == (j + 1) * c:
                 self._close_chunk(st, j, summaries)
+
+    def _attend(self, st: _Layer, q: torch.Tensor, p0: int, p1: int, scale: float) -> torch.Tensor:
+        """Queries at ``p0 .. p1`` (one chunk) over the layer; a block whose routed chunks do not
+        fit in the host tier at once is split in halves (routing is per position, so the
+        result is the same)."""
+        carry = st.carry
+        try:
+            if self.backend == "kernels" and p0 == p1:
+                return self._decode_kernels(st, q, p0)
+            if self.backend == "kernels":
+                return self._prefill_kernels(st, q, p0, p1)
+            return self._block_torch(st, q, p0, p1, scale)
+        except _TooManyChunks:
+            if p0 == p1:
+                raise
+        st.carry = carry
+        mid = (p0 + p1) // 2
+        first = self._attend(st, q[:, :, : mid - p0 + 1], p0, mid, scale)
+        return torch.cat((first, self._attend(st, q[:, :, mid - p0 + 1 :], mid + 1, p1, scale)), dim=2)
 
     def _check(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
@@ -539,6 +559,12 @@ class HGAEngine:
         """
         store = self.store
         need = self._keys_of(st, attended)
+        host_slots = store.host_slab.shape[0]
+        if len(need) > host_slots and any(st.host_np[k.seq_id, k.chunk_idx] < 0 for k in need):
+            raise _TooManyChunks(
+                f"host tier: expected room for one block's {len(need)} routed chunks of layer {st.index}, "
+                f"got {host_slots} slots; raise StoreConfig.host_bytes"
+            )
         with store.host_lock():
             slots = {key: int(st.host_np[key.seq_id, key.chunk_idx]) for key in need}
             for key in need:
@@ -554,12 +580,6 @@ class HGAEngine:
         try:
             if waits:
                 self.counters.disk_waits += len(waits)
-                host_slots = store.host_slab.shape[0]
-                if len(need) > host_slots:
-                    raise CapacityError(
-                        f"host tier: expected room for one block's {len(need)} routed chunks of layer {st.index}, "
-                        f"got {host_slots} slots; raise StoreConfig.host_bytes"
-                    )
                 t0 = time.perf_counter()
                 store.prefetch(waits, to="host").wait()
                 self.counters.disk_wait_s += time.perf_counter() - t0
@@ -641,10 +661,11 @@ class HGAEngine:
                 self.store.unpin(pinned)
 
     # ------------------------------------------------------------------ torch flow
-    def _route_torch(self, st: _Layer, q: torch.Tensor, win: Windows, widths: tuple[int, int, int]) -> RoutePlan:
+    def _route_torch(
+        self, st: _Layer, q: torch.Tensor, p0: int, win: Windows, widths: tuple[int, int, int]
+    ) -> RoutePlan:
         assert st.cs is not None and st.gs is not None
         n = st.num_closed
-        p0 = st.num_tokens - q.shape[2]
         plan = route_block(
             q.float(), st.cs[:, :, :n], st.gs[:, :, :n], win, self.hga, widths, first_pos=p0, carry=st.carry
         )
@@ -668,7 +689,7 @@ class HGAEngine:
         hkv, rep = self.num_kv_heads, self.rep
         win = windows_at(p0, c, cfg.sink_chunks, cfg.local_chunks)
         widths = plan_widths(cfg, p1)
-        plan = self._route_torch(st, q, win, widths)
+        plan = self._route_torch(st, q, p0, win, widths)
         ids = plan.group_ids.reshape(b, hkv, rep * lb, widths[1])  # rows r * Lb + l of KV head kvh
         union, u = _union(ids.reshape(b, hkv, -1))
         slab_dev = self.store.host_slab.device
