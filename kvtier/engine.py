@@ -128,6 +128,7 @@ class _Layer:
         self.cs: torch.Tensor | None = None  # [B, Hkv, cap, D] float32
         self.gs: torch.Tensor | None = None  # [B, Hkv, cap, M, D] float32
         self.slab: torch.Tensor | None = None  # [B * hot + cache slots, 2, Hkv, C, D]
+        self._ring: torch.Tensor | None = None  # [B, hot, 2, Hkv, C, D] view of its first slots
         self.ring_chunk: list[int] = []  # chunk held by each ring slot (-1: none)
         self.slot_map: torch.Tensor | None = None  # [B, cap] int32, ring slot of window chunks
         self.host_np: np.ndarray = np.zeros((0, 0), dtype=np.int32)  # [B, cap] host slot, -1 absent
@@ -149,7 +150,7 @@ class _Layer:
     @property
     def ring(self) -> torch.Tensor:
         """``[B, hot, 2, Hkv, C, D]`` view of the ring slots."""
-        assert self.slab is not None
+        assert self._ring is not None
         return self._ring
 
     def host_table(self) -> torch.Tensor:
@@ -260,7 +261,7 @@ class HGAEngine:
         if (rope is None) == (rope_theta is None):
             raise ValueError("rope_theta, rope: expected exactly one of them, got " + ("both" if rope is not None else "neither"))
         self.rope_theta = None if rope_theta is None else float(rope_theta)
-        c, m = hga.chunk_size, hga.groups_per_chunk
+        m = hga.groups_per_chunk
         self.hot = hga.sink_chunks + hga.local_chunks + 1
         self.group_key_dim = 2 * lay.head_dim if hga.group_score == "bound" else lay.head_dim
         # What the summaries rotate by: the model's RopeSpec, or plain RoPE's frequencies.
@@ -292,7 +293,6 @@ class HGAEngine:
         store.watch_host_slots(self._on_host_slot)
         if self._gather_event is not None:
             store.set_host_fence(self._fence)
-        del c
 
     # ------------------------------------------------------------------ store callbacks
     def _on_host_slot(self, key: ChunkKey, slot: int) -> None:
@@ -330,7 +330,7 @@ class HGAEngine:
         cache_slots = -(-b * self.cache_entries // m) if self.backend == "kernels" else 0
         with _normal_tensors():
             st.slab = torch.zeros(b * self.hot + cache_slots, 2, hkv, c, d, dtype=dtype, device=self.device)
-            st._ring = st.slab[: b * self.hot].view(b, self.hot, 2, hkv, c, d)  # type: ignore[attr-defined]
+            st._ring = st.slab[: b * self.hot].view(b, self.hot, 2, hkv, c, d)
             if self.backend == "kernels":
                 e = self.cache_entries
                 i32 = dict(dtype=torch.int32, device=self.device)
@@ -481,7 +481,7 @@ class HGAEngine:
             ``(chunk_summ [B, Hkv, >= N, D], group_summ [B, Hkv, >= N, M, D])`` float32 to use
             instead of computing them (the timing of routing does not depend on their values).
         """
-        self._check(layer, k.new_zeros(self.batch_size, self.num_q_heads, k.shape[2], self.head_dim), k, v)
+        self._check(layer, None, k, v)
         st = self._layers[layer]
         if st.num_tokens:
             raise ValueError(f"layer: expected an empty layer, got {st.num_tokens} tokens in layer {layer}")
@@ -518,10 +518,12 @@ class HGAEngine:
         first = self._attend(st, q[:, :, : mid - p0 + 1], p0, mid, scale)
         return torch.cat((first, self._attend(st, q[:, :, mid - p0 + 1 :], mid + 1, p1, scale)), dim=2)
 
-    def _check(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _check(self, layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
         for name, t in (("q", q), ("k", k), ("v", v)):
+            if t is None:
+                continue
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
             if t.dtype != self.layout.dtype:
@@ -533,10 +535,12 @@ class HGAEngine:
             raise ValueError(
                 f"k, v: expected [B={b}, Hkv={hkv}, L, D={d}] each, got {list(k.shape)} and {list(v.shape)}"
             )
-        if q.dim() != 4 or tuple(q.shape) != (b, self.num_q_heads, k.shape[2], d):
-            raise ValueError(f"q: expected [{b}, {self.num_q_heads}, {k.shape[2]}, {d}], got {list(q.shape)}")
         if k.shape[2] == 0:
             raise ValueError("k: expected at least one new token, got 0")
+        if q is None:
+            return
+        if q.dim() != 4 or tuple(q.shape) != (b, self.num_q_heads, k.shape[2], d):
+            raise ValueError(f"q: expected [{b}, {self.num_q_heads}, {k.shape[2]}, {d}], got {list(q.shape)}")
         if q.stride(-1) != 1:
             raise ValueError(f"q: expected a contiguous last dim, got strides {q.stride()}")
 
@@ -746,13 +750,21 @@ class HGAEngine:
 
     # ------------------------------------------------------------------ kernel flow
     def decoder(self, layer: int) -> LayerDecode:
-        """The kernel decode step of ``layer`` for a query at its last token (``num_tokens - 1``)."""
+        """The kernel decode step of ``layer`` for a query at its last token (``num_tokens - 1``).
+
+        For a caller that runs :meth:`LayerDecode.step` itself (benchmarks, graph capture): the
+        slot table is brought up to date here, and the step assumes every chunk stays in the
+        host tier (the engine's residency checks are not part of it).
+        """
         st = self._layers[layer]
         if self.backend != "kernels":
             raise ValueError(f"decoder: expected backend 'kernels', got {self.backend!r}")
         if st.num_tokens == 0:
             raise ValueError(f"decoder: expected layer {layer} to hold tokens, got none")
-        return self._decoder(st, st.num_tokens - 1)
+        dec = self._decoder(st, st.num_tokens - 1)
+        with self.store.host_lock():
+            self._drain(st)  # a caller runs dec.step() directly: the device slot table must be current
+        return dec
 
     def _decoder(self, st: _Layer, position: int) -> LayerDecode:
         dec = st.decode
