@@ -98,6 +98,12 @@ def test_two_processes_second_refused_then_opens_after_the_first_dies(tmp_path) 
     assert st["disk_open"]["manifest"] == "not closed cleanly"
 
 
+def test_folder_that_cannot_be_made_fails_at_open_not_at_the_first_spill(tmp_path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ConfigError, match="expected a folder kvtier can create"):
+        TieredStore(LAYOUT, config(tmp_path / "file" / "kv"))
+
+
 def test_unwritable_folder_fails_at_open(tmp_path) -> None:
     if os.geteuid() == 0:
         pytest.skip("root writes anywhere")
