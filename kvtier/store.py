@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -168,6 +169,8 @@ class TieredStore:
                 # The default must not fail mid-generation when the host tier fills: spill
                 # to a private folder (mkdtemp: mode 0700) instead of dropping chunks.
                 self._temp_dir = directory = tempfile.mkdtemp(prefix="kvtier-store-")
+                # Also removed when a store that was never closed is collected, or at exit.
+                weakref.finalize(self, shutil.rmtree, directory, ignore_errors=True)
             try:
                 self._disk = DiskTier(layout, int(config.disk_bytes), directory, io=backend)
             except BaseException:
