@@ -218,6 +218,7 @@ class HGAEngine:
         cache_bytes: int | None = None,
         cache_entries: int | None = None,
         prefetch: bool = True,
+        _device_table: bool | None = None,
     ) -> None:
         if not isinstance(store, TieredStore):
             raise TypeError(f"store: expected a TieredStore, got {type(store).__name__}")
@@ -258,6 +259,10 @@ class HGAEngine:
         self.batch_size = batch_size
         self.rep = num_q_heads // lay.num_kv_heads
         self.prefetch = prefetch
+        # A device copy of the slot tables, updated from the store's callbacks at each block
+        # (CUDA); on the CPU the kernels read the callback-maintained table itself. Tests set
+        # it on the CPU to run the CUDA bookkeeping under the interpreter.
+        self._device_table = self.device.type != "cpu" if _device_table is None else _device_table
         if (rope is None) == (rope_theta is None):
             raise ValueError("rope_theta, rope: expected exactly one of them, got " + ("both" if rope is not None else "neither"))
         self.rope_theta = None if rope_theta is None else float(rope_theta)
@@ -360,8 +365,8 @@ class HGAEngine:
                 host_np[:, :n] = st.host_np
             st.cs, st.gs, st.slot_map, st.host_np = cs, gs, slot_map, host_np
             st.host_cpu = torch.from_numpy(host_np)
-            if self.device.type != "cpu":
-                st.host_dev = st.host_cpu.to(self.device)
+            if self._device_table:
+                st.host_dev = st.host_cpu.to(self.device, copy=True)
                 st.dirty.clear()
             if st.where is not None:
                 where = torch.full((b, hkv, cap * m), -1, dtype=torch.int32, device=self.device)

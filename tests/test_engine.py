@@ -135,8 +135,9 @@ def test_kernel_flow_equals_torch_flow(tmp_path) -> None:
     outs, plans = {}, {}
     for backend in ("torch", "kernels"):
         with _engine(tmp_path / backend, host_chunks=4, backend=backend).store as store:
+            # The kernel flow keeps a separate device slot table, as on CUDA (dirty entries drained per block).
             engine = HGAEngine(store, CFG, num_q_heads=HQ, batch_size=B, rope_theta=THETA, backend=backend,
-                               cache_entries=32)  # fmt: skip
+                               cache_entries=32, _device_table=backend == "kernels")  # fmt: skip
             pieces, ids = [engine.forward(0, q[:, :, :70], k[:, :, :70], v[:, :, :70])], []
             for t in range(70, 76):
                 pieces.append(engine.forward(0, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]))
