@@ -51,6 +51,8 @@ def hga_attention(
     backend: str = "auto",
     route_carry: RouteCarry | None = None,
     scale: float | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
     """Hierarchical Global Attention: routed exact attention over windows and chosen groups.
 
@@ -80,6 +82,10 @@ def hga_attention(
         call that ended at ``start_pos - 1`` (see :func:`kvtier.reference.hga_attention`).
     scale : float, optional
         Softmax scale; ``D ** -0.5`` when None (a model's ``scaling``, e.g. Gemma's, goes here).
+    sinks : Tensor ``[Hq]``, optional
+        Per-head sink logits (gpt-oss); reference backend only so far.
+    softcap : float, optional
+        Logit soft-capping (Gemma-2); reference backend only so far.
 
     Returns
     -------
@@ -98,11 +104,19 @@ def hga_attention(
     start_pos = _ref.resolve_start_pos(q, k, start_pos)
     spec = _ref.check_hga_inputs(q, k, v, config, rope_theta, start_pos, rope=rope)
     scale = _ref.check_scale(scale, q.shape[-1])
+    _ref.check_logit_options(sinks, softcap, q)
     if backend == "auto":
         backend = "triton" if q.is_cuda else "reference"
     if backend == "reference":
         return _ref.hga_attention(
-            q, k, v, config=config, rope=spec, start_pos=start_pos, route_carry=route_carry, scale=scale
+            q, k, v, config=config, rope=spec, start_pos=start_pos, route_carry=route_carry, scale=scale,
+            sinks=sinks, softcap=softcap,
+        )
+    if sinks is not None or softcap is not None:
+        raise ValueError(
+            "backend='triton': expected no sinks and no softcap (the kernels have neither sink logits nor "
+            f"soft-capping so far), got sinks={'None' if sinks is None else 'a tensor'}, softcap={softcap!r}; "
+            "use backend='reference'"
         )
     if not q.is_cuda and not _interpreting():
         raise ValueError(

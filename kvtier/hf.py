@@ -88,7 +88,7 @@ def rope_theta_of(config: Any) -> float:
 
     Parameters
     ----------
-    config : transformers.PretrainedConfig
+    config : transformers.PretrainedConfig, or a model (its ``config`` is read)
 
     Returns
     -------
@@ -102,6 +102,8 @@ def rope_theta_of(config: Any) -> float:
         rotary dim, or has no RoPE base at all: HGA's mixed-RoPE summaries assume
         ``inv_freq[i] = theta ** (-2i / D)`` over the whole head.
     """
+    if isinstance(config, torch.nn.Module):  # a model: read its config
+        config = getattr(config, "config", config)
     config = _text_config(config)
     params = getattr(config, "rope_parameters", None)
     entries: list[dict[str, Any]] = []
@@ -592,18 +594,19 @@ def _layer_window(module: Any, kwargs: dict[str, Any]) -> int | None:
 
 def _full_context_hga(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: HGAConfig, rope: RopeSpec, start: int,
-    carry: RouteCarry | None = None,
+    carry: RouteCarry | None = None, *, sinks: torch.Tensor | None = None, softcap: float | None = None,
 ):
-    """HGA over the full K/V: the kernels when kvtier.attention is there, the reference otherwise."""
-    try:
-        from kvtier.attention import hga_attention as fast
-    except ImportError:
-        fast = None
-    if fast is not None:
-        return fast(q, k, v, config=cfg, rope=rope, start_pos=start, route_carry=carry)
-    from kvtier.reference.hga import hga_attention
+    """HGA over the full K/V: the kernels on CUDA, the reference otherwise (and for sinks / soft-capping)."""
+    from kvtier.attention import hga_attention
 
-    return hga_attention(q, k, v, config=cfg, rope=rope, start_pos=start, route_carry=carry)
+    if (sinks is not None or softcap is not None) and q.is_cuda:
+        raise ConfigError(
+            "attention sinks / logit soft-capping on a full-attention layer: expected a CPU model (the HGA reference "
+            "has them, the kernels not yet), got CUDA tensors"
+        )
+    return hga_attention(
+        q, k, v, config=cfg, rope=rope, start_pos=start, route_carry=carry, sinks=sinks, softcap=softcap
+    )
 
 
 def _check_positions(position_ids: Any, row: int, got: torch.Tensor, first: int) -> None:
@@ -648,7 +651,10 @@ def _hga_layer(
         if settings.method == "hga":
             cid = module.layer_idx if keep is None else (module.layer_idx, i)
             carry = settings.carries.get(cid) if start % settings.hga.chunk_size else None
-            o, stats = _full_context_hga(q_i, k_i, v_i, settings.hga, _module_rope(module, seq_len), start, carry)
+            o, stats = _full_context_hga(
+                q_i, k_i, v_i, settings.hga, _module_rope(module, seq_len), start, carry,
+                sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"),
+            )
             settings.carries[cid] = stats.plan.carry
         else:
             from kvtier.reference import baselines
@@ -742,15 +748,10 @@ def hga_attention_forward(
             query, key, value, mask=mask, keep=keep, scale=scale, window=window, sinks=sinks, softcap=softcap
         )
         return out.transpose(1, 2).contiguous(), None
-    if sinks is not None and settings.method != "dense":
+    if (sinks is not None or softcap is not None) and settings.method in ("quest", "oracle"):
         raise ConfigError(
-            f"attention sinks (gpt-oss s_aux): expected none on full-attention layer {module.layer_idx}, got per-head "
-            "sink logits; HGA's attention has none (served: sinks on sliding-window layers)"
-        )
-    if softcap is not None and settings.method != "dense":
-        raise ConfigError(
-            f"attention logit soft-capping (Gemma-2 softcap={softcap}): expected none on full-attention layer "
-            f"{module.layer_idx}; HGA's attention has none (served: soft-capping on sliding-window layers)"
+            f"method {settings.method!r}: expected a model without attention sinks or soft-capping on full-attention "
+            "layers (the baselines have neither), got them; use method 'hga' or 'dense'"
         )
     keep = key_padding_of(attention_mask, lq, lk)
     if settings.method == "dense":

@@ -5,8 +5,8 @@ HGA replaces full causal attention only. A model's other layers keep what they c
 * **sliding-window layers** (Mistral, Gemma-2/3, gpt-oss, Cohere2 ``layer_types``) run exact
   attention over their window, with the model's own mask, attention sinks (gpt-oss) and logit
   soft-capping (Gemma-2) included (:func:`exact_attention`);
-* **full-attention layers** run HGA; what HGA cannot reproduce there (soft-capped logits,
-  sink logits, a layer type other than full or sliding) is refused by name with
+* **full-attention layers** run HGA (sinks and soft-capping included, on the reference
+  path); a layer type other than full or sliding is refused by name with
   :class:`kvtier.ConfigError`.
 
 :func:`hga_mask` is the mask function registered for ``"hga"`` with transformers'
@@ -28,7 +28,6 @@ __all__ = [
     "SUPPORTED_LAYER_TYPES",
     "layer_types_of",
     "sliding_window_of",
-    "check_layers_served",
     "hga_mask",
     "key_padding_of",
     "exact_attention",
@@ -91,32 +90,6 @@ def layer_types_of(config: Any) -> tuple[str, ...]:
             types = tuple("full_attention" for _ in types)
         return types
     return tuple("sliding_attention" if window is not None else "full_attention" for _ in range(n))
-
-
-def check_layers_served(config: Any) -> None:
-    """Refuse, by name, what HGA cannot compute on a model's full-attention layers.
-
-    Raises
-    ------
-    ConfigError
-        Logit soft-capping on full-attention layers (Gemma-2), per-head attention sinks on
-        full-attention layers (gpt-oss), or a model whose every layer is sliding and that
-        therefore has nothing for HGA to serve is *not* refused here (exact windowed
-        attention serves it); see :func:`layer_types_of` for the layer types.
-    """
-    config = _text_config(config)
-    types = layer_types_of(config)
-    full = [i for i, t in enumerate(types) if t == "full_attention"]
-    if full and getattr(config, "attn_logit_softcapping", None) is not None:
-        raise ConfigError(
-            f"attn_logit_softcapping (Gemma-2): expected None on full-attention layers, got "
-            f"{config.attn_logit_softcapping}; HGA's exact attention has no soft-capping (sliding layers have it)"
-        )
-    if full and getattr(config, "model_type", None) == "gpt_oss":
-        raise ConfigError(
-            "attention sinks (gpt-oss): expected none on full-attention layers (HGA's attention has no sink "
-            "logits), got per-head sinks; sliding layers serve them in exact attention"
-        )
 
 
 # --------------------------------------------------------------------------- masks

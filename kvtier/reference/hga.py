@@ -51,6 +51,7 @@ __all__ = [
     "route_block",
     "check_hga_inputs",
     "check_scale",
+    "check_logit_options",
     "resolve_start_pos",
 ]
 
@@ -382,6 +383,18 @@ def resolve_start_pos(q: object, k: object, start_pos: int | None) -> object:
     return start_pos
 
 
+def check_logit_options(sinks: object, softcap: object, q: torch.Tensor) -> None:
+    """Validate ``sinks`` (Tensor ``[Hq]``) and ``softcap`` (a positive number), both optional."""
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1 or sinks.shape[0] != q.shape[1]:
+            shape = list(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+            raise ValueError(f"sinks: expected a tensor [{q.shape[1]}] (one logit per query head), got {shape}")
+        if sinks.device != q.device:
+            raise ValueError(f"sinks: expected device {q.device} like q, got {sinks.device}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0):
+        raise ValueError(f"softcap: expected a positive number or None, got {softcap!r}")
+
+
 def check_scale(scale: object, head_dim: int) -> float:
     """The softmax scale: ``head_dim ** -0.5`` for None, else a positive finite number."""
     if scale is None:
@@ -417,6 +430,8 @@ def hga_prefill_ref(
     start_pos: int | None = None,
     route_carry: RouteCarry | None = None,
     scale: float | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
     """HGA, chunk-parallel: the queries of each chunk are routed and attended as one block.
 
@@ -425,6 +440,7 @@ def hga_prefill_ref(
     start_pos = resolve_start_pos(q, k, start_pos)
     spec = check_hga_inputs(q, k, v, config, rope_theta, start_pos, rope=rope)
     scale = check_scale(scale, q.shape[-1])
+    check_logit_options(sinks, softcap, q)
     _check_carry(route_carry)
     b, hq, lq, d = q.shape
     c = config.chunk_size
@@ -447,7 +463,8 @@ def hga_prefill_ref(
         carry = plan.carry
         visible = _visibility(positions[rows], plan.group_ids, win, block_end + 1, config)
         out[:, :, rows] = masked_attention_ref(
-            q[:, :, rows], k[:, :, : block_end + 1], v[:, :, : block_end + 1], visible, scale=scale
+            q[:, :, rows], k[:, :, : block_end + 1], v[:, :, : block_end + 1], visible, scale=scale,
+            sinks=sinks, softcap=softcap,
         )
         keys[:, :, rows] = visible.sum(dim=-1)
         plans.append(plan)
@@ -466,6 +483,8 @@ def hga_decode_ref(
     start_pos: int | None = None,
     route_carry: RouteCarry | None = None,
     scale: float | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
     """HGA one position at a time, as a decoder runs it: summaries are appended as chunks close.
 
@@ -474,6 +493,7 @@ def hga_decode_ref(
     start_pos = resolve_start_pos(q, k, start_pos)
     spec = check_hga_inputs(q, k, v, config, rope_theta, start_pos, rope=rope)
     scale = check_scale(scale, q.shape[-1])
+    check_logit_options(sinks, softcap, q)
     _check_carry(route_carry)
     b, hq, lq, d = q.shape
     c = config.chunk_size
@@ -498,7 +518,9 @@ def hga_decode_ref(
         carry = plan.carry
         pos = torch.tensor([t], device=q.device)
         visible = _visibility(pos, plan.group_ids, win, t + 1, config)
-        outs.append(masked_attention_ref(q[:, :, i : i + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible, scale=scale))
+        outs.append(masked_attention_ref(
+            q[:, :, i : i + 1], k[:, :, : t + 1], v[:, :, : t + 1], visible, scale=scale, sinks=sinks, softcap=softcap
+        ))  # fmt: skip
         keys.append(visible.sum(dim=-1))
         plans.append(plan)
     positions = torch.arange(start_pos, start_pos + lq, device=q.device)
@@ -516,6 +538,8 @@ def hga_attention(
     start_pos: int | None = None,
     route_carry: RouteCarry | None = None,
     scale: float | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
     """Hierarchical Global Attention, reference implementation.
 
@@ -545,6 +569,12 @@ def hga_attention(
         ``start_pos - 1``. Not needed at a chunk boundary or for the other scores.
     scale : float, optional
         Softmax scale of the attention; ``D ** -0.5`` when None. Routing ranks are unaffected.
+    sinks : Tensor ``[Hq]``, optional
+        Per-head sink logits (gpt-oss): one more softmax entry per query, carrying no value.
+        Routing is unaffected.
+    softcap : float, optional
+        Logit soft-capping ``softcap * tanh(logit / softcap)`` (Gemma-2) in the exact attention;
+        routing scores stay the summaries' dot products.
 
     Returns
     -------
@@ -562,5 +592,5 @@ def hga_attention(
     path = hga_decode_ref if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[2] == 1 else hga_prefill_ref
     return path(
         q, k, v, config=config, rope_theta=rope_theta, rope=rope, start_pos=start_pos, route_carry=route_carry,
-        scale=scale,
+        scale=scale, sinks=sinks, softcap=softcap,
     )
