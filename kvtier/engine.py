@@ -90,6 +90,17 @@ def _union(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x[..., :u].contiguous(), u
 
 
+# Device group cache when no budget is given (engine_from_dense, direct use): 4 GiB.
+_MAX_CACHE_BYTES = 4 << 30
+
+
+def _resolved(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``: tensors always carry an index, so compare against one."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _fixed_keys(positions: torch.Tensor, config: HGAConfig) -> torch.Tensor:
     """Keys of the windows and the causal current chunk of each position ``[Lq]``."""
     c = config.chunk_size
@@ -237,10 +248,22 @@ class HGAEngine:
             raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        self.device = torch.device(device)
+        self.device = _resolved(torch.device(device))
         summed = hga.chunk_score == "sum" and hga.group_score == "sum"
+        # The kernel path keeps one step's fetch set in the device group cache. A config whose
+        # fetch set has no useful bound (HGAConfig.full_coverage()) or exceeds the budget cannot.
+        m_ = hga.groups_per_chunk
+        e_min = 1 << max(0, (max(m_, num_q_heads // lay.num_kv_heads * min(hga.fetch_groups, hga.top_chunks * m_)) - 1).bit_length())
+        per_entry = lay.num_layers * batch_size * lay.num_kv_heads * lay.group_bytes
+        budget = int(cache_bytes) if cache_bytes is not None else _MAX_CACHE_BYTES
+        cache_fits = cache_entries is not None or e_min * per_entry <= budget
         if backend == "auto":
-            backend = "kernels" if self.device.type == "cuda" and summed else "torch"
+            backend = "kernels" if self.device.type == "cuda" and summed and cache_fits else "torch"
+        if backend == "kernels" and not cache_fits:
+            raise ValueError(
+                f"cache_bytes: expected room for one step's fetch set ({e_min} entries x {per_entry} bytes) for "
+                f"backend='kernels', got {budget} bytes; raise it, lower fetch_groups/top_chunks, or use backend='torch'"
+            )
         if backend == "kernels" and not summed:
             raise ValueError(
                 f"backend='kernels': expected chunk_score='sum' and group_score='sum' (the routing kernels score "
@@ -271,12 +294,9 @@ class HGAEngine:
         self.group_key_dim = 2 * lay.head_dim if hga.group_score == "bound" else lay.head_dim
         # What the summaries rotate by: the model's RopeSpec, or plain RoPE's frequencies.
         self._inv_freq = rope if rope is not None else rope_inv_freq(lay.head_dim, self.rope_theta, device=self.device)
-        kf_max = min(hga.fetch_groups, hga.top_chunks * m)
-        e_min = 1 << max(0, (max(m, self.rep * kf_max) - 1).bit_length())
         if cache_entries is None:
             e = e_min
-            if cache_bytes is not None:
-                per_entry = self.num_layers * batch_size * lay.num_kv_heads * lay.group_bytes
+            if cache_bytes is not None and backend == "kernels":
                 fit = max(1, int(cache_bytes) // per_entry)
                 e = max(e_min, 1 << (fit.bit_length() - 1))
         else:
