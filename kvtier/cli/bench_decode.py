@@ -60,7 +60,7 @@ from typing import Any
 import torch
 
 from kvtier.cli.args import UsageError, byte_size, format_tokens, positive_int, positive_ints, token_counts
-from kvtier.cli.plots import plot_lines
+from kvtier.cli.plots import PLOT_HINT, plot_available, plot_lines
 from kvtier.cli.results import add_output_arguments, append_csv, dense_tokens, output_file, source_commit
 from kvtier.config import HGAConfig, StoreConfig, format_bytes
 
@@ -973,8 +973,10 @@ def bench_decode(args: argparse.Namespace) -> int:
     written = [f"{csv_path} (appended)" if csv_path is not None else "no CSV (--csv '')", str(md_path)]
     if png_path is not None and png_path.exists():
         written.append(str(png_path))
+    elif not plot_available():
+        written.append(f"no plot ({PLOT_HINT})")
     else:
-        written.append("no plot (matplotlib missing: pip install 'kvtier[plot]')")
+        written.append("no plot (no decode step was measured)")
     print("results: " + ", ".join(written))
     return 1 if any(r.status.startswith("failed") for r in results) else 0
 
