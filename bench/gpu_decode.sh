@@ -73,7 +73,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         && export PYTHONPATH=/tmp/site
 fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
-    || export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+    || { ln -sfn ../kernels kvtier/kernels; export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD; }
 python3 -c "import torch, triton, transformers, kvtier; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name(0))" \
     2>&1 | tee "$OUT/env_decode.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$OUT/env_decode.txt" 2>&1
