@@ -61,6 +61,7 @@ __all__ = [
     "hga_attention_forward",
     "register",
     "rope_theta_of",
+    "tiered_rope_of",
 ]
 
 #: Name under which the attention function is registered with transformers.
@@ -139,6 +140,34 @@ def rope_theta_of(config: Any) -> float:
     if not theta > 0:
         raise ConfigError(f"rope_theta: expected a positive number, got {theta}")
     return theta
+
+
+def tiered_rope_of(config: Any) -> RopeSpec:
+    """The RoPE a :class:`TieredCache` summarises with: the model's own, fixed for any context length.
+
+    Parameters
+    ----------
+    config : transformers.PretrainedConfig, or a model
+
+    Returns
+    -------
+    RopeSpec
+        default, linear, llama3 or yarn frequencies (partial and interleaved rotary dims included).
+
+    Raises
+    ------
+    ConfigError
+        longrope and dynamic NTK: their frequencies change with the context length while a
+        cache's closed chunks keep the keys they were rotated with (the cache-less path serves
+        them, one context per call).
+    """
+    spec = rope_spec_of(config)
+    if spec.max_seq_len is not None or spec.min_seq_len > 0:
+        raise ConfigError(
+            f"rope_type {spec.rope_type!r}: TieredCache expected RoPE frequencies fixed for every context length "
+            "(default, linear, llama3, yarn), got ones that change with it; run without a TieredCache"
+        )
+    return spec
 
 
 def _model_geometry(config: Any) -> tuple[int, int, int, int]:
@@ -394,8 +423,9 @@ class TieredCache(Cache):
 
     Parameters
     ----------
-    model_config : transformers.PretrainedConfig
-        The model's config (plain RoPE, GQA); ``rope_theta`` is read from it.
+    model_config : transformers.PretrainedConfig, or the model itself
+        The model's config: full-attention layers only, GQA, RoPE with fixed frequencies
+        (:func:`tiered_rope_of`: default, linear, llama3, yarn; partial or interleaved dims).
     hga : HGAConfig, optional
         Budgets and windows; the paper's defaults when omitted.
     store : StoreConfig, optional
@@ -410,8 +440,8 @@ class TieredCache(Cache):
     Raises
     ------
     ConfigError
-        If the model uses RoPE scaling, partial rotary dims, sliding-window layers, or a KV
-        head count that does not divide the query heads.
+        If the model's RoPE frequencies change with the context (longrope, dynamic NTK), it
+        has sliding-window layers, or a KV head count that does not divide the query heads.
 
     Notes
     -----
@@ -433,8 +463,9 @@ class TieredCache(Cache):
             raise TypeError(f"store: expected a StoreConfig, got {type(store).__name__}")
         self.hga = hga
         self.store_config = store
-        self.rope_theta = rope_theta_of(model_config)
         self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim = _model_geometry(model_config)
+        #: The model's RoPE, what the engine's summaries rotate by.
+        self.rope = tiered_rope_of(model_config)
         self.store: Any = None
         self.engine: Any = None
         #: Promote the router's fetch set from disk on the store's I/O threads.
@@ -481,7 +512,7 @@ class TieredCache(Cache):
                     self.store.drop(seq_id)
             self.engine = HGAEngine(
                 self.store, self.hga, num_q_heads=self.num_q_heads, batch_size=batch_size,
-                rope_theta=self.rope_theta, device=device, cache_bytes=int(config.gpu_bytes),
+                rope=self.rope, device=device, cache_bytes=int(config.gpu_bytes),
                 prefetch=self.prefetch,
             )  # fmt: skip
 

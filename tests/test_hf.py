@@ -206,15 +206,15 @@ def test_rope_theta_read_from_rope_parameters() -> None:
     assert kvtier.hf.rope_theta_of(model.config) == 1e5
 
 
-def test_rope_scaling_is_refused() -> None:
+def test_rope_scaling_is_refused_by_rope_theta_of_only() -> None:
+    """A plain base does not exist for scaled RoPE; TieredCache takes the model's RopeSpec instead."""
     config = transformers.LlamaConfig(
         hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
         rope_scaling={"rope_type": "linear", "factor": 2.0},
     )
     with pytest.raises(ConfigError, match="expected plain RoPE"):
-        kvtier.hf.TieredCache(config)
-    with pytest.raises(ConfigError, match="expected plain RoPE"):
         kvtier.hf.rope_theta_of(config)
+    assert kvtier.hf.TieredCache(config).rope.rope_type == "linear"
 
 
 def test_cache_needs_hga_attention(ids: torch.Tensor) -> None:

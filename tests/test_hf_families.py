@@ -288,6 +288,31 @@ def test_tiered_cache_refuses_a_padded_batch(ids: torch.Tensor) -> None:
             _logits(model, "hga", batch, attention_mask=mask, **kvtier.hf.cache_kwargs(model, cache))
 
 
+@pytest.mark.parametrize("name", ["llama3.1", "qwen2.5-yarn", "glm4-partial"])
+def test_tiered_cache_with_the_models_rope(name: str, ids: torch.Tensor) -> None:
+    """llama3, YaRN, interleaved partial rotary through TieredCache: = sdpa at full coverage, and with sparse
+    budgets, fed in pieces, exactly the cache-less path (per-position routing with the same RopeSpec)."""
+    model = family_model(name)
+    ref = _logits(model, "sdpa", ids)
+    with kvtier.hf.TieredCache(model, hga=FULL, store=StoreConfig(gpu_bytes=0)) as cache:
+        assert cache.rope.rope_type == SUPPORT[name][0].split(",")[0]
+        got = torch.cat([_logits(model, "hga", ids[:, a:b], **kvtier.hf.cache_kwargs(model, cache))
+                         for a, b in ((0, 70), (70, 71), (71, LENGTH))], dim=1)  # fmt: skip
+    assert (got - ref).abs().max().item() < 1e-4
+    kvtier.hf.configure(model, hga=SPARSE)
+    cacheless = _logits(model, "hga", ids)
+    with kvtier.hf.TieredCache(model, hga=SPARSE, store=StoreConfig(gpu_bytes=0)) as cache:
+        got = torch.cat([_logits(model, "hga", ids[:, a:b], **kvtier.hf.cache_kwargs(model, cache))
+                         for a, b in ((0, 90), (90, LENGTH))], dim=1)  # fmt: skip
+    assert (got - cacheless).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["phi3-longrope", "llama-dynamic"])
+def test_tiered_cache_refuses_context_dependent_rope(name: str) -> None:
+    with pytest.raises(ConfigError, match="TieredCache expected RoPE frequencies fixed for every context length"):
+        kvtier.hf.TieredCache(family_config(name), hga=FULL)
+
+
 def test_tiered_cache_takes_the_model_itself(ids: torch.Tensor) -> None:
     """TieredCache(model) reads model.config (issue 12): same logits as TieredCache(model.config)."""
     model = family_model("llama3.1", rope_parameters=None, rope_theta=1e4)
@@ -296,5 +321,5 @@ def test_tiered_cache_takes_the_model_itself(ids: torch.Tensor) -> None:
         with kvtier.hf.TieredCache(source, hga=FULL, store=StoreConfig(gpu_bytes=0)) as cache:
             got = _logits(model, "hga", ids, **kvtier.hf.cache_kwargs(model, cache))
         assert (got - ref).abs().max().item() < 1e-4
-    with pytest.raises(ConfigError, match="rope_theta: expected one RoPE base in the config, got none"):
+    with pytest.raises(ConfigError, match="expected a decoder config with heads and layers"):
         kvtier.hf.TieredCache(torch.nn.Linear(2, 2))  # no config at all: a clear error, not an AttributeError
