@@ -591,15 +591,24 @@ class TieredCache(Cache):
 # --------------------------------------------------------------------------- attention function
 
 
-def _module_rope(module: Any, seq_len: int) -> RopeSpec:
-    """The RoPE of a full-attention module at a context of ``seq_len`` tokens (cached per regime)."""
+def _module_rope(module: Any, seq_len: int, fresh: bool) -> RopeSpec:
+    """The RoPE of a full-attention module at a context of ``seq_len`` tokens (cached per regime).
+
+    ``fresh``: the call's keys were all rotated in this call (no cache). A cache that crosses
+    longrope's switch holds keys rotated with the other factors, which no summary can undo.
+    """
     spec: RopeSpec | None = getattr(module, "_kvtier_rope", None)
     if spec is not None:
         try:
             spec.check_context(seq_len)
             return spec
         except ConfigError:
-            pass
+            if not fresh:
+                raise ConfigError(
+                    f"rope_type {spec.rope_type!r}: expected a cached context to stay within one set of RoPE "
+                    f"frequencies ({spec.min_seq_len} to {spec.max_seq_len} tokens), got {seq_len}: the cache holds "
+                    "keys rotated with the other factors; start the sequence past the switch or run it in one call"
+                ) from None
     spec = rope_spec_of(module.config, seq_len=seq_len, layer_idx=getattr(module, "layer_idx", None))
     module._kvtier_rope = spec
     return spec
@@ -683,7 +692,7 @@ def _hga_layer(
             cid = module.layer_idx if keep is None else (module.layer_idx, i)
             carry = settings.carries.get(cid) if start % settings.hga.chunk_size else None
             o, stats = _full_context_hga(
-                q_i, k_i, v_i, settings.hga, _module_rope(module, seq_len), start, carry,
+                q_i, k_i, v_i, settings.hga, _module_rope(module, seq_len, fresh=lq == lk), start, carry,
                 sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"),
             )
             settings.carries[cid] = stats.plan.carry

@@ -323,3 +323,22 @@ def test_tiered_cache_takes_the_model_itself(ids: torch.Tensor) -> None:
         assert (got - ref).abs().max().item() < 1e-4
     with pytest.raises(ConfigError, match="expected a decoder config with heads and layers"):
         kvtier.hf.TieredCache(torch.nn.Linear(2, 2))  # no config at all: a clear error, not an AttributeError
+
+
+def test_longrope_switch_inside_a_cache_is_refused(ids: torch.Tensor) -> None:
+    """Phi-3: keys cached below the pretraining length (128), then a call past it, would mix short- and
+    long-factor keys. generate() re-runs the whole sequence at the switch (served, equal to sdpa); a bare
+    cache that crosses it is refused."""
+    model = family_model("phi3-longrope")
+    prompt = ids[:, :120]
+    model.set_attn_implementation("sdpa")
+    dense = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+    kvtier.hf.configure(model, hga=FULL)
+    model.set_attn_implementation("hga")
+    hga = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False)
+    assert torch.equal(hga, dense)
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(prompt, **kvtier.hf.cache_kwargs(model, cache))
+        with pytest.raises(ConfigError, match=r"rope_type 'longrope': expected a cached context to stay within one"):
+            model(ids[:, 120:140], **kvtier.hf.cache_kwargs(model, cache))
