@@ -101,6 +101,49 @@ def _resolved(device: torch.device) -> torch.device:
     return device
 
 
+def _union_by_first_use(ids: torch.Tensor, width: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Distinct group ids of each row, ordered by the first position that chose them.
+
+    Parameters
+    ----------
+    ids : Tensor ``[B, Hkv, Lb, n]`` int64
+        Per (row, KV head, position) the groups its query heads chose (-1 = none).
+    width : int or None
+        Columns of the result; None: the longest row's count (one device-to-host read).
+
+    Returns
+    -------
+    union : Tensor ``[B, Hkv, U]`` int64, ``_BIG`` padded
+        A column's position depends only on the positions up to the first one that chose
+        it, so a query's groups sit in the same columns whatever later positions chose; with
+        a fixed ``width`` the shapes do not depend on them either (bit-exact causality).
+    col : Tensor ``[B, Hkv, Lb, n]`` int64
+        Column of each entry of ``ids`` in ``union`` (``U`` for -1 entries).
+    U : int
+    """
+    b, h, lb, n = ids.shape
+    flat = ids.reshape(b, h, lb * n)
+    pos = torch.arange(lb, device=ids.device).repeat_interleave(n)
+    key = torch.where(flat < 0, _BIG, flat * lb + pos).sort(dim=-1).values  # by id, then position
+    gid, first = key // lb, key % lb
+    dup = torch.zeros_like(key, dtype=torch.bool)
+    dup[..., 1:] = gid[..., 1:] == gid[..., :-1]
+    big = _BIG // (lb + 1)
+    order_key = torch.where(dup | (key >= _BIG), _BIG, first * big + gid).sort(dim=-1).values
+    union = torch.where(order_key >= _BIG, _BIG, order_key % big)
+    if width is None:
+        width = int((union < _BIG).sum(dim=-1).max()) if union.numel() else 0
+    union = union[..., :width] if union.shape[-1] >= width else torch.nn.functional.pad(
+        union, (0, width - union.shape[-1]), value=_BIG
+    )
+    by_id = union.argsort(dim=-1)
+    srt = union.gather(-1, by_id)
+    at = torch.searchsorted(srt, flat.clamp(min=0)).clamp(max=max(width - 1, 0))
+    col = by_id.gather(-1, at) if width else at
+    col = torch.where(flat >= 0, col, width).reshape(b, h, lb, n)
+    return union.contiguous(), col, width
+
+
 def _fixed_keys(positions: torch.Tensor, config: HGAConfig) -> torch.Tensor:
     """Keys of the windows and the causal current chunk of each position ``[Lq]``."""
     c = config.chunk_size
@@ -720,7 +763,11 @@ class HGAEngine:
         widths = plan_widths(cfg, p1)
         plan = self._route_torch(st, q, p0, win, widths)
         ids = plan.group_ids.reshape(b, hkv, rep * lb, widths[1])  # rows r * Lb + l of KV head kvh
-        union, u = _union(ids.reshape(b, hkv, -1))
+        per_pos = ids.reshape(b, hkv, rep, lb, -1).transpose(2, 3).reshape(b, hkv, lb, -1)
+        # A block of several positions gets a union of fixed width (every candidate group, at
+        # most rep * Lb * Kg): what one position attends then never depends on later ones.
+        width = None if lb == 1 else min(rep * lb * widths[1], win.num_candidates * m)
+        union, col, u = _union_by_first_use(per_pos, width)
         slab_dev = self.store.host_slab.device
         got: dict[str, torch.Tensor] = {}
 
@@ -734,12 +781,17 @@ class HGAEngine:
             slots = table.to(slab_dev)[rows, chunk]  # type: ignore[union-attr]
             if bool((valid.to(slab_dev) & (slots < 0)).any()):
                 return False
-            tok = (torch.where(valid, union % m, 0).to(slab_dev) * g)[..., None] + torch.arange(g, device=slab_dev)
-            kvh = torch.arange(hkv, device=slab_dev)[None, :, None, None]
-            s4 = slots.clamp(min=0)[..., None].long()
+            grp = torch.where(valid, union % m, 0).to(slab_dev)
+            kvh = torch.arange(hkv, device=slab_dev)[None, :, None]
             slab = self.store.host_slab
-            got["k"] = slab[:, 0][s4, kvh, tok].to(q.device)  # [B, Hkv, U, G, D]
-            got["v"] = slab[:, 1][s4, kvh, tok].to(q.device)
+            # Rows of G * D contiguous elements (one group of one head, K or V) copied by
+            # index_select: element-wise advanced indexing was 4x slower on the CPU.
+            row = (slots.clamp(min=0).long() * 2 * hkv + kvh) * m + grp  # K row; V is hkv * m rows on
+            row = torch.stack((row, row + hkv * m), dim=-1).reshape(-1)
+            rows_kv = slab.view(-1, g * d).index_select(0, row).view(b, hkv, u, 2, g * d)
+            if not bool(valid.all()):  # padding columns: zeros (never attended; slab bytes may be NaN)
+                rows_kv.masked_fill_(~valid.to(slab_dev)[..., None, None], 0)
+            got["kv"] = rows_kv.to(q.device)
             return True
 
         self._resident(st, plan.group_ids, self._fetch_set(plan.chunk_ids, plan.fetch_group_ids), gather)
@@ -748,19 +800,28 @@ class HGAEngine:
         kw = ring[:, :, 0].permute(0, 2, 1, 3, 4).reshape(b, hkv, self.hot * c, d).float()
         vw = ring[:, :, 1].permute(0, 2, 1, 3, 4).reshape(b, hkv, self.hot * c, d).float()
         mask_w = self._ring_mask(st, win, p0, p1, q.device).repeat(rep, 1)  # [rep * Lb, hot * C]
-        scores = [torch.matmul(qf, kw.transpose(-1, -2)).mul_(scale).masked_fill_(~mask_w, float("-inf"))]
-        values = [vw]
+        sw = torch.matmul(qf, kw.transpose(-1, -2)).mul_(scale).masked_fill_(~mask_w, float("-inf"))
+        top = sw.amax(dim=-1, keepdim=True)  # finite: every query sees its own token
         if u:
-            self._gathered += int(b * hkv * u) if q.device.type == "cpu" else (union < _BIG).sum()
-            kr = got["k"].reshape(b, hkv, u * g, d).float()
-            values.append(got["v"].reshape(b, hkv, u * g, d).float())
-            pos = torch.searchsorted(union, ids.clamp(min=0).reshape(b, hkv, -1)).reshape(ids.shape)
+            self._gathered += (union < _BIG).sum()
+            kv = got["kv"].float()
+            kr = kv[:, :, :, 0].reshape(b, hkv, u * g, d)
+            vr = kv[:, :, :, 1].reshape(b, hkv, u * g, d)
+            cols = col.reshape(b, hkv, lb, rep, -1).transpose(2, 3).reshape(ids.shape)  # back to rows r * Lb + l
             vis = torch.zeros(b, hkv, rep * lb, u + 1, dtype=torch.bool, device=q.device)
-            vis.scatter_(3, torch.where(ids >= 0, pos, u), True)
+            vis.scatter_(3, cols, True)
             vis = vis[..., :u].repeat_interleave(g, dim=3)
-            scores.append(torch.matmul(qf, kr.transpose(-1, -2)).mul_(scale).masked_fill_(~vis, float("-inf")))
-        p = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
-        out = torch.matmul(p, torch.cat(values, dim=2))
+            sr = torch.matmul(qf, kr.transpose(-1, -2)).mul_(scale).masked_fill_(~vis, float("-inf"))
+            top = torch.maximum(top, sr.amax(dim=-1, keepdim=True))
+        # Softmax over [window keys | routed keys] without concatenating them: one shared max.
+        ew = sw.sub_(top).exp_()
+        den = ew.sum(dim=-1, keepdim=True)
+        out = torch.matmul(ew, vw)
+        if u:
+            er = sr.sub_(top).exp_()
+            den += er.sum(dim=-1, keepdim=True)
+            out += torch.matmul(er, vr)
+        out /= den
         self._count(plan.group_ids, p0, p1)
         self.last_group_ids = plan.group_ids
         return out.reshape(b, hq, lb, d).to(q.dtype)
