@@ -284,7 +284,7 @@ def test_gpu_engine_equals_cacheless_kernels(tmp_path) -> None:
     k = torch.randn(2, 2, 1200, 64, device="cuda", generator=g).bfloat16()
     v = torch.randn(2, 2, 1200, 64, device="cuda", generator=g).bfloat16()
     want, _ = kvtier.hga_attention(q, k, v, config=cfg, rope_theta=THETA)
-    store = TieredStore(layout, StoreConfig(gpu_bytes=0, host_bytes=16 * layout.chunk_bytes, disk_dir=tmp_path,
+    store = TieredStore(layout, StoreConfig(gpu_bytes=0, host_bytes=32 * layout.chunk_bytes, disk_dir=tmp_path,
                                             disk_bytes="64MiB", device="cuda"))  # fmt: skip
     with store:
         engine = HGAEngine(store, cfg, num_q_heads=8, batch_size=2, rope_theta=THETA, device="cuda")
