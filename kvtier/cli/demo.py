@@ -200,6 +200,13 @@ def run_model(args: argparse.Namespace) -> int:
     note = dense_note(ids.shape[1], hga)
     if note:
         print(note)
+    expected = FACT[2]
+
+    def verdict(answer: str) -> str:
+        return "(correct)" if expected in answer else f"(expected {expected})"
+
+    # Each answer is printed as soon as it exists: the HGA one is the demo's first result.
+    print(f"question: {FACT[1].strip().splitlines()[0][len('Question: '):]}", flush=True)
     with tempfile.TemporaryDirectory(prefix="kvtier-demo-") as tmp:
         store = StoreConfig(gpu_bytes=args.gpu_bytes, host_bytes=args.host_bytes, disk_dir=args.disk_dir or tmp,
                             disk_bytes="4GiB")
@@ -207,14 +214,11 @@ def run_model(args: argparse.Namespace) -> int:
             model.set_attn_implementation(kvtier.hf.ATTN_IMPLEMENTATION)
             h = _prefill_and_answer(model, tokenizer, ids, doc_tokens, cache, args.piece, args.max_new_tokens, "hga")
             stats = cache.stats()
+        print(f"  HGA answer:   {h['answer']!r}  {verdict(h['answer'])}", flush=True)
         model.set_attn_implementation("sdpa")
         d = _prefill_and_answer(model, tokenizer, ids, doc_tokens, DynamicCache(), args.piece,
                                 args.max_new_tokens, "dense")
-    expected = FACT[2]
-    print()
-    print(f"question: {FACT[1].strip().splitlines()[0][len('Question: '):]}")
-    print(f"  HGA answer:   {h['answer']!r}  {'(correct)' if expected in h['answer'] else '(expected ' + expected + ')'}")
-    print(f"  dense answer: {d['answer']!r}  {'(correct)' if expected in d['answer'] else '(expected ' + expected + ')'}")
+    print(f"  dense answer: {d['answer']!r}  {verdict(d['answer'])}")
     print(f"prompt NLL: HGA {h['nll']:.4f} nats/token, dense {d['nll']:.4f}, gap {h['nll'] - d['nll']:+.4f} "
           f"(over {doc_tokens - 1} document tokens)")
     print(f"keys attended per query: {stats['mean_keys_per_query']:.0f} (sinks, local window and current chunk "
