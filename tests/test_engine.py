@@ -280,16 +280,16 @@ def test_gpu_engine_equals_cacheless_kernels(tmp_path) -> None:
                     fetch_groups=16)  # fmt: skip
     layout = KVLayout(num_layers=1, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, chunk_size=64, group_size=16)
     g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(2, 8, 1200, 64, device="cuda", generator=g).bfloat16()
-    k = torch.randn(2, 2, 1200, 64, device="cuda", generator=g).bfloat16()
-    v = torch.randn(2, 2, 1200, 64, device="cuda", generator=g).bfloat16()
+    q = torch.randn(2, 8, 2000, 64, device="cuda", generator=g).bfloat16()
+    k = torch.randn(2, 2, 2000, 64, device="cuda", generator=g).bfloat16()
+    v = torch.randn(2, 2, 2000, 64, device="cuda", generator=g).bfloat16()
     want, _ = kvtier.hga_attention(q, k, v, config=cfg, rope_theta=THETA)
-    store = TieredStore(layout, StoreConfig(gpu_bytes=0, host_bytes=32 * layout.chunk_bytes, disk_dir=tmp_path,
+    store = TieredStore(layout, StoreConfig(gpu_bytes=0, host_bytes=40 * layout.chunk_bytes, disk_dir=tmp_path,
                                             disk_bytes="64MiB", device="cuda"))  # fmt: skip
     with store:
         engine = HGAEngine(store, cfg, num_q_heads=8, batch_size=2, rope_theta=THETA, device="cuda")
-        got = [engine.forward(0, q[:, :, :1100], k[:, :, :1100], v[:, :, :1100])]
-        for t in range(1100, 1200):
+        got = [engine.forward(0, q[:, :, :1900], k[:, :, :1900], v[:, :, :1900])]  # 62 chunks, 40 host slots
+        for t in range(1900, 2000):
             got.append(engine.forward(0, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]))
         assert engine.stats()["disk_waits"] + engine.stats()["prefetch_hits"] > 0
     err = (torch.cat(got, dim=2).float() - want.float()).abs().max().item()
