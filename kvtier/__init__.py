@@ -2,6 +2,7 @@
 
 from kvtier.attention import hga_attention
 from kvtier.config import HGAConfig, StoreConfig
+from kvtier.engine import HGAEngine
 from kvtier.errors import (
     CapacityError,
     ConfigError,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "hga_attention",
+    "HGAEngine",
     "HGAConfig",
     "StoreConfig",
     "KVLayout",

@@ -744,6 +744,19 @@ class HGAEngine:
         st.carry = plan.carry
         return plan
 
+    def _ring_hidden(self, st: _Layer, win: Windows, p0: int, p1: int, device: torch.device) -> torch.Tensor:
+        """Bool ``[rep * Lb, hot * C]``: the ring keys each query row (``r * Lb + l``) does not attend.
+
+        Every layer of one step has the same ring and positions: the last one is reused.
+        """
+        key = (tuple(st.ring_chunk), p0, p1, device)
+        cached = getattr(self, "_ring_hidden_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        hidden = (~self._ring_mask(st, win, p0, p1, device)).repeat(self.rep, 1)
+        self._ring_hidden_cache = (key, hidden)
+        return hidden
+
     def _ring_mask(self, st: _Layer, win: Windows, p0: int, p1: int, device: torch.device) -> torch.Tensor:
         """Bool ``[Lb, hot * C]``: which ring keys each query of the block attends."""
         c = self.hga.chunk_size
@@ -799,8 +812,8 @@ class HGAEngine:
         ring = st.ring
         kw = ring[:, :, 0].permute(0, 2, 1, 3, 4).reshape(b, hkv, self.hot * c, d).float()
         vw = ring[:, :, 1].permute(0, 2, 1, 3, 4).reshape(b, hkv, self.hot * c, d).float()
-        mask_w = self._ring_mask(st, win, p0, p1, q.device).repeat(rep, 1)  # [rep * Lb, hot * C]
-        sw = torch.matmul(qf, kw.transpose(-1, -2)).mul_(scale).masked_fill_(~mask_w, float("-inf"))
+        hidden_w = self._ring_hidden(st, win, p0, p1, q.device)  # [rep * Lb, hot * C]
+        sw = torch.matmul(qf, kw.transpose(-1, -2)).mul_(scale).masked_fill_(hidden_w, float("-inf"))
         top = sw.amax(dim=-1, keepdim=True)  # finite: every query sees its own token
         if u:
             self._gathered += (union < _BIG).sum()
