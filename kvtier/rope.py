@@ -264,10 +264,16 @@ def rope_spec_of(
     ------
     ConfigError
         A ``rope_type`` outside :data:`SUPPORTED_ROPE_TYPES`, dynamic NTK past
-        ``max_position_embeddings``, a layout other than half-split or interleaved pairs, or a
-        source that is not a transformers decoder.
+        ``max_position_embeddings``, a layout other than half-split or interleaved pairs over
+        the first R dims (multi-head latent attention), or a source that is not a
+        transformers decoder.
     """
     config, rotary_cls = _rotary_source(source)
+    if getattr(config, "qk_rope_head_dim", None) is not None:
+        raise ConfigError(
+            f"multi-head latent attention (DeepSeek-V2/V3 style, qk_rope_head_dim={config.qk_rope_head_dim}): expected "
+            "RoPE over the first R dims of a query/key head, got RoPE on a separate tail of each head; not served"
+        )
     if _position_free(config, layer_type, layer_idx):
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
         return RopeSpec(head_dim, torch.zeros(0, dtype=torch.float64), rope_type="none")

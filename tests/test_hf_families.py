@@ -17,6 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import kvtier.hf  # noqa: E402  (registers "hga")
+import kvtier.hf_layers  # noqa: E402
 from kvtier import HGAConfig, StoreConfig  # noqa: E402
 from kvtier.errors import ConfigError  # noqa: E402
 
@@ -342,3 +343,13 @@ def test_longrope_switch_inside_a_cache_is_refused(ids: torch.Tensor) -> None:
         model(prompt, **kvtier.hf.cache_kwargs(model, cache))
         with pytest.raises(ConfigError, match=r"rope_type 'longrope': expected a cached context to stay within one"):
             model(ids[:, 120:140], **kvtier.hf.cache_kwargs(model, cache))
+
+
+def test_other_layer_types_are_refused_by_name() -> None:
+    """Llama-4's chunked-attention layers are neither full nor sliding: refused, never run as full attention."""
+    cfg = transformers.Llama4TextConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        num_local_experts=2, attention_chunk_size=32)
+    with pytest.raises(ConfigError, match=r"layer_types: expected only \('full_attention', 'sliding_attention'\) "
+                                          r"layers, got \['chunked_attention'\]"):
+        kvtier.hf_layers.layer_types_of(cfg)

@@ -85,3 +85,13 @@ def test_refusals_name_the_feature() -> None:
     with pytest.raises(ConfigError, match=r"rope_type: expected one of \('default', 'linear', 'llama3', 'yarn', "
                                           r"'longrope', 'dynamic'\), got 'proportional'"):
         rope_spec_of(cfg)
+
+
+def test_multi_head_latent_attention_is_refused_by_name() -> None:
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, pad_token_id=0,
+    )
+    with pytest.raises(ConfigError, match=r"multi-head latent attention \(DeepSeek-V2/V3 style, qk_rope_head_dim=8\)"):
+        rope_spec_of(cfg)
