@@ -682,7 +682,9 @@ def _hga_layer(
         if qidx.numel() == 0:
             continue  # a row whose queries are all padding
         start = kidx.numel() - qidx.numel()
-        _check_positions(position_ids, 0 if keep is None else i, qidx, start)
+        rows_to_check = range(b) if keep is None else [i]  # without padding every row sits at the same positions
+        for r in rows_to_check:
+            _check_positions(position_ids, r, qidx, start)
         sl = slice(i, i + 1) if keep is not None else i
         if keep is None:  # no copy of the context
             q_i, k_i, v_i = query, key, value

@@ -353,3 +353,24 @@ def test_other_layer_types_are_refused_by_name() -> None:
     with pytest.raises(ConfigError, match=r"layer_types: expected only \('full_attention', 'sliding_attention'\) "
                                           r"layers, got \['chunked_attention'\]"):
         kvtier.hf_layers.layer_types_of(cfg)
+
+
+def test_dense_method_and_sdpa_agree_on_a_padded_batch(ids: torch.Tensor) -> None:
+    """configure(method="dense") over a left-padded batch: the real tokens' logits equal sdpa's with the same mask."""
+    model = family_model("llama3.1")
+    batch, mask = _padded([ids[0, :90], ids[0, 10:43]], "left")
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ref = _logits(model, "sdpa", batch, attention_mask=mask, position_ids=pos)
+    kvtier.hf.configure(model, method="dense")
+    got = _logits(model, "hga", batch, attention_mask=mask, position_ids=pos)
+    real = mask.bool()
+    assert (got[real] - ref[real]).abs().max().item() < 1e-4
+
+
+def test_rows_of_an_unpadded_batch_must_share_positions(ids: torch.Tensor) -> None:
+    model = family_model("llama3.1")
+    kvtier.hf.configure(model, hga=SPARSE)
+    batch = torch.stack([ids[0, :40], ids[0, 40:80]])
+    pos = torch.stack([torch.arange(40), torch.arange(5, 45)])  # row 1 continues elsewhere: not this call's keys
+    with pytest.raises(ValueError, match=r"position_ids: expected row 1's real tokens at positions 0..39"):
+        _logits(model, "hga", batch, position_ids=pos)
