@@ -5,6 +5,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
+# OpenMP threads sleep instead of spinning while they wait: on a busy 2-core machine spinning
+# multiplies the CPU time of the demo and the suite several fold for no speed.
+export OMP_WAIT_POLICY ?= PASSIVE
+
 .PHONY: demo test test-slow plots clean
 
 $(STAMP): requirements-ci.txt pyproject.toml
