@@ -867,6 +867,7 @@ def _header(args: argparse.Namespace, m: _Model, results: list[_Result], hga: HG
     text = m.config
     pinned = sorted({_fmt(r.extra.get("pinned")) for r in results if r.mode == "hga" and r.status == "ok"})
     graphs = sorted({_fmt(r.extra.get("graphs")) for r in results if r.mode == "hga" and r.status == "ok"})
+    eager = "dense and offload run eager" + (" (sdpa without its cuDNN backend)" if device.type == "cuda" else "")
     header = [
         f"# kvtier bench decode, {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- hardware: {_hardware(device)}",
@@ -877,7 +878,7 @@ def _header(args: argparse.Namespace, m: _Model, results: list[_Result], hga: HG
         f"{'random' if m.random_weights else 'real'} weights ({format_bytes(weights)}, included in peak memory); "
         f"prompt: {prompt} tokens",
         f"- dtype {str(dtype).removeprefix('torch.')}, device {device}; host slab pinned: {', '.join(pinned) or 'n/a'}; "
-        f"CUDA graphs (hga): {', '.join(graphs) or 'n/a'}; dense and offload run eager",
+        f"CUDA graphs (hga): {', '.join(graphs) or 'n/a'}; {eager}",
         f"- HGA: chunk {hga.chunk_size}, group {hga.group_size}, {hga.sink_chunks} sink + {hga.local_chunks} local "
         f"chunks, {hga.top_chunks} routed chunks, {hga.top_groups} groups (fetch {hga.fetch_groups}); it attends "
         f"every key up to {format_tokens(dense_tokens(hga))} tokens (rows at or below that are dense attention "
@@ -911,6 +912,11 @@ def bench_decode(args: argparse.Namespace) -> int:
         print(f"kvtier bench decode: {exc}", file=sys.stderr)
         return 2
     max_ctx = max(contexts + [ref])
+    if device.type == "cuda":
+        # The baselines' sdpa must not take the cuDNN backend: torch 2.11 builds a cuDNN plan per new
+        # K/V length, so every decode step paid it (8B shape, 8 layers, H200: 41-56 ms per step with
+        # it, 8.0-8.7 ms without, bench/results/h200-2026-12-02/dense_cudnn.txt). Flash/efficient remain.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     m = _build_model(args, device, dtype, max_positions=max(131072, max_ctx + args.warmup + args.steps + 64))
     prompt = args.prompt if args.prompt != "auto" else ("random" if m.random_weights else "essay")
     commit = source_commit()
