@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from kvtier.config import HGAConfig, StoreConfig
 from kvtier.errors import ConfigError
@@ -170,11 +170,11 @@ def tiered_rope_of(config: Any) -> RopeSpec:
     return spec
 
 
-def _model_geometry(config: Any) -> tuple[int, int, int, int]:
+def _model_geometry(config: Any, *, allow_sliding: bool = False) -> tuple[int, int, int, int]:
     """``(num_layers, num_q_heads, num_kv_heads, head_dim)`` of a decoder config (a model is read through its config).
 
-    Refuses sliding-window layers: a :class:`TieredCache` serves full-attention layers only
-    (the cache-less path runs sliding layers as exact windowed attention).
+    Refuses sliding-window layers unless ``allow_sliding``, and always a model whose every
+    layer is sliding (nothing for HGA to serve).
     """
     if isinstance(config, torch.nn.Module):
         config = getattr(config, "config", config)
@@ -189,7 +189,22 @@ def _model_geometry(config: Any) -> tuple[int, int, int, int]:
     if hq % hkv != 0:
         raise ConfigError(f"num_key_value_heads: expected a divisor of {hq} query heads, got {hkv}")
     types = layer_types_of(config)
-    if any(t != "full_attention" for t in types):
+    if allow_sliding and "full_attention" not in types:
+        raise ConfigError(
+            f"layer_types: TieredCache expected at least one 'full_attention' layer for HGA, got only sliding-window "
+            f"layers (window {sliding_window_of(config)}); use transformers' own cache (kvtier runs them exactly)"
+        )
+    if allow_sliding and getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ConfigError(
+            f"attn_logit_softcapping (Gemma-2, {config.attn_logit_softcapping}): TieredCache expected none on its "
+            "full-attention layers (the engine has no soft-capping yet); run without a TieredCache (CPU)"
+        )
+    if allow_sliding and getattr(config, "model_type", None) == "gpt_oss":
+        raise ConfigError(
+            "attention sinks (gpt-oss): TieredCache expected none on its full-attention layers (the engine has no "
+            "sink logits yet); run without a TieredCache (CPU)"
+        )
+    if not allow_sliding and any(t != "full_attention" for t in types):
         sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
         raise ConfigError(
             f"layer_types: TieredCache expected only 'full_attention' layers, got sliding-window layers {sliding} "
@@ -440,11 +455,16 @@ class TieredCache(Cache):
     Raises
     ------
     ConfigError
-        If the model's RoPE frequencies change with the context (longrope, dynamic NTK), it
-        has sliding-window layers, or a KV head count that does not divide the query heads.
+        If the model's RoPE frequencies change with the context (longrope, dynamic NTK), every
+        layer is sliding (nothing for HGA), it has attention sinks or logit soft-capping
+        (gpt-oss, Gemma-2), or a KV head count that does not divide the query heads.
 
     Notes
     -----
+    Sliding-window layers (Gemma-3, Cohere2) get transformers' own
+    ``DynamicSlidingWindowLayer`` (their window of K/V on the compute device) and exact
+    windowed attention; HGA and the store serve the full-attention layers.
+
     Only models loaded with ``attn_implementation="hga"`` can use it: ``update`` returns
     the new tokens' K/V only. The store and the engine are created at the first update (when
     dtype, device and batch are known) and closed by :meth:`close` (or ``with
@@ -463,14 +483,23 @@ class TieredCache(Cache):
             raise TypeError(f"store: expected a StoreConfig, got {type(store).__name__}")
         self.hga = hga
         self.store_config = store
-        self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim = _model_geometry(model_config)
-        #: The model's RoPE, what the engine's summaries rotate by.
+        geometry = _model_geometry(model_config, allow_sliding=True)
+        self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim = geometry
+        #: The model's RoPE on its full-attention layers, what the engine's summaries rotate by.
         self.rope = tiered_rope_of(model_config)
+        #: Per layer, "full_attention" (HGA over the store) or "sliding_attention" (transformers'
+        #: own sliding-window layer: its window of K/V on the compute device, exact attention).
+        self.layer_types = layer_types_of(model_config)
+        window = sliding_window_of(model_config)
         self.store: Any = None
         self.engine: Any = None
         #: Promote the router's fetch set from disk on the store's I/O threads.
         self.prefetch = prefetch
-        super().__init__(layers=[TieredLayer(self, i) for i in range(self.num_layers)])
+        layers = [
+            TieredLayer(self, i) if t == "full_attention" else DynamicSlidingWindowLayer(sliding_window=window)
+            for i, t in enumerate(self.layer_types)
+        ]
+        super().__init__(layers=layers)
 
     # -- called by the layers
     def _check_kv(self, k: torch.Tensor, v: torch.Tensor, layer: TieredLayer) -> None:
@@ -767,6 +796,11 @@ def hga_attention_forward(
     scale = d**-0.5 if scaling is None else float(scaling)
     layer = getattr(key, _MARK, None)
     if isinstance(layer, TieredLayer):
+        if kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None:
+            raise ConfigError(
+                f"attention sinks / logit soft-capping on full-attention layer {module.layer_idx}: TieredCache "
+                "expected neither (the engine has no sink logits or soft-capping yet); run without a TieredCache (CPU)"
+            )
         if attention_mask is not None:
             raise ValueError(
                 "attention_mask: TieredCache expected a batch without padding (every row of equal length), got "

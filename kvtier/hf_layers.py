@@ -42,6 +42,8 @@ _ROWS_PER_BLOCK = 256
 
 
 def _text_config(config: Any) -> Any:
+    if isinstance(config, torch.nn.Module):  # a model: read its config
+        config = getattr(config, "config", config)
     getter = getattr(config, "get_text_config", None)
     return getter() if callable(getter) else config
 

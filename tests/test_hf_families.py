@@ -132,7 +132,7 @@ def test_sinks_and_softcap_reach_hga_layers(name: str, ids: torch.Tensor) -> Non
         full_layer.attn_logit_softcapping = saved
     assert (_logits(model, "hga", ids) - ref).abs().max().item() < 1e-4
     assert (without - ref).abs().max().item() > 1e-3
-    with pytest.raises(ConfigError, match="expected only 'full_attention' layers|rope"):
+    with pytest.raises(ConfigError, match="TieredCache expected none"):
         kvtier.hf.TieredCache(model.config, hga=FULL)
 
 
@@ -157,11 +157,43 @@ def test_sliding_layers_keep_their_window(ids: torch.Tensor) -> None:
     assert (windowed[:, WINDOW:] - full[:, WINDOW:]).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["mistral-v0.1", "cohere2"])
-def test_tiered_cache_refuses_sliding_layers(name: str) -> None:
+@pytest.mark.parametrize("name", ["gemma3", "cohere2"])
+def test_tiered_cache_serves_hybrid_models(name: str, ids: torch.Tensor) -> None:
+    """Gemma-3 / Cohere2 through TieredCache: sliding layers keep transformers' window layer (exact), full layers
+    HGA over the store. Full coverage = sdpa; sparse, fed in pieces = the cache-less path; greedy tokens = sdpa."""
     model = family_model(name)
-    with pytest.raises(ConfigError, match=rf"sliding-window layers \[0.*\(window {WINDOW}\)"):
-        kvtier.hf.TieredCache(model.config, hga=FULL)
+    ref = _logits(model, "sdpa", ids)
+    with kvtier.hf.TieredCache(model, hga=FULL, store=StoreConfig(gpu_bytes=0)) as cache:
+        assert cache.layer_types == ("sliding_attention", "full_attention")
+        got = torch.cat([_logits(model, "hga", ids[:, a:b], **kvtier.hf.cache_kwargs(model, cache))
+                         for a, b in ((0, 70), (70, 71), (71, LENGTH))], dim=1)  # fmt: skip
+        assert cache.get_seq_length() == LENGTH
+    assert (got - ref).abs().max().item() < 1e-4
+    kvtier.hf.configure(model, hga=SPARSE)
+    cacheless = _logits(model, "hga", ids)
+    with kvtier.hf.TieredCache(model, hga=SPARSE, store=StoreConfig(gpu_bytes=0)) as cache:
+        got = torch.cat([_logits(model, "hga", ids[:, a:b], **kvtier.hf.cache_kwargs(model, cache))
+                         for a, b in ((0, 90), (90, LENGTH))], dim=1)  # fmt: skip
+        assert cache.stats()["density"] < 0.9
+    assert (got - cacheless).abs().max().item() < 1e-5
+    prompt = ids[:, :150]
+    model.set_attn_implementation("sdpa")
+    dense = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+    model.set_attn_implementation("hga")
+    with kvtier.hf.TieredCache(model, hga=FULL, store=StoreConfig(gpu_bytes=0)) as cache:
+        hga = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                             **kvtier.hf.cache_kwargs(model, cache))
+    assert torch.equal(hga, dense)
+
+
+@pytest.mark.parametrize("name, match", [
+    ("mistral-v0.1", r"expected at least one 'full_attention' layer for HGA, got only sliding-window layers \(window 48\)"),
+    ("gpt-oss", r"attention sinks \(gpt-oss\): TieredCache expected none"),
+    ("gemma2", r"attn_logit_softcapping \(Gemma-2, 50.0\): TieredCache expected none"),
+])
+def test_tiered_cache_refusals_name_the_feature(name: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        kvtier.hf.TieredCache(family_config(name), hga=FULL)
 
 
 def test_phi3_window_that_never_bites_is_full_attention(ids: torch.Tensor) -> None:
