@@ -310,13 +310,13 @@ def diagnose(model: Any, ids: torch.Tensor, hga: HGAConfig, routed: int, *, num_
         _backbone(model)(input_ids=ids, use_cache=False)
     finally:
         model.set_attn_implementation("sdpa")
-    theta = kvtier.hf.rope_theta_of(model.config)
+    rope = kvtier.rope_spec_of(model.config, seq_len=length)  # the model's own RoPE (one definition)
     rows = []
     for layer in sorted(captured):
         q, k, v = captured[layer]
         acc: dict[str, float] = {}
         n = 0
-        _, hstats = hga_ref(q, k, v, config=hga, rope_theta=theta, start_pos=first)
+        _, hstats = hga_ref(q, k, v, config=hga, rope=rope, start_pos=first)
         for blk in range(num_blocks):
             pos0 = first + blk * c
             rows_b = slice(blk * c, (blk + 1) * c)
