@@ -208,8 +208,9 @@ def test_store_calls_per_decode_step_do_not_grow_with_context(tmp_path) -> None:
                 engine.forward(0, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
             counts.append(calls["n"])
     assert counts[0] > 0, counts  # both contexts have chunks on disk only: residency calls happen
-    assert counts[1] <= counts[0] + 8, counts  # at most one more call per step, not per chunk
-    assert counts[1] <= 4 * 8
+    # pin, a waited prefetch, an unwaited prefetch, unpin: at most 4 per step at either length
+    # (which of them a step needs depends on the prefetch threads' timing, not on the context).
+    assert max(counts) <= 4 * 8, counts
 
 
 def test_prefetch_makes_disk_chunks_resident(tmp_path) -> None:

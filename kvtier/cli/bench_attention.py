@@ -6,7 +6,7 @@ one layer, contexts 8K .. 1M, batch 1 and 4, all in one run:
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with every K/V in HBM
   (decode: one query over all keys; prefill: 64 queries over all keys, not causal);
 * ``hga_host``: one HGA decode step (routing + dedup/cache lookup + gather + attention,
-  :class:`kvtier.engine.LayerDecode` of a one-layer engine from ``engine_from_dense``) with
+  :class:`kvtier.decode_step.LayerDecode` of a one-layer engine from ``engine_from_dense``) with
   closed chunks in pinned host memory and an HBM group cache, replayed as a CUDA graph; ``cold`` empties the cache before every step,
   ``steady`` follows a random walk of the queries (``q += sigma * |q| * noise`` per step,
   normalised) after warm-up steps, and reports the reuse it got;
@@ -40,7 +40,8 @@ from kvtier.cli.args import UsageError, format_tokens, positive_float, positive_
 from kvtier.cli.plots import PLOT_HINT, plot_lines
 from kvtier.cli.results import CSV_COLUMNS, add_output_arguments, append_csv, output_file, source_commit
 from kvtier.config import HGAConfig
-from kvtier.engine import LayerDecode, engine_from_dense
+from kvtier.decode_step import LayerDecode
+from kvtier.engine import engine_from_dense
 from kvtier.kernels.sparse_prefill import sparse_prefill
 from kvtier.reference.hga import plan_widths
 
