@@ -46,7 +46,16 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from kvtier.config import HGAConfig, StoreConfig
 from kvtier.errors import ConfigError
-from kvtier.hf_layers import exact_attention, hga_mask, key_padding_of, layer_types_of, sliding_window_of
+from kvtier.hf_layers import (
+    check_row_positions,
+    exact_attention,
+    hga_mask,
+    key_padding_of,
+    layer_types_of,
+    layer_window,
+    module_rope,
+    sliding_window_of,
+)
 from kvtier.layout import KVLayout
 from kvtier.reference.hga import RouteCarry
 from kvtier.rope import RopeSpec, rope_spec_of
@@ -620,47 +629,6 @@ class TieredCache(Cache):
 # --------------------------------------------------------------------------- attention function
 
 
-def _module_rope(module: Any, seq_len: int, fresh: bool) -> RopeSpec:
-    """The RoPE of a full-attention module at a context of ``seq_len`` tokens (cached per regime).
-
-    ``fresh``: the call's keys were all rotated in this call (no cache). A cache that crosses
-    longrope's switch holds keys rotated with the other factors, which no summary can undo.
-    """
-    spec: RopeSpec | None = getattr(module, "_kvtier_rope", None)
-    if spec is not None:
-        try:
-            spec.check_context(seq_len)
-            return spec
-        except ConfigError:
-            if not fresh:
-                raise ConfigError(
-                    f"rope_type {spec.rope_type!r}: expected a cached context to stay within one set of RoPE "
-                    f"frequencies ({spec.min_seq_len} to {spec.max_seq_len} tokens), got {seq_len}: the cache holds "
-                    "keys rotated with the other factors; start the sequence past the switch or run it in one call"
-                ) from None
-    spec = rope_spec_of(module.config, seq_len=seq_len, layer_idx=getattr(module, "layer_idx", None))
-    module._kvtier_rope = spec
-    return spec
-
-
-def _layer_window(module: Any, kwargs: dict[str, Any]) -> int | None:
-    """The window of a sliding-window layer, None for a full-attention layer.
-
-    What the model passes (``sliding_window=``) decides, with the config's ``layer_types``
-    for models that pass nothing; a window of at least ``max_position_embeddings`` never bites.
-    """
-    window = kwargs.get("sliding_window")
-    config = getattr(module, "config", None)
-    if window is None and config is not None and hasattr(module, "layer_idx"):
-        types = layer_types_of(config)
-        if types[module.layer_idx] == "sliding_attention":
-            window = sliding_window_of(config)
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if window is not None and max_pos is not None and int(window) >= int(max_pos):
-        return None
-    return None if window is None else int(window)
-
-
 def _full_context_hga(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: HGAConfig, rope: RopeSpec, start: int,
     carry: RouteCarry | None = None, *, sinks: torch.Tensor | None = None, softcap: float | None = None,
@@ -676,21 +644,6 @@ def _full_context_hga(
     return hga_attention(
         q, k, v, config=cfg, rope=rope, start_pos=start, route_carry=carry, sinks=sinks, softcap=softcap
     )
-
-
-def _check_positions(position_ids: Any, row: int, got: torch.Tensor, first: int) -> None:
-    """The real queries of batch row ``row`` must sit at positions ``first, first + 1, ...`` (their ranks)."""
-    if not isinstance(position_ids, torch.Tensor) or position_ids.numel() == 0:
-        return
-    pid = position_ids.reshape(-1, position_ids.shape[-1])
-    pid = pid[row if pid.shape[0] > 1 else 0, got]
-    want = torch.arange(first, first + got.numel(), device=pid.device)
-    if not torch.equal(pid.to(want.dtype), want):
-        raise ValueError(
-            f"position_ids: expected row {row}'s real tokens at positions {first}..{first + got.numel() - 1} "
-            f"(their order among the row's real keys; generate passes attention_mask.cumsum(-1) - 1), got "
-            f"{int(pid[0])}..{int(pid[-1])}"
-        )
 
 
 def _hga_layer(
@@ -713,7 +666,7 @@ def _hga_layer(
         start = kidx.numel() - qidx.numel()
         rows_to_check = range(b) if keep is None else [i]  # without padding every row sits at the same positions
         for r in rows_to_check:
-            _check_positions(position_ids, r, qidx, start)
+            check_row_positions(position_ids, r, qidx, start)
         sl = slice(i, i + 1) if keep is not None else i
         if keep is None:  # no copy of the context
             q_i, k_i, v_i = query, key, value
@@ -723,7 +676,7 @@ def _hga_layer(
             cid = module.layer_idx if keep is None else (module.layer_idx, i)
             carry = settings.carries.get(cid) if start % settings.hga.chunk_size else None
             o, stats = _full_context_hga(
-                q_i, k_i, v_i, settings.hga, _module_rope(module, seq_len, fresh=lq == lk), start, carry,
+                q_i, k_i, v_i, settings.hga, module_rope(module, seq_len, fresh=lq == lk), start, carry,
                 sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"),
             )
             settings.carries[cid] = stats.plan.carry
@@ -814,7 +767,7 @@ def hga_attention_forward(
     lq, lk = query.shape[2], key.shape[2]
     if lk < lq:
         raise ValueError(f"key: expected at least Lq={lq} positions, got {lk}")
-    window = _layer_window(module, kwargs)
+    window = layer_window(module, kwargs)
     sinks, softcap = kwargs.get("s_aux"), kwargs.get("softcap")
     if window is not None:  # a sliding-window layer: exact, with the model's own mask
         four_d = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4

@@ -1,4 +1,7 @@
-"""What the layers of a transformers model need besides HGA: layer kinds, masks and exact windowed attention.
+"""What the layers of a transformers model need besides HGA: layer kinds, masks, exact windowed attention.
+
+Also the per-call reading of an attention module for :mod:`kvtier.hf`: its window, its RoPE
+at the call's context length, and the positions of a batch's real tokens.
 
 HGA replaces full causal attention only. A model's other layers keep what they compute:
 
@@ -23,11 +26,15 @@ import torch
 
 from kvtier.errors import ConfigError
 from kvtier.reference.attention import masked_attention_ref
+from kvtier.rope import RopeSpec, rope_spec_of
 
 __all__ = [
     "SUPPORTED_LAYER_TYPES",
     "layer_types_of",
     "sliding_window_of",
+    "layer_window",
+    "module_rope",
+    "check_row_positions",
     "hga_mask",
     "key_padding_of",
     "exact_attention",
@@ -92,6 +99,65 @@ def layer_types_of(config: Any) -> tuple[str, ...]:
             types = tuple("full_attention" for _ in types)
         return types
     return tuple("sliding_attention" if window is not None else "full_attention" for _ in range(n))
+
+
+# --------------------------------------------------------------------------- per module, per call
+
+
+def module_rope(module: Any, seq_len: int, fresh: bool) -> RopeSpec:
+    """The RoPE of a full-attention module at a context of ``seq_len`` tokens (cached per regime).
+
+    ``fresh``: the call's keys were all rotated in this call (no cache). A cache that crosses
+    longrope's switch holds keys rotated with the other factors, which no summary can undo.
+    """
+    spec: RopeSpec | None = getattr(module, "_kvtier_rope", None)
+    if spec is not None:
+        try:
+            spec.check_context(seq_len)
+            return spec
+        except ConfigError:
+            if not fresh:
+                raise ConfigError(
+                    f"rope_type {spec.rope_type!r}: expected a cached context to stay within one set of RoPE "
+                    f"frequencies ({spec.min_seq_len} to {spec.max_seq_len} tokens), got {seq_len}: the cache holds "
+                    "keys rotated with the other factors; start the sequence past the switch or run it in one call"
+                ) from None
+    spec = rope_spec_of(module.config, seq_len=seq_len, layer_idx=getattr(module, "layer_idx", None))
+    module._kvtier_rope = spec
+    return spec
+
+
+def layer_window(module: Any, kwargs: dict[str, Any]) -> int | None:
+    """The window of a sliding-window layer, None for a full-attention layer.
+
+    What the model passes (``sliding_window=``) decides, with the config's ``layer_types``
+    for models that pass nothing; a window of at least ``max_position_embeddings`` never bites.
+    """
+    window = kwargs.get("sliding_window")
+    config = getattr(module, "config", None)
+    if window is None and config is not None and hasattr(module, "layer_idx"):
+        types = layer_types_of(config)
+        if types[module.layer_idx] == "sliding_attention":
+            window = sliding_window_of(config)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if window is not None and max_pos is not None and int(window) >= int(max_pos):
+        return None
+    return None if window is None else int(window)
+
+
+def check_row_positions(position_ids: Any, row: int, got: torch.Tensor, first: int) -> None:
+    """The real queries of batch row ``row`` must sit at positions ``first, first + 1, ...`` (their ranks)."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.numel() == 0:
+        return
+    pid = position_ids.reshape(-1, position_ids.shape[-1])
+    pid = pid[row if pid.shape[0] > 1 else 0, got]
+    want = torch.arange(first, first + got.numel(), device=pid.device)
+    if not torch.equal(pid.to(want.dtype), want):
+        raise ValueError(
+            f"position_ids: expected row {row}'s real tokens at positions {first}..{first + got.numel() - 1} "
+            f"(their order among the row's real keys; generate passes attention_mask.cumsum(-1) - 1), got "
+            f"{int(pid[0])}..{int(pid[-1])}"
+        )
 
 
 # --------------------------------------------------------------------------- masks
