@@ -12,6 +12,8 @@
 #                                  a 4 GiB host budget (4K, 128K, 512K)                           ~5-8 min
 #   bench/gpu_decode.sh smollm     SmolLM2 (real weights) 8K, 128K, 1M; dense to 512K; offload
 #                                  to 128K (carry .whl and .carry/smollm2/part-ab)                ~4-8 min
+#   bench/gpu_decode.sh long8b     8B shape with LONG_LAYERS (2) layers, HGA only, 4K, 128K, 512K,
+#                                  1M: the one way to reach 1M through the model today        ~8-9 min
 #
 # SmolLM2 on the GPU: its GGUF (94 MiB) is larger than what one call carries (64 MiB), so it
 # travels in two calls: `tests` stashes part-aa in /tmp/kvtier-smollm2, and `smollm` must follow
@@ -19,7 +21,7 @@
 # If the halves do not come together (or the sha256 differs), `smollm` runs `smollm2-shape`
 # (SmolLM2's shapes with random weights) and says so in its header.
 #
-# Sizes and times (estimates for one H200, bf16; the engine's own speed is not known yet):
+# Sizes and times (one H200, bf16; estimates unless marked MEASURED):
 # - K/V of the 8B shape: 128 KiB per token over 32 layers (4 KiB per token and layer), so 1M
 #   tokens is 128 GiB: more than the machine's host RAM (128 GiB) and disk (64 GiB). Hence
 #   LAYERS (default 8): 32 GiB of K/V at 1M in pinned host memory. LAYERS=32 fits to 512K
@@ -28,15 +30,19 @@
 #   ~3.5 GFLOP at 8 layers: 1M tokens ~ 10 s of matmuls. Dense causal attention over N tokens
 #   costs 2 N^2 x 4096 FLOP per layer: 512K at 8 layers ~ 1.8e16 FLOP ~ 60 s at 300 TFLOP/s,
 #   1M ~ 4 min (hence dense only to 512K; at 1M its K/V would not fit HBM at LAYERS=32 anyway).
-#   HGA prefill attends ~1,200 keys per query: its cost is the engine's per-chunk work,
-#   16K chunks x LAYERS calls at 1M; if that runs at 0.5 ms per chunk and layer, 1M at 8 layers
-#   ~ 65 s. --time-limit stops a mode past its budget (the rows say "skipped: past --time-limit").
+#   HGA prefill attends ~1,200 keys per query: its cost is the engine's per-chunk work.
+#   MEASURED at bb234c3 (2026-12-02, decode8b): 650-780 tokens/s through HGA at 8 layers (host-bound),
+#   so 512K takes ~12 min at 8 layers and `decode8b` stops HGA at 128K (--time-limit); dense sdpa
+#   prefill ran at 15-20K tokens/s to 128K, 5.5K tokens/s for 128K-512K. Prefill time scales with
+#   the layer count: `long8b` (2 layers, ~3K tokens/s expected) reaches 1M in ~6 min; its
+#   decode-step rows are per 2 layers (a 32-layer step is ~16x the attention part of it).
+#   --time-limit stops a mode past its budget (the rows say "skipped: past --time-limit").
 # - Offload copies every layer's K/V host->GPU and back for every forward: ~8 GiB per decode step
 #   at 128K, 8 layers (~0.5 s per step): capped at 128K (batch 4: 32K).
 # - SmolLM2 K/V: 23 KiB per token (30 layers, 3 KV heads, head dim 64, bf16): 1M = 22.5 GiB.
 #
-# Environment knobs: LAYERS (8), STEPS (64), WARMUP (8), PIECE (8192), LIMIT (seconds per mode, 170),
-# TEST_S (pytest timeout, 360). Results: $OUT/<name>/decode.{csv,md,png} and $OUT/<name>.log.
+# Environment knobs: LAYERS (8), LONG_LAYERS (2), STEPS (64), WARMUP (8), PIECE (8192), LIMIT (seconds
+# per mode, 170), TEST_S (pytest timeout, 360). Results: $OUT/<name>/decode.{csv,md,png} and $OUT/<name>.log.
 set -u
 MODE=${1:-}
 OUT=${OUT:-/tmp/kvtier-out}
@@ -63,8 +69,8 @@ if [ "$MODE" = prepare ]; then  # on the CPU machine, in the repository root
     exit 0
 fi
 
-case "$MODE" in tests|decode8b|decode8b4|smollm) ;; *)
-    echo "usage: bench/gpu_decode.sh prepare|tests|decode8b|decode8b4|smollm (see the header)"; exit 2;;
+case "$MODE" in tests|decode8b|decode8b4|smollm|long8b) ;; *)
+    echo "usage: bench/gpu_decode.sh prepare|tests|decode8b|decode8b4|smollm|long8b (see the header)"; exit 2;;
 esac
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
@@ -102,6 +108,10 @@ decode8b4)
     bench disk 220 --model llama8b --layers "$LAYERS" --batch 1 --contexts 4K,128K,512K --modes hga \
         --host-bytes 4GiB --disk-dir /tmp/kvtier-disk
     df -h /tmp >> "$OUT/disk.log" 2>&1
+    ;;
+long8b)
+    bench long 540 --model llama8b --layers "${LONG_LAYERS:-2}" --batch 1 --contexts 4K,128K,512K,1M \
+        --modes hga --piece 16384 --time-limit 520
     ;;
 smollm)
     model=smollm2
