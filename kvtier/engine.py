@@ -357,6 +357,8 @@ class HGAEngine:
             self._cache_used = torch.zeros((), dtype=torch.int64, device=self.device)  # distinct groups asked
             self._gather_event = torch.cuda.Event() if self.device.type == "cuda" else None
         self._slot_changes = 0
+        self._keys_fixed = 0  # window keys of single-position blocks, counted in Python
+        self._density_fixed = 0.0
         #: Attended group ids ``[B, Hq, Lb, Kg]`` of the last block (a view of the step's buffer: clone to keep).
         self.last_group_ids: torch.Tensor | None = None
         store.watch_host_slots(self._on_host_slot)
@@ -625,7 +627,9 @@ class HGAEngine:
             self.counters.host_syncs += 1
         return [ChunkKey(x >> 40, st.index, x & ((1 << 40) - 1)) for x in code.tolist()]
 
-    def _make_resident(self, st: _Layer, attended: torch.Tensor, fetch: torch.Tensor) -> list[ChunkKey]:
+    def _make_resident(
+        self, st: _Layer, attended: torch.Tensor, fetch: Callable[[], torch.Tensor]
+    ) -> list[ChunkKey]:
         """Pin the routed chunks, wait for those on disk only, prefetch the rest of the fetch set.
 
         Returns the pinned keys (the caller unpins them once its gather is queued).
@@ -663,7 +667,7 @@ class HGAEngine:
                         f"failed or lost (first {tuple(lost[0])}); see the kvtier.store log"
                     )
             if self.prefetch:
-                want = set(self._keys_of(st, fetch)) - set(need)
+                want = set(self._keys_of(st, fetch())) - set(need)
                 step = self.counters.decode_steps
                 extra = [
                     key for key in sorted(want)
@@ -702,9 +706,12 @@ class HGAEngine:
         st.host_dev[rows.to(self.device), cols.to(self.device)] = vals.to(self.device)
 
     def _resident(
-        self, st: _Layer, attended: torch.Tensor, fetch: torch.Tensor, gather: Callable[[], bool]
+        self, st: _Layer, attended: torch.Tensor, fetch: Callable[[], torch.Tensor], gather: Callable[[], bool]
     ) -> None:
         """Run ``gather`` under the store lock once every attended chunk is host-resident.
+
+        ``fetch()`` builds the fetch set only when residency is checked (a steady step never
+        launches those ops).
 
         ``gather`` returns False when it finds an attended chunk off the host tier (the torch
         flow checks its slots); it then runs again after :meth:`_make_resident`.
@@ -808,7 +815,7 @@ class HGAEngine:
             got["kv"] = rows_kv.to(q.device)
             return True
 
-        self._resident(st, plan.group_ids, self._fetch_set(plan.chunk_ids, plan.fetch_group_ids), gather)
+        self._resident(st, plan.group_ids, lambda: self._fetch_set(plan.chunk_ids, plan.fetch_group_ids), gather)
         qf = q.float().reshape(b, hkv, rep * lb, d)
         ring = st.ring
         kw = ring[:, :, 0].permute(0, 2, 1, 3, 4).reshape(b, hkv, self.hot * c, d).float()
@@ -842,6 +849,16 @@ class HGAEngine:
 
     def _count(self, group_ids: torch.Tensor, p0: int, p1: int) -> None:
         """Keys attended per query and density, accumulated on the device (no host sync)."""
+        if p0 == p1:  # one position (a decode step): two device ops, the window keys in Python
+            fixed = int(_fixed_keys(torch.tensor([p0]), self.hga)[0])
+            rows = math.prod(group_ids.shape[:-1])
+            routed = (group_ids >= 0).sum()
+            self._keys_fixed += rows * fixed
+            self._density_fixed += rows * fixed / (p0 + 1)
+            self._keys_sum.add_(routed, alpha=self.hga.group_size)
+            self._density_sum.add_(routed, alpha=self.hga.group_size / (p0 + 1))
+            self.counters.queries += rows
+            return
         positions = torch.arange(p0, p1 + 1, device=group_ids.device)
         keys = _fixed_keys(positions, self.hga) + self.hga.group_size * (group_ids >= 0).sum(dim=-1)
         self._keys_sum += keys.sum()
@@ -893,7 +910,7 @@ class HGAEngine:
                 self._gather_event.record()
             return True
 
-        self._resident(st, group_ids, self._fetch_set(dec.plan[0], fetch), gather)
+        self._resident(st, group_ids, lambda: self._fetch_set(dec.plan[0], fetch), gather)
         out = dec.attend()
         self._gathered += dec.misses.sum()
         assert st.stamp is not None and st.counter is not None
@@ -942,7 +959,7 @@ class HGAEngine:
             self._gathered += valid.sum()
             return True
 
-        self._resident(st, group_ids, self._fetch_set(plan[0], plan[2]), gather)
+        self._resident(st, group_ids, lambda: self._fetch_set(plan[0], plan[2]), gather)
         if u:
             at = torch.searchsorted(union, ids.clamp(min=0))
             rows = torch.arange(b, device=dev)[:, None, None]
@@ -1008,8 +1025,8 @@ class HGAEngine:
             "tokens": self._layers[0].num_tokens,
             "closed_chunks": self._layers[0].num_closed,
             "queries": c.queries,
-            "mean_keys_per_query": float(self._keys_sum) / c.queries if c.queries else 0.0,
-            "density": float(self._density_sum) / c.queries if c.queries else 0.0,
+            "mean_keys_per_query": (float(self._keys_sum) + self._keys_fixed) / c.queries if c.queries else 0.0,
+            "density": (float(self._density_sum) + self._density_fixed) / c.queries if c.queries else 0.0,
             "decode_steps": c.decode_steps,
             "groups_gathered": gathered,
             "host_bytes_gathered": gathered * self.layout.group_bytes,
@@ -1030,6 +1047,7 @@ class HGAEngine:
     def reset_stats(self) -> None:
         """Zero the counters (the state is kept)."""
         self.counters = _Counters()
+        self._keys_fixed, self._density_fixed = 0, 0.0
         for t in (self._keys_sum, self._density_sum, self._gathered, self._cache_used):
             t.zero_()
 
