@@ -94,6 +94,7 @@ def _has_matplotlib() -> bool:
         (["--modes", "hga,sparse"], "--modes"),
         (["--steps", "0"], "--steps"),
         (["--hga", "top_chunks"], "--hga"),
+        (["--model", "/nonexistent/model"], "--model"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(argv, message, passive, capsys):

