@@ -34,7 +34,7 @@ SPARSE = HGAConfig(**SMALL, top_chunks=2, top_groups=3, fetch_groups=4)
 LENGTH = 200
 
 #: family -> (RoPE, layers, status). status "hga": HGA on every full-attention layer, exact
-#: windowed attention on sliding ones; "hga-cpu": the same, with sinks / soft-capping that only
+#: windowed attention on sliding ones; "hga-cpu:<feature>": the same, with sinks / soft-capping that only
 #: the HGA reference has (CPU; refused by name on CUDA); "exact": no layer for HGA (every
 #: layer sliding), exact windowed attention everywhere; "refused: ..." a ConfigError naming it.
 SUPPORT: dict[str, tuple[str, str, str]] = {
@@ -47,8 +47,8 @@ SUPPORT: dict[str, tuple[str, str, str]] = {
     "cohere2": ("default interleaved (sliding), none (full)", "sliding + full", "hga"),
     "llama-dynamic": ("dynamic NTK within max_position_embeddings", "full", "hga"),
     "mistral-v0.1": ("default", "all sliding", "exact"),
-    "gpt-oss": ("yarn", "sliding + full, attention sinks", "hga-cpu"),
-    "gemma2": ("default", "sliding + full, logit soft-capping", "hga-cpu"),
+    "gpt-oss": ("yarn", "sliding + full, attention sinks", "hga-cpu:attention sinks"),
+    "gemma2": ("default", "sliding + full, logit soft-capping", "hga-cpu:logit soft-capping"),
 }
 
 
@@ -224,9 +224,11 @@ def support_table() -> str:
         if status == "hga":
             status = ("served: HGA on full-attention layers, exact windowed attention on sliding ones"
                       if "sliding" in layers else "served: HGA on every layer")
-        elif status == "hga-cpu":
-            status = ("served on CPU: HGA (reference) with the sinks / soft-capping on full-attention layers, exact "
-                      "windowed attention on sliding ones; refused by name on CUDA (not in the kernels yet)")
+        elif status.startswith("hga-cpu:"):
+            feature = status.split(":", 1)[1]
+            status = (f"served on CPU: HGA (the reference) with its {feature} on full-attention layers, exact windowed "
+                      f"attention on sliding ones; on CUDA refused by name ({feature} not in the kernels yet); "
+                      "TieredCache refuses it")
         elif status == "exact":
             status = "served: exact windowed attention on every layer (no full-attention layer for HGA)"
         lines.append(f"| {FAMILIES[name][3]} | {rope} | {layers} | {status} |")
