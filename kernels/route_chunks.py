@@ -11,6 +11,10 @@
 # Bytes: reads num_tiles * BLOCK_T * D * 4 per (b, kvh, row block) of summaries (at 1M tokens,
 #   N = 16384 chunks: 64 MiB per step, the one term of HGA that grows with context) plus
 #   q; writes B * Hq * Lq * num_tiles * KT * 8.
+# score="max_group" (HGAConfig.chunk_score): a chunk's score is the best of its M group scores,
+#   read from group_summ [B, Hkv, N, M, Dg] instead: M times the reads and the dot products
+#   (x2 more with bound=True, Dg = 2D: Quest's bound as the dot of [min(q,0), max(q,0)] with
+#   the groups' [min, max] keys).
 # Packed key: (order-preserving int32 of the fp32 score) << 32 | (2^31 - 1 - chunk), so one
 #   int64 sort orders by score, ties to the lower chunk (the reference's stable sort), and
 #   "no candidate" is INT64_MIN. Scores are fp32 with IEEE dots (not tf32, whose 10-bit
@@ -39,6 +43,42 @@ def _pack(score, idx):
 
 
 @triton.jit
+def _tile_scores(
+    q_base,
+    s_base,
+    row_ok,
+    n_ok,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BOUND: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """[BLOCK_R, BLOCK_T] fp32 scores of query rows against summary rows (q . s, or the min/max bound)."""
+    scores = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
+    for d0 in range(0, HEAD_DIM, BLOCK_DK):
+        offs_d = d0 + tl.arange(0, BLOCK_DK)
+        mask_d = offs_d < HEAD_DIM
+        q = tl.load(q_base + offs_d[None, :], mask=row_ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        s_tile = tl.load(s_base + offs_d[None, :], mask=n_ok[:, None] & mask_d[None, :], other=0.0)
+        if BOUND:  # s_tile holds the minima; the maxima follow at +HEAD_DIM
+            hi_tile = tl.load(s_base + HEAD_DIM + offs_d[None, :], mask=n_ok[:, None] & mask_d[None, :], other=0.0)
+            q_hi = tl.maximum(q, 0.0)
+            q = tl.minimum(q, 0.0)
+            if USE_DOT:
+                scores = tl.dot(q_hi, tl.trans(hi_tile), acc=scores, input_precision=PRECISION)
+            else:
+                scores += tl.sum(q_hi[:, None, :] * hi_tile[None, :, :], axis=2)
+        if USE_DOT:
+            scores = tl.dot(q, tl.trans(s_tile), acc=scores, input_precision=PRECISION)
+        else:  # few rows (decode: rep of them): FMAs without padding the rows to 16
+            scores += tl.sum(q[:, None, :] * s_tile[None, :, :], axis=2)
+    return scores
+
+
+@triton.jit
 def _route_chunks_kernel(
     # pointers
     q_ptr,
@@ -55,6 +95,7 @@ def _route_chunks_kernel(
     stride_sb,
     stride_sh,
     stride_sn,
+    stride_sm,
     stride_cb,
     stride_ch,
     stride_cl,
@@ -73,6 +114,9 @@ def _route_chunks_kernel(
     SORT: tl.constexpr,
     USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
+    M: tl.constexpr,
+    MAX_GROUP: tl.constexpr,
+    BOUND: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -88,22 +132,19 @@ def _route_chunks_kernel(
     n = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     # D in slices of BLOCK_DK: a [512, 128] fp32 tile would need 256 KiB of shared memory
     # (the H200 has 227 KiB per block); slices also pipeline the summary loads.
-    scores = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
     s_base = summ_ptr + b * stride_sb + kvh * stride_sh + n[:, None] * stride_sn
     q_base = q_ptr + b * stride_qb + hq[:, None] * stride_qh + l[:, None] * stride_ql
-    for d0 in range(0, HEAD_DIM, BLOCK_DK):
-        offs_d = d0 + tl.arange(0, BLOCK_DK)
-        mask_d = offs_d < HEAD_DIM
-        q = tl.load(q_base + offs_d[None, :], mask=row_ok[:, None] & mask_d[None, :], other=0.0).to(
-            tl.float32
-        )
-        s_tile = tl.load(
-            s_base + offs_d[None, :], mask=(n < num_chunks)[:, None] & mask_d[None, :], other=0.0
-        )
-        if USE_DOT:
-            scores = tl.dot(q, tl.trans(s_tile), acc=scores, input_precision=PRECISION)
-        else:  # few rows (decode: rep of them): FMAs without padding the rows to 16
-            scores += tl.sum(q[:, None, :] * s_tile[None, :, :], axis=2)
+    if MAX_GROUP:
+        scores = tl.full([BLOCK_R, BLOCK_T], float("-inf"), dtype=tl.float32)
+        for gi in tl.static_range(M):
+            scores = tl.maximum(
+                scores,
+                _tile_scores(q_base, s_base + gi * stride_sm, row_ok, n < num_chunks, HEAD_DIM, BLOCK_DK,
+                             BLOCK_R, BLOCK_T, BOUND, USE_DOT, PRECISION),
+            )
+    else:
+        scores = _tile_scores(q_base, s_base, row_ok, n < num_chunks, HEAD_DIM, BLOCK_DK, BLOCK_R, BLOCK_T,
+                              False, USE_DOT, PRECISION)
 
     sink_end, local_start, cur = _windows(start_pos + l, C, SINK, LOCAL)
     ok = (n[None, :] >= sink_end[:, None]) & (n[None, :] < local_start[:, None]) & row_ok[:, None]
@@ -152,6 +193,8 @@ def route_chunks(
     sort: bool = False,
     use_dot: bool = True,
     precision: str = "ieee",
+    score: str = "sum",
+    bound: bool = False,
 ) -> torch.Tensor:
     """Each query row's best candidate chunks per tile of ``block_t`` chunks (packed int64 keys).
 
@@ -160,7 +203,8 @@ def route_chunks(
     q : Tensor ``[B, Hq, Lq, D]`` float32, float16 or bfloat16, last dim contiguous
         Queries at positions ``start_pos + i`` (RoPE applied).
     chunk_summ : Tensor ``[B, Hkv, N, D]`` float32, last dim contiguous
-        Chunk summaries of the closed chunks (at least every candidate of the last query).
+        Chunk summaries of the closed chunks (at least every candidate of the last query);
+        with ``score="max_group"`` the group summaries ``[B, Hkv, N, M, Dg]`` instead.
     cand : Tensor ``[B, Hq, Lq, num_tiles, KT]`` int64, last dim contiguous
         Output: per tile, the best ``KT`` packed keys best first, ``EMPTY_KEY`` padded.
         ``(block_t, num_tiles, KT)`` come from :func:`route_chunks_tiles`.
@@ -175,13 +219,23 @@ def route_chunks(
         Scores by ``tl.dot`` (rows padded to 16) with ``input_precision`` "ieee" (fp32 FMA)
         or "tf32x3" (three tf32 tensor-core products, about fp32 accurate), or by FMAs with
         ``block_r`` rows (no padding; for decode, ``block_r = rep``).
+    score : {"sum", "max_group"}
+        ``HGAConfig.chunk_score``: ``q . S_c``, or the best group score of the chunk.
+    bound : bool
+        With ``"max_group"``: the group rows are ``[min, max]`` key bounds (``Dg = 2D``,
+        ``HGAConfig.group_score="bound"``) scored by Quest's bound.
 
     Returns
     -------
     Tensor
         ``cand``.
     """
-    for name, t, nd in (("q", q, 4), ("chunk_summ", chunk_summ, 4), ("cand", cand, 5)):
+    if score not in ("sum", "max_group"):
+        raise ValueError(f"score: expected 'sum' or 'max_group' (the running scores are not in the kernels), got {score!r}")
+    if bound and score != "max_group":
+        raise ValueError("bound: expected score='max_group' (chunk summaries have no bound), got score='sum'")
+    summ_nd = 5 if score == "max_group" else 4
+    for name, t, nd in (("q", q, 4), ("chunk_summ", chunk_summ, summ_nd), ("cand", cand, 5)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != nd:
@@ -194,10 +248,10 @@ def route_chunks(
         raise TypeError(
             f"chunk_summ, cand: expected float32 and int64, got {chunk_summ.dtype} and {cand.dtype}"
         )
-    if chunk_summ.shape[0] != bsz or chunk_summ.shape[3] != d or hq % hkv != 0:
-        raise ValueError(
-            f"chunk_summ: expected [B={bsz}, Hkv | {hq}, N, D={d}], got {tuple(chunk_summ.shape)}"
-        )
+    dg = 2 * d if bound else d
+    if chunk_summ.shape[0] != bsz or chunk_summ.shape[-1] != dg or hq % hkv != 0:
+        want = f"N, M, {dg}" if score == "max_group" else f"N, D={d}"
+        raise ValueError(f"chunk_summ: expected [B={bsz}, Hkv | {hq}, {want}], got {tuple(chunk_summ.shape)}")
     num_tiles, kt = cand.shape[3], cand.shape[4]
     if tuple(cand.shape[:3]) != (bsz, hq, lq) or num_tiles * block_t < n or kt > block_t:
         raise ValueError(
@@ -222,6 +276,7 @@ def route_chunks(
         chunk_summ.stride(0),
         chunk_summ.stride(1),
         chunk_summ.stride(2),
+        chunk_summ.stride(3) if score == "max_group" else 0,
         cand.stride(0),
         cand.stride(1),
         cand.stride(2),
@@ -239,6 +294,9 @@ def route_chunks(
         SORT=sort,
         USE_DOT=use_dot,
         PRECISION=precision,
+        M=chunk_summ.shape[3] if score == "max_group" else 1,
+        MAX_GROUP=score == "max_group",
+        BOUND=bound,
         num_warps=num_warps,
     )
     return cand

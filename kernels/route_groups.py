@@ -8,7 +8,8 @@
 #   int64 (-1 padded, best first, RoutePlan semantics) and routed [B, Hq, Lq, Kg_w] int32
 #   (group_ids again, the block table of the attention kernels over dense K/V).
 # Bytes: reads num_tiles * KT * 8 + Kc * M * D * 4 (+ q) per row: at the defaults
-#   (Kc 16, M 4, D 128) 32 KiB of group summaries; writes (Kc + Kg + Kf) * 8 + Kg * 4.
+#   (Kc 16, M 4, D 128) 32 KiB of group summaries (x2 with BOUND: [min, max] rows of 2D, scored
+#   by Quest's bound as the dot of [min(q,0), max(q,0)] with them); writes (Kc + Kg + Kf) * 8 + Kg * 4.
 # Order: chunks by packed key (score, then lower chunk); groups by score, ties to the earlier
 #   candidate in (chunk rank, group) order, exactly the reference's stable sort.
 # The chosen chunk ids are written to chunk_ids first and read back after a barrier: Triton
@@ -76,6 +77,7 @@ def _route_groups_kernel(
     BLOCK_CAND: tl.constexpr,
     BLOCK_KC: tl.constexpr,
     BLOCK_OUT: tl.constexpr,
+    BOUND: tl.constexpr,
 ):
     pid = tl.program_id(0)
     l = (pid % num_q).to(tl.int64)
@@ -125,6 +127,10 @@ def _route_groups_kernel(
         mask_d = offs_d < HEAD_DIM
         q = tl.load(q_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         gs = tl.load(g_base + offs_d[None, :], mask=ok[:, None] & mask_d[None, :], other=0.0)
+        if BOUND:  # gs holds the minima; the maxima follow at +HEAD_DIM
+            hi = tl.load(g_base + HEAD_DIM + offs_d[None, :], mask=ok[:, None] & mask_d[None, :], other=0.0)
+            scores += tl.sum(hi * tl.maximum(q, 0.0)[None, :], axis=1)
+            q = tl.minimum(q, 0.0)
         scores += tl.sum(gs * q[None, :], axis=1)
     gkeys = tl.where(ok, _pack(scores, j), EMPTY)
     gkeys = tl.sort(gkeys, descending=True)
@@ -170,6 +176,7 @@ def route_groups(
     top_groups: int,
     fetch_groups: int,
     num_warps: int = 4,
+    bound: bool = False,
 ) -> None:
     """Finish routing: top chunks from ``cand``, then top groups inside them, per query row.
 
@@ -186,6 +193,9 @@ def route_groups(
         Output: ``group_ids`` as int32, the routed block table over dense K/V.
     top_chunks, top_groups, fetch_groups : int
         ``HGAConfig`` budgets.
+    bound : bool
+        ``HGAConfig.group_score == "bound"``: ``group_summ`` rows are ``[min, max]`` key bounds
+        ``[B, Hkv, N, M, 2D]`` and groups rank by Quest's bound.
     """
     bsz, hq, lq, d = q.shape
     m = group_summ.shape[3]
@@ -215,6 +225,10 @@ def route_groups(
     if routed.shape[3] != kg_w or max(kg_w, kf_w) > kc_w * m:
         raise ValueError(
             f"group_ids/fetch_ids/routed: expected widths <= Kc_w * M = {kc_w * m}, got {kg_w}, {kf_w}"
+        )
+    if group_summ.shape[4] != (2 * d if bound else d):
+        raise ValueError(
+            f"group_summ: expected a last dim of {2 * d if bound else d} (bound={bound}), got {tuple(group_summ.shape)}"
         )
     num_cand = cand.shape[3] * cand.shape[4]
     block_kc = triton.next_power_of_2(max(1, kc_w))
@@ -265,5 +279,6 @@ def route_groups(
         BLOCK_CAND=max(triton.next_power_of_2(num_cand), block_kc),
         BLOCK_KC=block_kc,
         BLOCK_OUT=max(block_g, triton.next_power_of_2(max(1, kf_w))),
+        BOUND=bound,
         num_warps=num_warps,
     )

@@ -24,7 +24,7 @@ from kvtier.reference.hga import HGAStats, RouteCarry, RoutePlan, plan_widths
 from kvtier.reference.summaries import routing_summaries_ref
 from kvtier.rope import RopeSpec
 
-__all__ = ["hga_attention", "BACKENDS", "prefill_tables"]
+__all__ = ["hga_attention", "BACKENDS", "KERNEL_CHUNK_SCORES", "kernel_chunk_table", "prefill_tables"]
 
 #: Accepted values of ``backend``.
 BACKENDS = ("auto", "triton", "reference")
@@ -122,18 +122,41 @@ def hga_attention(
         raise ValueError(
             f"backend='triton': expected CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}"
         )
-    if config.chunk_score != "sum" or config.group_score != "sum":
-        raise ValueError(
-            f"backend='triton': expected chunk_score='sum' and group_score='sum' (the kernels route by the "
-            f"summed summaries only so far), got {config.chunk_score!r} and {config.group_score!r}; "
-            "use backend='reference'"
-        )
+    _check_kernel_options(config, "backend='triton'")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(
                 f"{name}: expected a contiguous last dim for backend='triton', got strides {t.stride()}"
             )
     return _hga_kernels(q, k, v, config, spec, start_pos, scale=scale)
+
+
+#: chunk_score values the routing kernels compute (the running maxima and the two-score splits
+#: are reference-only so far: they are refused, never replaced by another rule).
+KERNEL_CHUNK_SCORES = ("sum", "max_group")
+
+
+def _check_kernel_options(config: HGAConfig, what: str) -> None:
+    if config.chunk_score not in KERNEL_CHUNK_SCORES:
+        raise ValueError(
+            f"{what}: expected chunk_score in {KERNEL_CHUNK_SCORES} (the kernels do not compute running maxima "
+            f"or split scores yet), got {config.chunk_score!r}; use backend='reference'"
+        )
+
+
+def kernel_chunk_table(
+    config: HGAConfig, chunk_summ: torch.Tensor, group_summ: torch.Tensor, n: int
+) -> tuple[torch.Tensor, dict[str, object]]:
+    """What ``route_chunks`` scores for ``config.chunk_score``, and its options.
+
+    The first ``n`` chunk summaries ``[B, Hkv, n, D]`` for ``"sum"``; for ``"max_group"`` the
+    group-level keys ``[B, Hkv, n, M, Dg]`` with ``score="max_group"`` (and ``bound=True``
+    when they are min/max bounds). Raises ValueError for a score the kernels do not compute.
+    """
+    _check_kernel_options(config, "config")
+    if config.chunk_score == "max_group":
+        return group_summ[:, :, :n], dict(score="max_group", bound=config.group_score == "bound")
+    return chunk_summ[:, :, :n], {}
 
 
 def _fixed_keys(positions: torch.Tensor, config: HGAConfig) -> torch.Tensor:
@@ -220,9 +243,10 @@ def _route(
     if block_r == 64 and bt > 128:  # noqa: PLR2004
         bt, nt, kt = route_chunks_tiles(n, config.top_chunks, block_t=128)
     cand = torch.empty(q.shape[0], q.shape[1], lq, nt, kt, dtype=torch.int64, device=q.device)
+    table, score_options = kernel_chunk_table(config, chunk_summ, group_summ, n)
     route_chunks(
         q,
-        chunk_summ[:, :, :n],
+        table,
         cand,
         start_pos=start_pos,
         chunk_size=config.chunk_size,
@@ -232,6 +256,7 @@ def _route(
         block_r=block_r,
         num_warps=warps,
         precision=precision,
+        **score_options,  # type: ignore[arg-type]
     )
     route_groups(
         cand,
@@ -241,6 +266,7 @@ def _route(
         top_chunks=config.top_chunks,
         top_groups=config.top_groups,
         fetch_groups=config.fetch_groups,
+        bound=config.group_score == "bound",
     )
 
 

@@ -128,6 +128,7 @@ class LayerDecode:
     # -- the stages of a step
     def route(self) -> None:
         """Routing of ``q``: fills ``plan``."""
+        from kvtier.attention import kernel_chunk_table
         from kvtier.kernels.route_chunks import route_chunks
         from kvtier.kernels.route_groups import route_groups
 
@@ -136,9 +137,10 @@ class LayerDecode:
             return
         bt, nt, kt = self.tiles
         cand = self.cand[:, :, :, :nt, :kt]
+        table, score_options = kernel_chunk_table(cfg, self.chunk_summ, self.group_summ, self.num_cand_chunks)
         route_chunks(
             self.q,
-            self.chunk_summ[:, :, : self.num_cand_chunks],
+            table,
             cand,
             start_pos=self.position,
             chunk_size=cfg.chunk_size,
@@ -146,6 +148,7 @@ class LayerDecode:
             local_chunks=cfg.local_chunks,
             block_t=bt,
             **self.route_options,  # type: ignore[arg-type]
+            **score_options,  # type: ignore[arg-type]
         )
         route_groups(
             cand,
@@ -157,6 +160,7 @@ class LayerDecode:
             top_groups=cfg.top_groups,
             fetch_groups=cfg.fetch_groups,
             num_warps=self.group_warps,
+            bound=cfg.group_score == "bound",
         )
 
     def assign(self) -> None:

@@ -293,7 +293,9 @@ class HGAEngine:
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         self.device = _resolved(torch.device(device))
-        summed = hga.chunk_score == "sum" and hga.group_score == "sum"
+        from kvtier.attention import KERNEL_CHUNK_SCORES
+
+        summed = hga.chunk_score in KERNEL_CHUNK_SCORES  # what the routing kernels compute
         # The kernel path keeps one step's fetch set in the device group cache. A config whose
         # fetch set has no useful bound (HGAConfig.full_coverage()) or exceeds the budget cannot.
         m_ = hga.groups_per_chunk
@@ -310,8 +312,8 @@ class HGAEngine:
             )
         if backend == "kernels" and not summed:
             raise ValueError(
-                f"backend='kernels': expected chunk_score='sum' and group_score='sum' (the routing kernels score "
-                f"summed summaries only), got {hga.chunk_score!r} and {hga.group_score!r}; use backend='torch'"
+                f"backend='kernels': expected chunk_score in {KERNEL_CHUNK_SCORES} (the routing kernels compute "
+                f"no running maxima or split scores), got {hga.chunk_score!r}; use backend='torch'"
             )
         if backend == "kernels" and self.device.type != "cuda" and not _interpreting():
             raise ValueError(f"backend='kernels': expected a CUDA device (or TRITON_INTERPRET=1), got {self.device}")

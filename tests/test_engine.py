@@ -128,15 +128,20 @@ def test_batch_equals_each_alone() -> None:
         assert (together[i : i + 1] - alone).abs().max().item() < 1e-6
 
 
-def test_kernel_flow_equals_torch_flow(tmp_path) -> None:
+@pytest.mark.parametrize("scores", [("sum", "sum"), ("max_group", "bound")])
+def test_kernel_flow_equals_torch_flow(tmp_path, scores: tuple[str, str]) -> None:
     """Interpreter: the kernel flow (prefill blocks, then decode steps through the group cache, some
-    chunks on disk only) gives the torch flow's plans and outputs."""
+    chunks on disk only) gives the torch flow's plans and outputs, for the paper's routing and the
+    max-aware options the kernels compute."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, chunk_score=scores[0], group_score=scores[1])
     q, k, v = _qkv(76, seed=11)
     outs, plans = {}, {}
     for backend in ("torch", "kernels"):
-        with _engine(tmp_path / backend, host_chunks=4, backend=backend).store as store:
+        with _engine(tmp_path / backend, host_chunks=4, backend=backend, cfg=cfg).store as store:
             # The kernel flow keeps a separate device slot table, as on CUDA (dirty entries drained per block).
-            engine = HGAEngine(store, CFG, num_q_heads=HQ, batch_size=B, rope_theta=THETA, backend=backend,
+            engine = HGAEngine(store, cfg, num_q_heads=HQ, batch_size=B, rope_theta=THETA, backend=backend,
                                cache_entries=32, _device_table=backend == "kernels")  # fmt: skip
             pieces, ids = [engine.forward(0, q[:, :, :70], k[:, :, :70], v[:, :, :70])], []
             for t in range(70, 76):

@@ -8,13 +8,7 @@ import torch
 from kvtier.config import HGAConfig
 from kvtier.kernels.route_chunks import route_chunks, route_chunks_tiles
 from kvtier.kernels.route_groups import route_groups
-from kvtier.reference import (
-    chunk_summaries_ref,
-    group_summaries_ref,
-    hga_attention,
-    plan_widths,
-    rope_inv_freq,
-)
+from kvtier.reference import hga_attention, plan_widths, rope_inv_freq, routing_summaries_ref
 
 CFG = HGAConfig(
     chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=5, fetch_groups=8
@@ -29,11 +23,13 @@ def kernel_plan(q, k, cfg, start_pos, block_t=None, **options):
     last = start_pos + lq - 1
     n = last // c
     inv = rope_inv_freq(d, THETA)
-    cs = chunk_summaries_ref(k[:, :, : n * c], c, inv, cfg.rope_cutoff_rad)
-    gs = group_summaries_ref(k[:, :, : n * c], c, cfg.group_size, inv, cfg.rope_cutoff_rad)
+    cs, gs = routing_summaries_ref(k[:, :, : n * c], cfg, inv)
     kc_w, kg_w, kf_w = plan_widths(cfg, last)
     bt, nt, kt = route_chunks_tiles(n, cfg.top_chunks, block_t=block_t)
     cand = torch.empty(bsz, hq, lq, nt, kt, dtype=torch.int64)
+    bound = cfg.group_score == "bound"
+    if cfg.chunk_score == "max_group":
+        cs, options = gs, dict(options, score="max_group", bound=bound)
     route_chunks(
         q,
         cs,
@@ -56,6 +52,7 @@ def kernel_plan(q, k, cfg, start_pos, block_t=None, **options):
         top_chunks=cfg.top_chunks,
         top_groups=cfg.top_groups,
         fetch_groups=cfg.fetch_groups,
+        bound=bound,
     )
     assert torch.equal(routed.long(), out[1])
     return out
@@ -106,3 +103,40 @@ def test_routing_variants_agree(options):
     chunk_ids, group_ids, fetch_ids = kernel_plan(q, k, CFG, 188, 16, **options)
     assert torch.equal(chunk_ids, stats.plan.chunk_ids)
     assert torch.equal(fetch_ids, stats.plan.fetch_group_ids)
+
+
+@pytest.mark.parametrize("chunk_score, group_score", [("max_group", "sum"), ("sum", "bound"), ("max_group", "bound")])
+@pytest.mark.parametrize(
+    "hq,hkv,lq,start_pos,lk,options",
+    [
+        (4, 1, 1, 300, 301, dict(use_dot=False, block_r=4)),  # decode, GQA 4, FMA scores
+        (4, 2, 40, 170, 210, {}),  # prefill rows over three chunks, tl.dot scores
+    ],
+)
+def test_routing_options_match_reference_plan(chunk_score, group_score, hq, hkv, lq, start_pos, lk, options):
+    """HGAConfig.chunk_score='max_group' and group_score='bound' in the kernels: the reference's plans."""
+    torch.manual_seed(21)
+    cfg = HGAConfig(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=5,
+                    fetch_groups=8, chunk_score=chunk_score, group_score=group_score)
+    q = torch.randn(1, hq, lq, 32)
+    k = torch.randn(1, hkv, lk, 32)
+    _, stats = hga_attention(q, k, k, config=cfg, rope_theta=THETA, start_pos=start_pos)
+    _, base = hga_attention(q, k, k, config=CFG, rope_theta=THETA, start_pos=start_pos)
+    assert not torch.equal(stats.plan.fetch_group_ids, base.plan.fetch_group_ids)  # the option matters here
+    chunk_ids, group_ids, fetch_ids = kernel_plan(q, k, cfg, start_pos, 16, **options)
+    assert torch.equal(chunk_ids, stats.plan.chunk_ids)
+    assert torch.equal(group_ids, stats.plan.group_ids)
+    assert torch.equal(fetch_ids, stats.plan.fetch_group_ids)
+
+
+def test_route_chunks_refuses_what_it_does_not_compute():
+    q = torch.randn(1, 2, 1, 32)
+    cand = torch.empty(1, 2, 1, 1, 3, dtype=torch.int64)
+    summ = torch.randn(1, 1, 10, 32)
+    geo = dict(start_pos=200, chunk_size=16, sink_chunks=1, local_chunks=2, block_t=16)
+    with pytest.raises(ValueError, match="score: expected 'sum' or 'max_group'"):
+        route_chunks(q, summ, cand, score="running_max", **geo)
+    with pytest.raises(ValueError, match="bound: expected score='max_group'"):
+        route_chunks(q, summ, cand, bound=True, **geo)
+    with pytest.raises(ValueError, match=r"chunk_summ: expected \[B=1, Hkv \| 2, N, M, 64\]"):
+        route_chunks(q, torch.randn(1, 1, 10, 4, 32), cand, score="max_group", bound=True, **geo)
