@@ -663,6 +663,12 @@ class HGAEngine:
                 store.prefetch(waits, to="host").wait()
                 self.counters.disk_wait_s += time.perf_counter() - t0
                 lost = [key for key in waits if st.host_np[key.seq_id, key.chunk_idx] < 0]
+                if lost and all(store.where(key) for key in lost):
+                    raise CapacityError(
+                        f"HGAEngine layer {st.index}: expected room in the host tier for {len(lost)} routed chunks "
+                        f"read from disk (first {tuple(lost[0])}), got none: every slot pinned or in flight, or the "
+                        "read failed (see the kvtier.store log); raise StoreConfig.host_bytes"
+                    )
                 if lost:
                     raise TransferError(
                         f"HGAEngine layer {st.index}: expected routed chunks readable from disk, got {len(lost)} "

@@ -194,9 +194,9 @@ def test_lost_chunk_raises_transfer_error() -> None:
 def test_store_calls_per_decode_step_do_not_grow_with_context(tmp_path) -> None:
     """Python-level store calls per decode step (disk tier, waits and prefetch included) stay flat."""
     counts = []
-    for length in (176, 400):
+    for length in (240, 480):
         q, k, v = _qkv(length + 8, seed=4)
-        engine = _engine(tmp_path / str(length), host_chunks=16)
+        engine = _engine(tmp_path / str(length), host_chunks=24)  # a step pins up to 16; prefetch needs room
         with engine.store as store:
             engine = HGAEngine(store, CFG, num_q_heads=HQ, batch_size=B, rope_theta=THETA, backend="torch")
             _feed(engine, q[:, :, :length], k[:, :, :length], v[:, :, :length], list(range(48, length)))
@@ -220,11 +220,11 @@ def test_store_calls_per_decode_step_do_not_grow_with_context(tmp_path) -> None:
 
 def test_prefetch_makes_disk_chunks_resident(tmp_path) -> None:
     """Decoding with most chunks on disk: the fetch set is promoted ahead; the share is reported."""
-    q, k, v = _qkv(200, seed=9)
-    with _engine(tmp_path, host_chunks=16).store as store:
+    q, k, v = _qkv(260, seed=9)
+    with _engine(tmp_path, host_chunks=20).store as store:
         engine = HGAEngine(store, CFG, num_q_heads=HQ, batch_size=B, rope_theta=THETA, backend="torch")
-        _feed(engine, q[:, :, :160], k[:, :, :160], v[:, :, :160], list(range(48, 160)))
-        for t in range(160, 200):
+        _feed(engine, q[:, :, :220], k[:, :, :220], v[:, :, :220], list(range(48, 220)))
+        for t in range(220, 260):
             engine.forward(0, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
         st = engine.stats()
     assert st["prefetch_issued"] > 0

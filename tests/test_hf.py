@@ -162,7 +162,7 @@ def test_generation_inside_inference_mode(ids: torch.Tensor, tmp_path) -> None:
     chunk_bytes = 2 * 2 * 16 * 16 * 4
     runs, stats = [], []
     for run, mode in enumerate((torch.inference_mode, torch.no_grad)):
-        store = StoreConfig(gpu_bytes=0, host_bytes=8 * chunk_bytes, disk_dir=tmp_path / f"r{run}", disk_bytes="8MiB")
+        store = StoreConfig(gpu_bytes=0, host_bytes=12 * chunk_bytes, disk_dir=tmp_path / f"r{run}", disk_bytes="8MiB")
         # Routing wider than what is attended, so the fetch set reaches chunks no query attended yet.
         hga = HGAConfig(**SMALL, top_chunks=4, top_groups=2, fetch_groups=8)
         with kvtier.hf.TieredCache(model.config, hga=hga, store=store) as cache:
