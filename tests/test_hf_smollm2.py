@@ -29,7 +29,7 @@ def test_smollm2_config_is_plain_rope(smollm2) -> None:
     assert model.config.num_key_value_heads == 3 and model.config.num_attention_heads == 9
 
 
-@pytest.mark.slow  # about a CPU-minute: 30 layers through the tiered cache, twice
+@pytest.mark.slow  # 30 layers through the tiered cache, twice: 224 s wall spinning on the loaded machine
 def test_smollm2_full_coverage_matches_sdpa(smollm2) -> None:
     """Logits within 1e-4 of sdpa and identical greedy tokens, prompt of 200 tokens through the tiered cache."""
     model, tok = smollm2
