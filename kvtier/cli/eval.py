@@ -465,7 +465,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             configs.append((budget, *hga_config_for_budget(budget, base)))
         except ValueError as exc:
-            raise UsageError(f"--budget: {str(exc).removeprefix('budget: ')}") from None
+            option = "--budgets" if args.budgets else "--budget"
+            raise UsageError(f"{option}: {str(exc).removeprefix('budget: ')}") from None
     tasks = _task_list(args.tasks)
     args.budget_list = budgets
     budget, hga, routed = configs[0]
