@@ -6,7 +6,9 @@ suite exercises the real-model commands end to end; the runs on SmolLM2 itself a
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -26,6 +28,7 @@ def tiny_model_folder() -> Path:
     tok.train_from_iterator(text.split("\n\n"), trainers.BpeTrainer(
         vocab_size=512, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"], show_progress=False))
     folder = Path(tempfile.mkdtemp(prefix="kvtier-tiny-model-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
     fast.save_pretrained(folder)
     config = transformers.LlamaConfig(
