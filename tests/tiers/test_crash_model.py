@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 
 from kvtier._crash import CRASH_KINDS, crash_trial
+from kvtier._crash import _read as real_read
 from kvtier._faults import VolatileIO
 
 
@@ -34,3 +35,24 @@ def test_the_model_catches_a_store_that_trusts_unsynced_writes_after_a_restart(t
     for seed in (34, 41, 56):  # seeds (of the first 120) whose power loss exposes it
         total.update(crash_trial(tmp_path / f"t{seed}", seed, "power"))
     assert total["mismatches_after_crash"] >= 2
+
+
+@pytest.mark.parametrize("kind", ["process", "power"])
+def test_the_model_catches_a_store_that_loses_synced_chunks(tmp_path, monkeypatch, caplog, kind) -> None:
+    """A chunk untouched since the last sync point must come back after any crash: a store
+    that reopens empty (every synced chunk lost, each a 'reported miss') is caught."""
+    import kvtier._crash as crash
+
+    caplog.set_level(logging.ERROR, logger="kvtier")
+    real = crash._Trial.crash
+
+    def crash_then_wipe(self, kind):  # the crash, then a store that lost everything on disk
+        monkeypatch.setattr(crash, "_read", lambda store, key: None)
+        return real(self, kind)
+
+    monkeypatch.setattr(crash._Trial, "crash", crash_then_wipe)
+    total: Counter[str] = Counter()
+    for seed in range(6):
+        total.update(crash_trial(tmp_path / f"t{seed}", seed, kind))
+        monkeypatch.setattr(crash, "_read", real_read)
+    assert total["mismatches_after_crash"] >= 3
