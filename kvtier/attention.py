@@ -18,7 +18,7 @@ from kvtier.kernels.route_chunks import route_chunks, route_chunks_tiles
 from kvtier.kernels.route_groups import route_groups
 from kvtier.kernels.sparse_decode import decode_num_splits, sparse_decode
 from kvtier.kernels.sparse_prefill import sparse_prefill
-from kvtier.layout import windows_at
+from kvtier.layout import window_keys, windows_at
 from kvtier.reference import hga as _ref
 from kvtier.reference.hga import HGAStats, RouteCarry, RoutePlan, plan_widths
 from kvtier.reference.summaries import routing_summaries_ref
@@ -161,11 +161,7 @@ def kernel_chunk_table(
 
 def _fixed_keys(positions: torch.Tensor, config: HGAConfig) -> torch.Tensor:
     """Keys of the windows and the causal current chunk of each position ``[Lq]``."""
-    c = config.chunk_size
-    cur = positions // c
-    sink_end = cur.clamp(max=config.sink_chunks)
-    local_start = torch.maximum(sink_end, cur - config.local_chunks)
-    return (sink_end + cur - local_start) * c + positions - cur * c + 1
+    return window_keys(positions, config.chunk_size, config.sink_chunks, config.local_chunks)
 
 
 def prefill_tables(

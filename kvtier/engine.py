@@ -51,7 +51,7 @@ import torch
 from kvtier.config import HGAConfig
 from kvtier.decode_step import LayerDecode
 from kvtier.errors import CapacityError, TransferError
-from kvtier.layout import Windows, windows_at
+from kvtier.layout import Windows, window_keys, windows_at
 from kvtier.reference.hga import RouteCarry, RoutePlan, plan_widths, route_block
 from kvtier.reference.rope import rope_inv_freq
 from kvtier.reference.summaries import routing_summaries_ref
@@ -147,11 +147,7 @@ def _union_by_first_use(ids: torch.Tensor, width: int | None) -> tuple[torch.Ten
 
 def _fixed_keys(positions: torch.Tensor, config: HGAConfig) -> torch.Tensor:
     """Keys of the windows and the causal current chunk of each position ``[Lq]``."""
-    c = config.chunk_size
-    cur = positions // c
-    sink_end = cur.clamp(max=config.sink_chunks)
-    local_start = torch.maximum(sink_end, cur - config.local_chunks)
-    return (sink_end + cur - local_start) * c + positions - cur * c + 1
+    return window_keys(positions, config.chunk_size, config.sink_chunks, config.local_chunks)
 
 
 class _TooManyChunks(CapacityError):

@@ -33,6 +33,7 @@ __all__ = [
     "KVLayout",
     "Windows",
     "windows_at",
+    "window_keys",
     "num_chunks",
     "anchor_position",
 ]
@@ -83,6 +84,18 @@ def windows_at(position: int, chunk_size: int, sink_chunks: int, local_chunks: i
     sink_end = min(sink_chunks, current)
     local_start = max(sink_end, current - local_chunks)
     return Windows(sink_end=sink_end, local_start=local_start, current=current)
+
+
+def window_keys(positions: torch.Tensor, chunk_size: int, sink_chunks: int, local_chunks: int) -> torch.Tensor:
+    """Keys every query attends outside the routed groups: sinks, local window and its own chunk.
+
+    The tensor form of :func:`windows_at`: ``positions [L]`` int -> ``[L]`` int, counting the
+    own chunk's keys up to and including the query.
+    """
+    cur = positions // chunk_size
+    sink_end = cur.clamp(max=sink_chunks)
+    local_start = torch.maximum(sink_end, cur - local_chunks)
+    return (sink_end + cur - local_start) * chunk_size + positions - cur * chunk_size + 1
 
 
 @dataclass(frozen=True)

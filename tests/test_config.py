@@ -99,3 +99,19 @@ def test_kv_layout_sizes_and_fingerprint():
         KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.int8)
     with pytest.raises(ConfigError, match="group_size: expected a divisor of chunk_size=64, got 48"):
         KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype=torch.float16, group_size=48)
+
+
+def test_window_keys_counts_what_windows_at_describes() -> None:
+    """The tensor form agrees with windows_at at every position of a few chunk geometries."""
+    import torch
+
+    from kvtier.layout import window_keys, windows_at
+
+    for c, sinks, local in ((4, 2, 3), (16, 1, 0), (64, 0, 8)):
+        positions = torch.arange(0, 40 * c + 3)
+        got = window_keys(positions, c, sinks, local)
+        for t in range(0, 40 * c + 3, 7):
+            w = windows_at(t, c, sinks, local)
+            want = (w.sink_end + w.current - w.local_start) * c + t - w.current * c + 1
+            assert int(got[t]) == want
+            assert want <= t + 1
