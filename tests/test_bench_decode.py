@@ -103,6 +103,19 @@ def test_bad_arguments_are_one_line_errors(argv, message, passive, capsys):
     assert err.startswith("kvtier bench decode: ") and message in err and "\n" not in err
 
 
+@pytest.mark.parametrize("argv", [["--hga", "foo=1"], ["--max-context", "dense=zz"]])
+def test_bad_arguments_are_one_line_before_any_rerun(argv, monkeypatch, capsys):
+    """Without PASSIVE the command re-runs itself; a bad argument must still be one line, no child."""
+    import subprocess
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("re-ran despite a bad argument"))
+    assert main(["bench", "decode", "--smoke", *argv]) == 2
+    out = capsys.readouterr()
+    lines = (out.out + out.err).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvtier bench decode: ")
+
+
 def test_reruns_itself_with_passive_omp_and_the_same_arguments(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     calls = []

@@ -137,6 +137,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark, in a child process with ``OMP_WAIT_POLICY=PASSIVE`` when it is not set."""
     if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        try:  # bad arguments get their one-line error here, before any re-run notice
+            _resolve(args)
+            _hga_config(args.hga, args.smoke)
+            _caps(args.max_context)
+        except (ValueError, UsageError) as exc:
+            print(f"kvtier bench decode: {exc}", file=sys.stderr)
+            return 2
         # libgomp reads the policy once, when torch is imported; this process has imported it.
         print("kvtier bench decode: running in a child process with OMP_WAIT_POLICY=PASSIVE "
               "(CPU time is measured under it)", flush=True)
