@@ -19,7 +19,7 @@ it alike, split into blocks of positions that share a chunk, each position route
 (as the reference, :mod:`kvtier.reference.hga`). A block: route -> make the routed groups
 resident (host slab by slot; only chunks that are on disk alone are waited for, with one
 batched store call) -> attend over windows + routed groups + the causal own chunk. A chunk
-that fills is summarised and written to the store (``seq_id`` = batch row).
+that fills is summarised and written to the store (``seq_id`` = ``first_seq_id`` + batch row).
 
 Two flows over the same state:
 
@@ -33,7 +33,8 @@ Two flows over the same state:
   allocation while every chunk is host-resident; prefill blocks by the routing kernels, the
   block's union gathered into a scratch slab and ``sparse_prefill``.
 
-Batches are sequences of equal length (no padding: the engine carries one length per layer).
+Batches are sequences of equal length (the engine carries one length per layer); a padded
+batch runs one engine of batch 1 per row over the same store (:mod:`kvtier.rows`).
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ class HGAEngine:
     num_q_heads : int
         Hq, a multiple of the layout's Hkv.
     batch_size : int
-        B; row b's chunks are stored under ``seq_id = b``.
+        B; row b's chunks are stored under ``seq_id = first_seq_id + b``.
     rope_theta : float, optional
         RoPE base of plain RoPE, for the summaries.
     rope : kvtier.rope.RopeSpec, optional
@@ -241,6 +242,10 @@ class HGAEngine:
     prefetch : bool
         Promote the router's fetch set (``fetch_group_ids``) from disk to the host tier on the
         store's I/O threads when some of it is on disk only. Default True.
+    first_seq_id : int
+        Store ``seq_id`` of row 0 (default 0). Several engines can share one store when their
+        ranges ``first_seq_id .. first_seq_id + B - 1`` do not overlap (TieredCache serves a
+        padded batch with one engine of batch 1 per row).
 
     Notes
     -----
@@ -269,6 +274,7 @@ class HGAEngine:
         cache_bytes: int | None = None,
         cache_entries: int | None = None,
         prefetch: bool = True,
+        first_seq_id: int = 0,
         _device_table: bool | None = None,
     ) -> None:
         if not isinstance(store, TieredStore):
@@ -288,6 +294,8 @@ class HGAEngine:
             raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if isinstance(first_seq_id, bool) or not isinstance(first_seq_id, int) or first_seq_id < 0:
+            raise ValueError(f"first_seq_id: expected an int >= 0, got {first_seq_id!r}")
         self.device = _resolved(torch.device(device))
         from kvtier.attention import KERNEL_CHUNK_SCORES
 
@@ -322,6 +330,8 @@ class HGAEngine:
         self.num_kv_heads = lay.num_kv_heads
         self.head_dim = lay.head_dim
         self.batch_size = batch_size
+        #: Store seq_id of row 0: row b's chunks are under ``first_seq_id + b``.
+        self.first_seq_id = first_seq_id
         self.rep = num_q_heads // lay.num_kv_heads
         self.prefetch = prefetch
         # A device copy of the slot tables, updated from the store's callbacks at each block
@@ -361,15 +371,15 @@ class HGAEngine:
         self.last_group_ids: torch.Tensor | None = None
         store.watch_host_slots(self._on_host_slot)
         if self._gather_event is not None:
-            store.set_host_fence(self._fence)
+            store.add_host_fence(self._fence)
 
     # ------------------------------------------------------------------ store callbacks
     def _on_host_slot(self, key: ChunkKey, slot: int) -> None:
         """Store callback (under its lock, any thread): keep the slot tables current."""
-        if key.seq_id >= self.batch_size:
-            return
+        b, j = key.seq_id - self.first_seq_id, key.chunk_idx
+        if not 0 <= b < self.batch_size:
+            return  # another engine's sequence
         st = self._layers[key.layer]
-        b, j = key.seq_id, key.chunk_idx
         if j >= st.cap:
             return
         st.host_np[b, j] = slot
@@ -465,7 +475,7 @@ class HGAEngine:
             st.missing.update((b, chunk) for b in range(self.batch_size))
             st.num_closed = chunk + 1
         for b in range(self.batch_size):
-            self.store.write((b, st.index, chunk), st.ring[b, slot])
+            self.store.write((self.first_seq_id + b, st.index, chunk), st.ring[b, slot])
 
     # ------------------------------------------------------------------ public
     def num_tokens(self, layer: int = 0) -> int:
@@ -623,7 +633,12 @@ class HGAEngine:
         code = torch.unique(code[code >= 0])
         if code.device.type != "cpu":
             self.counters.host_syncs += 1
-        return [ChunkKey(x >> 40, st.index, x & ((1 << 40) - 1)) for x in code.tolist()]
+        base = self.first_seq_id
+        return [ChunkKey(base + (x >> 40), st.index, x & ((1 << 40) - 1)) for x in code.tolist()]
+
+    def _row(self, key: ChunkKey) -> int:
+        """Batch row of a store key of this engine."""
+        return key.seq_id - self.first_seq_id
 
     def _make_resident(
         self, st: _Layer, attended: torch.Tensor, fetch: Callable[[], torch.Tensor]
@@ -635,15 +650,15 @@ class HGAEngine:
         store = self.store
         need = self._keys_of(st, attended)
         host_slots = store.host_slab.shape[0]
-        if len(need) > host_slots and any(st.host_np[k.seq_id, k.chunk_idx] < 0 for k in need):
+        if len(need) > host_slots and any(st.host_np[self._row(k), k.chunk_idx] < 0 for k in need):
             raise _TooManyChunks(
                 f"host tier: expected room for one block's {len(need)} routed chunks of layer {st.index}, "
                 f"got {host_slots} slots; raise StoreConfig.host_bytes"
             )
         with store.host_lock():
-            slots = {key: int(st.host_np[key.seq_id, key.chunk_idx]) for key in need}
+            slots = {key: int(st.host_np[self._row(key), key.chunk_idx]) for key in need}
             for key in need:
-                if st.prefetched.pop((key.seq_id, key.chunk_idx), None) is not None and slots[key] >= 0:
+                if st.prefetched.pop((self._row(key), key.chunk_idx), None) is not None and slots[key] >= 0:
                     self.counters.prefetch_hits += 1
             try:
                 store.pin(need)
@@ -658,7 +673,7 @@ class HGAEngine:
                 t0 = time.perf_counter()
                 store.prefetch(waits, to="host").wait()
                 self.counters.disk_wait_s += time.perf_counter() - t0
-                lost = [key for key in waits if st.host_np[key.seq_id, key.chunk_idx] < 0]
+                lost = [key for key in waits if st.host_np[self._row(key), key.chunk_idx] < 0]
                 if lost and all(store.where(key) for key in lost):
                     raise CapacityError(
                         f"HGAEngine layer {st.index}: expected room in the host tier for {len(lost)} routed chunks "
@@ -675,12 +690,12 @@ class HGAEngine:
                 step = self.counters.decode_steps
                 extra = [
                     key for key in sorted(want)
-                    if st.host_np[key.seq_id, key.chunk_idx] < 0 and (key.seq_id, key.chunk_idx) not in st.prefetched
+                    if st.host_np[self._row(key), key.chunk_idx] < 0 and (self._row(key), key.chunk_idx) not in st.prefetched
                 ]  # fmt: skip
                 if extra:
                     store.prefetch(extra, to="host")
                     self.counters.prefetch_issued += len(extra)
-                    st.prefetched.update(((key.seq_id, key.chunk_idx), step) for key in extra)
+                    st.prefetched.update(((self._row(key), key.chunk_idx), step) for key in extra)
                 for rc, asked in list(st.prefetched.items()):
                     if step - asked > _PREFETCH_TTL:
                         del st.prefetched[rc]
@@ -1060,7 +1075,7 @@ class HGAEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # queued gathers may still read host slots
         for b in range(self.batch_size):
-            self.store.drop(b)
+            self.store.drop(self.first_seq_id + b)
         with self.store.host_lock():
             self._layers = [_Layer(i) for i in range(self.num_layers)]
         self.reset_stats()
@@ -1069,8 +1084,8 @@ class HGAEngine:
         """Detach from the store (the store itself is the caller's to close)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.store.watch_host_slots(None)
-        self.store.set_host_fence(None)
+        self.store.unwatch_host_slots(self._on_host_slot)
+        self.store.remove_host_fence(self._fence)
 
 
 def engine_from_dense(

@@ -30,8 +30,10 @@ context the output equals dense causal attention.
 Cache-less path: decoder-only models with the RoPE schemes of :mod:`kvtier.rope` (read from
 the model) and GQA; full-attention layers run HGA, sliding-window layers exact windowed
 attention (:mod:`kvtier.hf_layers`); padded batches (each row over its own real keys);
-families and refusals in docs/hf.md. TieredCache: every layer full attention, plain RoPE,
-batches of equal-length sequences. transformers 5.17 to 5.24, CPU and CUDA.
+families and refusals in docs/hf.md. TieredCache: full-attention layers through the engine
+(sliding ones as transformers' window layers), RoPE with fixed frequencies, batches of equal
+length (one engine) or padded (one engine per row, :mod:`kvtier.rows`). transformers 5.17 to
+5.24, CPU and CUDA.
 """
 
 from __future__ import annotations
@@ -419,13 +421,20 @@ class TieredLayer(DynamicLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("TieredCache: beam search is not supported")
 
-    def attend(self, q: torch.Tensor, scale: float) -> torch.Tensor:
-        """HGA for the pending tokens' queries ``q [B, Hq, Lq, D]``; returns ``[B, Hq, Lq, D]``."""
+    def attend(
+        self, q: torch.Tensor, scale: float, *, keep: torch.Tensor | None = None, position_ids: Any = None
+    ) -> torch.Tensor:
+        """HGA for the pending tokens' queries ``q [B, Hq, Lq, D]``; returns ``[B, Hq, Lq, D]``.
+
+        ``keep [B, Lk]`` (bool, ``Lk`` = every token so far, padding included) marks the real
+        tokens of a padded batch, None when there is no padding; ``position_ids`` are the
+        model's, checked to be each row's ranks among its real tokens.
+        """
         if self._pending is None:
             raise RuntimeError(f"TieredCache layer {self.layer_idx}: expected an update before attention, got none")
         k, v = self._pending
         self._pending = None
-        out = self._cache.engine.forward(self.layer_idx, q, k, v, scale=scale)
+        out = self._cache._attend(self, q, k, v, scale, keep, position_ids)
         self.num_tokens += k.shape[2]
         return out
 
@@ -475,10 +484,19 @@ class TieredCache(Cache):
     windowed attention; HGA and the store serve the full-attention layers.
 
     Only models loaded with ``attn_implementation="hga"`` can use it: ``update`` returns
-    the new tokens' K/V only. The store and the engine are created at the first update (when
-    dtype, device and batch are known) and closed by :meth:`close` (or ``with
-    TieredCache(...) as cache``). Sequences of a batch have equal lengths (no padding);
-    sequence b's chunks are stored under seq_id b.
+    the new tokens' K/V only. The store and the engine are created at the first attention
+    call (when dtype, device, batch and the attention mask are known) and closed by
+    :meth:`close` (or ``with TieredCache(...) as cache``). Sequence b's chunks are stored
+    under seq_id b.
+
+    Batches: rows of equal length (no padding in the first call's attention mask) share one
+    batched engine. A padded batch (left or right, the mask a tokenizer and ``generate``
+    make) is served row by row (:class:`kvtier.rows.RowEngines`): one engine of batch 1 per
+    row over the one store, each given only its row's real tokens, so padding is never
+    attended, routed or summarised and a row gives what it gives alone; it costs B engine
+    calls per full-attention layer and step instead of one. The real tokens must sit at
+    ``position_ids`` equal to their rank in the row (what ``generate`` passes for left
+    padding); padding that appears after an unpadded start raises ``ValueError``.
     """
 
     def __init__(
@@ -501,7 +519,11 @@ class TieredCache(Cache):
         self.layer_types = layer_types_of(model_config)
         window = sliding_window_of(model_config)
         self.store: Any = None
+        #: kvtier.engine.HGAEngine (a batch without padding) or kvtier.rows.RowEngines (a padded
+        #: batch, one engine per row); None until the first attention call.
         self.engine: Any = None
+        self._kv: tuple[torch.dtype, int] | None = None  # dtype and batch of the first update
+        self._first_full = self.layer_types.index("full_attention")
         #: Promote the router's fetch set from disk on the store's I/O threads.
         self.prefetch = prefetch
         layers = [
@@ -523,17 +545,59 @@ class TieredCache(Cache):
             layer.batch_size = k.shape[0]
         elif layer.batch_size != k.shape[0]:
             raise ValueError(f"key states: expected batch {layer.batch_size} as before, got {k.shape[0]}")
-        if self.engine is None:
-            self._open(k.dtype, k.device, k.shape[0])
-        elif k.dtype != self.store.layout.dtype:
-            raise TypeError(f"key states: expected dtype {self.store.layout.dtype} as before, got {k.dtype}")
-        elif k.shape[0] != self.engine.batch_size:
-            raise ValueError(f"key states: expected batch {self.engine.batch_size} as before, got {k.shape[0]}")
+        if self._kv is None:  # the engine opens at the first attention call, which brings the mask
+            self._kv = (k.dtype, k.shape[0])
+        elif k.dtype != self._kv[0]:
+            raise TypeError(f"key states: expected dtype {self._kv[0]} as before, got {k.dtype}")
+        elif k.shape[0] != self._kv[1]:
+            raise ValueError(f"key states: expected batch {self._kv[1]} as before, got {k.shape[0]}")
 
-    def _open(self, dtype: torch.dtype, device: torch.device, batch_size: int) -> None:
+    def _attend(
+        self, layer: TieredLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+        keep: torch.Tensor | None, position_ids: Any,
+    ) -> torch.Tensor:
+        """One full-attention layer's new tokens through the engine (batched) or the row engines (padded)."""
+        from kvtier.rows import RowEngines
+
+        b, lq = k.shape[0], k.shape[2]
+        start = layer.num_tokens
+        if keep is not None and keep.shape != (b, start + lq):
+            raise ValueError(f"attention_mask: expected key padding [{b}, {start + lq}], got {list(keep.shape)}")
+        if self.engine is None:
+            self._open(k.dtype, k.device, b, padded=keep is not None)
+        if not isinstance(self.engine, RowEngines):
+            if keep is not None:
+                raise ValueError(
+                    f"attention_mask: TieredCache expected no padding after {start} tokens of a batch that started "
+                    "without padding (its rows share one engine that advances them together), got padding; pass "
+                    "the padded attention_mask from the first call, or reset() the cache"
+                )
+            if layer.layer_idx == self._first_full:  # one check per forward: every layer sees the same positions
+                everyone = torch.arange(lq, device=k.device)
+                for r in range(b):
+                    check_row_positions(position_ids, r, everyone, start)
+            return self.engine.forward(layer.layer_idx, q, k, v, scale=scale)
+        real: list[torch.Tensor | None] = []
+        past = None if keep is None else keep[:, :start].sum(dim=1).tolist()  # real tokens before this call
+        for r in range(b):
+            held = self.engine.num_tokens(layer.layer_idx, r)
+            if past is not None and past[r] != held:
+                raise ValueError(
+                    f"attention_mask: expected row {r}'s earlier keys to hold {held} real tokens (what the cache "
+                    f"holds), got {past[r]}"
+                )
+            idx = None if keep is None else keep[r, start:].nonzero().squeeze(1)
+            if idx is not None and idx.numel() == lq:
+                idx = None
+            check_row_positions(position_ids, r, torch.arange(lq, device=k.device) if idx is None else idx, held)
+            real.append(idx)
+        return self.engine.forward(layer.layer_idx, q, k, v, real, scale=scale)
+
+    def _open(self, dtype: torch.dtype, device: torch.device, batch_size: int, *, padded: bool) -> None:
         from dataclasses import replace
 
         from kvtier.engine import HGAEngine
+        from kvtier.rows import RowEngines
         from kvtier.store import TieredStore
 
         layout = KVLayout(
@@ -548,11 +612,11 @@ class TieredCache(Cache):
                 # A disk folder may hold chunks of an earlier run with the same layout: never serve them.
                 for seq_id in sorted({key.seq_id for key in self.store.keys()}):
                     self.store.drop(seq_id)
-            self.engine = HGAEngine(
-                self.store, self.hga, num_q_heads=self.num_q_heads, batch_size=batch_size,
-                rope=self.rope, device=device, cache_bytes=int(config.gpu_bytes),
-                prefetch=self.prefetch,
-            )  # fmt: skip
+            common = dict(hga=self.hga, num_q_heads=self.num_q_heads, rope=self.rope, device=device, prefetch=self.prefetch)
+            if padded:  # rows of different real lengths: one engine of batch 1 per row (kvtier.rows)
+                self.engine = RowEngines(self.store, batch_size=batch_size, cache_bytes=int(config.gpu_bytes), **common)
+            else:
+                self.engine = HGAEngine(self.store, batch_size=batch_size, cache_bytes=int(config.gpu_bytes), **common)
 
     @property
     def store_device(self) -> torch.device:
@@ -566,6 +630,7 @@ class TieredCache(Cache):
             self.engine.reset()
             self.engine.close()
             self.engine = None
+        self._kv = None
         if self.store is not None:
             for seq_id in sorted({key.seq_id for key in self.store.keys()}):
                 self.store.drop(seq_id)
@@ -754,12 +819,9 @@ def hga_attention_forward(
                 f"attention sinks / logit soft-capping on full-attention layer {module.layer_idx}: TieredCache "
                 "expected neither (the engine has no sink logits or soft-capping yet); run without a TieredCache (CPU)"
             )
-        if attention_mask is not None:
-            raise ValueError(
-                "attention_mask: TieredCache expected a batch without padding (every row of equal length), got "
-                "padding; run padded batches without a TieredCache, or one sequence at a time"
-            )
-        return layer.attend(query, scale).transpose(1, 2).contiguous(), None
+        keep = key_padding_of(attention_mask, query.shape[2], layer.get_seq_length())
+        out = layer.attend(query, scale, keep=keep, position_ids=kwargs.get("position_ids"))
+        return out.transpose(1, 2).contiguous(), None
     settings: _Settings | None = getattr(module, _SETTINGS, None)
     if settings is None:
         settings = _Settings(hga=HGAConfig(), method="hga", routed_keys=None)

@@ -196,8 +196,8 @@ class TieredStore:
         #: Chunks that left the store because the host tier was full and there is no disk tier.
         self._dropped = 0
         self._local = threading.local()
-        self._host_watch: Callable[[ChunkKey, int], None] | None = None  # engine support
-        self._host_fence: Callable[[], None] | None = None  # engine support
+        self._host_watchers: list[Callable[[ChunkKey, int], None]] = []  # engine support
+        self._host_fences: list[Callable[[], None]] = []  # engine support
         self._pool = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="kvtier-io")
         if self._disk is not None:
             try:
@@ -346,8 +346,8 @@ class TieredStore:
                 self._dropped += 1
                 log.debug("kvtier: dropped %s (host tier full, no disk tier)", tuple(victim.key))
                 self._unindex(victim)
-            if self._host_fence is not None:  # a device reader may still read the freed slot
-                self._host_fence()
+            for fence in self._host_fences:  # a device reader may still read the freed slot
+                fence()
         return self._host.allocate()
 
     def _alloc_disk(self, *, wait: bool = False) -> int:
@@ -1166,30 +1166,48 @@ class TieredStore:
     # callback on every host slot change, the lock under which slots are stable, and a fence
     # that device readers of the slab register so a slot freed by eviction is reused only
     # after the reads queued before the eviction have run.
-    def watch_host_slots(self, callback: Callable[[ChunkKey, int], None] | None) -> None:
+    # Several engines may share one store (TieredCache serves a padded batch with one engine per
+    # row): each registers its own watcher and fence, and ignores the sequences it does not own.
+    def watch_host_slots(self, callback: Callable[[ChunkKey, int], None]) -> None:
         """Call ``callback(key, slot)`` whenever the host slab slot of a stored key changes.
 
         ``slot`` is the new slot in :attr:`host_slab`, or -1 when the key left the host tier
         (spilled, evicted, dropped, overwritten). It runs under the store lock (see
         :meth:`host_lock`), on whichever thread changed the slot (I/O workers included), so it
-        must be quick and must not call the store. One watcher at a time; None removes it.
+        must be quick and must not call the store. Every watcher sees every key; remove one
+        with :meth:`unwatch_host_slots`.
         """
+        if not callable(callback):
+            raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
         with self._lock:
-            self._host_watch = callback
+            self._host_watchers.append(callback)
 
-    def set_host_fence(self, fence: Callable[[], None] | None) -> None:
+    def unwatch_host_slots(self, callback: Callable[[ChunkKey, int], None]) -> None:
+        """Stop calling ``callback`` (registered by :meth:`watch_host_slots`; unknown ones are ignored)."""
+        with self._lock:
+            self._host_watchers = [w for w in self._host_watchers if w != callback]
+
+    def add_host_fence(self, fence: Callable[[], None]) -> None:
         """Call ``fence()`` (under the store lock) before reusing a host slot freed by eviction.
 
         A reader that queues asynchronous reads of :attr:`host_slab` (a GPU gather) passes a
-        function that waits for those reads, e.g. ``event.synchronize``.
+        function that waits for those reads, e.g. ``event.synchronize``. Every fence runs;
+        remove one with :meth:`remove_host_fence`.
         """
+        if not callable(fence):
+            raise TypeError(f"fence: expected a callable, got {type(fence).__name__}")
         with self._lock:
-            self._host_fence = fence
+            self._host_fences.append(fence)
+
+    def remove_host_fence(self, fence: Callable[[], None]) -> None:
+        """Stop calling ``fence`` (registered by :meth:`add_host_fence`; unknown ones are ignored)."""
+        with self._lock:
+            self._host_fences = [f for f in self._host_fences if f != fence]
 
     def host_lock(self) -> threading.RLock:
         """The store lock: while held, no host slot changes owner (``with store.host_lock(): ...``)."""
         return self._lock
 
     def _note_host(self, key: ChunkKey, slot: int) -> None:
-        if self._host_watch is not None:
-            self._host_watch(key, slot)
+        for watch in self._host_watchers:
+            watch(key, slot)

@@ -315,14 +315,6 @@ def test_padded_positions_must_be_each_rows_own(ids: torch.Tensor) -> None:
         _logits(model, "hga", batch, attention_mask=mask)  # arange positions: the padding shifted row 1
 
 
-def test_tiered_cache_refuses_a_padded_batch(ids: torch.Tensor) -> None:
-    model = family_model("llama3.1", rope_parameters=None, rope_theta=1e4)
-    batch, mask = _padded([ids[0, :40], ids[0, :25]], "left")
-    with kvtier.hf.TieredCache(model.config, hga=FULL, store=StoreConfig(gpu_bytes=0)) as cache:
-        with pytest.raises(ValueError, match="TieredCache expected a batch without padding"):
-            _logits(model, "hga", batch, attention_mask=mask, **kvtier.hf.cache_kwargs(model, cache))
-
-
 @pytest.mark.parametrize("name", ["llama3.1", "qwen2.5-yarn", "glm4-partial"])
 def test_tiered_cache_with_the_models_rope(name: str, ids: torch.Tensor) -> None:
     """llama3, YaRN, interleaved partial rotary through TieredCache: = sdpa at full coverage, and with sparse

@@ -428,3 +428,29 @@ def test_concurrent_clients_see_their_own_bytes(tmp_path) -> None:
     assert errors == []
     for tier in ("device", "host", "disk"):
         assert stats[tier]["used_bytes"] <= stats[tier]["capacity_bytes"]
+
+
+def test_every_host_slot_watcher_and_fence_is_called(tmp_path) -> None:
+    """Several engines share a store (a padded batch, one per row): each watcher and fence sees every change."""
+    store = make(tmp_path, host=2, gpu=0)
+    seen: dict[str, list[tuple[int, int]]] = {"a": [], "b": []}
+    fences: list[str] = []
+    watch_a = lambda key, slot: seen["a"].append((key.seq_id, slot))  # noqa: E731
+    watch_b = lambda key, slot: seen["b"].append((key.seq_id, slot))  # noqa: E731
+    fence_a = lambda: fences.append("a")  # noqa: E731
+    store.watch_host_slots(watch_a)
+    store.watch_host_slots(watch_b)
+    store.add_host_fence(fence_a)
+    store.add_host_fence(lambda: fences.append("b"))
+    store.write((0, 0, 0), chunk(0))
+    store.write((1, 0, 0), chunk(1))
+    assert seen["a"] == seen["b"] and [s for s, _ in seen["a"]] == [0, 1]
+    store.write((2, 0, 0), chunk(2))  # evicts seq 0's chunk to disk: both fences run first
+    assert fences == ["a", "b"]
+    store.unwatch_host_slots(watch_a)
+    store.remove_host_fence(fence_a)
+    store.drop(1)
+    assert seen["a"][-1][0] == 2 and seen["b"][-1] == (1, -1)
+    with pytest.raises(TypeError, match="callback: expected a callable, got NoneType"):
+        store.watch_host_slots(None)  # type: ignore[arg-type]
+    store.close()
