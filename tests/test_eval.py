@@ -97,3 +97,47 @@ def test_markdown_table_marks_sparse_rows_that_were_dense() -> None:
     assert "| 700 | 100% (= dense) |" in table
     assert "computed dense attention" in table
     assert "(= dense)" not in markdown_table(rows[2:3], dense_upto=1216)
+
+
+def test_eval_local_chunks_and_backend(tmp_path) -> None:
+    """--local-chunks moves keys from the local window to routed groups at the same budget."""
+    from tests.tiny_model import tiny_model_folder
+
+    folder = str(tiny_model_folder())
+    rows = {}
+    for name, extra in (("default", []), ("local4", ["--local-chunks", "4", "--backend", "reference"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", "--model", folder, "--lengths", "1024", "--budget", "720", "--methods", "dense,hga",
+                     "--json", str(out), "--device", "cpu", *extra]) == 0
+        rows[name] = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    # 720 keys: 704 of windows + 1 group by default, 448 of windows + 17 groups with 4 local
+    # chunks: as many keys per query, other keys
+    assert rows["default"]["hga"]["mean_keys_per_query"] == pytest.approx(rows["local4"]["hga"]["mean_keys_per_query"])
+    assert rows["default"]["hga"]["nats_per_token"] != rows["local4"]["hga"]["nats_per_token"]
+    assert rows["default"]["dense"]["nats_per_token"] == rows["local4"]["dense"]["nats_per_token"]
+    assert main(["eval", "--backend", "fast"]) == 2
+
+
+def test_configure_backend() -> None:
+    """configure(backend=) is checked, and "triton" reaches the kernels (which refuse CPU tensors unless interpreting)."""
+    import torch
+    import transformers
+
+    import kvtier.hf
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, rope_theta=1e4)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.set_attn_implementation(kvtier.hf.ATTN_IMPLEMENTATION)
+    with pytest.raises(ValueError, match="backend: expected 'auto', 'triton' or 'reference', got 'fast'"):
+        kvtier.hf.configure(model, backend="fast")
+    hga = HGAConfig(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=1, top_chunks=2, top_groups=2)
+    ids = torch.randint(0, 64, (1, 80))
+    logits = {}
+    for backend in ("reference", "triton"):
+        kvtier.hf.configure(model, hga=hga, backend=backend)
+        with torch.no_grad():
+            logits[backend] = model(ids, use_cache=False).logits
+    # the kernels under the interpreter route the same groups; attention in float32 either way
+    torch.testing.assert_close(logits["triton"], logits["reference"], rtol=1e-4, atol=1e-4)

@@ -18,6 +18,7 @@ __all__ = [
     "byte_size",
     "fraction",
     "nonnegative_float",
+    "nonnegative_int",
     "positive_float",
     "positive_int",
     "positive_ints",
@@ -66,6 +67,14 @@ def positive_int(text: str) -> int:
     value = _number(text, int, "an integer >= 1")
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """``type=`` for an int >= 0."""
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 

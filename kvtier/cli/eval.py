@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,7 +32,7 @@ from typing import Any
 
 import torch
 
-from kvtier.cli.args import UsageError, positive_int
+from kvtier.cli.args import UsageError, nonnegative_int, positive_int
 from kvtier.cli.plots import PLOT_HINT, plot_lines
 from kvtier.cli.results import add_output_arguments, dense_tokens, output_file
 from kvtier.config import HGAConfig
@@ -194,7 +195,7 @@ def plant_needle(
     return torch.tensor([ids]), len(body) + len(cue), len(answer)
 
 
-def _use(model: Any, method: str, hga: HGAConfig, routed: int) -> Any:
+def _use(model: Any, method: str, hga: HGAConfig, routed: int, backend: str = "auto") -> Any:
     """Switch the model to ``method`` (a name of :func:`method_config`); return the stats accumulator (None for dense)."""
     import kvtier.hf
 
@@ -203,7 +204,7 @@ def _use(model: Any, method: str, hga: HGAConfig, routed: int) -> Any:
         model.set_attn_implementation("sdpa")
         return None
     model.set_attn_implementation(kvtier.hf.ATTN_IMPLEMENTATION)
-    return kvtier.hf.configure(model, hga=cfg, method=kind, routed_keys=routed)
+    return kvtier.hf.configure(model, hga=cfg, method=kind, routed_keys=routed, backend=backend)
 
 
 def _density_of(stats: Any, length: int) -> tuple[float, float]:
@@ -392,6 +393,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: HGA's default configuration, 1216)")
     parser.add_argument("--top-chunks", type=positive_int, default=None,
                         help="HGA's first-level routing width (default 16); it does not change the keys attended")
+    parser.add_argument("--local-chunks", type=nonnegative_int, default=None,
+                        help="HGA's local window in chunks (default 8); every sparse method keeps the same windows")
+    parser.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
+                        help="HGA's path: the kernels on CUDA where they serve the routing option (auto), or "
+                             "force the kernels or the reference (the spec, as the fidelity tables on CPU)")
     parser.add_argument("--score-fraction", type=float, default=0.5,
                         help="fraction of each length scored, at its end (default 0.5)")
     parser.add_argument("--needles", action="store_true", help="add the needle-in-a-haystack grid")
@@ -453,7 +459,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--score-fraction: expected a fraction in (0, 1], got {args.score_fraction}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = HGAConfig() if args.top_chunks is None else HGAConfig(top_chunks=args.top_chunks)
+    windows = {} if args.local_chunks is None else {"local_chunks": args.local_chunks}
+    base = HGAConfig(**windows) if args.top_chunks is None else HGAConfig(top_chunks=args.top_chunks, **windows)
     if args.smoke:  # seconds: one short length, one group routed, one seed of every task
         lengths, args.budget, args.budgets, args.seeds = [768], 720, None, 1
         args.tasks = args.tasks or "all"
@@ -481,6 +488,8 @@ def run(args: argparse.Namespace) -> int:
     text = args.text_file.read_text() if args.text_file else resources.files("kvtier").joinpath("data/essay.txt").read_text()
     model, tokenizer = load_model(args.model, attn_implementation="sdpa", device=args.device)
     device = next(model.parameters()).device
+    if args.backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError(f"--backend: expected a CUDA device for 'triton' (or TRITON_INTERPRET=1), got {device}")
     tokens = tokenizer(text, add_special_tokens=False).input_ids
     too_long = [n for n in lengths if n > len(tokens)]
     if too_long:
@@ -508,7 +517,7 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(rows, dense_upto))
     written = []
     if json_path is not None:
-        _write_json(json_path, rows, args, budgets)
+        _write_json(json_path, rows, args, budgets, finished=True)
         written.append(str(json_path))
     png = plot_eval([asdict(r) for r in rows], output_file(args, "png", "eval"), f"{args.model}, budget {budget} keys/query")
     written.append(str(png) if png else PLOT_HINT)
@@ -561,7 +570,7 @@ def _run_budget(args: argparse.Namespace, rows: list[EvalRow], json_path: Path |
     jobs = [] if (args.needles_only or args.tasks_only or args.smoke) else [(n, m) for n in lengths for m in methods]
     for length, method in tqdm(jobs, desc="nll", unit="pass", file=sys.stderr):
         ids = torch.tensor([tokens[:length]], device=device)
-        stats = _use(model, method, hga, routed)
+        stats = _use(model, method, hga, routed, args.backend)
         t0 = time.perf_counter()
         nll, count = sequence_nll(model, ids, int(length * (1 - args.score_fraction)))
         seconds = time.perf_counter() - t0
@@ -582,7 +591,7 @@ def _run_budget(args: argparse.Namespace, rows: list[EvalRow], json_path: Path |
         for length, depth, which, method in tqdm(cells, desc="needles", unit="pass", file=sys.stderr):
             ids, start, n_ans = plant_needle(tokens, tokenizer, NEEDLES[which], depth, length)
             ids = ids.to(device)
-            stats = _use(model, method, hga, routed)
+            stats = _use(model, method, hga, routed, args.backend)
             t0 = time.perf_counter()
             with torch.no_grad():
                 hidden = _backbone(model)(input_ids=ids, use_cache=False).last_hidden_state
@@ -601,7 +610,7 @@ def _run_budget(args: argparse.Namespace, rows: list[EvalRow], json_path: Path |
     for task, length, seed, method in tqdm(cells, desc="tasks", unit="pass", file=sys.stderr):
         sample = make_sample(task, length, seed, tokenizer, tokens, text)
         ids = torch.tensor([sample.ids], device=device)
-        stats = _use(model, method, hga, routed)
+        stats = _use(model, method, hga, routed, args.backend)
         t0 = time.perf_counter()
         ok = answer_correct(model, ids, sample.spans)
         density, keys = _density_of(stats, length)
@@ -642,16 +651,24 @@ def plot_eval(rows: list[dict[str, Any]], path: str | Path, subtitle: str = "") 
                       logx=len(lengths) > 2, xticks=[(n, str(n)) for n in lengths])
 
 
-def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budgets: list[int]) -> None:
+def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budgets: list[int], *,
+                finished: bool = False) -> None:
+    """Rows so far and the run's conditions; ``finished`` only in the last write of a run."""
+    from kvtier.cli.results import source_commit
+
     def clean(x: Any) -> Any:
         return None if isinstance(x, float) and math.isnan(x) else x
 
+    cuda = torch.cuda.is_available() and args.device != "cpu"
     payload = {
         "conditions": {"model": args.model, "budget": budgets[0] if len(budgets) == 1 else budgets, "score_fraction": args.score_fraction,
                        "lengths": args.lengths, "methods": args.methods, "torch": torch.__version__,
-                       "threads": torch.get_num_threads(),
+                       "threads": torch.get_num_threads(), "backend": args.backend,
+                       "local_chunks": args.local_chunks, "top_chunks": args.top_chunks,
+                       "device": torch.cuda.get_device_name(0) if cuda else "cpu", "commit": source_commit(),
                        "text_file": str(args.text_file) if args.text_file else "kvtier/data/essay.txt"},
         "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in rows],
+        "finished": finished,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1))

@@ -1,0 +1,108 @@
+"""Issue 11's fidelity sweeps as a queue of ``kvtier eval`` runs, resumable across device calls.
+
+Each item is one ``kvtier eval`` invocation (one length, one budget or one grid) writing its
+own JSON. Items run in priority order until ``--seconds`` are spent; an item whose JSON says
+it finished is skipped the next time, so consecutive calls on one warm machine continue the
+queue (``--state`` keeps the JSON files between calls). This file only lists and runs
+``kvtier eval`` command lines: every number comes from the command users run.
+
+    python bench/fidelity_queue.py --state /tmp/kvtier-fid --seconds 540 --out $OUT
+    python bench/fidelity_queue.py --list          # the queue, in order
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+#: Methods compared at every budget (the paper's rule, the measured-best option so far, the baselines).
+CORE = "dense,hga,hga-max_group,quest,oracle"
+
+
+def queue() -> list[tuple[str, list[str]]]:
+    """``(name, kvtier eval arguments)`` in the order they run."""
+    ref = ["--backend", "reference"]
+    items: list[tuple[str, list[str]]] = []
+    for n in (4096, 8192):  # 1. the default budget, the spec on the GPU (compare with the CPU tables)
+        items.append((f"nll_b1216_{n}", ["--lengths", str(n), "--methods", CORE + ",hga-sum+max_group", *ref]))
+    items.append(("nll_b1216_4096_kernels", ["--lengths", "4096", "--methods", "dense,hga,hga-max_group",
+                                             "--backend", "triton"]))  # 2. the product path beside the spec
+    for d in ("0.1,0.5,0.9",):  # 3. needles, 2K to 8K
+        items.append(("needles_b1216", ["--lengths", "2048,4096,6144,8192", "--depths", d, "--needles-only",
+                                        "--methods", CORE, *ref]))
+    for n in (8192, 4096):  # 4. a wider first level, and the window/routed split, at the same budget
+        for tc in (32, 128):
+            items.append((f"nll_b1216_{n}_tc{tc}", ["--lengths", str(n), "--methods", "dense,hga,hga-max_group",
+                                                    "--top-chunks", str(tc), *ref]))
+        items.append((f"nll_b1216_{n}_local4", ["--lengths", str(n), "--methods", CORE, "--local-chunks", "4", *ref]))
+    for n in (8192, 4096):  # 5. budget sweeps: 8 to 112 routed groups beside the paper's windows
+        for b in (832, 960, 1728, 2496):
+            items.append((f"nll_b{b}_{n}", ["--lengths", str(n), "--budget", str(b), "--methods", CORE, *ref]))
+    items.append(("tasks_b1216", ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192", "--seeds", "2",
+                                  "--methods", CORE, *ref]))  # 6. the task suite
+    items.append(("needles_b1216_variants", ["--lengths", "2048,4096,6144,8192", "--needles-only",
+                                             "--methods", "hga-max_group,hga-sum+max_group,hga-running_max_group",
+                                             "--top-chunks", "32", *ref]))
+    items.append(("needles_b1216_local4", ["--lengths", "2048,4096,6144,8192", "--needles-only", "--local-chunks", "4",
+                                           "--methods", CORE, *ref]))
+    items.append(("tasks_b1216_seeds34", ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192",
+                                          "--seeds", "4", "--methods", CORE, *ref]))
+    return items
+
+
+def finished(path: Path) -> bool:
+    """Whether an item's JSON exists and holds its final rows (``kvtier eval`` marks its last write)."""
+    try:
+        return bool(json.loads(path.read_text()).get("finished"))
+    except (OSError, ValueError):
+        return False
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--state", type=Path, default=Path("/tmp/kvtier-fid"))
+    parser.add_argument("--seconds", type=float, default=540.0)
+    parser.add_argument("--out", type=Path, default=None, help="folder for a tar of every JSON and log so far")
+    parser.add_argument("--model", default="smollm2", help="passed to kvtier eval (a tiny model folder to try the queue)")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args()
+    if args.list:
+        for name, argv in queue():
+            print(name, " ".join(argv))
+        return 0
+    args.state.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.seconds
+    for name, argv in queue():
+        path = args.state / f"{name}.json"
+        if finished(path):
+            continue
+        left = deadline - time.monotonic()
+        if left < 20:
+            print(f"[queue] out of time before {name}", flush=True)
+            break
+        cmd = [sys.executable, "-m", "kvtier", "eval", "--model", args.model, *argv, "--json", str(path), "--out", str(args.state)]
+        print(f"[queue] {name}: {' '.join(cmd[3:])} ({left:.0f} s left)", flush=True)
+        t0 = time.monotonic()
+        with open(args.state / f"{name}.log", "w") as log:
+            try:
+                code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=left).returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+        print(f"[queue] {name}: exit {code} after {time.monotonic() - t0:.0f} s", flush=True)
+        log_tail = (args.state / f"{name}.log").read_text().splitlines()[-3:]
+        print("\n".join("    " + line for line in log_tail), flush=True)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(args.out / "fidelity.tar.gz", "w:gz") as tar:
+            for p in sorted(args.state.glob("*.json")) + sorted(args.state.glob("*.log")):
+                tar.add(p, arcname=p.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
