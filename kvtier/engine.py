@@ -26,7 +26,8 @@ Two flows over the same state:
 * ``"torch"`` (CPU): routing by :func:`kvtier.reference.route_block`; per (row, KV head) the
   union of the groups its query heads and positions chose is gathered from the host slab by
   slot-table indexing, once; softmax attention in float32 over ring keys + those groups, each
-  query masked to its own choice.
+  query masked to its own choice; attention sinks (gpt-oss) and logit soft-capping (Gemma-2)
+  when :meth:`HGAEngine.forward` is given them (the kernel flow has neither).
 * ``"kernels"`` (CUDA, or the Triton interpreter): decode by :class:`LayerDecode`
   (``route_chunks`` + ``route_groups`` -> ``assign_groups`` -> ``gather_groups`` from the
   pinned host slab -> ``sparse_decode``) over preallocated buffers, no host sync and no
@@ -53,7 +54,7 @@ from kvtier.config import HGAConfig
 from kvtier.decode_step import LayerDecode
 from kvtier.errors import CapacityError, TransferError
 from kvtier.layout import Windows, window_keys, windows_at
-from kvtier.reference.hga import RouteCarry, RoutePlan, plan_widths, route_block
+from kvtier.reference.hga import RouteCarry, RoutePlan, check_logit_options, plan_widths, route_block
 from kvtier.reference.rope import rope_inv_freq
 from kvtier.reference.summaries import routing_summaries_ref
 from kvtier.store import ChunkKey, TieredStore
@@ -144,6 +145,13 @@ def _union_by_first_use(ids: torch.Tensor, width: int | None) -> tuple[torch.Ten
     col = by_id.gather(-1, at) if width else at
     col = torch.where(flat >= 0, col, width).reshape(b, h, lb, n)
     return union.contiguous(), col, width
+
+
+def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Logit soft-capping ``softcap * tanh(scores / softcap)`` in place (Gemma-2), before masking."""
+    if softcap is None:
+        return scores
+    return scores.div_(softcap).tanh_().mul_(softcap)
 
 
 def _fixed_keys(positions: torch.Tensor, config: HGAConfig) -> torch.Tensor:
@@ -483,7 +491,15 @@ class HGAEngine:
         return self._layers[layer].num_tokens
 
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        sinks: torch.Tensor | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """Append one layer's new tokens and attend their queries.
 
@@ -498,6 +514,12 @@ class HGAEngine:
             Post-RoPE keys and values of the same tokens.
         scale : float, optional
             Softmax scale, ``D ** -0.5`` when omitted.
+        sinks : Tensor ``[Hq]``, optional
+            Per-head sink logits (gpt-oss): one more softmax entry per query, carrying no value
+            (torch flow only). Routing is unaffected.
+        softcap : float, optional
+            Logit soft-capping ``softcap * tanh(logit / softcap)`` of the scaled logits
+            (Gemma-2; torch flow only). Routing is unaffected.
 
         Returns
         -------
@@ -506,13 +528,20 @@ class HGAEngine:
         Raises
         ------
         TypeError, ValueError
-            On a wrong shape, dtype or device.
+            On a wrong shape, dtype or device; sinks or soft-capping with the kernel flow.
         TransferError
             If a routed chunk is no longer in the store (lost), or a disk read failed.
         CapacityError
             If the host tier cannot hold one block's routed chunks at once.
         """
         self._check(layer, q, k, v)
+        check_logit_options(sinks, softcap, q)
+        if self.backend == "kernels" and (sinks is not None or softcap is not None):
+            raise ValueError(
+                "sinks, softcap: expected neither with backend 'kernels' (the kernels have no sink logits or "
+                "soft-capping), got " + ("sinks" if sinks is not None else f"softcap={softcap!r}")
+                + "; build the engine with backend='torch'"
+            )
         d = self.head_dim
         scale = d**-0.5 if scale is None else float(scale)
         if self.backend == "kernels" and not math.isclose(scale, d**-0.5, rel_tol=1e-6):
@@ -536,7 +565,7 @@ class HGAEngine:
             st.ring[:, slot, 0, :, pos - cur * c : end - cur * c + 1] = k[:, :, rows]
             st.ring[:, slot, 1, :, pos - cur * c : end - cur * c + 1] = v[:, :, rows]
             st.num_tokens = end + 1
-            out[:, :, rows] = self._attend(st, q[:, :, rows], pos, end, scale)
+            out[:, :, rows] = self._attend(st, q[:, :, rows], pos, end, scale, sinks=sinks, softcap=softcap)
             if layer == 0 and end == pos and length == 1:
                 self.counters.decode_steps += 1
             if end % c == c - 1:
@@ -578,7 +607,10 @@ class HGAEngine:
             if end == (j + 1) * c:
                 self._close_chunk(st, j, summaries)
 
-    def _attend(self, st: _Layer, q: torch.Tensor, p0: int, p1: int, scale: float) -> torch.Tensor:
+    def _attend(
+        self, st: _Layer, q: torch.Tensor, p0: int, p1: int, scale: float, *,
+        sinks: torch.Tensor | None = None, softcap: float | None = None,
+    ) -> torch.Tensor:
         """Queries at ``p0 .. p1`` (one chunk) over the layer; a block whose routed chunks do not
         fit in the host tier at once is split in halves (routing is per position, so the
         result is the same)."""
@@ -588,14 +620,15 @@ class HGAEngine:
                 return self._decode_kernels(st, q, p0)
             if self.backend == "kernels":
                 return self._prefill_kernels(st, q, p0, p1)
-            return self._block_torch(st, q, p0, p1, scale)
+            return self._block_torch(st, q, p0, p1, scale, sinks=sinks, softcap=softcap)
         except _TooManyChunks:
             if p0 == p1:
                 raise
         st.carry = carry
         mid = (p0 + p1) // 2
-        first = self._attend(st, q[:, :, : mid - p0 + 1], p0, mid, scale)
-        return torch.cat((first, self._attend(st, q[:, :, mid - p0 + 1 :], mid + 1, p1, scale)), dim=2)
+        opts = dict(sinks=sinks, softcap=softcap)
+        first = self._attend(st, q[:, :, : mid - p0 + 1], p0, mid, scale, **opts)
+        return torch.cat((first, self._attend(st, q[:, :, mid - p0 + 1 :], mid + 1, p1, scale, **opts)), dim=2)
 
     def _check(self, layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
@@ -794,7 +827,10 @@ class HGAEngine:
         own = (rc == win.current).repeat_interleave(c)[None, :] & (kpos[None, :] <= qpos[:, None])
         return fixed.repeat_interleave(c)[None, :] | own
 
-    def _block_torch(self, st: _Layer, q: torch.Tensor, p0: int, p1: int, scale: float) -> torch.Tensor:
+    def _block_torch(
+        self, st: _Layer, q: torch.Tensor, p0: int, p1: int, scale: float, *,
+        sinks: torch.Tensor | None = None, softcap: float | None = None,
+    ) -> torch.Tensor:
         cfg = self.hga
         c, g, m = cfg.chunk_size, cfg.group_size, cfg.groups_per_chunk
         b, hq, lb, d = q.shape
@@ -840,7 +876,7 @@ class HGAEngine:
         kw = ring[:, :, 0].permute(0, 2, 1, 3, 4).reshape(b, hkv, self.hot * c, d).float()
         vw = ring[:, :, 1].permute(0, 2, 1, 3, 4).reshape(b, hkv, self.hot * c, d).float()
         hidden_w = self._ring_hidden(st, win, p0, p1, q.device)  # [rep * Lb, hot * C]
-        sw = torch.matmul(qf, kw.transpose(-1, -2)).mul_(scale).masked_fill_(hidden_w, float("-inf"))
+        sw = _capped(torch.matmul(qf, kw.transpose(-1, -2)).mul_(scale), softcap).masked_fill_(hidden_w, float("-inf"))
         top = sw.amax(dim=-1, keepdim=True)  # finite: every query sees its own token
         if u:
             self._gathered += (union < _BIG).sum()
@@ -851,8 +887,11 @@ class HGAEngine:
             vis = torch.zeros(b, hkv, rep * lb, u + 1, dtype=torch.bool, device=q.device)
             vis.scatter_(3, cols, True)
             vis = vis[..., :u].repeat_interleave(g, dim=3)
-            sr = torch.matmul(qf, kr.transpose(-1, -2)).mul_(scale).masked_fill_(~vis, float("-inf"))
+            sr = _capped(torch.matmul(qf, kr.transpose(-1, -2)).mul_(scale), softcap).masked_fill_(~vis, float("-inf"))
             top = torch.maximum(top, sr.amax(dim=-1, keepdim=True))
+        if sinks is not None:  # one more softmax entry per query head, no value: [1, Hkv, rep * Lb, 1]
+            sink = sinks.float().reshape(1, hkv, rep, 1, 1).expand(1, hkv, rep, lb, 1).reshape(1, hkv, rep * lb, 1)
+            top = torch.maximum(top, sink)
         # Softmax over [window keys | routed keys] without concatenating them: one shared max.
         ew = sw.sub_(top).exp_()
         den = ew.sum(dim=-1, keepdim=True)
@@ -861,6 +900,8 @@ class HGAEngine:
             er = sr.sub_(top).exp_()
             den += er.sum(dim=-1, keepdim=True)
             out += torch.matmul(er, vr)
+        if sinks is not None:
+            den += (sink - top).exp_()
         out /= den
         self._count(plan.group_ids, p0, p1)
         self.last_group_ids = plan.group_ids

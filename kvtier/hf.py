@@ -70,6 +70,7 @@ __all__ = [
     "cache_kwargs",
     "configure",
     "hga_attention_forward",
+    "logit_features_of",
     "register",
     "rope_theta_of",
     "tiered_rope_of",
@@ -205,16 +206,6 @@ def _model_geometry(config: Any, *, allow_sliding: bool = False) -> tuple[int, i
             f"layer_types: TieredCache expected at least one 'full_attention' layer for HGA, got only sliding-window "
             f"layers (window {sliding_window_of(config)}); use transformers' own cache (kvtier runs them exactly)"
         )
-    if allow_sliding and getattr(config, "attn_logit_softcapping", None) is not None:
-        raise ConfigError(
-            f"attn_logit_softcapping (Gemma-2, {config.attn_logit_softcapping}): TieredCache expected none on its "
-            "full-attention layers (the engine has no soft-capping yet); run without a TieredCache (CPU)"
-        )
-    if allow_sliding and getattr(config, "model_type", None) == "gpt_oss":
-        raise ConfigError(
-            "attention sinks (gpt-oss): TieredCache expected none on its full-attention layers (the engine has no "
-            "sink logits yet); run without a TieredCache (CPU)"
-        )
     if not allow_sliding and any(t != "full_attention" for t in types):
         sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
         raise ConfigError(
@@ -223,6 +214,23 @@ def _model_geometry(config: Any, *, allow_sliding: bool = False) -> tuple[int, i
             "on sliding layers, HGA on full ones)"
         )
     return layers, hq, hkv, d
+
+
+def logit_features_of(config: Any) -> tuple[str, ...]:
+    """What a model adds to its attention logits: ``"attention sinks"`` (gpt-oss), ``"logit soft-capping"``
+    (Gemma-2's ``attn_logit_softcapping``); empty for plain softmax attention.
+
+    The engine's torch flow and the HGA reference have both, the kernels neither.
+    """
+    if isinstance(config, torch.nn.Module):
+        config = getattr(config, "config", config)
+    config = _text_config(config)
+    found = []
+    if getattr(config, "model_type", None) == "gpt_oss":  # a learned sink logit per head (module.sinks)
+        found.append("attention sinks")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        found.append("logit soft-capping")
+    return tuple(found)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -430,19 +438,21 @@ class TieredLayer(DynamicLayer):
         raise NotImplementedError("TieredCache: beam search is not supported")
 
     def attend(
-        self, q: torch.Tensor, scale: float, *, keep: torch.Tensor | None = None, position_ids: Any = None
+        self, q: torch.Tensor, scale: float, *, keep: torch.Tensor | None = None, position_ids: Any = None,
+        sinks: torch.Tensor | None = None, softcap: float | None = None,
     ) -> torch.Tensor:
         """HGA for the pending tokens' queries ``q [B, Hq, Lq, D]``; returns ``[B, Hq, Lq, D]``.
 
         ``keep [B, Lk]`` (bool, ``Lk`` = every token so far, padding included) marks the real
         tokens of a padded batch, None when there is no padding; ``position_ids`` are the
-        model's, checked to be each row's ranks among its real tokens.
+        model's, checked to be each row's ranks among its real tokens; ``sinks [Hq]`` and
+        ``softcap`` as the model passes them (gpt-oss, Gemma-2).
         """
         if self._pending is None:
             raise RuntimeError(f"TieredCache layer {self.layer_idx}: expected an update before attention, got none")
         k, v = self._pending
         self._pending = None
-        out = self._cache._attend(self, q, k, v, scale, keep, position_ids)
+        out = self._cache._attend(self, q, k, v, scale, keep, position_ids, dict(sinks=sinks, softcap=softcap))
         self.num_tokens += k.shape[2]
         return out
 
@@ -465,7 +475,7 @@ class TieredCache(Cache):
     Parameters
     ----------
     model_config : transformers.PretrainedConfig, or the model itself
-        The model's config: full-attention layers only, GQA, RoPE with fixed frequencies
+        The model's config: full-attention and sliding-window layers, GQA, RoPE with fixed frequencies
         (:func:`tiered_rope_of`: default, linear, llama3, yarn; partial or interleaved dims).
     hga : HGAConfig, optional
         Budgets and windows; the paper's defaults when omitted.
@@ -482,14 +492,18 @@ class TieredCache(Cache):
     ------
     ConfigError
         If the model's RoPE frequencies change with the context (longrope, dynamic NTK), every
-        layer is sliding (nothing for HGA), it has attention sinks or logit soft-capping
-        (gpt-oss, Gemma-2), or a KV head count that does not divide the query heads.
+        layer is sliding (nothing for HGA), or a KV head count that does not divide the query heads.
 
     Notes
     -----
-    Sliding-window layers (Gemma-3, Cohere2) get transformers' own
+    Sliding-window layers (Gemma-3, Cohere2, Gemma-2, gpt-oss) get transformers' own
     ``DynamicSlidingWindowLayer`` (their window of K/V on the compute device) and exact
     windowed attention; HGA and the store serve the full-attention layers.
+
+    Attention sinks (gpt-oss) and logit soft-capping (Gemma-2), read from the config
+    (:func:`logit_features_of`) or passed by the model at the first call, are applied in the
+    engine's exact attention; the kernels have neither, so such a model's engine runs its
+    torch flow (``backend="torch"``), on CUDA too, slower than the kernels.
 
     Only models loaded with ``attn_implementation="hga"`` can use it: ``update`` returns
     the new tokens' K/V only. The store and the engine are created at the first attention
@@ -532,6 +546,9 @@ class TieredCache(Cache):
         self.engine: Any = None
         self._kv: tuple[torch.dtype, int] | None = None  # dtype and batch of the first update
         self._first_full = self.layer_types.index("full_attention")
+        #: Attention sinks / logit soft-capping of the model (:func:`logit_features_of`): served
+        #: by the engine's torch flow (on CUDA too: the kernels have neither).
+        self.logit_features = logit_features_of(model_config)
         #: Promote the router's fetch set from disk on the store's I/O threads.
         self.prefetch = prefetch
         layers = [
@@ -562,7 +579,7 @@ class TieredCache(Cache):
 
     def _attend(
         self, layer: TieredLayer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-        keep: torch.Tensor | None, position_ids: Any,
+        keep: torch.Tensor | None, position_ids: Any, logits: dict[str, Any],
     ) -> torch.Tensor:
         """One full-attention layer's new tokens through the engine (batched) or the row engines (padded)."""
         from kvtier.rows import RowEngines
@@ -572,7 +589,8 @@ class TieredCache(Cache):
         if keep is not None and keep.shape != (b, start + lq):
             raise ValueError(f"attention_mask: expected key padding [{b}, {start + lq}], got {list(keep.shape)}")
         if self.engine is None:
-            self._open(k.dtype, k.device, b, padded=keep is not None)
+            extra = any(x is not None for x in logits.values())  # sinks / soft-capping the config did not name
+            self._open(k.dtype, k.device, b, padded=keep is not None, torch_flow=extra)
         if not isinstance(self.engine, RowEngines):
             if keep is not None:
                 raise ValueError(
@@ -584,7 +602,7 @@ class TieredCache(Cache):
                 everyone = torch.arange(lq, device=k.device)
                 for r in range(b):
                     check_row_positions(position_ids, r, everyone, start)
-            return self.engine.forward(layer.layer_idx, q, k, v, scale=scale)
+            return self.engine.forward(layer.layer_idx, q, k, v, scale=scale, **logits)
         real: list[torch.Tensor | None] = []
         past = None if keep is None else keep[:, :start].sum(dim=1).tolist()  # real tokens before this call
         for r in range(b):
@@ -599,9 +617,11 @@ class TieredCache(Cache):
                 idx = None
             check_row_positions(position_ids, r, torch.arange(lq, device=k.device) if idx is None else idx, held)
             real.append(idx)
-        return self.engine.forward(layer.layer_idx, q, k, v, real, scale=scale)
+        return self.engine.forward(layer.layer_idx, q, k, v, real, scale=scale, **logits)
 
-    def _open(self, dtype: torch.dtype, device: torch.device, batch_size: int, *, padded: bool) -> None:
+    def _open(
+        self, dtype: torch.dtype, device: torch.device, batch_size: int, *, padded: bool, torch_flow: bool = False
+    ) -> None:
         from dataclasses import replace
 
         from kvtier.engine import HGAEngine
@@ -620,7 +640,12 @@ class TieredCache(Cache):
                 # A disk folder may hold chunks of an earlier run with the same layout: never serve them.
                 for seq_id in sorted({key.seq_id for key in self.store.keys()}):
                     self.store.drop(seq_id)
-            common = dict(hga=self.hga, num_q_heads=self.num_q_heads, rope=self.rope, device=device, prefetch=self.prefetch)
+            # The kernels have no sink logits or soft-capping: such a model runs the engine's torch flow.
+            backend = "torch" if torch_flow or self.logit_features else "auto"
+            common = dict(
+                hga=self.hga, num_q_heads=self.num_q_heads, rope=self.rope, device=device, prefetch=self.prefetch,
+                backend=backend,
+            )
             if padded:  # rows of different real lengths: one engine of batch 1 per row (kvtier.rows)
                 self.engine = RowEngines(self.store, batch_size=batch_size, cache_bytes=int(config.gpu_bytes), **common)
             else:
@@ -708,14 +733,12 @@ def _full_context_hga(
     backend: str = "auto",
 ):
     """HGA over the full K/V: the kernels on CUDA where they serve ``cfg``, the reference otherwise
-    (and for sinks / soft-capping)."""
+    and for sinks / soft-capping (the kernels have neither: on CUDA such a layer runs the
+    reference's torch ops, slower)."""
     from kvtier.attention import KERNEL_CHUNK_SCORES, hga_attention
 
-    if (sinks is not None or softcap is not None) and q.is_cuda:
-        raise ConfigError(
-            "attention sinks / logit soft-capping on a full-attention layer: expected a CPU model (the HGA reference "
-            "has them, the kernels not yet), got CUDA tensors"
-        )
+    if backend == "auto" and (sinks is not None or softcap is not None):
+        backend = "reference"
     if backend == "auto" and cfg.chunk_score not in KERNEL_CHUNK_SCORES:
         backend = "reference"  # a routing option the kernels do not compute yet
     return hga_attention(
@@ -817,7 +840,7 @@ def hga_attention_forward(
     Raises
     ------
     ConfigError
-        Sinks or soft-capping on a full-attention layer; a RoPE the integration cannot serve.
+        A RoPE the integration cannot serve; sinks or soft-capping with the quest / oracle baselines.
     ValueError
         Dropout, a mask HGA cannot reproduce, or padded positions that are not each row's ranks.
     """
@@ -827,13 +850,11 @@ def hga_attention_forward(
     scale = d**-0.5 if scaling is None else float(scaling)
     layer = getattr(key, _MARK, None)
     if isinstance(layer, TieredLayer):
-        if kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None:
-            raise ConfigError(
-                f"attention sinks / logit soft-capping on full-attention layer {module.layer_idx}: TieredCache "
-                "expected neither (the engine has no sink logits or soft-capping yet); run without a TieredCache (CPU)"
-            )
         keep = key_padding_of(attention_mask, query.shape[2], layer.get_seq_length())
-        out = layer.attend(query, scale, keep=keep, position_ids=kwargs.get("position_ids"))
+        out = layer.attend(
+            query, scale, keep=keep, position_ids=kwargs.get("position_ids"), sinks=kwargs.get("s_aux"),
+            softcap=kwargs.get("softcap"),
+        )
         return out.transpose(1, 2).contiguous(), None
     settings: _Settings | None = getattr(module, _SETTINGS, None)
     if settings is None:

@@ -34,9 +34,9 @@ SPARSE = HGAConfig(**SMALL, top_chunks=2, top_groups=3, fetch_groups=4)
 LENGTH = 200
 
 #: family -> (RoPE, layers, status). status "hga": HGA on every full-attention layer, exact
-#: windowed attention on sliding ones; "hga-cpu:<feature>": the same, with sinks / soft-capping that only
-#: the HGA reference has (CPU; refused by name on CUDA); "exact": no layer for HGA (every
-#: layer sliding), exact windowed attention everywhere; "refused: ..." a ConfigError naming it.
+#: windowed attention on sliding ones; "hga-torch:<feature>": the same, with sinks / soft-capping that the
+#: HGA reference and the engine's torch flow have and the kernels not (torch ops on CUDA too); "exact": no
+#: layer for HGA (every layer sliding), exact windowed attention everywhere; "refused: ..." a ConfigError naming it.
 SUPPORT: dict[str, tuple[str, str, str]] = {
     "llama3.1": ("llama3", "full", "hga"),
     "qwen2.5-yarn": ("yarn", "full", "hga"),
@@ -47,8 +47,8 @@ SUPPORT: dict[str, tuple[str, str, str]] = {
     "cohere2": ("default interleaved (sliding), none (full)", "sliding + full", "hga"),
     "llama-dynamic": ("dynamic NTK within max_position_embeddings", "full", "hga"),
     "mistral-v0.1": ("default", "all sliding", "exact"),
-    "gpt-oss": ("yarn", "sliding + full, attention sinks", "hga-cpu:attention sinks"),
-    "gemma2": ("default", "sliding + full, logit soft-capping", "hga-cpu:logit soft-capping"),
+    "gpt-oss": ("yarn", "sliding + full, attention sinks", "hga-torch:attention sinks"),
+    "gemma2": ("default", "sliding + full, logit soft-capping", "hga-torch:logit soft-capping"),
 }
 
 
@@ -132,8 +132,41 @@ def test_sinks_and_softcap_reach_hga_layers(name: str, ids: torch.Tensor) -> Non
         full_layer.attn_logit_softcapping = saved
     assert (_logits(model, "hga", ids) - ref).abs().max().item() < 1e-4
     assert (without - ref).abs().max().item() > 1e-3
-    with pytest.raises(ConfigError, match="TieredCache expected none"):
-        kvtier.hf.TieredCache(model.config, hga=FULL)
+
+
+def _drop_logit_feature(model: torch.nn.Module, name: str) -> None:
+    """What ignoring gpt-oss's sinks / Gemma-2's soft-capping on the full layer would compute."""
+    full_layer = model.model.layers[1].self_attn
+    if name == "gpt-oss":
+        full_layer.sinks.data.fill_(-1e4)  # sinks that take no mass
+    else:
+        full_layer.attn_logit_softcapping = None
+
+
+@pytest.mark.parametrize("name", ["gpt-oss", "gemma2"])
+def test_tiered_cache_applies_sinks_and_softcap(name: str, ids: torch.Tensor) -> None:
+    """gpt-oss sinks / Gemma-2 soft-capping through TieredCache (the engine's torch flow), fed in pieces: full
+    coverage = eager (1e-4), sparse budgets = the cache-less path (1e-5); dropping the feature breaks both."""
+    extra = {"attn_logit_softcapping": 0.01} if name == "gemma2" else {}  # a cap that bites on random weights
+    model = family_model(name, **extra)
+    ref = _logits(model, "eager", ids)
+    kvtier.hf.configure(model, hga=SPARSE)
+    cacheless = _logits(model, "hga", ids)
+
+    def tiered(m: torch.nn.Module, cfg: HGAConfig) -> torch.Tensor:
+        with kvtier.hf.TieredCache(m, hga=cfg, store=StoreConfig(gpu_bytes=0)) as cache:
+            assert cache.logit_features == (SUPPORT[name][2].split(":", 1)[1],)
+            out = torch.cat([_logits(m, "hga", ids[:, a:b], **kvtier.hf.cache_kwargs(m, cache))
+                             for a, b in ((0, 70), (70, 71), (71, LENGTH))], dim=1)  # fmt: skip
+            assert cache.stats()["engine"]["backend"] == "torch"
+            return out
+
+    assert (tiered(model, FULL) - ref).abs().max().item() < 1e-4
+    sparse = tiered(model, SPARSE)
+    assert (sparse - cacheless).abs().max().item() < 1e-5
+    _drop_logit_feature(model, name)
+    assert (tiered(model, FULL) - ref).abs().max().item() > 1e-3
+    assert (tiered(model, SPARSE) - cacheless).abs().max().item() > 1e-3
 
 
 def test_kernels_refuse_sinks_and_softcap_by_name() -> None:
@@ -188,8 +221,6 @@ def test_tiered_cache_serves_hybrid_models(name: str, ids: torch.Tensor) -> None
 
 @pytest.mark.parametrize("name, match", [
     ("mistral-v0.1", r"expected at least one 'full_attention' layer for HGA, got only sliding-window layers \(window 48\)"),
-    ("gpt-oss", r"attention sinks \(gpt-oss\): TieredCache expected none"),
-    ("gemma2", r"attn_logit_softcapping \(Gemma-2, 50.0\): TieredCache expected none"),
 ])
 def test_tiered_cache_refusals_name_the_feature(name: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -224,11 +255,11 @@ def support_table() -> str:
         if status == "hga":
             status = ("served: HGA on full-attention layers, exact windowed attention on sliding ones"
                       if "sliding" in layers else "served: HGA on every layer")
-        elif status.startswith("hga-cpu:"):
+        elif status.startswith("hga-torch:"):
             feature = status.split(":", 1)[1]
-            status = (f"served on CPU: HGA (the reference) with its {feature} on full-attention layers, exact windowed "
-                      f"attention on sliding ones; on CUDA refused by name ({feature} not in the kernels yet); "
-                      "TieredCache refuses it")
+            status = (f"served: HGA with its {feature} on full-attention layers (with or without TieredCache), exact "
+                      f"windowed attention on sliding ones; the kernels lack {feature}, so on CUDA these layers run "
+                      "torch ops (the HGA reference, the engine's torch flow)")
         elif status == "exact":
             status = "served: exact windowed attention on every layer (no full-attention layer for HGA)"
         lines.append(f"| {FAMILIES[name][3]} | {rope} | {layers} | {status} |")
@@ -400,3 +431,24 @@ def test_rows_of_an_unpadded_batch_must_share_positions(ids: torch.Tensor) -> No
     pos = torch.stack([torch.arange(40), torch.arange(5, 45)])  # row 1 continues elsewhere: not this call's keys
     with pytest.raises(ValueError, match=r"position_ids: expected row 1's real tokens at positions 0..39"):
         _logits(model, "hga", batch, position_ids=pos)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gpt-oss", "gemma2"])
+def test_cuda_sinks_and_softcap(name: str, ids: torch.Tensor) -> None:
+    """On the GPU: the reference without a cache, the engine's torch flow with TieredCache (the kernels have
+    neither feature); full coverage = eager, sparse TieredCache = the cache-less path."""
+    extra = {"attn_logit_softcapping": 0.01} if name == "gemma2" else {}
+    model = family_model(name, **extra).to("cuda")
+    ids = ids.to("cuda")
+    ref = _logits(model, "eager", ids)
+    for cfg in (FULL, SPARSE):
+        kvtier.hf.configure(model, hga=cfg)
+        cacheless = _logits(model, "hga", ids)
+        with kvtier.hf.TieredCache(model, hga=cfg, store=StoreConfig(gpu_bytes="64KiB", host_bytes="1MiB")) as cache:
+            got = torch.cat([_logits(model, "hga", ids[:, a:b], **kvtier.hf.cache_kwargs(model, cache))
+                             for a, b in ((0, 70), (70, 71), (71, LENGTH))], dim=1)  # fmt: skip
+            assert cache.stats()["engine"]["backend"] == "torch"
+        assert (got - cacheless).abs().max().item() < 1e-4
+        if cfg is FULL:
+            assert (cacheless - ref).abs().max().item() < 1e-4

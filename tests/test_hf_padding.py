@@ -161,3 +161,20 @@ def test_right_padded_generation_is_refused_by_its_positions(model, rows, tmp_pa
         with pytest.raises(ValueError, match=r"position_ids: expected row 1's real tokens at positions 25..25"):
             model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
                            **kvtier.hf.cache_kwargs(model, cache))  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_cuda_padded_rows_equal_each_row_alone(rows, tmp_path) -> None:
+    """On the GPU (the engines' kernel flow): each row of a left-padded batch = that row alone, spilled to disk."""
+    m = family_model("llama3.1").to("cuda")
+    m.set_attn_implementation("hga")
+    ids, mask, pos = (t.to("cuda") for t in _padded(rows, "left"))
+    store = lambda name: StoreConfig(gpu_bytes="64KiB", host_bytes=12 * CHUNK_BYTES,  # noqa: E731
+                                     disk_dir=str(tmp_path / name))  # fmt: skip
+    with kvtier.hf.TieredCache(m, hga=SPARSE, store=store("batch")) as cache:
+        together = _run(m, cache, ids, attention_mask=mask, position_ids=pos)
+        assert cache.stats()["engine"]["backend"] == "kernels"
+    for i, r in enumerate(rows):
+        with kvtier.hf.TieredCache(m, hga=SPARSE, store=store(f"row{i}")) as cache:
+            alone = _run(m, cache, r[None].to("cuda"))
+        assert (together[i, mask[i].bool()] - alone[0]).abs().max().item() < 1e-4, i
