@@ -73,7 +73,6 @@ __all__ = [
     "logit_features_of",
     "register",
     "rope_theta_of",
-    "tiered_rope_of",
 ]
 
 #: Name under which the attention function is registered with transformers.
@@ -152,34 +151,6 @@ def rope_theta_of(config: Any) -> float:
     if not theta > 0:
         raise ConfigError(f"rope_theta: expected a positive number, got {theta}")
     return theta
-
-
-def tiered_rope_of(config: Any) -> RopeSpec:
-    """The RoPE a :class:`TieredCache` summarises with: the model's own, fixed for any context length.
-
-    Parameters
-    ----------
-    config : transformers.PretrainedConfig, or a model
-
-    Returns
-    -------
-    RopeSpec
-        default, linear, llama3 or yarn frequencies (partial and interleaved rotary dims included).
-
-    Raises
-    ------
-    ConfigError
-        longrope and dynamic NTK: their frequencies change with the context length while a
-        cache's closed chunks keep the keys they were rotated with (the cache-less path serves
-        them, one context per call).
-    """
-    spec = rope_spec_of(config)
-    if spec.max_seq_len is not None or spec.min_seq_len > 0:
-        raise ConfigError(
-            f"rope_type {spec.rope_type!r}: TieredCache expected RoPE frequencies fixed for every context length "
-            "(default, linear, llama3, yarn), got ones that change with it; run without a TieredCache"
-        )
-    return spec
 
 
 def _model_geometry(config: Any, *, allow_sliding: bool = False) -> tuple[int, int, int, int]:
@@ -476,7 +447,8 @@ class TieredCache(Cache):
     ----------
     model_config : transformers.PretrainedConfig, or the model itself
         The model's config: full-attention and sliding-window layers, GQA, RoPE with fixed frequencies
-        (:func:`tiered_rope_of`: default, linear, llama3, yarn; partial or interleaved dims).
+        (:func:`kvtier.rope_spec_of`: default, linear, llama3, yarn, partial or interleaved dims,
+        and longrope / dynamic NTK while a sequence stays in one regime).
     hga : HGAConfig, optional
         Budgets and windows; the paper's defaults when omitted.
     store : StoreConfig, optional
@@ -491,14 +463,26 @@ class TieredCache(Cache):
     Raises
     ------
     ConfigError
-        If the model's RoPE frequencies change with the context (longrope, dynamic NTK), every
-        layer is sliding (nothing for HGA), or a KV head count that does not divide the query heads.
+        If the model's RoPE is not served (:func:`kvtier.rope_spec_of`), every layer is sliding
+        (nothing for HGA), or a KV head count does not divide the query heads; at a call, if a
+        longrope or dynamic-NTK sequence leaves the RoPE regime it started in (longrope's switch
+        at ``original_max_position_embeddings``, dynamic NTK past ``max_position_embeddings``).
 
     Notes
     -----
     Sliding-window layers (Gemma-3, Cohere2, Gemma-2, gpt-oss) get transformers' own
     ``DynamicSlidingWindowLayer`` (their window of K/V on the compute device) and exact
     windowed attention; HGA and the store serve the full-attention layers.
+
+    longrope (Phi-3, Phi-4-mini) uses the short factors for a context up to
+    ``original_max_position_embeddings`` and the long ones beyond, per call (transformers'
+    ``dynamic_rope_update``: the largest position of the call decides). A sequence that starts
+    past the switch is served with the long factors throughout, one that stays below it with
+    the short ones; a call that crosses it raises ConfigError (the stored chunks hold keys
+    rotated with the short factors). Phi-3's ``generate`` drops any cache at the step that
+    reaches the switch with the cache at or below it (for a longer prompt, at the first step)
+    and continues with transformers' DynamicCache: prefill the TieredCache with
+    ``model(prompt[:, :-1], cache=cache)`` before ``generate(prompt, cache=cache)``.
 
     Attention sinks (gpt-oss) and logit soft-capping (Gemma-2), read from the config
     (:func:`logit_features_of`) or passed by the model at the first call, are applied in the
@@ -534,8 +518,12 @@ class TieredCache(Cache):
         self.store_config = store
         geometry = _model_geometry(model_config, allow_sliding=True)
         self.num_layers, self.num_q_heads, self.num_kv_heads, self.head_dim = geometry
-        #: The model's RoPE on its full-attention layers, what the engine's summaries rotate by.
-        self.rope = tiered_rope_of(model_config)
+        self._rope_source = getattr(model_config, "config", model_config)
+        #: The model's RoPE on its full-attention layers (:func:`kvtier.rope_spec_of`), what the engine's
+        #: summaries rotate by. longrope and dynamic NTK hold for a range of context lengths
+        #: (``rope.min_seq_len .. rope.max_seq_len``): picked again at the first attention call from its
+        #: length; a later call outside that range raises ConfigError.
+        self.rope = rope_spec_of(self._rope_source)
         #: Per layer, "full_attention" (HGA over the store) or "sliding_attention" (transformers'
         #: own sliding-window layer: its window of K/V on the compute device, exact attention).
         self.layer_types = layer_types_of(model_config)
@@ -590,7 +578,8 @@ class TieredCache(Cache):
             raise ValueError(f"attention_mask: expected key padding [{b}, {start + lq}], got {list(keep.shape)}")
         if self.engine is None:
             extra = any(x is not None for x in logits.values())  # sinks / soft-capping the config did not name
-            self._open(k.dtype, k.device, b, padded=keep is not None, torch_flow=extra)
+            first_len = start + lq if keep is None else int(keep.sum(dim=1).max())  # max position + 1, as the model
+            self._open(k.dtype, k.device, b, padded=keep is not None, torch_flow=extra, seq_len=first_len)
         if not isinstance(self.engine, RowEngines):
             if keep is not None:
                 raise ValueError(
@@ -602,8 +591,10 @@ class TieredCache(Cache):
                 everyone = torch.arange(lq, device=k.device)
                 for r in range(b):
                     check_row_positions(position_ids, r, everyone, start)
+            self._check_rope(start + lq)
             return self.engine.forward(layer.layer_idx, q, k, v, scale=scale, **logits)
         real: list[torch.Tensor | None] = []
+        longest = 0
         past = None if keep is None else keep[:, :start].sum(dim=1).tolist()  # real tokens before this call
         for r in range(b):
             held = self.engine.num_tokens(layer.layer_idx, r)
@@ -617,10 +608,28 @@ class TieredCache(Cache):
                 idx = None
             check_row_positions(position_ids, r, torch.arange(lq, device=k.device) if idx is None else idx, held)
             real.append(idx)
+            longest = max(longest, held + (lq if idx is None else int(idx.numel())))
+        self._check_rope(longest)
         return self.engine.forward(layer.layer_idx, q, k, v, real, scale=scale, **logits)
 
+    def _check_rope(self, seq_len: int) -> None:
+        """A call reaching ``seq_len`` tokens (max position + 1) must keep the RoPE the sequence started with."""
+        spec = self.rope
+        try:
+            spec.check_context(seq_len)
+        except ConfigError:
+            hi = "any" if spec.max_seq_len is None else spec.max_seq_len
+            raise ConfigError(
+                f"rope_type {spec.rope_type!r}: TieredCache expected every call of a sequence to stay within the RoPE "
+                f"frequencies it started with ({spec.min_seq_len} to {hi} tokens), got a call reaching {seq_len} "
+                "tokens, where the model rotates by other frequencies while the stored chunks keep their keys; "
+                "start the sequence past the switch (longrope: a first call longer than "
+                "original_max_position_embeddings) or run it without a TieredCache"
+            ) from None
+
     def _open(
-        self, dtype: torch.dtype, device: torch.device, batch_size: int, *, padded: bool, torch_flow: bool = False
+        self, dtype: torch.dtype, device: torch.device, batch_size: int, *, padded: bool, torch_flow: bool = False,
+        seq_len: int,
     ) -> None:
         from dataclasses import replace
 
@@ -633,6 +642,9 @@ class TieredCache(Cache):
             dtype=dtype, chunk_size=self.hga.chunk_size, group_size=self.hga.group_size,
         )
         config = self.store_config
+        # longrope / dynamic NTK: the frequencies the model uses at this first call's length (longrope's long
+        # factors when it starts past original_max_position_embeddings); later calls must stay in that regime.
+        self.rope = rope_spec_of(self._rope_source, seq_len=seq_len)
         # The store's tensors are made outside inference mode: its I/O threads write them.
         with torch.inference_mode(False):
             if self.store is None:

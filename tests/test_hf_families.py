@@ -365,10 +365,59 @@ def test_tiered_cache_with_the_models_rope(name: str, ids: torch.Tensor) -> None
     assert (got - cacheless).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("name", ["phi3-longrope", "llama-dynamic"])
-def test_tiered_cache_refuses_context_dependent_rope(name: str) -> None:
-    with pytest.raises(ConfigError, match="TieredCache expected RoPE frequencies fixed for every context length"):
-        kvtier.hf.TieredCache(family_config(name), hga=FULL)
+def _pieces(model: torch.nn.Module, ids: torch.Tensor, cfg: HGAConfig, cuts: tuple[int, ...]) -> torch.Tensor:
+    """Logits of ``ids`` fed through a fresh TieredCache in pieces split at ``cuts``."""
+    bounds = (0, *cuts, ids.shape[1])
+    with kvtier.hf.TieredCache(model, hga=cfg, store=StoreConfig(gpu_bytes=0)) as cache:
+        return torch.cat([_logits(model, "hga", ids[:, a:b], **kvtier.hf.cache_kwargs(model, cache))
+                          for a, b in zip(bounds, bounds[1:])], dim=1)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["phi3-longrope", "phi4mini-partial"])
+def test_tiered_cache_serves_longrope_on_one_side_of_the_switch(name: str, ids: torch.Tensor) -> None:
+    """longrope (switch at 128 tokens here): a sequence that starts past the switch gets the long factors
+    throughout, one that stays below it the short ones; both = sdpa at full coverage and = the cache-less path at
+    sparse budgets. A call that crosses the switch is refused by name; generate after a prefill = sdpa."""
+    model = family_model(name)
+    long_ref, short_ref = _logits(model, "sdpa", ids), _logits(model, "sdpa", ids[:, :120])
+    assert (_pieces(model, ids, FULL, (150, 151)) - long_ref).abs().max().item() < 1e-4
+    assert (_pieces(model, ids[:, :120], FULL, (60, 61)) - short_ref).abs().max().item() < 1e-4
+    kvtier.hf.configure(model, hga=SPARSE)
+    for length, cuts in ((LENGTH, (140, 141)), (120, (60, 61))):
+        cacheless = _logits(model, "hga", ids[:, :length])
+        assert (_pieces(model, ids[:, :length], SPARSE, cuts) - cacheless).abs().max().item() < 1e-5
+    with kvtier.hf.TieredCache(model, hga=FULL, store=StoreConfig(gpu_bytes=0)) as cache:
+        _logits(model, "hga", ids[:, :100], **kvtier.hf.cache_kwargs(model, cache))
+        assert (cache.rope.min_seq_len, cache.rope.max_seq_len) == (0, 128)
+        with pytest.raises(ConfigError, match=r"rope_type 'longrope': TieredCache expected every call of a sequence "
+                                              r"to stay within the RoPE frequencies it started with \(0 to 128 tokens\), "
+                                              r"got a call reaching 140 tokens"):  # fmt: skip
+            _logits(model, "hga", ids[:, 100:140], **kvtier.hf.cache_kwargs(model, cache))
+    # Phi-3's generate drops a cache at or below the switch once the sequence passes it: prefill first
+    prompt = ids[:, :150]
+    model.set_attn_implementation("sdpa")
+    dense = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+    model.set_attn_implementation("hga")
+    with kvtier.hf.TieredCache(model, hga=FULL, store=StoreConfig(gpu_bytes=0)) as cache:
+        _logits(model, "hga", prompt[:, :-1], **kvtier.hf.cache_kwargs(model, cache))
+        hga = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                             **kvtier.hf.cache_kwargs(model, cache))  # fmt: skip
+        assert cache.get_seq_length() == 157  # the TieredCache served every step
+    assert torch.equal(hga, dense)
+
+
+def test_tiered_cache_serves_dynamic_ntk_within_max_positions(ids: torch.Tensor) -> None:
+    """dynamic NTK (max_position_embeddings shrunk to 128): served while the sequence stays within it, refused by
+    name at the call that passes it (the model would rescale every frequency) or at a first call past it."""
+    model = family_model("llama-dynamic", max_position_embeddings=128)
+    assert (_pieces(model, ids[:, :120], FULL, (60, 61)) - _logits(model, "sdpa", ids[:, :120])).abs().max() < 1e-4
+    with kvtier.hf.TieredCache(model, hga=FULL, store=StoreConfig(gpu_bytes=0)) as cache:
+        _logits(model, "hga", ids[:, :100], **kvtier.hf.cache_kwargs(model, cache))
+        with pytest.raises(ConfigError, match=r"rope_type 'dynamic': TieredCache expected every call"):
+            _logits(model, "hga", ids[:, 100:140], **kvtier.hf.cache_kwargs(model, cache))
+    with kvtier.hf.TieredCache(model, hga=FULL, store=StoreConfig(gpu_bytes=0)) as cache:
+        with pytest.raises(ConfigError, match=r"rope_type 'dynamic': expected a context of 0 to 128 tokens"):
+            _logits(model, "hga", ids[:, :140], **kvtier.hf.cache_kwargs(model, cache))
 
 
 def test_tiered_cache_takes_the_model_itself(ids: torch.Tensor) -> None:
