@@ -587,7 +587,9 @@ class TieredCache(Cache):
                     "without padding (its rows share one engine that advances them together), got padding; pass "
                     "the padded attention_mask from the first call, or reset() the cache"
                 )
-            if layer.layer_idx == self._first_full:  # one check per forward: every layer sees the same positions
+            # One check per forward (every layer sees the same positions), on multi-token calls only: the
+            # comparison reads the positions back, and a decode step must not wait for the device.
+            if layer.layer_idx == self._first_full and lq > 1:
                 everyone = torch.arange(lq, device=k.device)
                 for r in range(b):
                     check_row_positions(position_ids, r, everyone, start)

@@ -178,3 +178,29 @@ def test_cuda_padded_rows_equal_each_row_alone(rows, tmp_path) -> None:
         with kvtier.hf.TieredCache(m, hga=SPARSE, store=store(f"row{i}")) as cache:
             alone = _run(m, cache, r[None].to("cuda"))
         assert (together[i, mask[i].bool()] - alone[0]).abs().max().item() < 1e-4, i
+
+
+def test_unpadded_rows_must_sit_at_the_caches_positions(model, rows, tmp_path) -> None:
+    """Without padding every row shares the engine's positions: other position_ids are refused, never served."""
+    batch = torch.stack([rows[0][:40], rows[1][:40]])
+    pos = torch.stack([torch.arange(40), torch.arange(5, 45)])
+    with kvtier.hf.TieredCache(model, hga=SPARSE, store=_store(tmp_path, "batch")) as cache:
+        with pytest.raises(ValueError, match=r"position_ids: expected row 1's real tokens at positions 0..39"):
+            _run(model, cache, batch, position_ids=pos)
+
+
+@pytest.mark.parametrize("name", ["gemma3", "gpt-oss"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_hybrid_models_equal_the_cacheless_path(name, side, rows, tmp_path) -> None:
+    """Sliding layers (transformers' window layer, its padded mask) + HGA layers per row (+ gpt-oss sinks): a padded
+    batch through TieredCache = the cache-less path over the same batch (1e-5)."""
+    m = family_model(name)
+    ids, mask, pos = _padded(rows, side)
+    kvtier.hf.configure(m, hga=SPARSE)
+    with torch.no_grad():
+        cacheless = m(ids, attention_mask=mask, position_ids=pos).logits
+    with kvtier.hf.TieredCache(m, hga=SPARSE, store=_store(tmp_path, "batch")) as cache:
+        got = _run(m, cache, ids, attention_mask=mask, position_ids=pos)
+        assert isinstance(cache.engine, RowEngines)
+    real = mask.bool()
+    assert (got[real] - cacheless[real]).abs().max().item() < 1e-5
