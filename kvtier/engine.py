@@ -366,6 +366,9 @@ class HGAEngine:
         self.cache_entries = e if backend == "kernels" else 0
         self.counters = _Counters()
         self._layers = [_Layer(i) for i in range(self.num_layers)]
+        # The lowest layer holding tokens: its steps count as decode steps and stats() reports its
+        # tokens (a hybrid model's sliding layers never reach the engine, so layer 0 may stay empty).
+        self._lead: int | None = None
         with _normal_tensors():
             self._keys_sum = torch.zeros((), dtype=torch.float64, device=self.device)
             self._density_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -427,6 +430,7 @@ class HGAEngine:
                 st.where = torch.full((b, hkv, 0), -1, **i32)
         st.ring_chunk = [-1] * self.hot
         self._grow(st, 16)
+        self._lead = st.index if self._lead is None else min(self._lead, st.index)
 
     def _grow(self, st: _Layer, need: int) -> None:
         """Make room for ``need`` chunks in every per-chunk tensor (doubling)."""
@@ -566,7 +570,7 @@ class HGAEngine:
             st.ring[:, slot, 1, :, pos - cur * c : end - cur * c + 1] = v[:, :, rows]
             st.num_tokens = end + 1
             out[:, :, rows] = self._attend(st, q[:, :, rows], pos, end, scale, sinks=sinks, softcap=softcap)
-            if layer == 0 and end == pos and length == 1:
+            if layer == self._lead and end == pos and length == 1:
                 self.counters.decode_steps += 1
             if end % c == c - 1:
                 self._close_chunk(st, cur)
@@ -1065,7 +1069,8 @@ class HGAEngine:
         Returns
         -------
         dict
-            ``backend``, ``tokens`` (layer 0), ``closed_chunks`` (layer 0), ``queries``,
+            ``backend``, ``tokens`` and ``closed_chunks`` (of the lowest layer holding tokens: the
+            first full-attention layer of a hybrid model), ``queries``,
             ``mean_keys_per_query``, ``density``, ``decode_steps``; ``groups_gathered``
             (host slab to compute device), ``host_bytes_gathered``, ``device_cache_hit_rate``
             (kernels: distinct groups asked that were cached; None with torch ops),
@@ -1077,13 +1082,14 @@ class HGAEngine:
             ``device_resident_bytes``.
         """
         c = self.counters
+        lead = self._lead or 0
         gathered = int(self._gathered)
         used = int(self._cache_used)
         asked_disk = c.prefetch_hits + c.disk_waits
         return {
             "backend": self.backend,
-            "tokens": self._layers[0].num_tokens,
-            "closed_chunks": self._layers[0].num_closed,
+            "tokens": self._layers[lead].num_tokens,
+            "closed_chunks": self._layers[lead].num_closed,
             "queries": c.queries,
             "mean_keys_per_query": (float(self._keys_sum) + self._keys_fixed) / c.queries if c.queries else 0.0,
             "density": (float(self._density_sum) + self._density_fixed) / c.queries if c.queries else 0.0,
@@ -1119,6 +1125,7 @@ class HGAEngine:
             self.store.drop(self.first_seq_id + b)
         with self.store.host_lock():
             self._layers = [_Layer(i) for i in range(self.num_layers)]
+            self._lead = None
         self.reset_stats()
 
     def close(self) -> None:

@@ -690,7 +690,7 @@ class TieredCache(Cache):
         Returns
         -------
         dict
-            ``tokens``, ``closed_chunks`` (per layer, layer 0), ``mean_keys_per_query``,
+            ``tokens``, ``closed_chunks`` (per layer, the first full-attention layer), ``mean_keys_per_query``,
             ``density``, ``device_resident_bytes`` (engine state on the compute device),
             ``reads_by_tier`` (routed groups served per step by the device group cache, the
             host slab, and chunks read from disk for a waiting step), ``engine``

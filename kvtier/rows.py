@@ -35,7 +35,7 @@ def merge_engine_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
 
     Counts are summed; ``mean_keys_per_query`` and ``density`` are means weighted by each
     engine's queries; ``device_cache_hit_rate`` and ``prefetch_hit_share`` are recomputed from
-    the summed counts; ``tokens`` and ``closed_chunks`` (layer 0) are the longest row's.
+    the summed counts; ``tokens`` and ``closed_chunks`` are the longest row's.
 
     Parameters
     ----------

@@ -201,6 +201,8 @@ def test_tiered_cache_serves_hybrid_models(name: str, ids: torch.Tensor) -> None
         got = torch.cat([_logits(model, "hga", ids[:, a:b], **kvtier.hf.cache_kwargs(model, cache))
                          for a, b in ((0, 70), (70, 71), (71, LENGTH))], dim=1)  # fmt: skip
         assert cache.get_seq_length() == LENGTH
+        stats = cache.stats()  # of the full-attention layer (layer 0 is sliding: it never reaches the engine)
+        assert (stats["tokens"], stats["closed_chunks"], stats["engine"]["tokens"]) == (LENGTH, LENGTH // 16, LENGTH)
     assert (got - ref).abs().max().item() < 1e-4
     kvtier.hf.configure(model, hga=SPARSE)
     cacheless = _logits(model, "hga", ids)
