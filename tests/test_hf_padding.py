@@ -204,3 +204,26 @@ def test_padded_hybrid_models_equal_the_cacheless_path(name, side, rows, tmp_pat
         assert isinstance(cache.engine, RowEngines)
     real = mask.bool()
     assert (got[real] - cacheless[real]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_fed_in_pieces_equals_one_pass(model, rows, side, tmp_path) -> None:
+    """A padded batch fed in pieces (one where the 1-token row is all padding, one of a single position)."""
+    ids, mask, pos = _padded(rows, side)
+    with kvtier.hf.TieredCache(model, hga=SPARSE, store=_store(tmp_path, "one")) as cache:
+        one = _run(model, cache, ids, attention_mask=mask, position_ids=pos)
+    with kvtier.hf.TieredCache(model, hga=SPARSE, store=_store(tmp_path, "pieces")) as cache:
+        pieces = torch.cat([_run(model, cache, ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b])
+                            for a, b in ((0, 80), (80, 81), (81, ids.shape[1]))], dim=1)  # fmt: skip
+    real = mask.bool()
+    assert (one[real] - pieces[real]).abs().max().item() < 1e-5
+
+
+def test_a_mask_that_rewrites_the_past_is_refused(model, rows, tmp_path) -> None:
+    ids, mask, pos = _padded([rows[0][:40], rows[1][:25]], "left")
+    with kvtier.hf.TieredCache(model, hga=SPARSE, store=_store(tmp_path, "batch")) as cache:
+        _run(model, cache, ids, attention_mask=mask, position_ids=pos)
+        later = torch.ones(2, 41, dtype=torch.long)
+        later[0, 0] = 0  # row 1's padding became real, row 0 lost a token
+        with pytest.raises(ValueError, match="attention_mask: expected row 0's earlier keys to hold 40 real tokens"):
+            _run(model, cache, ids[:, -1:], attention_mask=later, position_ids=torch.tensor([[40], [25]]))
