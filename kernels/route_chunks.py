@@ -19,6 +19,12 @@
 #   int64 sort orders by score, ties to the lower chunk (the reference's stable sort), and
 #   "no candidate" is INT64_MIN. Scores are fp32 with IEEE dots (not tf32, whose 10-bit
 #   mantissa would flip near-tied picks against the float64 reference).
+# score="running_max" / "running_max_group": a row's score of chunk n is the max of the above
+#   over the queries of its own chunk up to it. Rows are then laid out as (query head, offset
+#   in one query block), a block being the launch's positions of one chunk, so the max is a
+#   scan over the block inside the program; the maxima of the chunk's positions before the
+#   launch come from carry_in [B, Hq, >= N] fp32 (keyed by chunk index), and the last
+#   query's maxima go to carry_out: + B * Hq * N * 4 bytes read and written.
 
 from __future__ import annotations
 
@@ -28,10 +34,18 @@ import triton.language as tl
 
 from kvtier.kernels._blocks import _windows
 
-__all__ = ["route_chunks", "route_chunks_tiles", "EMPTY_KEY"]
+__all__ = ["route_chunks", "route_chunks_tiles", "EMPTY_KEY", "SCORES"]
 
 #: Packed key of "no candidate" (sorts after every real one).
 EMPTY_KEY = -(2**63)
+
+#: Chunk scores ``route_chunks`` computes (one term of ``HGAConfig.chunk_score`` each).
+SCORES = ("sum", "max_group", "running_max", "running_max_group")
+
+
+@triton.jit
+def _max(a, b):
+    return tl.maximum(a, b)
 
 
 @triton.jit
@@ -84,6 +98,8 @@ def _route_chunks_kernel(
     q_ptr,
     summ_ptr,
     cand_ptr,
+    carry_in_ptr,
+    carry_out_ptr,
     # sizes
     start_pos,
     num_q,
@@ -100,6 +116,8 @@ def _route_chunks_kernel(
     stride_ch,
     stride_cl,
     stride_ct,
+    stride_rb,
+    stride_rh,
     # meta
     NUM_KV_HEADS: tl.constexpr,
     REP: tl.constexpr,
@@ -117,6 +135,10 @@ def _route_chunks_kernel(
     M: tl.constexpr,
     MAX_GROUP: tl.constexpr,
     BOUND: tl.constexpr,
+    RUNNING: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    NUM_HB: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -124,10 +146,21 @@ def _route_chunks_kernel(
     b = (pid_bh // NUM_KV_HEADS).to(tl.int64)
     kvh = (pid_bh % NUM_KV_HEADS).to(tl.int64)
 
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < REP * num_q
-    r = rows // num_q
-    l = rows % num_q
+    if RUNNING:
+        # Row (query head r, offset i in query block qb): a block holds one chunk's positions,
+        # so that the running max is a scan along i within the program.
+        qb = pid_r // NUM_HB
+        i = tl.arange(0, BLOCK_R) % BLOCK_L
+        r = (pid_r % NUM_HB) * BLOCK_H + tl.arange(0, BLOCK_R) // BLOCK_L
+        qb_first = tl.maximum(start_pos, (start_pos // C + qb) * C) - start_pos
+        qb_last = tl.minimum(num_q, (start_pos // C + qb + 1) * C - start_pos) - 1
+        l = qb_first + i
+        row_ok = (r < REP) & (l <= qb_last)
+    else:
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < REP * num_q
+        r = rows // num_q
+        l = rows % num_q
     hq = kvh * REP + r
     n = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     # D in slices of BLOCK_DK: a [512, 128] fp32 tile would need 256 KiB of shared memory
@@ -145,6 +178,20 @@ def _route_chunks_kernel(
     else:
         scores = _tile_scores(q_base, s_base, row_ok, n < num_chunks, HEAD_DIM, BLOCK_DK, BLOCK_R, BLOCK_T,
                               False, USE_DOT, PRECISION)
+    if RUNNING:
+        if BLOCK_L > 1:  # rows past the block's end come after its rows: they lift none of them
+            scores = tl.reshape(scores, [BLOCK_H, BLOCK_L, BLOCK_T])
+            scores = tl.reshape(tl.associative_scan(scores, 1, _max), [BLOCK_R, BLOCK_T])
+        at = b * stride_rb + hq[:, None] * stride_rh + n[None, :]
+        n_ok = row_ok[:, None] & (n < num_chunks)[None, :]
+        # Only the first block can continue a chunk begun before this launch (a decode step, or
+        # a prefill piece that starts inside a chunk): its earlier positions' maxima.
+        cont = (qb == 0) & (start_pos % C != 0)
+        scores = tl.maximum(scores, tl.load(carry_in_ptr + at, mask=n_ok & cont, other=float("-inf")))
+        # carry_out may be carry_in (one query block: the launcher checks it): every row's read
+        # of a (head, chunk) entry comes before the last row's write of it.
+        tl.debug_barrier()
+        tl.store(carry_out_ptr + at, scores, mask=n_ok & (l == num_q - 1)[:, None])
 
     sink_end, local_start, cur = _windows(start_pos + l, C, SINK, LOCAL)
     ok = (n[None, :] >= sink_end[:, None]) & (n[None, :] < local_start[:, None]) & row_ok[:, None]
@@ -195,6 +242,8 @@ def route_chunks(
     precision: str = "ieee",
     score: str = "sum",
     bound: bool = False,
+    carry_in: torch.Tensor | None = None,
+    carry_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each query row's best candidate chunks per tile of ``block_t`` chunks (packed int64 keys).
 
@@ -219,22 +268,30 @@ def route_chunks(
         Scores by ``tl.dot`` (rows padded to 16) with ``input_precision`` "ieee" (fp32 FMA)
         or "tf32x3" (three tf32 tensor-core products, about fp32 accurate), or by FMAs with
         ``block_r`` rows (no padding; for decode, ``block_r = rep``).
-    score : {"sum", "max_group"}
-        ``HGAConfig.chunk_score``: ``q . S_c``, or the best group score of the chunk.
+    score : {"sum", "max_group", "running_max", "running_max_group"}
+        One term of ``HGAConfig.chunk_score``: ``q . S_c``, the best group score of the chunk,
+        or the running max of either over the queries of the row's own chunk up to the row.
     bound : bool
-        With ``"max_group"``: the group rows are ``[min, max]`` key bounds (``Dg = 2D``,
-        ``HGAConfig.group_score="bound"``) scored by Quest's bound.
+        With ``"max_group"`` / ``"running_max_group"``: the group rows are ``[min, max]`` key
+        bounds (``Dg = 2D``, ``HGAConfig.group_score="bound"``) scored by Quest's bound.
+    carry_in, carry_out : Tensor ``[B, Hq, >= N]`` float32, last dim contiguous
+        Running scores only: the maxima, per chunk index, over the positions of the first
+        query's chunk before ``start_pos`` (read only when ``start_pos`` is inside a chunk);
+        ``carry_out`` receives the maxima over the last query's chunk up to it. The same
+        tensor may be both when the queries lie in one chunk (a decode step).
 
     Returns
     -------
     Tensor
         ``cand``.
     """
-    if score not in ("sum", "max_group"):
-        raise ValueError(f"score: expected 'sum' or 'max_group' (the running scores are not in the kernels), got {score!r}")
-    if bound and score != "max_group":
-        raise ValueError("bound: expected score='max_group' (chunk summaries have no bound), got score='sum'")
-    summ_nd = 5 if score == "max_group" else 4
+    if score not in SCORES:
+        raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
+    max_group = score.endswith("max_group")
+    running = score.startswith("running_")
+    if bound and not max_group:
+        raise ValueError(f"bound: expected a max_group score (chunk summaries have no bound), got score={score!r}")
+    summ_nd = 5 if max_group else 4
     for name, t, nd in (("q", q, 4), ("chunk_summ", chunk_summ, summ_nd), ("cand", cand, 5)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -250,7 +307,7 @@ def route_chunks(
         )
     dg = 2 * d if bound else d
     if chunk_summ.shape[0] != bsz or chunk_summ.shape[-1] != dg or hq % hkv != 0:
-        want = f"N, M, {dg}" if score == "max_group" else f"N, D={d}"
+        want = f"N, M, {dg}" if max_group else f"N, D={d}"
         raise ValueError(f"chunk_summ: expected [B={bsz}, Hkv | {hq}, {want}], got {tuple(chunk_summ.shape)}")
     num_tiles, kt = cand.shape[3], cand.shape[4]
     if tuple(cand.shape[:3]) != (bsz, hq, lq) or num_tiles * block_t < n or kt > block_t:
@@ -258,15 +315,34 @@ def route_chunks(
             f"cand: expected [B, Hq, Lq, >= {-(-n // block_t)}, <= {block_t}], got {tuple(cand.shape)}"
         )
     rep = hq // hkv
-    if use_dot:
-        block_r = max(16, min(block_r, triton.next_power_of_2(rep * lq)))
+    num_qb = (start_pos + lq - 1) // chunk_size - start_pos // chunk_size + 1
+    if running:
+        _check_carry(carry_in, carry_out, bsz, hq, n, num_qb)
+        # Rows of one program: BLOCK_H query heads x BLOCK_L positions of one query block.
+        block_l = triton.next_power_of_2(min(chunk_size, lq))
+        block_h = min(triton.next_power_of_2(rep), max(1, block_r // block_l))
+        if use_dot:
+            block_h = max(block_h, 16 // block_l)
+        block_r = block_h * block_l
+        num_hb = triton.cdiv(rep, block_h)
+        grid = (bsz * hkv, num_hb * num_qb, num_tiles)
     else:
-        block_r = min(block_r, triton.next_power_of_2(rep * lq))
-    grid = (bsz * hkv, triton.cdiv(rep * lq, block_r), num_tiles)
+        if carry_in is not None or carry_out is not None:
+            raise ValueError(f"carry_in, carry_out: expected None for score={score!r} (no running max), got a tensor")
+        carry_in = carry_out = cand  # never read
+        block_h = block_l = num_hb = 1
+        if use_dot:
+            block_r = max(16, min(block_r, triton.next_power_of_2(rep * lq)))
+        else:
+            block_r = min(block_r, triton.next_power_of_2(rep * lq))
+        grid = (bsz * hkv, triton.cdiv(rep * lq, block_r), num_tiles)
+    assert carry_in is not None and carry_out is not None
     _route_chunks_kernel[grid](
         q,
         chunk_summ,
         cand,
+        carry_in,
+        carry_out,
         start_pos,
         lq,
         n,
@@ -276,11 +352,13 @@ def route_chunks(
         chunk_summ.stride(0),
         chunk_summ.stride(1),
         chunk_summ.stride(2),
-        chunk_summ.stride(3) if score == "max_group" else 0,
+        chunk_summ.stride(3) if max_group else 0,
         cand.stride(0),
         cand.stride(1),
         cand.stride(2),
         cand.stride(3),
+        carry_out.stride(0) if running else 0,
+        carry_out.stride(1) if running else 0,
         NUM_KV_HEADS=hkv,
         REP=rep,
         C=chunk_size,
@@ -294,9 +372,32 @@ def route_chunks(
         SORT=sort,
         USE_DOT=use_dot,
         PRECISION=precision,
-        M=chunk_summ.shape[3] if score == "max_group" else 1,
-        MAX_GROUP=score == "max_group",
+        M=chunk_summ.shape[3] if max_group else 1,
+        MAX_GROUP=max_group,
         BOUND=bound,
+        RUNNING=running,
+        BLOCK_H=block_h,
+        BLOCK_L=block_l,
+        NUM_HB=num_hb,
         num_warps=num_warps,
     )
     return cand
+
+
+def _check_carry(
+    carry_in: torch.Tensor | None, carry_out: torch.Tensor | None, bsz: int, hq: int, n: int, num_qb: int
+) -> None:
+    """Running scores: carry_in and carry_out ``[B, Hq, >= N]`` float32 with the same strides."""
+    for name, t in (("carry_in", carry_in), ("carry_out", carry_out)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a float32 tensor [B, Hq, >= N] for a running score, got {type(t).__name__}")
+        if t.dtype != torch.float32 or t.dim() != 3 or tuple(t.shape[:2]) != (bsz, hq) or t.shape[2] < n:
+            raise ValueError(f"{name}: expected [{bsz}, {hq}, >= {n}] float32, got {tuple(t.shape)} {t.dtype}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected a contiguous last dim, got strides {t.stride()}")
+    assert carry_in is not None and carry_out is not None
+    if carry_in.stride() != carry_out.stride():
+        raise ValueError(f"carry_out: expected the strides of carry_in {carry_in.stride()}, got {carry_out.stride()}")
+    if num_qb > 1 and carry_in.data_ptr() == carry_out.data_ptr():
+        # Programs of different query blocks run in any order: one's write would race the first's read.
+        raise ValueError(f"carry_out: expected a tensor other than carry_in for queries over {num_qb} chunks, got the same")

@@ -14,6 +14,8 @@
 #   candidate in (chunk rank, group) order, exactly the reference's stable sort.
 # The chosen chunk ids are written to chunk_ids first and read back after a barrier: Triton
 #   cannot slice the first Kc lanes out of a sorted vector, memory can.
+# Split chunk scores (HGAConfig.chunk_score="a+b"): cand holds a's keys, cand2 b's (same
+#   shape); the first ceil(Kc/2) chunks come from cand, the rest from cand2 without those.
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ __all__ = ["route_groups"]
 def _route_groups_kernel(
     # pointers
     cand_ptr,
+    cand2_ptr,
     q_ptr,
     gsumm_ptr,
     chunk_out_ptr,
@@ -78,6 +81,7 @@ def _route_groups_kernel(
     BLOCK_KC: tl.constexpr,
     BLOCK_OUT: tl.constexpr,
     BOUND: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     l = (pid % num_q).to(tl.int64)
@@ -96,12 +100,31 @@ def _route_groups_kernel(
         other=EMPTY,
     )
     chunk_row = chunk_out_ptr + b * stride_ob + hq * stride_oh + l * stride_ol
-    for i in range(0, kc_w):
-        best = tl.max(keys, axis=0)
-        chunk = 2147483647 - (best & 0xFFFFFFFF).to(tl.int32)
-        chunk = tl.where((best != EMPTY) & (i < top_chunks), chunk, -1)
-        tl.store(chunk_row + i, chunk.to(tl.int64))
-        keys = tl.where(keys == best, EMPTY, keys)
+    if SPLIT:
+        keys2 = tl.load(
+            cand2_ptr + b * stride_cb + hq * stride_ch + l * stride_cl + offs_c,
+            mask=offs_c < num_cand,
+            other=EMPTY,
+        )
+        # Each tile keeps min(KT, its candidates) keys with KT >= min(Kc, tile width), so this
+        # is the reference's min(Kc, Ncand) of the row; its first half comes from cand.
+        kc = tl.minimum(top_chunks, tl.sum((keys != EMPTY).to(tl.int32), axis=0))
+        k1 = (kc + 1) // 2
+        for i in range(0, kc_w):
+            best = tl.max(tl.where(i < k1, keys, keys2), axis=0)
+            chunk = 2147483647 - (best & 0xFFFFFFFF).to(tl.int32)
+            chunk = tl.where((best != EMPTY) & (i < kc), chunk, -1)
+            tl.store(chunk_row + i, chunk.to(tl.int64))
+            # A chosen chunk leaves both lists (the low 32 bits of a key name its chunk).
+            keys = tl.where((keys & 0xFFFFFFFF) == (best & 0xFFFFFFFF), EMPTY, keys)
+            keys2 = tl.where((keys2 & 0xFFFFFFFF) == (best & 0xFFFFFFFF), EMPTY, keys2)
+    else:
+        for i in range(0, kc_w):
+            best = tl.max(keys, axis=0)
+            chunk = 2147483647 - (best & 0xFFFFFFFF).to(tl.int32)
+            chunk = tl.where((best != EMPTY) & (i < top_chunks), chunk, -1)
+            tl.store(chunk_row + i, chunk.to(tl.int64))
+            keys = tl.where(keys == best, EMPTY, keys)
     tl.debug_barrier()
 
     # Groups of the chosen chunks, candidate j = rank * M + g.
@@ -177,6 +200,7 @@ def route_groups(
     fetch_groups: int,
     num_warps: int = 4,
     bound: bool = False,
+    cand2: torch.Tensor | None = None,
 ) -> None:
     """Finish routing: top chunks from ``cand``, then top groups inside them, per query row.
 
@@ -196,6 +220,10 @@ def route_groups(
     bound : bool
         ``HGAConfig.group_score == "bound"``: ``group_summ`` rows are ``[min, max]`` key bounds
         ``[B, Hkv, N, M, 2D]`` and groups rank by Quest's bound.
+    cand2 : Tensor, optional
+        For a split chunk score ``"a+b"``: ``route_chunks``' keys of ``b`` (``cand`` holding
+        ``a``'s), same shape and strides as ``cand``. The first ``ceil(Kc / 2)`` chunks
+        (``Kc = min(top_chunks, candidates)``) are ``a``'s best, the rest ``b``'s best of the others.
     """
     bsz, hq, lq, d = q.shape
     m = group_summ.shape[3]
@@ -230,11 +258,18 @@ def route_groups(
         raise ValueError(
             f"group_summ: expected a last dim of {2 * d if bound else d} (bound={bound}), got {tuple(group_summ.shape)}"
         )
+    if cand2 is not None and (
+        not isinstance(cand2, torch.Tensor) or cand2.shape != cand.shape or cand2.stride() != cand.stride()
+        or cand2.dtype != cand.dtype
+    ):
+        got = f"{tuple(cand2.shape)} strides {cand2.stride()}" if isinstance(cand2, torch.Tensor) else type(cand2).__name__
+        raise ValueError(f"cand2: expected the shape {tuple(cand.shape)} and strides {cand.stride()} of cand, got {got}")
     num_cand = cand.shape[3] * cand.shape[4]
     block_kc = triton.next_power_of_2(max(1, kc_w))
     block_g = block_kc * m
     _route_groups_kernel[(bsz * hq * lq,)](
         cand,
+        cand if cand2 is None else cand2,
         q,
         group_summ,
         chunk_ids,
@@ -280,5 +315,6 @@ def route_groups(
         BLOCK_KC=block_kc,
         BLOCK_OUT=max(block_g, triton.next_power_of_2(max(1, kf_w))),
         BOUND=bound,
+        SPLIT=cand2 is not None,
         num_warps=num_warps,
     )

@@ -9,11 +9,12 @@ dense K/V, reading only the windows and the routed groups.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
-from kvtier.config import HGAConfig
+from kvtier.config import CHUNK_SCORE_TERMS, HGAConfig
 from kvtier.kernels.route_chunks import route_chunks, route_chunks_tiles
 from kvtier.kernels.route_groups import route_groups
 from kvtier.kernels.sparse_decode import decode_num_splits, sparse_decode
@@ -80,6 +81,8 @@ def hga_attention(
     route_carry : RouteCarry, optional
         For a ``running_*`` chunk score starting inside a chunk: ``stats.plan.carry`` of the
         call that ended at ``start_pos - 1`` (see :func:`kvtier.reference.hga_attention`).
+        The kernels keep the maxima in float32: a carry is rounded to it on the way in and
+        returned as float64 (exactly) on the way out.
     scale : float, optional
         Softmax scale; ``D ** -0.5`` when None (a model's ``scaling``, e.g. Gemma's, goes here).
     sinks : Tensor ``[Hq]``, optional
@@ -128,35 +131,78 @@ def hga_attention(
             raise ValueError(
                 f"{name}: expected a contiguous last dim for backend='triton', got strides {t.stride()}"
             )
-    return _hga_kernels(q, k, v, config, spec, start_pos, scale=scale)
+    carry = _kernel_carry_in(config, start_pos, q, route_carry)
+    return _hga_kernels(q, k, v, config, spec, start_pos, scale=scale, carry=carry)
 
 
-#: chunk_score values the routing kernels compute (the running maxima and the two-score splits
-#: are reference-only so far: they are refused, never replaced by another rule).
-KERNEL_CHUNK_SCORES = ("sum", "max_group")
+#: chunk_score terms the routing kernels compute (``route_chunks``), alone or as an "a+b" split
+#: of two: every term of ``HGAConfig``. A term without a kernel would be refused, never
+#: replaced by another rule.
+KERNEL_CHUNK_SCORES = CHUNK_SCORE_TERMS
 
 
 def _check_kernel_options(config: HGAConfig, what: str) -> None:
-    if config.chunk_score not in KERNEL_CHUNK_SCORES:
+    if any(t not in KERNEL_CHUNK_SCORES for t in config.chunk_score_terms):
         raise ValueError(
-            f"{what}: expected chunk_score in {KERNEL_CHUNK_SCORES} (the kernels do not compute running maxima "
-            f"or split scores yet), got {config.chunk_score!r}; use backend='reference'"
+            f"{what}: expected chunk_score terms in {KERNEL_CHUNK_SCORES}, got {config.chunk_score!r}; "
+            "use backend='reference'"
         )
 
 
-def kernel_chunk_table(
-    config: HGAConfig, chunk_summ: torch.Tensor, group_summ: torch.Tensor, n: int
-) -> tuple[torch.Tensor, dict[str, object]]:
-    """What ``route_chunks`` scores for ``config.chunk_score``, and its options.
+def num_running_terms(config: HGAConfig) -> int:
+    """Running-max terms of ``config.chunk_score``: the leading dim of the kernels' carry."""
+    return sum(t.startswith("running_") for t in config.chunk_score_terms)
 
-    The first ``n`` chunk summaries ``[B, Hkv, n, D]`` for ``"sum"``; for ``"max_group"`` the
-    group-level keys ``[B, Hkv, n, M, Dg]`` with ``score="max_group"`` (and ``bound=True``
-    when they are min/max bounds). Raises ValueError for a score the kernels do not compute.
+
+def kernel_chunk_table(
+    term: str, config: HGAConfig, chunk_summ: torch.Tensor, group_summ: torch.Tensor, n: int
+) -> tuple[torch.Tensor, dict[str, object]]:
+    """What ``route_chunks`` scores for one term of ``config.chunk_score``, and its options.
+
+    The first ``n`` chunk summaries ``[B, Hkv, n, D]`` for ``"sum"`` / ``"running_max"``; for
+    the ``max_group`` terms the group-level keys ``[B, Hkv, n, M, Dg]`` (with ``bound=True``
+    when they are min/max bounds). Raises ValueError for a term the kernels do not compute.
     """
     _check_kernel_options(config, "config")
-    if config.chunk_score == "max_group":
-        return group_summ[:, :, :n], dict(score="max_group", bound=config.group_score == "bound")
-    return chunk_summ[:, :, :n], {}
+    if term not in config.chunk_score_terms:
+        raise ValueError(f"term: expected one of {config.chunk_score_terms}, got {term!r}")
+    if term.endswith("max_group"):
+        return group_summ[:, :, :n], dict(score=term, bound=config.group_score == "bound")
+    return chunk_summ[:, :, :n], dict(score=term)
+
+
+def _kernel_carry_in(
+    config: HGAConfig, start_pos: int, q: torch.Tensor, route_carry: RouteCarry | None
+) -> torch.Tensor | None:
+    """The kernels' carry ``[R, B, Hq, N]`` float32 (by chunk index) of a validated ``route_carry``.
+
+    None without running terms; zeros at a chunk start (the kernels read no carry there). The
+    kernels' scores are ``q . S`` and the reference's ``q . S / sqrt(D)``: the carry converts.
+    """
+    r = num_running_terms(config)
+    if r == 0:
+        return None
+    c = config.chunk_size
+    b, hq, lq, _ = q.shape
+    win = windows_at(start_pos, c, config.sink_chunks, config.local_chunks)
+    lb = min(lq, (start_pos // c + 1) * c - start_pos)  # positions of the first chunk
+    prior = _ref._carry_in(config, win, start_pos, route_carry, (b, hq, lb))
+    n = windows_at(start_pos + lq - 1, c, config.sink_chunks, config.local_chunks).local_start
+    carry = torch.zeros(r, b, hq, n, dtype=torch.float32, device=q.device)
+    if prior is not None:
+        for j, t in enumerate(prior):
+            carry[j, :, :, win.sink_end : win.local_start] = (t * math.sqrt(q.shape[-1])).to(q.device, torch.float32)
+    return carry
+
+
+def _kernel_carry_out(config: HGAConfig, last: int, carry: torch.Tensor, head_dim: int) -> RouteCarry:
+    """The kernels' carry after position ``last`` as the reference's RouteCarry (float64, candidates only)."""
+    win = windows_at(last, config.chunk_size, config.sink_chunks, config.local_chunks)
+    if config.top_chunks == 0:  # nothing was ranked: the reference carries zeros
+        carry = torch.zeros_like(carry)
+    return RouteCarry(
+        last + 1, tuple(t[:, :, win.sink_end : win.local_start].double() / math.sqrt(head_dim) for t in carry)
+    )
 
 
 def _fixed_keys(positions: torch.Tensor, config: HGAConfig) -> torch.Tensor:
@@ -219,17 +265,22 @@ def _route(
     widths: tuple[int, int, int],
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     precision: str = "tf32x3",
-) -> None:
+    carry: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> bool:
     """Fill the plan tensors ``out`` (chunk, group, fetch ids and the int32 routed table).
 
     Chunk scores use three tf32 tensor-core products ("tf32x3", about fp32 accurate): on the
     H200 a 64-query block at 1M tokens routes in 0.69 ms against 1.14 ms with IEEE fp32 dots,
     and the plans agree with the float64 reference on >= 99.5% of rows (gpu test).
+
+    ``carry`` = ``(carry_in, carry_out)``, each ``[R, B, Hq, >= N]`` float32, for the R
+    running terms of ``config.chunk_score`` (see ``route_chunks``). Returns whether the
+    kernels ran (False: nothing to route, outputs and ``carry_out`` untouched).
     """
     lq = q.shape[2]
     w_last = windows_at(start_pos + lq - 1, config.chunk_size, config.sink_chunks, config.local_chunks)
     if widths[0] == 0 or w_last.num_candidates == 0:
-        return  # outputs were created -1 filled
+        return False  # outputs were created -1 filled
     n = w_last.local_start  # chunks any row can pick lie below this
     rows = q.shape[1] // chunk_summ.shape[1] * lq
     # Many rows per KV head (prefill): 64-row blocks read each summary tile 4x less often than
@@ -238,24 +289,32 @@ def _route(
     bt, nt, kt = route_chunks_tiles(n, config.top_chunks)
     if block_r == 64 and bt > 128:  # noqa: PLR2004
         bt, nt, kt = route_chunks_tiles(n, config.top_chunks, block_t=128)
-    cand = torch.empty(q.shape[0], q.shape[1], lq, nt, kt, dtype=torch.int64, device=q.device)
-    table, score_options = kernel_chunk_table(config, chunk_summ, group_summ, n)
-    route_chunks(
-        q,
-        table,
-        cand,
-        start_pos=start_pos,
-        chunk_size=config.chunk_size,
-        sink_chunks=config.sink_chunks,
-        local_chunks=config.local_chunks,
-        block_t=bt,
-        block_r=block_r,
-        num_warps=warps,
-        precision=precision,
-        **score_options,  # type: ignore[arg-type]
-    )
+    cands = []
+    running = 0
+    for term in config.chunk_score_terms:  # one launch per term: a split ranks by two scores
+        cand = torch.empty(q.shape[0], q.shape[1], lq, nt, kt, dtype=torch.int64, device=q.device)
+        table, score_options = kernel_chunk_table(term, config, chunk_summ, group_summ, n)
+        if term.startswith("running_"):
+            assert carry is not None
+            score_options.update(carry_in=carry[0][running], carry_out=carry[1][running])
+            running += 1
+        route_chunks(
+            q,
+            table,
+            cand,
+            start_pos=start_pos,
+            chunk_size=config.chunk_size,
+            sink_chunks=config.sink_chunks,
+            local_chunks=config.local_chunks,
+            block_t=bt,
+            block_r=block_r,
+            num_warps=warps,
+            precision=precision,
+            **score_options,  # type: ignore[arg-type]
+        )
+        cands.append(cand)
     route_groups(
-        cand,
+        cands[0],
         q,
         group_summ,
         *out,
@@ -263,7 +322,9 @@ def _route(
         top_groups=config.top_groups,
         fetch_groups=config.fetch_groups,
         bound=config.group_score == "bound",
+        cand2=cands[1] if len(cands) > 1 else None,
     )
+    return True
 
 
 def _hga_kernels(
@@ -275,10 +336,12 @@ def _hga_kernels(
     start_pos: int,
     summaries: tuple[torch.Tensor, torch.Tensor] | None = None,
     scale: float | None = None,
+    carry: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HGAStats]:
     """The kernel path; ``summaries`` (chunk, group) may be given when they are kept incrementally.
 
-    ``rope`` is the model's RoPE, or a plain RoPE base.
+    ``rope`` is the model's RoPE, or a plain RoPE base. ``carry`` (running chunk scores):
+    ``[R, B, Hq, N]`` float32 from :func:`_kernel_carry_in`; the plan returns it advanced.
     """
     b, hq, lq, d = q.shape
     c, g = config.chunk_size, config.group_size
@@ -298,13 +361,19 @@ def _hga_kernels(
     out = torch.empty_like(q)
     geo = dict(chunk_size=c, group_size=g, sink_chunks=config.sink_chunks, local_chunks=config.local_chunks)
 
-    # Slices start on chunk boundaries so that a query block is never split between launches.
+    # Slices start on chunk boundaries so that a query block is never split between launches
+    # (when C divides the slice length; else a running score's carry crosses the cut). A
+    # slice's carry goes to a second buffer: its programs of different chunks run in any order.
+    carry_next = None if carry is None else torch.zeros_like(carry)
     s0 = start_pos
     while s0 <= last:
         s1 = min(last + 1, (s0 // c) * c + _ROWS_PER_SLICE)
         rows = slice(s0 - start_pos, s1 - start_pos)
         sl = tuple(t[:, :, rows] for t in (chunk_ids, group_ids, fetch_ids, routed))
-        _route(q[:, :, rows], chunk_summ, group_summ, s0, config, widths, sl)
+        pair = None if carry is None or carry_next is None else (carry, carry_next)
+        ran = _route(q[:, :, rows], chunk_summ, group_summ, s0, config, widths, sl, carry=pair)
+        if ran and carry is not None and carry_next is not None:
+            carry, carry_next = carry_next, carry
         if s1 - s0 == 1:
             positions = torch.full((b,), s0, dtype=torch.int32, device=dev)
             max_keys = (config.sink_chunks + config.local_chunks + 1) * c + widths[1] * g
@@ -321,4 +390,5 @@ def _hga_kernels(
 
     positions = torch.arange(start_pos, last + 1, device=dev)
     keys = _fixed_keys(positions, config)[None, None, :] + g * (group_ids >= 0).sum(dim=-1)
-    return out, HGAStats(keys, positions + 1, RoutePlan(chunk_ids, group_ids, fetch_ids))
+    out_carry = None if carry is None else _kernel_carry_out(config, last, carry, d)
+    return out, HGAStats(keys, positions + 1, RoutePlan(chunk_ids, group_ids, fetch_ids, out_carry))

@@ -30,6 +30,9 @@ class LayerDecode:
     synchronises with the host and nothing is allocated, so a step over host-resident chunks
     can be captured in a CUDA graph and replayed (at the same position: ``route_chunks``
     takes it as a scalar). The engine keeps the residency and slot-table bookkeeping around it.
+    A running-max chunk score keeps its per-(row, query head, chunk) maxima in the layer's
+    device carry (``_Layer.running``): ``route_chunks`` reads and updates it in place and
+    resets it itself when the position opens a chunk, so a replayed graph stays correct.
 
     Attributes
     ----------
@@ -69,8 +72,13 @@ class LayerDecode:
         bt, nt, kt = self.tiles
         i32 = dict(dtype=torch.int32, device=dev)
         self.q = torch.zeros(b, hq, 1, d, dtype=st.slab.dtype, device=dev)
-        # Room for the smallest tile width (most tiles) set_route_tiles may choose.
-        self.cand = torch.empty(b, hq, 1, max(nt, -(-self.cap // 16)), kt, dtype=torch.int64, device=dev)
+        # Room for the smallest tile width (most tiles) set_route_tiles may choose; one per
+        # term of chunk_score (a split ranks by two).
+        self.cands = tuple(
+            torch.empty(b, hq, 1, max(nt, -(-self.cap // 16)), kt, dtype=torch.int64, device=dev)
+            for _ in cfg.chunk_score_terms
+        )
+        self.carry = st.running  # [R, B, Hq, cap] float32 or None
         self.plan = tuple(torch.full((b, hq, 1, w), -1, dtype=torch.int64, device=dev) for w in self.widths)
         self.routed_dense = torch.full((b, hq, 1, kg_w), -1, **i32)
         e = engine.cache_entries
@@ -136,22 +144,28 @@ class LayerDecode:
         if self.widths[0] == 0:
             return
         bt, nt, kt = self.tiles
-        cand = self.cand[:, :, :, :nt, :kt]
-        table, score_options = kernel_chunk_table(cfg, self.chunk_summ, self.group_summ, self.num_cand_chunks)
-        route_chunks(
-            self.q,
-            table,
-            cand,
-            start_pos=self.position,
-            chunk_size=cfg.chunk_size,
-            sink_chunks=cfg.sink_chunks,
-            local_chunks=cfg.local_chunks,
-            block_t=bt,
-            **self.route_options,  # type: ignore[arg-type]
-            **score_options,  # type: ignore[arg-type]
-        )
+        cands = [c[:, :, :, :nt, :kt] for c in self.cands]
+        running = 0
+        for term, cand in zip(cfg.chunk_score_terms, cands):
+            table, score_options = kernel_chunk_table(term, cfg, self.chunk_summ, self.group_summ, self.num_cand_chunks)
+            if term.startswith("running_"):  # one position: the carry is updated in place
+                assert self.carry is not None
+                score_options.update(carry_in=self.carry[running], carry_out=self.carry[running])
+                running += 1
+            route_chunks(
+                self.q,
+                table,
+                cand,
+                start_pos=self.position,
+                chunk_size=cfg.chunk_size,
+                sink_chunks=cfg.sink_chunks,
+                local_chunks=cfg.local_chunks,
+                block_t=bt,
+                **self.route_options,  # type: ignore[arg-type]
+                **score_options,  # type: ignore[arg-type]
+            )
         route_groups(
-            cand,
+            cands[0],
             self.q,
             self.group_summ,
             *self.plan,
@@ -161,6 +175,7 @@ class LayerDecode:
             fetch_groups=cfg.fetch_groups,
             num_warps=self.group_warps,
             bound=cfg.group_score == "bound",
+            cand2=cands[1] if len(cands) > 1 else None,
         )
 
     def assign(self) -> None:

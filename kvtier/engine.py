@@ -204,8 +204,11 @@ class _Layer:
         self.counter: torch.Tensor | None = None
         self.decode: LayerDecode | None = None
         # Routing options that keep state across the positions of one chunk (a running-max
-        # chunk score) carry it from block to block: RoutePlan.carry of the last block.
+        # chunk score) carry it from block to block: RoutePlan.carry of the last block (torch
+        # flow), or the kernels' maxima [R, B, Hq, cap] float32 by chunk index (kernel flow,
+        # R running terms), which route_chunks resets itself when a chunk opens.
         self.carry: RouteCarry | None = None
+        self.running: torch.Tensor | None = None
 
     @property
     def ring(self) -> torch.Tensor:
@@ -307,7 +310,7 @@ class HGAEngine:
         self.device = _resolved(torch.device(device))
         from kvtier.attention import KERNEL_CHUNK_SCORES
 
-        summed = hga.chunk_score in KERNEL_CHUNK_SCORES  # what the routing kernels compute
+        summed = all(t in KERNEL_CHUNK_SCORES for t in hga.chunk_score_terms)  # what the routing kernels compute
         # The kernel path keeps one step's fetch set in the device group cache. A config whose
         # fetch set has no useful bound (HGAConfig.full_coverage()) or exceeds the budget cannot.
         m_ = hga.groups_per_chunk
@@ -324,8 +327,8 @@ class HGAEngine:
             )
         if backend == "kernels" and not summed:
             raise ValueError(
-                f"backend='kernels': expected chunk_score in {KERNEL_CHUNK_SCORES} (the routing kernels compute "
-                f"no running maxima or split scores), got {hga.chunk_score!r}; use backend='torch'"
+                f"backend='kernels': expected chunk_score terms in {KERNEL_CHUNK_SCORES} (what the routing kernels "
+                f"compute), got {hga.chunk_score!r}; use backend='torch'"
             )
         if backend == "kernels" and self.device.type != "cuda" and not _interpreting():
             raise ValueError(f"backend='kernels': expected a CUDA device (or TRITON_INTERPRET=1), got {self.device}")
@@ -458,6 +461,13 @@ class HGAEngine:
                 where = torch.full((b, hkv, cap * m), -1, dtype=torch.int32, device=self.device)
                 where[:, :, : n * m] = st.where
                 st.where = where
+            r = sum(t.startswith("running_") for t in self.hga.chunk_score_terms)
+            if self.backend == "kernels" and r:
+                # -inf: no query has scored a chunk yet (a step inside a chunk after load_dense).
+                running = torch.full((r, b, self.num_q_heads, cap), float("-inf"), device=self.device)
+                if st.running is not None:
+                    running[..., :n] = st.running
+                st.running = running
             st.cap = cap
             st.decode = None  # its buffers view the old tensors
 
@@ -619,6 +629,8 @@ class HGAEngine:
         fit in the host tier at once is split in halves (routing is per position, so the
         result is the same)."""
         carry = st.carry
+        # The kernels advance their carry in place while routing: keep it for a retry.
+        saved = st.running.clone() if st.running is not None and p0 != p1 else None
         try:
             if self.backend == "kernels" and p0 == p1:
                 return self._decode_kernels(st, q, p0)
@@ -629,6 +641,8 @@ class HGAEngine:
             if p0 == p1:
                 raise
         st.carry = carry
+        if saved is not None and st.running is not None:
+            st.running.copy_(saved)
         mid = (p0 + p1) // 2
         opts = dict(sinks=sinks, softcap=softcap)
         first = self._attend(st, q[:, :, : mid - p0 + 1], p0, mid, scale, **opts)
@@ -996,7 +1010,9 @@ class HGAEngine:
         plan = [torch.full((b, hq, lb, w), -1, dtype=torch.int64, device=dev) for w in widths]
         routed = torch.full((b, hq, lb, widths[1]), -1, dtype=torch.int32, device=dev)
         assert st.cs is not None and st.gs is not None
-        _route(q, st.cs, st.gs, p0, cfg, widths, (*plan, routed), precision=self._precision())
+        # One chunk's positions: the kernels' carry may be read and written in place.
+        carry = None if st.running is None else (st.running, st.running)
+        _route(q, st.cs, st.gs, p0, cfg, widths, (*plan, routed), precision=self._precision(), carry=carry)
         group_ids = plan[1]
         ids = group_ids.reshape(b, hkv, -1)
         union, u = _union(ids)
@@ -1058,7 +1074,7 @@ class HGAEngine:
         """Bytes of engine state on the compute device (summaries, ring and cache slabs, tables)."""
         total = 0
         for st in self._layers:
-            for t in (st.cs, st.gs, st.slab, st.slot_map, st.host_dev, st.where, st.tags, st.stamp):
+            for t in (st.cs, st.gs, st.slab, st.slot_map, st.host_dev, st.where, st.tags, st.stamp, st.running):
                 if t is not None and t.device.type == self.device.type:
                     total += t.numel() * t.element_size()
         return total

@@ -158,17 +158,39 @@ def test_gpu_route_tf32x3_matches_reference_plan():
         assert same >= 0.995, (precision, same)
 
 
-@pytest.mark.parametrize("scores", [("running_max", "sum"), ("sum+max_group", "bound"), ("running_max_group", "bound")])
-def test_kernels_refuse_routing_options_they_lack(scores):
-    """An option the kernels do not compute is refused, never replaced by another rule."""
+@pytest.mark.parametrize(
+    "scores", [("running_max", "sum"), ("sum+running_max_group", "bound"), ("max_group+sum", "sum")]
+)
+def test_kernels_equal_reference_with_running_and_split_scores(scores):
+    """Running maxima and split chunk scores in the kernels: one prefill call, and the same
+    positions in pieces cut inside chunks (one piece a single query, through the decode
+    kernel), give the reference's plans and its carry (GQA 3, last chunk partial)."""
+    torch.manual_seed(8)
     cfg = HGAConfig(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=5,
                     fetch_groups=8, chunk_score=scores[0], group_score=scores[1])
-    q = torch.randn(1, 4, 70, 16)
-    k = v = torch.randn(1, 2, 70, 16)
-    with pytest.raises(ValueError, match=r"backend='triton': expected chunk_score in \('sum', 'max_group'\)"):
-        kvtier.hga_attention(q, k, v, config=cfg, rope_theta=THETA, backend="triton")
-    out, _ = kvtier.hga_attention(q, k, v, config=cfg, rope_theta=THETA, backend="reference")
-    assert out.shape == q.shape
+    q = torch.randn(1, 3, 24, 16)
+    k = torch.randn(1, 1, 184, 16)
+    v = torch.randn(1, 1, 184, 16)
+    stats = _compare(q, k, v, cfg, 160)  # positions 160..183: chunk 10, then 11 partial
+    _, base = hga_ref(q, k, v, config=CFG, rope_theta=THETA, start_pos=160)
+    assert not torch.equal(stats.plan.fetch_group_ids, base.plan.fetch_group_ids)  # the option matters here
+    if not cfg.running_routing:
+        assert stats.plan.carry is None
+        return
+    carry, ids = None, []
+    for a, b in ((160, 166), (166, 167), (167, 178), (178, 184)):
+        _, s = kvtier.hga_attention(q[:, :, a - 160 : b - 160], k, v, config=cfg, rope_theta=THETA, start_pos=a,
+                                    backend="triton", route_carry=carry)
+        carry = s.plan.carry
+        ids.append(s.plan.fetch_group_ids)
+    assert torch.equal(torch.cat(ids, dim=2), stats.plan.fetch_group_ids)
+    _, rstats = hga_ref(q, k, v, config=cfg, rope_theta=THETA, start_pos=160)
+    assert carry is not None and rstats.plan.carry is not None and carry.next_pos == 184
+    for got, want in zip(carry.max_scores, rstats.plan.carry.max_scores, strict=True):
+        assert got.dtype == torch.float64 and got.shape == want.shape
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="carry: expected the RouteCarry of positions 160..165"):
+        kvtier.hga_attention(q[:, :, 6:], k, v, config=cfg, rope_theta=THETA, start_pos=166, backend="triton")
 
 
 @pytest.mark.parametrize("scores", [("max_group", "sum"), ("sum", "bound"), ("max_group", "bound")])

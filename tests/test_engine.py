@@ -157,6 +157,30 @@ def test_kernel_flow_equals_torch_flow(tmp_path, scores: tuple[str, str]) -> Non
     assert (outs["torch"] - outs["kernels"]).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("scores", [("sum+running_max_group", "bound")])
+def test_kernel_flow_equals_torch_flow_with_running_scores(scores: tuple[str, str]) -> None:
+    """Running chunk scores: prefill pieces cut inside a chunk (the carry crosses the cut), then
+    decode steps across a chunk boundary (the kernels' device carry resets itself); the kernel
+    flow's plans and outputs are the torch flow's, and the option changes the plans."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, chunk_score=scores[0], group_score=scores[1])
+    q, k, v = _qkv(116, seed=13)
+    plans = {}
+    for name, backend, c in (("torch", "torch", cfg), ("kernels", "kernels", cfg), ("sum", "torch", CFG)):
+        engine = _engine(backend=backend, cfg=c)
+        with engine.store:
+            pieces = [engine.forward(0, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in ((0, 40), (40, 106))]
+            ids = []
+            for t in range(106, 116):  # chunk 7 opens at 112
+                pieces.append(engine.forward(0, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1]))
+                ids.append(engine.last_group_ids.clone())
+            plans[name] = (torch.cat(pieces, dim=2), torch.cat(ids, dim=2))
+    assert torch.equal(plans["torch"][1], plans["kernels"][1])
+    assert (plans["torch"][0] - plans["kernels"][0]).abs().max().item() < 1e-5
+    assert not torch.equal(plans["torch"][1], plans["sum"][1])
+
+
 @pytest.mark.parametrize("segmented", [False, True])
 def test_layer_decode_equals_dense_kernel_path(segmented: bool) -> None:
     """LayerDecode (route, assign, gather from the host slab, attend) over a random walk of queries

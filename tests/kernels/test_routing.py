@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from kvtier.config import HGAConfig
 from kvtier.kernels.route_chunks import route_chunks, route_chunks_tiles
 from kvtier.kernels.route_groups import route_groups
-from kvtier.reference import hga_attention, plan_widths, rope_inv_freq, routing_summaries_ref
+from kvtier.reference import hga_attention, hga_decode_ref, plan_widths, rope_inv_freq, routing_summaries_ref
+from kvtier.layout import windows_at
 
 CFG = HGAConfig(
     chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=5, fetch_groups=8
@@ -129,14 +132,72 @@ def test_routing_options_match_reference_plan(chunk_score, group_score, hq, hkv,
     assert torch.equal(fetch_ids, stats.plan.fetch_group_ids)
 
 
+@pytest.mark.parametrize(
+    "chunk_score, group_score, options",
+    [
+        ("running_max", "sum", dict(use_dot=False, block_r=4)),  # FMA scores, LayerDecode's default rows
+        ("running_max_group", "bound", {}),  # tl.dot scores, rows padded to 16
+        ("running_max+sum", "sum", {}),  # a split: half by the running max, half by the sum
+    ],
+)
+def test_decode_steps_with_running_scores_match_reference(chunk_score, group_score, options):
+    """Decode one position at a time across two chunk boundaries, the carry updated in place
+    (LayerDecode's use): every step's plan is the reference's (batch 2, GQA 3, last chunk partial)."""
+    torch.manual_seed(5)
+    cfg = HGAConfig(chunk_size=8, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=4,
+                    fetch_groups=6, chunk_score=chunk_score, group_score=group_score)
+    c, first, last = 8, 88, 104  # chunks 11 and 12 whole, then position 104 opens chunk 13
+    q = torch.randn(2, 3, last - first + 1, 16)
+    k = torch.randn(2, 1, last + 1, 16)
+    _, want = hga_decode_ref(q, k, k, config=cfg, rope_theta=THETA, start_pos=first)
+    _, base = hga_decode_ref(q, k, k, config=dataclasses.replace(cfg, chunk_score="sum"), rope_theta=THETA,
+                             start_pos=first)
+    assert not torch.equal(want.plan.chunk_ids, base.plan.chunk_ids)  # the running max matters here
+    cs, gs = routing_summaries_ref(k[:, :, : (last // c) * c], cfg, rope_inv_freq(16, THETA))
+    # A stale carry (the previous chunk's maxima, or junk) must be reset when a chunk opens.
+    carry = torch.full((2, 3, last // c), 1e30)
+    for t in range(first, last + 1):
+        w = windows_at(t, c, cfg.sink_chunks, cfg.local_chunks)
+        bt, nt, kt = route_chunks_tiles(w.local_start, cfg.top_chunks)
+        widths = plan_widths(cfg, t)
+        cands = []
+        for term in cfg.chunk_score_terms:
+            cand = torch.empty(2, 3, 1, nt, kt, dtype=torch.int64)
+            running = term.startswith("running_")
+            table = gs if term.endswith("max_group") else cs
+            route_chunks(q[:, :, t - first : t - first + 1], table[:, :, : w.local_start], cand, start_pos=t,
+                         chunk_size=c, sink_chunks=1, local_chunks=2, block_t=bt, score=term,
+                         bound=group_score == "bound" and term.endswith("max_group"),
+                         carry_in=carry if running else None, carry_out=carry if running else None, **options)
+            cands.append(cand)
+        out = [torch.full((2, 3, 1, wd), -7, dtype=torch.int64) for wd in widths]
+        routed = torch.full((2, 3, 1, widths[1]), -7, dtype=torch.int32)
+        route_groups(cands[0], q[:, :, t - first : t - first + 1], gs, *out, routed, top_chunks=3, top_groups=4,
+                     fetch_groups=6, bound=group_score == "bound", cand2=cands[1] if len(cands) > 1 else None)
+        i = t - first
+        assert torch.equal(out[0], want.plan.chunk_ids[:, :, i : i + 1, : widths[0]]), t
+        assert torch.equal(out[2], want.plan.fetch_group_ids[:, :, i : i + 1, : widths[2]]), t
+
+
 def test_route_chunks_refuses_what_it_does_not_compute():
     q = torch.randn(1, 2, 1, 32)
     cand = torch.empty(1, 2, 1, 1, 3, dtype=torch.int64)
     summ = torch.randn(1, 1, 10, 32)
     geo = dict(start_pos=200, chunk_size=16, sink_chunks=1, local_chunks=2, block_t=16)
-    with pytest.raises(ValueError, match="score: expected 'sum' or 'max_group'"):
-        route_chunks(q, summ, cand, score="running_max", **geo)
-    with pytest.raises(ValueError, match="bound: expected score='max_group'"):
+    with pytest.raises(ValueError, match="score: expected one of"):
+        route_chunks(q, summ, cand, score="sum+max_group", **geo)
+    with pytest.raises(ValueError, match="bound: expected a max_group score"):
         route_chunks(q, summ, cand, bound=True, **geo)
+    with pytest.raises(TypeError, match="carry_in: expected a float32 tensor"):
+        route_chunks(q, summ, cand, score="running_max", **geo)
+    carry = torch.zeros(1, 2, 10)
+    with pytest.raises(ValueError, match=r"carry_out: expected \[1, 2, >= 10\] float32"):
+        route_chunks(q, summ, cand, score="running_max", carry_in=carry, carry_out=carry[:, :, :5], **geo)
+    with pytest.raises(ValueError, match="carry_in, carry_out: expected None"):
+        route_chunks(q, summ, cand, carry_in=carry, carry_out=carry, **geo)
+    q3 = torch.randn(1, 2, 20, 32)  # positions 200..219 lie in two chunks: one in-place carry would race
+    cand3 = torch.empty(1, 2, 20, 1, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="carry_out: expected a tensor other than carry_in for queries over 2"):
+        route_chunks(q3, summ, cand3, score="running_max", carry_in=carry, carry_out=carry, **geo)
     with pytest.raises(ValueError, match=r"chunk_summ: expected \[B=1, Hkv \| 2, N, M, 64\]"):
         route_chunks(q, torch.randn(1, 1, 10, 4, 32), cand, score="max_group", bound=True, **geo)
