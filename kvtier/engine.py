@@ -310,7 +310,7 @@ class HGAEngine:
         self.device = _resolved(torch.device(device))
         from kvtier.attention import KERNEL_CHUNK_SCORES
 
-        summed = all(t in KERNEL_CHUNK_SCORES for t in hga.chunk_score_terms)  # what the routing kernels compute
+        scored = all(t in KERNEL_CHUNK_SCORES for t in hga.chunk_score_terms)  # what the routing kernels compute
         # The kernel path keeps one step's fetch set in the device group cache. A config whose
         # fetch set has no useful bound (HGAConfig.full_coverage()) or exceeds the budget cannot.
         m_ = hga.groups_per_chunk
@@ -319,13 +319,13 @@ class HGAEngine:
         budget = int(cache_bytes) if cache_bytes is not None else _MAX_CACHE_BYTES
         cache_fits = cache_entries is not None or e_min * per_entry <= budget
         if backend == "auto":
-            backend = "kernels" if self.device.type == "cuda" and summed and cache_fits else "torch"
+            backend = "kernels" if self.device.type == "cuda" and scored and cache_fits else "torch"
         if backend == "kernels" and not cache_fits:
             raise ValueError(
                 f"cache_bytes: expected room for one step's fetch set ({e_min} entries x {per_entry} bytes) for "
                 f"backend='kernels', got {budget} bytes; raise it, lower fetch_groups/top_chunks, or use backend='torch'"
             )
-        if backend == "kernels" and not summed:
+        if backend == "kernels" and not scored:
             raise ValueError(
                 f"backend='kernels': expected chunk_score terms in {KERNEL_CHUNK_SCORES} (what the routing kernels "
                 f"compute), got {hga.chunk_score!r}; use backend='torch'"
@@ -949,7 +949,9 @@ class HGAEngine:
 
         For a caller that runs :meth:`LayerDecode.step` itself (benchmarks, graph capture): the
         slot table is brought up to date here, and the step assumes every chunk stays in the
-        host tier (the engine's residency checks are not part of it).
+        host tier (the engine's residency checks are not part of it). A running-max chunk
+        score continues from the layer's device carry: the maxima of the earlier queries of
+        the current chunk, -inf where none ran (after :meth:`load_dense`).
         """
         st = self._layers[layer]
         if self.backend != "kernels":

@@ -272,12 +272,18 @@ def test_bad_inputs() -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_decode_step_captured_in_a_cuda_graph() -> None:
-    """A decode step over host-resident chunks is captured once and replayed: same output, no sync."""
+@pytest.mark.parametrize("chunk_score", ["sum", "running_max+max_group"])
+def test_gpu_decode_step_captured_in_a_cuda_graph(chunk_score: str) -> None:
+    """A decode step over host-resident chunks is captured once and replayed: same output, no sync
+    (a running score's device carry included: the same query again leaves its maxima as they are)."""
+    from kvtier.reference import RouteCarry
+    from kvtier.layout import windows_at
+
     torch.manual_seed(0)
+    cfg = HGAConfig(chunk_score=chunk_score)
     k = torch.randn(1, 8, 8192 + 5, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    engine = engine_from_dense(k, v, config=HGAConfig(), num_q_heads=32, rope_theta=5e5, pin=True)
+    engine = engine_from_dense(k, v, config=cfg, num_q_heads=32, rope_theta=5e5, pin=True)
     with engine.store:
         dec = engine.decoder(0)
         dec.q.copy_(torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16))
@@ -298,7 +304,11 @@ def test_gpu_decode_step_captured_in_a_cuda_graph() -> None:
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(dec.out, eager)
-        want, _ = kvtier.hga_attention(dec.q, k, v, config=HGAConfig(), rope_theta=5e5, start_pos=8192 + 4)
+        # After load_dense no query has scored this chunk's candidates: the carry is -inf.
+        ncand = windows_at(8192 + 4, cfg.chunk_size, cfg.sink_chunks, cfg.local_chunks).num_candidates
+        none = torch.full((1, 32, ncand), float("-inf"), dtype=torch.float64, device="cuda")
+        carry = RouteCarry(8192 + 4, (none,)) if cfg.running_routing else None
+        want, _ = kvtier.hga_attention(dec.q, k, v, config=cfg, rope_theta=5e5, start_pos=8192 + 4, route_carry=carry)
         assert (dec.out.float() - want[:, :, 0].float()).abs().max().item() < 2e-2
 
 
