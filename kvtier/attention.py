@@ -347,6 +347,8 @@ def _hga_kernels(
     c, g = config.chunk_size, config.group_size
     dev = q.device
     last = start_pos + lq - 1
+    if carry is None and config.running_routing:  # as at a chunk start (an error inside one)
+        carry = _kernel_carry_in(config, start_pos, q, None)
     n_closed = last // c
     if summaries is None:
         spec = rope if isinstance(rope, RopeSpec) else RopeSpec.plain(d, float(rope))

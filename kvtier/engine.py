@@ -461,7 +461,9 @@ class HGAEngine:
                 where = torch.full((b, hkv, cap * m), -1, dtype=torch.int32, device=self.device)
                 where[:, :, : n * m] = st.where
                 st.where = where
-            r = sum(t.startswith("running_") for t in self.hga.chunk_score_terms)
+            from kvtier.attention import num_running_terms
+
+            r = num_running_terms(self.hga)
             if self.backend == "kernels" and r:
                 # -inf: no query has scored a chunk yet (a step inside a chunk after load_dense).
                 running = torch.full((r, b, self.num_q_heads, cap), float("-inf"), device=self.device)
