@@ -35,11 +35,12 @@ from pathlib import Path
 
 import torch
 
-from kvtier.attention import _hga_kernels, _route, prefill_tables
+from kvtier.attention import _hga_kernels, _kernel_carry_in, _route, prefill_tables
 from kvtier.cli.args import UsageError, format_tokens, positive_float, positive_int, positive_ints, token_counts
 from kvtier.cli.plots import PLOT_HINT, plot_lines
 from kvtier.cli.results import CSV_COLUMNS, add_output_arguments, append_csv, output_file, source_commit
 from kvtier.config import HGAConfig
+from kvtier.errors import ConfigError
 from kvtier.decode_step import LayerDecode
 from kvtier.engine import engine_from_dense
 from kvtier.kernels.sparse_prefill import sparse_prefill
@@ -72,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser, "attention", kinds=("csv",))
     parser.add_argument("--smoke", action="store_true",
                         help="every path once at tiny sizes; without a GPU on Triton's CPU interpreter (about 20 s)")
+    parser.add_argument("--chunk-score", default="sum",
+                        help="HGAConfig.chunk_score to route by (default sum; e.g. running_max, max_group+sum)")
+    parser.add_argument("--group-score", default="sum", help="HGAConfig.group_score (default sum; or bound)")
     parser.add_argument(
         "--no-tune",
         dest="tune",
@@ -235,6 +239,8 @@ def _bench_one(
         "dtype": str(dt).removeprefix("torch."),
         "pinned": dev == "cuda",
         "cuda_graphs": timer.cuda,
+        "chunk_score": cfg.chunk_score,
+        "group_score": cfg.group_score,
     }
     block = args.prefill_block
     pf = f"prefill{block}"
@@ -266,8 +272,9 @@ def _bench_one(
 
     pos = ctx - 1
     n = ctx // c  # chunks the engine closes over ctx tokens
-    gs = torch.randn(bsz, hkv, max(1, n), m, d, generator=gen, device=dev)
-    cs = gs.sum(dim=3)
+    dg = 2 * d if cfg.group_score == "bound" else d  # bound: [min, max] rows
+    gs = torch.randn(bsz, hkv, max(1, n), m, dg, generator=gen, device=dev)
+    cs = gs[..., :d].sum(dim=3)
     t0 = time.perf_counter()
     engine = engine_from_dense(
         k,
@@ -460,12 +467,14 @@ def _bench_one(
     widths = plan_widths(cfg, ctx - 1)
     plan = [torch.full((bsz, hq, block, w_), -1, dtype=torch.int64, device=dev) for w_ in widths]
     plan.append(torch.full((bsz, hq, block, widths[1]), -1, dtype=torch.int32, device=dev))
+    run_carry = _kernel_carry_in(cfg, start, qblk, None)  # running scores: the block opens its chunk
+    carry = None if run_carry is None else (run_carry, run_carry)
     add(
         f"{pf}_stage",
         "hga_route",
         "time",
         "ms",
-        timer.bench(lambda: _route(qblk, cs, gs, start, cfg, widths, tuple(plan)), n=10),
+        timer.bench(lambda: _route(qblk, cs, gs, start, cfg, widths, tuple(plan), carry=carry), n=10),
     )
     if args.tune and timer.cuda:
         add(
@@ -474,7 +483,8 @@ def _bench_one(
             "time",
             "ms",
             timer.bench(
-                lambda: _route(qblk, cs, gs, start, cfg, widths, tuple(plan), precision="tf32x3"), n=10
+                lambda: _route(qblk, cs, gs, start, cfg, widths, tuple(plan), precision="tf32x3", carry=carry),
+                n=10,
             ),
         )
     add(
@@ -542,10 +552,10 @@ def _sweep(dec: LayerDecode, args: argparse.Namespace, timer: _Timer, add, rep: 
     return {"route": route, "splits": splits}
 
 
-def _smoke_config() -> HGAConfig:
+def _smoke_config(chunk_score: str = "sum", group_score: str = "sum") -> HGAConfig:
     """Budgets small enough that a 256-token context has sinks, a local window and routed chunks."""
     return HGAConfig(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=4,
-                     fetch_groups=8)
+                     fetch_groups=8, chunk_score=chunk_score, group_score=group_score)
 
 
 def _rerun_on_interpreter(args: argparse.Namespace) -> int:
@@ -561,6 +571,9 @@ def _rerun_on_interpreter(args: argparse.Namespace) -> int:
         argv += ["--csv", args.csv]
     if not args.tune:
         argv.append("--no-tune")
+    for flag, value in (("--chunk-score", args.chunk_score), ("--group-score", args.group_score)):
+        if value != "sum":
+            argv += [flag, value]
     return subprocess.run(argv, env={**os.environ, "TRITON_INTERPRET": "1"}, check=False).returncode
 
 
@@ -569,15 +582,18 @@ def run(args: argparse.Namespace) -> int:
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         raise UsageError("expected a CUDA GPU (or --smoke, which runs anywhere), got none")
+    try:
+        cfg = HGAConfig(chunk_score=args.chunk_score, group_score=args.group_score)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return _rerun_on_interpreter(args)
-    cfg = HGAConfig()
     contexts, batches, (hq, hkv, d) = args.contexts, args.batch, args.heads
     args.prefill_block = 64
     if args.smoke:  # every code path once, small enough for the CPU interpreter in CI
         contexts, batches, (hq, hkv, d) = [256], [1], (4, 2, 32)
         args.steps, args.warmup_steps = 2, 2
-        cfg = _smoke_config()
+        cfg = _smoke_config(cfg.chunk_score, cfg.group_score)
         # 16 queries, not 64: routing a block costs ~0.4 s per query on the interpreter.
         args.prefill_block = cfg.chunk_size
     dev = "cuda" if cuda else "cpu"
