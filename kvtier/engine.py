@@ -379,6 +379,7 @@ class HGAEngine:
             self._cache_used = torch.zeros((), dtype=torch.int64, device=self.device)  # distinct groups asked
             self._gather_event = torch.cuda.Event() if self.device.type == "cuda" else None
         self._slot_changes = 0
+        self._inflight: list[Any] = []  # PrefetchHandles of the fetch-set prefetches not known to be done
         self._keys_fixed = 0  # window keys of single-position blocks, counted in Python
         self._density_fixed = 0.0
         #: Attended group ids ``[B, Hq, Lb, Kg]`` of the last block (a view of the step's buffer: clone to keep).
@@ -725,8 +726,16 @@ class HGAEngine:
                 self.counters.disk_waits += len(waits)
                 t0 = time.perf_counter()
                 store.prefetch(waits, to="host").wait()
-                self.counters.disk_wait_s += time.perf_counter() - t0
                 lost = [key for key in waits if st.host_np[self._row(key), key.chunk_idx] < 0]
+                if lost and self._inflight and all(store.where(key) for key in lost):
+                    # No host room: the slots may be held by this engine's own earlier prefetches,
+                    # still in flight (a tiny host tier, 1 run in 40 here): let them land, retry once.
+                    for handle in self._inflight:
+                        handle.wait()
+                    self._inflight.clear()
+                    store.prefetch(lost, to="host").wait()
+                    lost = [key for key in lost if st.host_np[self._row(key), key.chunk_idx] < 0]
+                self.counters.disk_wait_s += time.perf_counter() - t0
                 if lost and all(store.where(key) for key in lost):
                     raise CapacityError(
                         f"HGAEngine layer {st.index}: expected room in the host tier for {len(lost)} routed chunks "
@@ -746,7 +755,8 @@ class HGAEngine:
                     if st.host_np[self._row(key), key.chunk_idx] < 0 and (self._row(key), key.chunk_idx) not in st.prefetched
                 ]  # fmt: skip
                 if extra:
-                    store.prefetch(extra, to="host")
+                    self._inflight = [h for h in self._inflight if not h.done()]
+                    self._inflight.append(store.prefetch(extra, to="host"))
                     self.counters.prefetch_issued += len(extra)
                     st.prefetched.update(((self._row(key), key.chunk_idx), step) for key in extra)
                 for rc, asked in list(st.prefetched.items()):
@@ -1146,6 +1156,7 @@ class HGAEngine:
         with self.store.host_lock():
             self._layers = [_Layer(i) for i in range(self.num_layers)]
             self._lead = None
+        self._inflight.clear()
         self.reset_stats()
 
     def close(self) -> None:
