@@ -649,6 +649,8 @@ class HGAEngine:
         mid = (p0 + p1) // 2
         opts = dict(sinks=sinks, softcap=softcap)
         first = self._attend(st, q[:, :, : mid - p0 + 1], p0, mid, scale, **opts)
+        if mid == p0 and self.backend == "kernels":  # LayerDecode's output buffer: the next step rewrites it
+            first = first.clone()
         return torch.cat((first, self._attend(st, q[:, :, mid - p0 + 1 :], mid + 1, p1, scale, **opts)), dim=2)
 
     def _check(self, layer: int, q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -99,6 +99,33 @@ def test_block_too_big_for_the_host_tier_is_split(tmp_path) -> None:
     assert (got - ref).abs().max().item() < 1e-5
 
 
+def test_kernel_flow_block_split_down_to_single_positions(monkeypatch) -> None:
+    """Kernel flow: a prefill block the host tier cannot hold (forced here, after its routing
+    advanced the carry) is attended in halves down to single positions, i.e. decode steps
+    whose output buffer the next step reuses: every position keeps its own output and the
+    running score its carry, as in the reference."""
+    import dataclasses
+
+    from kvtier.engine import _TooManyChunks
+
+    cfg = dataclasses.replace(CFG, chunk_score="running_max")
+    q, k, v = _qkv(101, seed=3, bsz=1)
+    ref, _ = hga_ref(q, k, v, config=cfg, rope_theta=THETA)
+    real = HGAEngine._prefill_kernels
+
+    def no_room(self, st, q_, p0, p1):
+        out = real(self, st, q_, p0, p1)
+        if p0 >= 96:  # chunk 6 (3 candidates for 2 routed chunks)
+            raise _TooManyChunks("test: no room for the block")
+        return out
+
+    monkeypatch.setattr(HGAEngine, "_prefill_kernels", no_room)
+    engine = _engine(backend="kernels", cfg=cfg, cache_entries=32, bsz=1)
+    with engine.store:
+        got = engine.forward(0, q, k, v)
+    assert (got - ref).abs().max().item() < 1e-5
+
+
 def test_full_coverage_equals_dense() -> None:
     from kvtier.reference import dense_attention_ref
 
