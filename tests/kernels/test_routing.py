@@ -141,12 +141,13 @@ def test_routing_options_match_reference_plan(chunk_score, group_score, hq, hkv,
     ],
 )
 def test_decode_steps_with_running_scores_match_reference(chunk_score, group_score, options):
-    """Decode one position at a time across two chunk boundaries, the carry updated in place
-    (LayerDecode's use): every step's plan is the reference's (batch 2, GQA 3, last chunk partial)."""
+    """Decode one position at a time across chunk boundaries, the carry updated in place
+    (LayerDecode's use) over three tiles of chunks: every step's plan is the reference's
+    (batch 2, GQA 3, last chunk partial)."""
     torch.manual_seed(5)
-    cfg = HGAConfig(chunk_size=8, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=4,
+    cfg = HGAConfig(chunk_size=4, group_size=2, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=4,
                     fetch_groups=6, chunk_score=chunk_score, group_score=group_score)
-    c, first, last = 8, 88, 104  # chunks 11 and 12 whole, then position 104 opens chunk 13
+    c, first, last = 4, 164, 177  # chunks 41..43 whole, then 44 partial: 41 to 44 candidates
     q = torch.randn(2, 3, last - first + 1, 16)
     k = torch.randn(2, 1, last + 1, 16)
     _, want = hga_decode_ref(q, k, k, config=cfg, rope_theta=THETA, start_pos=first)
@@ -158,7 +159,7 @@ def test_decode_steps_with_running_scores_match_reference(chunk_score, group_sco
     carry = torch.full((2, 3, last // c), 1e30)
     for t in range(first, last + 1):
         w = windows_at(t, c, cfg.sink_chunks, cfg.local_chunks)
-        bt, nt, kt = route_chunks_tiles(w.local_start, cfg.top_chunks)
+        bt, nt, kt = route_chunks_tiles(w.local_start, cfg.top_chunks, block_t=16)
         widths = plan_widths(cfg, t)
         cands = []
         for term in cfg.chunk_score_terms:
