@@ -25,7 +25,9 @@ from kvtier.reference.hga import HGAStats, RouteCarry, RoutePlan, plan_widths
 from kvtier.reference.summaries import routing_summaries_ref
 from kvtier.rope import RopeSpec
 
-__all__ = ["hga_attention", "BACKENDS", "KERNEL_CHUNK_SCORES", "kernel_chunk_table", "prefill_tables"]
+__all__ = [
+    "hga_attention", "BACKENDS", "KERNEL_CHUNK_SCORES", "kernel_chunk_table", "num_running_terms", "prefill_tables",
+]
 
 #: Accepted values of ``backend``.
 BACKENDS = ("auto", "triton", "reference")
