@@ -340,11 +340,13 @@ def test_gpu_decode_step_captured_in_a_cuda_graph(chunk_score: str) -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_engine_equals_cacheless_kernels(tmp_path) -> None:
+@pytest.mark.parametrize("chunk_score", ["sum", "running_max+max_group"])
+def test_gpu_engine_equals_cacheless_kernels(tmp_path, chunk_score: str) -> None:
     """On the GPU: prefill pieces and decode steps through the engine (host slab pinned, some
-    chunks spilled to disk) equal the cache-less kernel path."""
+    chunks spilled to disk) equal the cache-less kernel path (a running score's decode steps
+    cross chunk boundaries at 1920 and 1984)."""
     cfg = HGAConfig(chunk_size=64, group_size=16, sink_chunks=1, local_chunks=2, top_chunks=4, top_groups=8,
-                    fetch_groups=16)  # fmt: skip
+                    fetch_groups=16, chunk_score=chunk_score)  # fmt: skip
     layout = KVLayout(num_layers=1, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, chunk_size=64, group_size=16)
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(2, 8, 2000, 64, device="cuda", generator=g).bfloat16()
