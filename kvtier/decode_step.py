@@ -183,6 +183,9 @@ class LayerDecode:
         from kvtier.kernels.assign_groups import assign_groups
 
         st, cfg = self.st, self.config
+        if self.widths[2] == 0:  # no candidate chunk yet (a context within the windows): nothing to fetch
+            self.misses.zero_()
+            return
         assign_groups(
             self.plan[2][:, :, 0],
             st.host_table(),
@@ -204,6 +207,8 @@ class LayerDecode:
         from kvtier.kernels.gather_groups import gather_groups
 
         g = self.config.group_size
+        if self.widths[2] == 0:  # nothing fetched (see assign)
+            return
         if self.gather_segmented:  # copies only the misses of each (b, kvh), counts from assign
             gather_groups(self.host_slab, self.table, self.device_slab, group_size=g, counts=self.misses.view(-1))
         else:
