@@ -7,11 +7,15 @@ from kvtier.layout import anchor_position, num_chunks, windows_at
 import torch
 
 
-def test_hga_defaults_are_the_papers():
+def test_hga_defaults_are_the_papers_but_top_chunks():
     c = HGAConfig()
     assert (c.chunk_size, c.group_size, c.sink_chunks, c.local_chunks) == (64, 16, 2, 8)
-    assert (c.top_chunks, c.top_groups, c.fetch_groups, c.rope_cutoff_rad) == (16, 32, 64, 0.5)
+    assert (c.top_chunks, c.top_groups, c.fetch_groups, c.rope_cutoff_rad) == (32, 32, 64, 0.5)
+    assert (c.chunk_score, c.group_score) == ("sum", "sum")
     assert c.groups_per_chunk == 4
+    p = HGAConfig.paper()
+    assert p.top_chunks == 16 and p == HGAConfig(top_chunks=16)
+    assert HGAConfig.paper(top_groups=8).top_groups == 8
 
 
 @pytest.mark.parametrize(

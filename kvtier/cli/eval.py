@@ -392,7 +392,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keys per query for every sparse method, sinks + local + current chunk included "
                              "(default: HGA's default configuration, 1216)")
     parser.add_argument("--top-chunks", type=positive_int, default=None,
-                        help="HGA's first-level routing width (default 16); it does not change the keys attended")
+                        help="HGA's first-level routing width (default 32; the paper: 16); it does not change the keys attended")
     parser.add_argument("--local-chunks", type=nonnegative_int, default=None,
                         help="HGA's local window in chunks (default 8); every sparse method keeps the same windows")
     parser.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
