@@ -42,9 +42,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,45 +49,24 @@ import torch
 
 from kvtier.config import HGAConfig
 from kvtier.decode_step import LayerDecode
-from kvtier.errors import CapacityError, TransferError
-from kvtier.layout import Windows, window_keys, windows_at
-from kvtier.reference.hga import RouteCarry, RoutePlan, check_logit_options, plan_widths, route_block
+from kvtier.engine_residency import _Residency, _TooManyChunks
+from kvtier.engine_state import _Counters, _Layer, _normal_tensors
+from kvtier.engine_torch import _TorchFlow
+from kvtier.engine_unions import _BIG, _union
+from kvtier.layout import window_keys
+from kvtier.reference.hga import check_logit_options, plan_widths
 from kvtier.reference.rope import rope_inv_freq
 from kvtier.reference.summaries import routing_summaries_ref
-from kvtier.store import ChunkKey, TieredStore
+from kvtier.store import TieredStore
 
 __all__ = ["BACKENDS", "HGAEngine", "engine_from_dense"]
 
 #: Accepted values of ``backend``.
 BACKENDS = ("auto", "torch", "kernels")
 
-_BIG = 1 << 62  # padding of sorted id rows (sorts after every real id)
-_PREFETCH_TTL = 64  # decode steps a prefetched chunk is tracked for the prefetch hit share
-
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _normal_tensors() -> Any:
-    """Engine state is created outside inference mode: it is updated in place across calls
-    that may run inside or outside ``torch.inference_mode()`` and by the store's I/O threads."""
-    return torch.inference_mode(False)
-
-
-def _union(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sorted distinct ids of each row of ``ids [..., n]`` (-1 = none): ``([..., U], U)``, ``_BIG`` padded.
-
-    U is the longest row's count (one device-to-host read on CUDA).
-    """
-    if ids.shape[-1] == 0:
-        return ids.new_full((*ids.shape[:-1], 0), _BIG), 0
-    x = torch.where(ids < 0, _BIG, ids).sort(dim=-1).values
-    dup = torch.zeros_like(x, dtype=torch.bool)
-    dup[..., 1:] = x[..., 1:] == x[..., :-1]
-    x = torch.where(dup, _BIG, x).sort(dim=-1).values
-    u = int((x < _BIG).sum(dim=-1).max()) if x.numel() else 0
-    return x[..., :u].contiguous(), u
 
 
 # Device group cache when no budget is given (engine_from_dense, direct use): 4 GiB.
@@ -104,124 +80,12 @@ def _resolved(device: torch.device) -> torch.device:
     return device
 
 
-def _union_by_first_use(ids: torch.Tensor, width: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Distinct group ids of each row, ordered by the first position that chose them.
-
-    Parameters
-    ----------
-    ids : Tensor ``[B, Hkv, Lb, n]`` int64
-        Per (row, KV head, position) the groups its query heads chose (-1 = none).
-    width : int or None
-        Columns of the result; None: the longest row's count (one device-to-host read).
-
-    Returns
-    -------
-    union : Tensor ``[B, Hkv, U]`` int64, ``_BIG`` padded
-        A column's position depends only on the positions up to the first one that chose
-        it, so a query's groups sit in the same columns whatever later positions chose; with
-        a fixed ``width`` the shapes do not depend on them either (bit-exact causality).
-    col : Tensor ``[B, Hkv, Lb, n]`` int64
-        Column of each entry of ``ids`` in ``union`` (``U`` for -1 entries).
-    U : int
-    """
-    b, h, lb, n = ids.shape
-    flat = ids.reshape(b, h, lb * n)
-    pos = torch.arange(lb, device=ids.device).repeat_interleave(n)
-    key = torch.where(flat < 0, _BIG, flat * lb + pos).sort(dim=-1).values  # by id, then position
-    gid, first = key // lb, key % lb
-    dup = torch.zeros_like(key, dtype=torch.bool)
-    dup[..., 1:] = gid[..., 1:] == gid[..., :-1]
-    big = _BIG // (lb + 1)
-    order_key = torch.where(dup | (key >= _BIG), _BIG, first * big + gid).sort(dim=-1).values
-    union = torch.where(order_key >= _BIG, _BIG, order_key % big)
-    if width is None:
-        width = int((union < _BIG).sum(dim=-1).max()) if union.numel() else 0
-    union = union[..., :width] if union.shape[-1] >= width else torch.nn.functional.pad(
-        union, (0, width - union.shape[-1]), value=_BIG
-    )
-    by_id = union.argsort(dim=-1)
-    srt = union.gather(-1, by_id)
-    at = torch.searchsorted(srt, flat.clamp(min=0)).clamp(max=max(width - 1, 0))
-    col = by_id.gather(-1, at) if width else at
-    col = torch.where(flat >= 0, col, width).reshape(b, h, lb, n)
-    return union.contiguous(), col, width
-
-
-def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """Logit soft-capping ``softcap * tanh(scores / softcap)`` in place (Gemma-2), before masking."""
-    if softcap is None:
-        return scores
-    return scores.div_(softcap).tanh_().mul_(softcap)
-
-
 def _fixed_keys(positions: torch.Tensor, config: HGAConfig) -> torch.Tensor:
     """Keys of the windows and the causal current chunk of each position ``[Lq]``."""
     return window_keys(positions, config.chunk_size, config.sink_chunks, config.local_chunks)
 
 
-class _TooManyChunks(CapacityError):
-    """One block's routed chunks of one layer do not fit in the host tier at once."""
-
-
-@dataclass
-class _Counters:
-    """Python-side counters of the engine (device-side ones live in tensors)."""
-
-    queries: int = 0
-    decode_steps: int = 0
-    disk_waits: int = 0  # routed chunks a step waited for (disk to host)
-    disk_wait_s: float = 0.0
-    prefetch_issued: int = 0
-    prefetch_hits: int = 0  # routed chunks that were disk-resident, made host-resident by prefetch in time
-    host_syncs: int = 0  # deliberate device-to-host reads (residency checks, table sizes)
-    fence_waits: int = 0  # host slot reuse waited for queued gathers
-
-
-class _Layer:
-    """State of one layer (see the module docstring)."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.num_tokens = 0
-        self.num_closed = 0
-        self.cap = 0
-        self.cs: torch.Tensor | None = None  # [B, Hkv, cap, D] float32
-        self.gs: torch.Tensor | None = None  # [B, Hkv, cap, M, D] float32
-        self.slab: torch.Tensor | None = None  # [B * hot + cache slots, 2, Hkv, C, D]
-        self._ring: torch.Tensor | None = None  # [B, hot, 2, Hkv, C, D] view of its first slots
-        self.ring_chunk: list[int] = []  # chunk held by each ring slot (-1: none)
-        self.slot_map: torch.Tensor | None = None  # [B, cap] int32, ring slot of window chunks
-        self.host_np: np.ndarray = np.zeros((0, 0), dtype=np.int32)  # [B, cap] host slot, -1 absent
-        self.host_cpu: torch.Tensor | None = None  # torch view of host_np
-        self.host_dev: torch.Tensor | None = None  # device copy (CUDA only)
-        self.dirty: set[tuple[int, int]] = set()  # entries of host_np not yet in host_dev
-        self.missing: set[tuple[int, int]] = set()  # closed chunks not in the host tier
-        self.prefetched: dict[tuple[int, int], int] = {}  # (row, chunk) -> decode step it was asked for
-        # group cache (kernels): where [B, Hkv, cap * M], tags / stamp [B, Hkv, E], counter [B, Hkv]
-        self.where: torch.Tensor | None = None
-        self.tags: torch.Tensor | None = None
-        self.stamp: torch.Tensor | None = None
-        self.counter: torch.Tensor | None = None
-        self.decode: LayerDecode | None = None
-        # Routing options that keep state across the positions of one chunk (a running-max
-        # chunk score) carry it from block to block: RoutePlan.carry of the last block (torch
-        # flow), or the kernels' maxima [R, B, Hq, cap] float32 by chunk index (kernel flow,
-        # R running terms), which route_chunks resets itself when a chunk opens.
-        self.carry: RouteCarry | None = None
-        self.running: torch.Tensor | None = None
-
-    @property
-    def ring(self) -> torch.Tensor:
-        """``[B, hot, 2, Hkv, C, D]`` view of the ring slots."""
-        assert self._ring is not None
-        return self._ring
-
-    def host_table(self) -> torch.Tensor:
-        """Slot table the compute device reads: ``[B, cap]`` int32."""
-        return self.host_dev if self.host_dev is not None else self.host_cpu  # type: ignore[return-value]
-
-
-class HGAEngine:
+class HGAEngine(_Residency, _TorchFlow):
     """HGA over a :class:`kvtier.TieredStore`: summaries, windows, group cache and slot tables per layer.
 
     Parameters
@@ -387,31 +251,6 @@ class HGAEngine:
         store.watch_host_slots(self._on_host_slot)
         if self._gather_event is not None:
             store.add_host_fence(self._fence)
-
-    # ------------------------------------------------------------------ store callbacks
-    def _on_host_slot(self, key: ChunkKey, slot: int) -> None:
-        """Store callback (under its lock, any thread): keep the slot tables current."""
-        b, j = key.seq_id - self.first_seq_id, key.chunk_idx
-        if not 0 <= b < self.batch_size:
-            return  # another engine's sequence
-        st = self._layers[key.layer]
-        if j >= st.cap:
-            return
-        st.host_np[b, j] = slot
-        self._slot_changes += 1
-        if st.host_dev is not None:
-            st.dirty.add((b, j))
-        if j < st.num_closed:
-            if slot < 0:
-                st.missing.add((b, j))
-            else:
-                st.missing.discard((b, j))
-
-    def _fence(self) -> None:
-        """Store fence: a host slot freed by eviction may be read by a queued gather."""
-        if self._gather_event is not None:
-            self.counters.fence_waits += 1
-            self._gather_event.synchronize()
 
     # ------------------------------------------------------------------ state
     def _ring_slot(self, chunk: int) -> int:
@@ -678,266 +517,6 @@ class HGAEngine:
             raise ValueError(f"q: expected [{b}, {self.num_q_heads}, {k.shape[2]}, {d}], got {list(q.shape)}")
         if q.stride(-1) != 1:
             raise ValueError(f"q: expected a contiguous last dim, got strides {q.stride()}")
-
-    # ------------------------------------------------------------------ residency
-    def _keys_of(self, st: _Layer, ids: torch.Tensor) -> list[ChunkKey]:
-        """Distinct (row, layer, chunk) keys of the chunks of global group ids ``[B, ...]`` (-1 = none)."""
-        m = self.hga.groups_per_chunk
-        flat = ids.reshape(ids.shape[0], -1)
-        rows = torch.arange(flat.shape[0], device=flat.device)[:, None].expand_as(flat)
-        code = torch.where(flat >= 0, rows * (1 << 40) + flat // m, -1).reshape(-1)
-        code = torch.unique(code[code >= 0])
-        if code.device.type != "cpu":
-            self.counters.host_syncs += 1
-        base = self.first_seq_id
-        return [ChunkKey(base + (x >> 40), st.index, x & ((1 << 40) - 1)) for x in code.tolist()]
-
-    def _row(self, key: ChunkKey) -> int:
-        """Batch row of a store key of this engine."""
-        return key.seq_id - self.first_seq_id
-
-    def _make_resident(
-        self, st: _Layer, attended: torch.Tensor, fetch: Callable[[], torch.Tensor]
-    ) -> list[ChunkKey]:
-        """Pin the routed chunks, wait for those on disk only, prefetch the rest of the fetch set.
-
-        Returns the pinned keys (the caller unpins them once its gather is queued).
-        """
-        store = self.store
-        need = self._keys_of(st, attended)
-        host_slots = store.host_slab.shape[0]
-        if len(need) > host_slots and any(st.host_np[self._row(k), k.chunk_idx] < 0 for k in need):
-            raise _TooManyChunks(
-                f"host tier: expected room for one block's {len(need)} routed chunks of layer {st.index}, "
-                f"got {host_slots} slots; raise StoreConfig.host_bytes"
-            )
-        with store.host_lock():
-            slots = {key: int(st.host_np[self._row(key), key.chunk_idx]) for key in need}
-            for key in need:
-                if st.prefetched.pop((self._row(key), key.chunk_idx), None) is not None and slots[key] >= 0:
-                    self.counters.prefetch_hits += 1
-            try:
-                store.pin(need)
-            except KeyError as exc:
-                raise TransferError(
-                    f"HGAEngine layer {st.index}: expected every routed chunk in the store, got {exc.args[0]}"
-                ) from None
-        waits = [key for key in need if slots[key] < 0]
-        try:
-            if waits:
-                self.counters.disk_waits += len(waits)
-                t0 = time.perf_counter()
-                store.prefetch(waits, to="host").wait()
-                lost = [key for key in waits if st.host_np[self._row(key), key.chunk_idx] < 0]
-                if lost and self._inflight and all(store.where(key) for key in lost):
-                    # No host room: the slots may be held by this engine's own earlier prefetches,
-                    # still in flight (a tiny host tier, 1 run in 40 here): let them land, retry once.
-                    for handle in self._inflight:
-                        handle.wait()
-                    self._inflight.clear()
-                    store.prefetch(lost, to="host").wait()
-                    lost = [key for key in lost if st.host_np[self._row(key), key.chunk_idx] < 0]
-                self.counters.disk_wait_s += time.perf_counter() - t0
-                if lost and all(store.where(key) for key in lost):
-                    raise CapacityError(
-                        f"HGAEngine layer {st.index}: expected room in the host tier for {len(lost)} routed chunks "
-                        f"read from disk (first {tuple(lost[0])}), got none: every slot pinned or in flight, or the "
-                        "read failed (see the kvtier.store log); raise StoreConfig.host_bytes"
-                    )
-                if lost:
-                    raise TransferError(
-                        f"HGAEngine layer {st.index}: expected routed chunks readable from disk, got {len(lost)} "
-                        f"failed or lost (first {tuple(lost[0])}); see the kvtier.store log"
-                    )
-            if self.prefetch:
-                want = set(self._keys_of(st, fetch())) - set(need)
-                step = self.counters.decode_steps
-                extra = [
-                    key for key in sorted(want)
-                    if st.host_np[self._row(key), key.chunk_idx] < 0 and (self._row(key), key.chunk_idx) not in st.prefetched
-                ]  # fmt: skip
-                if extra:
-                    self._inflight = [h for h in self._inflight if not h.done()]
-                    self._inflight.append(store.prefetch(extra, to="host"))
-                    self.counters.prefetch_issued += len(extra)
-                    st.prefetched.update(((self._row(key), key.chunk_idx), step) for key in extra)
-                for rc, asked in list(st.prefetched.items()):
-                    if step - asked > _PREFETCH_TTL:
-                        del st.prefetched[rc]
-        except BaseException:
-            store.unpin(need)
-            raise
-        return need
-
-    def _fetch_set(self, chunk_ids: torch.Tensor, fetch_ids: torch.Tensor) -> torch.Tensor:
-        """What prefetch brings to the host tier, as group ids ``[B, n]``: the groups of
-        ``fetch_group_ids`` and the first group of every routed chunk (a chunk the router picked
-        but no query attended yet is the likeliest to be attended at the next step)."""
-        m = self.hga.groups_per_chunk
-        b = chunk_ids.shape[0]
-        first = torch.where(chunk_ids >= 0, chunk_ids * m, -1)
-        return torch.cat((fetch_ids.reshape(b, -1), first.reshape(b, -1)), dim=1)
-
-    def _drain(self, st: _Layer) -> None:
-        """Copy slot-table changes to the device table (CUDA; under the store lock)."""
-        if st.host_dev is None or not st.dirty:
-            return
-        items = list(st.dirty)
-        st.dirty.clear()
-        rows = torch.tensor([i for i, _ in items], dtype=torch.long)
-        cols = torch.tensor([j for _, j in items], dtype=torch.long)
-        vals = st.host_cpu[rows, cols]  # type: ignore[index]
-        st.host_dev[rows.to(self.device), cols.to(self.device)] = vals.to(self.device)
-
-    def _resident(
-        self, st: _Layer, attended: torch.Tensor, fetch: Callable[[], torch.Tensor], gather: Callable[[], bool]
-    ) -> None:
-        """Run ``gather`` under the store lock once every attended chunk is host-resident.
-
-        ``fetch()`` builds the fetch set only when residency is checked (a steady step never
-        launches those ops).
-
-        ``gather`` returns False when it finds an attended chunk off the host tier (the torch
-        flow checks its slots); it then runs again after :meth:`_make_resident`.
-        """
-        pinned: list[ChunkKey] = []
-        checked = False
-        try:
-            for _ in range(4):
-                if (st.missing or st.prefetched) and not checked:
-                    pinned = self._make_resident(st, attended, fetch)
-                    checked = True
-                with self.store.host_lock():
-                    if st.missing and not checked:
-                        continue
-                    self._drain(st)
-                    if gather():
-                        return
-                if checked:
-                    break
-                checked = False
-            raise CapacityError(
-                f"HGAEngine layer {st.index}: expected the routed chunks to stay host-resident, got them evicted "
-                "again; raise StoreConfig.host_bytes"
-            )
-        finally:
-            if pinned:
-                self.store.unpin(pinned)
-
-    # ------------------------------------------------------------------ torch flow
-    def _route_torch(
-        self, st: _Layer, q: torch.Tensor, p0: int, win: Windows, widths: tuple[int, int, int]
-    ) -> RoutePlan:
-        assert st.cs is not None and st.gs is not None
-        n = st.num_closed
-        plan = route_block(
-            q.float(), st.cs[:, :, :n], st.gs[:, :, :n], win, self.hga, widths, first_pos=p0, carry=st.carry
-        )
-        st.carry = plan.carry
-        return plan
-
-    def _ring_hidden(self, st: _Layer, win: Windows, p0: int, p1: int, device: torch.device) -> torch.Tensor:
-        """Bool ``[rep * Lb, hot * C]``: the ring keys each query row (``r * Lb + l``) does not attend.
-
-        Every layer of one step has the same ring and positions: the last one is reused.
-        """
-        key = (tuple(st.ring_chunk), p0, p1, device)
-        cached = getattr(self, "_ring_hidden_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        hidden = (~self._ring_mask(st, win, p0, p1, device)).repeat(self.rep, 1)
-        self._ring_hidden_cache = (key, hidden)
-        return hidden
-
-    def _ring_mask(self, st: _Layer, win: Windows, p0: int, p1: int, device: torch.device) -> torch.Tensor:
-        """Bool ``[Lb, hot * C]``: which ring keys each query of the block attends."""
-        c = self.hga.chunk_size
-        rc = torch.tensor(st.ring_chunk, device=device)
-        fixed = (rc >= 0) & ((rc < win.sink_end) | ((rc >= win.local_start) & (rc < win.current)))
-        kpos = (rc[:, None] * c + torch.arange(c, device=device)).reshape(-1)
-        qpos = torch.arange(p0, p1 + 1, device=device)
-        own = (rc == win.current).repeat_interleave(c)[None, :] & (kpos[None, :] <= qpos[:, None])
-        return fixed.repeat_interleave(c)[None, :] | own
-
-    def _block_torch(
-        self, st: _Layer, q: torch.Tensor, p0: int, p1: int, scale: float, *,
-        sinks: torch.Tensor | None = None, softcap: float | None = None,
-    ) -> torch.Tensor:
-        cfg = self.hga
-        c, g, m = cfg.chunk_size, cfg.group_size, cfg.groups_per_chunk
-        b, hq, lb, d = q.shape
-        hkv, rep = self.num_kv_heads, self.rep
-        win = windows_at(p0, c, cfg.sink_chunks, cfg.local_chunks)
-        widths = plan_widths(cfg, p1)
-        plan = self._route_torch(st, q, p0, win, widths)
-        ids = plan.group_ids.reshape(b, hkv, rep * lb, widths[1])  # rows r * Lb + l of KV head kvh
-        per_pos = ids.reshape(b, hkv, rep, lb, -1).transpose(2, 3).reshape(b, hkv, lb, -1)
-        # A block of several positions gets a union of fixed width (every candidate group, at
-        # most rep * Lb * Kg): what one position attends then never depends on later ones.
-        width = None if lb == 1 else min(rep * lb * widths[1], win.num_candidates * m)
-        union, col, u = _union_by_first_use(per_pos, width)
-        slab_dev = self.store.host_slab.device
-        got: dict[str, torch.Tensor] = {}
-
-        def gather() -> bool:
-            if u == 0:
-                return True
-            table = st.host_cpu if slab_dev.type == "cpu" else st.host_table()
-            valid = union < _BIG
-            chunk = torch.where(valid, union // m, 0).to(slab_dev)
-            rows = torch.arange(b, device=slab_dev)[:, None, None]
-            slots = table.to(slab_dev)[rows, chunk]  # type: ignore[union-attr]
-            if bool((valid.to(slab_dev) & (slots < 0)).any()):
-                return False
-            grp = torch.where(valid, union % m, 0).to(slab_dev)
-            kvh = torch.arange(hkv, device=slab_dev)[None, :, None]
-            slab = self.store.host_slab
-            # Rows of G * D contiguous elements (one group of one head, K or V) copied by
-            # index_select: element-wise advanced indexing was 4x slower on the CPU.
-            row = (slots.clamp(min=0).long() * 2 * hkv + kvh) * m + grp  # K row; V is hkv * m rows on
-            row = torch.stack((row, row + hkv * m), dim=-1).reshape(-1)
-            rows_kv = slab.view(-1, g * d).index_select(0, row).view(b, hkv, u, 2, g * d)
-            if not bool(valid.all()):  # padding columns: zeros (never attended; slab bytes may be NaN)
-                rows_kv.masked_fill_(~valid.to(slab_dev)[..., None, None], 0)
-            got["kv"] = rows_kv.to(q.device)
-            return True
-
-        self._resident(st, plan.group_ids, lambda: self._fetch_set(plan.chunk_ids, plan.fetch_group_ids), gather)
-        qf = q.float().reshape(b, hkv, rep * lb, d)
-        ring = st.ring
-        kw = ring[:, :, 0].permute(0, 2, 1, 3, 4).reshape(b, hkv, self.hot * c, d).float()
-        vw = ring[:, :, 1].permute(0, 2, 1, 3, 4).reshape(b, hkv, self.hot * c, d).float()
-        hidden_w = self._ring_hidden(st, win, p0, p1, q.device)  # [rep * Lb, hot * C]
-        sw = _capped(torch.matmul(qf, kw.transpose(-1, -2)).mul_(scale), softcap).masked_fill_(hidden_w, float("-inf"))
-        top = sw.amax(dim=-1, keepdim=True)  # finite: every query sees its own token
-        if u:
-            self._gathered += (union < _BIG).sum()
-            kv = got["kv"].float()
-            kr = kv[:, :, :, 0].reshape(b, hkv, u * g, d)
-            vr = kv[:, :, :, 1].reshape(b, hkv, u * g, d)
-            cols = col.reshape(b, hkv, lb, rep, -1).transpose(2, 3).reshape(ids.shape)  # back to rows r * Lb + l
-            vis = torch.zeros(b, hkv, rep * lb, u + 1, dtype=torch.bool, device=q.device)
-            vis.scatter_(3, cols, True)
-            vis = vis[..., :u].repeat_interleave(g, dim=3)
-            sr = _capped(torch.matmul(qf, kr.transpose(-1, -2)).mul_(scale), softcap).masked_fill_(~vis, float("-inf"))
-            top = torch.maximum(top, sr.amax(dim=-1, keepdim=True))
-        if sinks is not None:  # one more softmax entry per query head, no value: [1, Hkv, rep * Lb, 1]
-            sink = sinks.float().reshape(1, hkv, rep, 1, 1).expand(1, hkv, rep, lb, 1).reshape(1, hkv, rep * lb, 1)
-            top = torch.maximum(top, sink)
-        # Softmax over [window keys | routed keys] without concatenating them: one shared max.
-        ew = sw.sub_(top).exp_()
-        den = ew.sum(dim=-1, keepdim=True)
-        out = torch.matmul(ew, vw)
-        if u:
-            er = sr.sub_(top).exp_()
-            den += er.sum(dim=-1, keepdim=True)
-            out += torch.matmul(er, vr)
-        if sinks is not None:
-            den += (sink - top).exp_()
-        out /= den
-        self._count(plan.group_ids, p0, p1)
-        self.last_group_ids = plan.group_ids
-        return out.reshape(b, hq, lb, d).to(q.dtype)
 
     def _count(self, group_ids: torch.Tensor, p0: int, p1: int) -> None:
         """Keys attended per query and density, accumulated on the device (no host sync)."""
