@@ -271,7 +271,7 @@ def test_prefetch_to_device_in_many_sub_batches_is_bit_exact(tmp_path) -> None:
 
 
 def test_failed_device_copy_reports_keys_and_frees_slots(tmp_path, monkeypatch) -> None:
-    import kvtier.store as store_mod
+    import kvtier.store_prefetch as store_mod
 
     with make(tmp_path, host=4, gpu=4) as store:
         keys = [ChunkKey(0, 0, i) for i in range(4)]
