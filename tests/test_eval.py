@@ -100,12 +100,13 @@ def test_markdown_table_marks_sparse_rows_that_were_dense() -> None:
 
 
 def test_eval_local_chunks_and_backend(tmp_path) -> None:
-    """--local-chunks moves keys from the local window to routed groups at the same budget."""
+    """--local-chunks moves keys from the local window to routed groups at the same budget; --group-size splits them finer."""
     from tests.tiny_model import tiny_model_folder
 
     folder = str(tiny_model_folder())
     rows = {}
-    for name, extra in (("default", []), ("local4", ["--local-chunks", "4", "--backend", "reference"])):
+    for name, extra in (("default", []), ("local4", ["--local-chunks", "4", "--backend", "reference"]),
+                        ("gs8", ["--group-size", "8"])):
         out = tmp_path / f"{name}.json"
         assert main(["eval", "--model", folder, "--lengths", "1024", "--budget", "720", "--methods", "dense,hga",
                      "--json", str(out), "--device", "cpu", *extra]) == 0
@@ -115,6 +116,10 @@ def test_eval_local_chunks_and_backend(tmp_path) -> None:
     assert rows["default"]["hga"]["mean_keys_per_query"] == pytest.approx(rows["local4"]["hga"]["mean_keys_per_query"])
     assert rows["default"]["hga"]["nats_per_token"] != rows["local4"]["hga"]["nats_per_token"]
     assert rows["default"]["dense"]["nats_per_token"] == rows["local4"]["dense"]["nats_per_token"]
+    # groups of 8: as many routed keys in twice as many groups
+    assert rows["gs8"]["hga"]["mean_keys_per_query"] == pytest.approx(rows["default"]["hga"]["mean_keys_per_query"])
+    assert rows["gs8"]["hga"]["nats_per_token"] != rows["default"]["hga"]["nats_per_token"]
+    assert main(["eval", "--group-size", "24"]) == 2
     assert main(["eval", "--backend", "fast"]) == 2
 
 

@@ -395,6 +395,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HGA's first-level routing width (default 32; the paper: 16); it does not change the keys attended")
     parser.add_argument("--local-chunks", type=nonnegative_int, default=None,
                         help="HGA's local window in chunks (default 8); every sparse method keeps the same windows")
+    parser.add_argument("--group-size", type=positive_int, default=None,
+                        help="HGA's group size in tokens, a divisor of 64 (default 16; Quest's pages stay 16 tokens)")
     parser.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
                         help="HGA's path: the kernels on CUDA where they serve the routing option (auto), or "
                              "force the kernels or the reference (the spec, as the fidelity tables on CPU)")
@@ -460,6 +462,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     windows = {} if args.local_chunks is None else {"local_chunks": args.local_chunks}
+    if args.group_size is not None:
+        windows["group_size"] = args.group_size
+        if HGAConfig().chunk_size % args.group_size:
+            raise UsageError(f"--group-size: expected a divisor of the chunk size {HGAConfig().chunk_size}, got {args.group_size}")
     base = HGAConfig(**windows) if args.top_chunks is None else HGAConfig(top_chunks=args.top_chunks, **windows)
     if args.smoke:  # seconds: one short length, one group routed, one seed of every task
         lengths, args.budget, args.budgets, args.seeds = [768], 720, None, 1
@@ -665,6 +671,7 @@ def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budge
                        "lengths": args.lengths, "methods": args.methods, "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "backend": args.backend,
                        "local_chunks": args.local_chunks, "top_chunks": args.top_chunks,
+                       "group_size": args.group_size,
                        "device": torch.cuda.get_device_name(0) if cuda else "cpu", "commit": source_commit(),
                        "text_file": str(args.text_file) if args.text_file else "kvtier/data/essay.txt"},
         "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in rows],
