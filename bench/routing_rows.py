@@ -21,16 +21,23 @@ from kvtier.cli.plots import plot_bars, plot_lines
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 #: CPU-only rows kept from the previous docs/routing.json (options the GPU queue did not run).
 KEEP_CPU = ("hga-max_group-bound", "hga-sum-bound", "hga-running_max")
-CORE = ("hga", "hga-max_group", "quest", "oracle")
+
+
+def top_chunks_of(cond: dict) -> int:
+    """The run's first-level width: recorded by newer runs, given by ``--top-chunks``, or the
+    default of the runs that recorded neither (16, before issue 11 changed it to 32)."""
+    return (cond.get("hga") or {}).get("top_chunks") or cond.get("top_chunks") or 16
 
 
 def label(method: str, cond: dict) -> str:
-    """The method and what its run changed from the defaults."""
+    """The method, HGA's first-level width (``tc16`` ...) and any other change from the defaults."""
     parts = ["hga (sum)" if method == "hga" else method]
-    if cond.get("top_chunks") and method.startswith("hga"):
-        parts.append(f"tc{cond['top_chunks']}")
+    if method.startswith("hga"):
+        parts.append(f"tc{top_chunks_of(cond)}")
     if cond.get("local_chunks") is not None:
         parts.append(f"local{cond['local_chunks']}")
+    if cond.get("group_size") is not None:
+        parts.append(f"gs{cond['group_size']}")
     return " ".join(parts)
 
 
@@ -44,10 +51,10 @@ def load(paths: list[str]) -> list[dict]:
             if r["nats_per_token"] is None and r["depth"] is None and r.get("task") is None:
                 continue  # the per-grid summaries: recomputed from the cells
             rows.append(dict(r, label=label(r["method"], cond), source=f.name, device=cond.get("device", "cpu"),
-                             backend=cond.get("backend", "auto"), top_chunks=cond.get("top_chunks"),
-                             local_chunks=cond.get("local_chunks")))
+                             backend=cond.get("backend", "auto"), top_chunks=top_chunks_of(cond),
+                             local_chunks=cond.get("local_chunks"), group_size=cond.get("group_size")))
     old = json.loads((DOCS / "routing.json").read_text())["rows"] if (DOCS / "routing.json").exists() else []
-    rows += [dict(r, label=r.get("label", r["method"]), device=r.get("device", "cpu"))
+    rows += [dict(r, label=label(r["method"], {}), device="cpu", top_chunks=16)
              for r in old if r["method"] in KEEP_CPU and r.get("device", "cpu") == "cpu"]
     return rows
 
@@ -65,7 +72,7 @@ def main(paths: list[str]) -> None:
     for length in (4096, 8192):  # gap against budget, the paper's windows
         sweep: dict[str, dict[int, float]] = {}
         for r in nll:
-            if r["length"] == length and r["method"] in CORE and r["label"] in ("hga (sum)", *CORE[1:]):
+            if r["length"] == length and r["label"] in ("hga (sum) tc16", "hga-max_group tc16", "quest", "oracle"):
                 sweep.setdefault(r["label"], {})[r["budget"]] = r["gap_vs_dense"]
         series = {m: (sorted(v), [v[b] for b in sorted(v)]) for m, v in sweep.items()}
         plot_lines(DOCS / f"routing_budget_{length // 1024}k.png", series, "keys per query (budget)",
@@ -80,19 +87,21 @@ def main(paths: list[str]) -> None:
 
     cells = {}  # one result per (label, length, depth): the same prompt measured twice gives one cell
     for r in rows:
-        if r["depth"] is not None and r["needle_accuracy"] is not None and r.get("task") is None:
+        if r["depth"] is not None and r["needle_accuracy"] is not None and r.get("task") is None and r["budget"] == 1216:
             cells[(r["label"], r["length"], r["depth"])] = r["needle_accuracy"]
-    found: dict[str, dict[int, list[float]]] = {}
+    found: dict[str, dict[str, float]] = {}  # length -> label -> needles found there (of the depths)
+    grid = {(n, d) for _, n, d in cells}
     for (m, n, _), ok in cells.items():
-        found.setdefault(m, {}).setdefault(n, []).append(ok)
-    series = {m: (sorted(v), [sum(v[n]) / len(v[n]) for n in sorted(v)]) for m, v in found.items()}
-    plot_lines(DOCS / "routing_needles.png", series, "context (tokens)", "needles found (fraction of depths)",
-               "SmolLM2-135M, 1,216 keys per query: needles by routing rule")
+        if all((m, n2, d2) in cells for n2, d2 in grid):  # complete grids only
+            found.setdefault(f"{n} tokens", {}).setdefault(m, 0.0)
+            found[f"{n} tokens"][m] += ok
+    plot_bars(DOCS / "routing_needles.png", found, "needles found (of 3 depths)",
+              "SmolLM2-135M, 1,216 keys per query: needles by routing rule")
 
     tasks: dict[str, dict[str, list[float]]] = {}  # task -> label -> per-sample results (every length, seed)
     seen = set()
     for r in rows:
-        if r.get("task") and r.get("seed") is not None:
+        if r.get("task") and r.get("seed") is not None and r["budget"] == 1216:
             key = (r["task"], r["length"], r["seed"], r["label"])
             if key not in seen:  # a seed re-run by a later queue item is the same prompt
                 seen.add(key)

@@ -112,7 +112,7 @@ def test_eval_local_chunks_and_backend(tmp_path) -> None:
                      "--json", str(out), "--device", "cpu", *extra]) == 0
         rows[name] = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
     # 720 keys: 704 of windows + 1 group by default, 448 of windows + 17 groups with 4 local
-    # chunks: as many keys per query, other keys
+    # chunks: as many keys per query, other keys (without --budget, 1216 either way)
     assert rows["default"]["hga"]["mean_keys_per_query"] == pytest.approx(rows["local4"]["hga"]["mean_keys_per_query"])
     assert rows["default"]["hga"]["nats_per_token"] != rows["local4"]["hga"]["nats_per_token"]
     assert rows["default"]["dense"]["nats_per_token"] == rows["local4"]["dense"]["nats_per_token"]
@@ -120,6 +120,12 @@ def test_eval_local_chunks_and_backend(tmp_path) -> None:
     assert rows["gs8"]["hga"]["mean_keys_per_query"] == pytest.approx(rows["default"]["hga"]["mean_keys_per_query"])
     assert rows["gs8"]["hga"]["nats_per_token"] != rows["default"]["hga"]["nats_per_token"]
     assert main(["eval", "--group-size", "24"]) == 2
+    out = tmp_path / "nobudget.json"  # the default budget does not move with the windows
+    assert main(["eval", "--model", folder, "--lengths", "256", "--methods", "hga", "--local-chunks", "4",
+                 "--group-size", "8", "--json", str(out), "--device", "cpu"]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["conditions"]["budget"] == 1216 and payload["finished"]
+    assert (payload["conditions"]["hga"]["top_groups"], payload["conditions"]["hga"]["local_chunks"]) == (96, 4)
     assert main(["eval", "--backend", "fast"]) == 2
 
 

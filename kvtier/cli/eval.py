@@ -390,7 +390,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "hga-sum+max_group)")
     parser.add_argument("--budget", type=positive_int, default=None,
                         help="keys per query for every sparse method, sinks + local + current chunk included "
-                             "(default: HGA's default configuration, 1216)")
+                             "(default: HGA's default configuration, 1216, also with --local-chunks or --group-size)")
     parser.add_argument("--top-chunks", type=positive_int, default=None,
                         help="HGA's first-level routing width (default 32; the paper: 16); it does not change the keys attended")
     parser.add_argument("--local-chunks", type=nonnegative_int, default=None,
@@ -470,7 +470,9 @@ def run(args: argparse.Namespace) -> int:
     if args.smoke:  # seconds: one short length, one group routed, one seed of every task
         lengths, args.budget, args.budgets, args.seeds = [768], 720, None, 1
         args.tasks = args.tasks or "all"
-    budgets = [default_budget(base)] if args.budget is None else [args.budget]
+    # The default budget is the default configuration's keys, whatever --local-chunks or
+    # --group-size change: they move keys between windows and routed groups, not add them.
+    budgets = [default_budget(HGAConfig())] if args.budget is None else [args.budget]
     if args.budgets:
         budgets = _ints(args.budgets, "budgets")
     configs = []
@@ -483,6 +485,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = _task_list(args.tasks)
     args.budget_list = budgets
     budget, hga, routed = configs[0]
+    args.hga_base = hga  # the JSON records HGA's configuration (at the first budget)
     if args.text_file is not None and not args.text_file.is_file():
         raise UsageError(f"--text-file: expected a readable file, got {str(args.text_file)!r}")
     json_path = output_file(args, "json", "eval")
@@ -672,6 +675,7 @@ def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budge
                        "threads": torch.get_num_threads(), "backend": args.backend,
                        "local_chunks": args.local_chunks, "top_chunks": args.top_chunks,
                        "group_size": args.group_size,
+                       "hga": asdict(args.hga_base) if hasattr(args, "hga_base") else None,
                        "device": torch.cuda.get_device_name(0) if cuda else "cpu", "commit": source_commit(),
                        "text_file": str(args.text_file) if args.text_file else "kvtier/data/essay.txt"},
         "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in rows],

@@ -1,0 +1,45 @@
+"""bench/fidelity_queue.py: every item is a valid `kvtier eval` command line, and finished items are skipped."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+from kvtier.cli.eval import add_arguments
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _queue_module():
+    spec = importlib.util.spec_from_file_location("fidelity_queue", ROOT / "bench" / "fidelity_queue.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_item_parses_as_kvtier_eval() -> None:
+    q = _queue_module()
+    items = q.queue()
+    names = [name for name, _ in items]
+    assert len(names) == len(set(names))  # one JSON file per item
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for name, argv in items:
+        args = parser.parse_args(argv)
+        assert args.backend in ("reference", "triton"), name  # the spec, or the kernels beside it
+        if "--local-chunks" in argv or "--budget" not in argv:
+            assert f"_b{args.budget or 1216}" in name, name  # the file name says the budget it runs
+
+
+def test_finished_reads_the_last_write(tmp_path) -> None:
+    q = _queue_module()
+    path = tmp_path / "item.json"
+    assert not q.finished(path)  # not there
+    path.write_text("{not json")
+    assert not q.finished(path)
+    path.write_text(json.dumps({"rows": [], "finished": False}))
+    assert not q.finished(path)  # a run cut short
+    path.write_text(json.dumps({"rows": [], "finished": True}))
+    assert q.finished(path)
