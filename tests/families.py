@@ -95,3 +95,17 @@ def family_model(name: str, attn_implementation: str = "hga", **extra: Any) -> t
     config = family_config(name, **extra)
     model = getattr(transformers, model_cls)._from_config(copy.deepcopy(config), attn_implementation=attn_implementation)
     return model.eval()
+
+
+def padded_batch(rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask, position_ids)`` of a padded batch, as a tokenizer and generate make them.
+
+    ``side`` is "left" or "right"; padding ids are 0 and padding positions are clamped to 0.
+    """
+    n = max(r.numel() for r in rows)
+    ids = torch.zeros(len(rows), n, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(n - r.numel(), n) if side == "left" else slice(0, r.numel())
+        ids[i, sl], mask[i, sl] = r, 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)

@@ -21,7 +21,7 @@ import kvtier.hf_layers  # noqa: E402
 from kvtier import HGAConfig, StoreConfig  # noqa: E402
 from kvtier.errors import ConfigError  # noqa: E402
 
-from .families import FAMILIES, WINDOW, family_config, family_model  # noqa: E402
+from .families import FAMILIES, WINDOW, family_config, family_model, padded_batch  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -289,16 +289,6 @@ if __name__ == "__main__":
 # --------------------------------------------------------------------------- padded batches
 
 
-def _padded(rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(r.numel() for r in rows)
-    ids = torch.zeros(len(rows), n, dtype=torch.long)
-    mask = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(n - r.numel(), n) if side == "left" else slice(0, r.numel())
-        ids[i, sl], mask[i, sl] = r, 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", ["llama3.1", "gemma3"])
 def test_padded_batch_rows_equal_each_row_alone(name: str, side: str, ids: torch.Tensor) -> None:
@@ -310,10 +300,10 @@ def test_padded_batch_rows_equal_each_row_alone(name: str, side: str, ids: torch
     model = family_model(name)
     stats = kvtier.hf.configure(model, hga=SPARSE)
     rows = [ids[0, :150], ids[0, 20:117], ids[0, 60:91]]
-    batch, mask = _padded(rows, side)
+    batch, mask, _ = padded_batch(rows, side)
     if name == "gemma3":  # its sliding layers count the window over indices (as sdpa does): keep rows within it
         rows = [r[:WINDOW] for r in rows]
-        batch, mask = _padded(rows, side)
+        batch, mask, _ = padded_batch(rows, side)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     together = _logits(model, "hga", batch, attention_mask=mask, position_ids=pos)
     assert stats.density < 1.0 or name == "gemma3"
@@ -333,7 +323,7 @@ def test_padded_generation_equals_each_prompt_alone(ids: torch.Tensor) -> None:
     kvtier.hf.configure(model, hga=SPARSE)
     model.set_attn_implementation("hga")
     prompts = [ids[0, :130], ids[0, 40:107]]
-    batch, mask = _padded(prompts, "left")
+    batch, mask, _ = padded_batch(prompts, "left")
     out = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     for i, p in enumerate(prompts):
         alone = model.generate(p[None], attention_mask=torch.ones_like(p[None]), max_new_tokens=8, do_sample=False)
@@ -343,7 +333,7 @@ def test_padded_generation_equals_each_prompt_alone(ids: torch.Tensor) -> None:
 def test_padded_positions_must_be_each_rows_own(ids: torch.Tensor) -> None:
     model = family_model("llama3.1")
     kvtier.hf.configure(model, hga=SPARSE)
-    batch, mask = _padded([ids[0, :40], ids[0, :25]], "left")
+    batch, mask, _ = padded_batch([ids[0, :40], ids[0, :25]], "left")
     with pytest.raises(ValueError, match=r"position_ids: expected row 1's real tokens at positions 0..24"):
         _logits(model, "hga", batch, attention_mask=mask)  # arange positions: the padding shifted row 1
 
@@ -466,7 +456,7 @@ def test_other_layer_types_are_refused_by_name() -> None:
 def test_dense_method_and_sdpa_agree_on_a_padded_batch(ids: torch.Tensor) -> None:
     """configure(method="dense") over a left-padded batch: the real tokens' logits equal sdpa's with the same mask."""
     model = family_model("llama3.1")
-    batch, mask = _padded([ids[0, :90], ids[0, 10:43]], "left")
+    batch, mask, _ = padded_batch([ids[0, :90], ids[0, 10:43]], "left")
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     ref = _logits(model, "sdpa", batch, attention_mask=mask, position_ids=pos)
     kvtier.hf.configure(model, method="dense")

@@ -19,7 +19,7 @@ from kvtier import HGAConfig, StoreConfig  # noqa: E402
 from kvtier.engine import HGAEngine  # noqa: E402
 from kvtier.rows import RowEngines  # noqa: E402
 
-from .families import family_model  # noqa: E402
+from .families import family_model, padded_batch  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -49,17 +49,6 @@ def _store(tmp_path: Any, name: str) -> StoreConfig:
     return StoreConfig(gpu_bytes=0, host_bytes=12 * CHUNK_BYTES, disk_dir=str(tmp_path / name))
 
 
-def _padded(rows: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ids, attention_mask, position_ids)`` of a padded batch, as a tokenizer and generate make them."""
-    n = max(r.numel() for r in rows)
-    ids = torch.zeros(len(rows), n, dtype=torch.long)
-    mask = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(n - r.numel(), n) if side == "left" else slice(0, r.numel())
-        ids[i, sl], mask[i, sl] = r, 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def _run(model: torch.nn.Module, cache: kvtier.hf.TieredCache, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     with torch.no_grad():
         return model(ids, **kwargs, **kvtier.hf.cache_kwargs(model, cache)).logits
@@ -83,7 +72,7 @@ def plans(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int, torch.Te
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_rows_equal_each_row_alone(model, rows, side, plans, tmp_path) -> None:
     """Logits (1e-5), routing plans (padding never routed) and the merged stats of a padded batch = each row alone."""
-    ids, mask, pos = _padded(rows, side)
+    ids, mask, pos = padded_batch(rows, side)
     with kvtier.hf.TieredCache(model, hga=SPARSE, store=_store(tmp_path, "batch")) as cache:
         together = _run(model, cache, ids, attention_mask=mask, position_ids=pos)
         assert isinstance(cache.engine, RowEngines)
@@ -112,7 +101,7 @@ def test_padded_rows_equal_each_row_alone(model, rows, side, plans, tmp_path) ->
 def test_padded_generation_equals_each_row_alone(model, rows, tmp_path) -> None:
     """generate(attention_mask=...) on a left-padded batch through TieredCache: greedy tokens = each row alone."""
     prompts = [rows[0][:70], rows[1][:41], rows[2]]
-    ids, mask, _ = _padded(prompts, "left")
+    ids, mask, _ = padded_batch(prompts, "left")
     with kvtier.hf.TieredCache(model, hga=SPARSE, store=_store(tmp_path, "batch")) as cache:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
                              **kvtier.hf.cache_kwargs(model, cache))  # fmt: skip
@@ -126,7 +115,7 @@ def test_padded_generation_equals_each_row_alone(model, rows, tmp_path) -> None:
 
 def test_reset_covers_every_row(model, rows, tmp_path) -> None:
     """reset() drops every row's chunks and engines; the cache then serves the batch again, identically."""
-    ids, mask, pos = _padded(rows[1:], "left")
+    ids, mask, pos = padded_batch(rows[1:], "left")
     with kvtier.hf.TieredCache(model, hga=SPARSE, store=_store(tmp_path, "batch")) as cache:
         first = _run(model, cache, ids, attention_mask=mask, position_ids=pos)
         cache.reset()
@@ -147,7 +136,7 @@ def test_padding_after_an_unpadded_start_is_refused(model, rows, tmp_path) -> No
 
 
 def test_padded_positions_must_be_each_rows_own(model, rows, tmp_path) -> None:
-    ids, mask, _ = _padded([rows[0][:40], rows[1][:25]], "left")
+    ids, mask, _ = padded_batch([rows[0][:40], rows[1][:25]], "left")
     with kvtier.hf.TieredCache(model, hga=SPARSE, store=_store(tmp_path, "batch")) as cache:
         with pytest.raises(ValueError, match=r"position_ids: expected row 1's real tokens at positions 0..24"):
             _run(model, cache, ids, attention_mask=mask)  # arange positions: the padding shifted row 1
@@ -156,7 +145,7 @@ def test_padded_positions_must_be_each_rows_own(model, rows, tmp_path) -> None:
 def test_right_padded_generation_is_refused_by_its_positions(model, rows, tmp_path) -> None:
     """generate continues a right-padded row at position (last position + 1) = 1, not at its length: refused
     (transformers warns that decoder-only generation needs left padding)."""
-    ids, mask, _ = _padded([rows[0][:40], rows[1][:25]], "right")
+    ids, mask, _ = padded_batch([rows[0][:40], rows[1][:25]], "right")
     with kvtier.hf.TieredCache(model, hga=SPARSE, store=_store(tmp_path, "batch")) as cache:
         with pytest.raises(ValueError, match=r"position_ids: expected row 1's real tokens at positions 25..25"):
             model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
@@ -168,7 +157,7 @@ def test_cuda_padded_rows_equal_each_row_alone(rows, tmp_path) -> None:
     """On the GPU (the engines' kernel flow): each row of a left-padded batch = that row alone, spilled to disk."""
     m = family_model("llama3.1").to("cuda")
     m.set_attn_implementation("hga")
-    ids, mask, pos = (t.to("cuda") for t in _padded(rows, "left"))
+    ids, mask, pos = (t.to("cuda") for t in padded_batch(rows, "left"))
     store = lambda name: StoreConfig(gpu_bytes="64KiB", host_bytes=12 * CHUNK_BYTES,  # noqa: E731
                                      disk_dir=str(tmp_path / name))  # fmt: skip
     with kvtier.hf.TieredCache(m, hga=SPARSE, store=store("batch")) as cache:
@@ -195,7 +184,7 @@ def test_padded_hybrid_models_equal_the_cacheless_path(name, side, rows, tmp_pat
     """Sliding layers (transformers' window layer, its padded mask) + HGA layers per row (+ gpt-oss sinks): a padded
     batch through TieredCache = the cache-less path over the same batch (1e-5)."""
     m = family_model(name)
-    ids, mask, pos = _padded(rows, side)
+    ids, mask, pos = padded_batch(rows, side)
     kvtier.hf.configure(m, hga=SPARSE)
     with torch.no_grad():
         cacheless = m(ids, attention_mask=mask, position_ids=pos).logits
@@ -209,7 +198,7 @@ def test_padded_hybrid_models_equal_the_cacheless_path(name, side, rows, tmp_pat
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_fed_in_pieces_equals_one_pass(model, rows, side, tmp_path) -> None:
     """A padded batch fed in pieces (one where the 1-token row is all padding, one of a single position)."""
-    ids, mask, pos = _padded(rows, side)
+    ids, mask, pos = padded_batch(rows, side)
     with kvtier.hf.TieredCache(model, hga=SPARSE, store=_store(tmp_path, "one")) as cache:
         one = _run(model, cache, ids, attention_mask=mask, position_ids=pos)
     with kvtier.hf.TieredCache(model, hga=SPARSE, store=_store(tmp_path, "pieces")) as cache:
@@ -220,7 +209,7 @@ def test_padded_batch_fed_in_pieces_equals_one_pass(model, rows, side, tmp_path)
 
 
 def test_a_mask_that_rewrites_the_past_is_refused(model, rows, tmp_path) -> None:
-    ids, mask, pos = _padded([rows[0][:40], rows[1][:25]], "left")
+    ids, mask, pos = padded_batch([rows[0][:40], rows[1][:25]], "left")
     with kvtier.hf.TieredCache(model, hga=SPARSE, store=_store(tmp_path, "batch")) as cache:
         _run(model, cache, ids, attention_mask=mask, position_ids=pos)
         later = torch.ones(2, 41, dtype=torch.long)
