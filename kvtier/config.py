@@ -94,7 +94,7 @@ class HGAConfig:
     ``top_chunks`` is 32 where the paper has 16 (:meth:`paper` gives the paper's
     configuration): measured on SmolLM2 at the same 1,216 keys per query, 32 chunks at the
     first level cut the NLL gap to dense from +0.0128 to +0.0094 nats/token at 4K and from
-    +0.0334 to +0.0320 at 8K, and found 6 of 9 needles at 2K-6K against 4 (docs/fidelity.md,
+    +0.0334 to +0.0320 at 8K, and found 7 of 12 needles at 2K-8K against 5 (docs/fidelity.md,
     section 5). The first level's scan over every chunk summary, the routing cost that grows
     with the context, is unchanged; the group level scores 128 groups instead of 64.
 
