@@ -24,8 +24,14 @@ from pathlib import Path
 CORE = "dense,hga,hga-max_group,quest,oracle"
 
 
-def queue() -> list[tuple[str, list[str]]]:
-    """``(name, kvtier eval arguments)`` in the order they run."""
+def queue(part: int = 1) -> list[tuple[str, list[str]]]:
+    """``(name, kvtier eval arguments)`` in the order they run.
+
+    Part 1 is the first sweep (the paper's 16 chunks, options beside it); part 2 completes it
+    for the 32-chunk default and the 4-chunk local window (task suite, budget sweeps).
+    """
+    if part == 2:
+        return queue_followup()
     ref = ["--backend", "reference"]
     items: list[tuple[str, list[str]]] = []
     for n in (4096, 8192):  # 1. the default budget, the spec on the GPU (compare with the CPU tables)
@@ -55,6 +61,23 @@ def queue() -> list[tuple[str, list[str]]]:
     return items
 
 
+def queue_followup() -> list[tuple[str, list[str]]]:
+    """Part 2: the rows the first sweep lacked once the default became 32 chunks."""
+    ref = ["--backend", "reference"]
+    local4 = ["--local-chunks", "4"]
+    tasks = ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192", "--seeds", "2"]
+    items: list[tuple[str, list[str]]] = [
+        ("tasks_b1216_tc32", [*tasks, "--methods", "hga", *ref]),  # 1. the default on the whole suite
+        ("tasks_b1216_local4", [*tasks, "--methods", "hga,quest,oracle", *local4, *ref]),
+    ]
+    for n in (8192, 4096):  # 2. budget sweeps at 32 chunks (dense again: the gap is within one run)
+        for b in (960, 1728, 2496):
+            items.append((f"nll_b{b}_{n}_tc32", ["--lengths", str(n), "--budget", str(b), "--methods", "dense,hga", *ref]))
+    for b in (1728, 2496):  # 3. the 4-chunk window above the default budget
+        items.append((f"nll_b{b}_8192_local4", ["--lengths", "8192", "--budget", str(b), "--methods", CORE, *local4, *ref]))
+    return items
+
+
 def finished(path: Path) -> bool:
     """Whether an item's JSON exists and holds its final rows (``kvtier eval`` marks its last write)."""
     try:
@@ -69,15 +92,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=540.0)
     parser.add_argument("--out", type=Path, default=None, help="folder for a tar of every JSON and log so far")
     parser.add_argument("--model", default="smollm2", help="passed to kvtier eval (a tiny model folder to try the queue)")
+    parser.add_argument("--part", type=int, choices=(1, 2), default=2, help="which sweep (see queue())")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
     if args.list:
-        for name, argv in queue():
+        for name, argv in queue(args.part):
             print(name, " ".join(argv))
         return 0
     args.state.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.seconds
-    for name, argv in queue():
+    for name, argv in queue(args.part):
         path = args.state / f"{name}.json"
         if finished(path):
             continue

@@ -12,6 +12,8 @@
 #                                  a 4 GiB host budget (4K, 128K, 512K)                           ~5-8 min
 #   bench/gpu_decode.sh smollm     SmolLM2 (real weights) 8K, 128K, 1M; dense to 512K; offload
 #                                  to 128K (carry .whl and .carry/smollm2/part-ab)                ~4-8 min
+#   bench/gpu_decode.sh routecost  8B shape, 2 layers, HGA only, 32K and 128K: the decode step with the
+#                                  paper's 16 chunks, the default 32, and 4 local chunks with 48 groups ~4 min
 #   bench/gpu_decode.sh long8b     8B shape with LONG_LAYERS (2) layers, HGA only, 4K, 128K, 512K,
 #                                  1M: the one way to reach 1M through the model today        ~8-9 min
 #
@@ -67,8 +69,8 @@ if [ "$MODE" = prepare ]; then  # on the CPU machine, in the repository root
     exit 0
 fi
 
-case "$MODE" in tests|decode8b|decode8b4|smollm|long8b) ;; *)
-    echo "usage: bench/gpu_decode.sh prepare|tests|decode8b|decode8b4|smollm|long8b (see the header)"; exit 2;;
+case "$MODE" in tests|decode8b|decode8b4|smollm|long8b|routecost) ;; *)
+    echo "usage: bench/gpu_decode.sh prepare|tests|decode8b|decode8b4|smollm|long8b|routecost (see the header)"; exit 2;;
 esac
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
@@ -101,6 +103,13 @@ decode8b4)
     bench disk 220 --model llama8b --layers "$LAYERS" --batch 1 --contexts 4K,128K,512K --modes hga \
         --host-bytes 4GiB --disk-dir /tmp/kvtier-disk
     df -h /tmp >> "$OUT/disk.log" 2>&1
+    ;;
+routecost)  # what the routing configurations of issue 11 cost per decode step, one model, one run
+    for cfg in "tc16 top_chunks=16" "tc32 top_chunks=32" "local4 local_chunks=4,top_groups=48"; do
+        set -- $cfg
+        bench "route_$1" 150 --model llama8b --layers 2 --batch 1 --contexts 32K,128K --modes hga \
+            --piece 16384 --time-limit 140 --hga "$2"
+    done
     ;;
 long8b)
     bench long 540 --model llama8b --layers "${LONG_LAYERS:-2}" --batch 1 --contexts 4K,128K,512K,1M \
