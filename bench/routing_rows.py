@@ -1,6 +1,7 @@
 """Assemble docs/routing.json (issue 11) from `kvtier eval` JSON files, and draw its plots.
 
-    python bench/routing_rows.py bench/results/h200-2026-12-02-fidelity [more eval JSON files or folders]
+    python bench/routing_rows.py bench/results/h200-2026-12-02-fidelity bench/results/cpu-2026-12-02-fidelity \
+        bench/results/h200-2026-12-02-fidelity-followup
 
 Every row keeps its source file and the run's conditions (device, backend, top_chunks,
 local_chunks); a row's label is its method plus what differs from the defaults (``tc32``: 32
@@ -21,6 +22,11 @@ from kvtier.cli.plots import plot_bars, plot_lines
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 #: CPU-only rows kept from the previous docs/routing.json (options the GPU queue did not run).
 KEEP_CPU = ("hga-max_group-bound", "hga-sum-bound", "hga-running_max")
+#: The budget sweep's lines: the paper's width, the default, the 4-chunk window and the baselines.
+SWEEP = ("hga (sum) tc16", "hga (sum) tc32", "hga (sum) tc32 local4", "hga-max_group tc16", "quest", "quest local4",
+         "oracle", "oracle local4")
+#: Task samples every task row has (seeds 0 and 1): later seeds ran for some methods only.
+TASK_SEEDS = (0, 1)
 
 
 def top_chunks_of(cond: dict) -> int:
@@ -72,7 +78,7 @@ def main(paths: list[str]) -> None:
     for length in (4096, 8192):  # gap against budget, the paper's windows
         sweep: dict[str, dict[int, float]] = {}
         for r in nll:
-            if r["length"] == length and r["label"] in ("hga (sum) tc16", "hga-max_group tc16", "quest", "oracle"):
+            if r["length"] == length and r["label"] in SWEEP:
                 sweep.setdefault(r["label"], {})[r["budget"]] = r["gap_vs_dense"]
         series = {m: (sorted(v), [v[b] for b in sorted(v)]) for m, v in sweep.items()}
         plot_lines(DOCS / f"routing_budget_{length // 1024}k.png", series, "keys per query (budget)",
@@ -101,14 +107,14 @@ def main(paths: list[str]) -> None:
     tasks: dict[str, dict[str, list[float]]] = {}  # task -> label -> per-sample results (every length, seed)
     seen = set()
     for r in rows:
-        if r.get("task") and r.get("seed") is not None and r["budget"] == 1216:
+        if r.get("task") and r.get("seed") in TASK_SEEDS and r["budget"] == 1216:
             key = (r["task"], r["length"], r["seed"], r["label"])
             if key not in seen:  # a seed re-run by a later queue item is the same prompt
                 seen.add(key)
                 tasks.setdefault(r["task"], {}).setdefault(r["label"], []).append(r["needle_accuracy"])
     acc = {t: {m: sum(v) / len(v) for m, v in by.items()} for t, by in tasks.items()}
     plot_bars(DOCS / "routing_tasks.png", acc, "accuracy (fraction of samples)",
-              "SmolLM2-135M, 1,216 keys per query, 2K to 8K: task suite")
+              "SmolLM2-135M, 1,216 keys per query, 2K to 8K, seeds 0 and 1: task suite")
 
 
 if __name__ == "__main__":
