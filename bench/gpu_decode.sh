@@ -13,7 +13,7 @@
 #   bench/gpu_decode.sh smollm     SmolLM2 (real weights) 8K, 128K, 1M; dense to 512K; offload
 #                                  to 128K (carry .whl and .carry/smollm2/part-ab)                ~4-8 min
 #   bench/gpu_decode.sh routecost  8B shape, 2 layers, HGA only, 32K and 128K: the decode step with the
-#                                  paper's 16 chunks, the default 32, and 4 local chunks with 48 groups ~4 min
+#                                  paper's 16 chunks, the default 32, and 4 local chunks with 48 groups ~6 min (MEASURED: 77 s per configuration after the first)
 #   bench/gpu_decode.sh long8b     8B shape with LONG_LAYERS (2) layers, HGA only, 4K, 128K, 512K,
 #                                  1M: the one way to reach 1M through the model today        ~8-9 min
 #
