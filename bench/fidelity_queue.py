@@ -8,6 +8,7 @@ queue (``--state`` keeps the JSON files between calls). This file only lists and
 
     python bench/fidelity_queue.py --state /tmp/kvtier-fid --seconds 540 --out $OUT
     python bench/fidelity_queue.py --list          # the queue, in order
+    python bench/fidelity_queue.py --part 1 --list # the first sweep (part 2, the follow-up, is the default)
 """
 
 from __future__ import annotations
@@ -22,60 +23,60 @@ from pathlib import Path
 
 #: Methods compared at every budget (the paper's rule, the measured-best option so far, the baselines).
 CORE = "dense,hga,hga-max_group,quest,oracle"
+#: Every item but one runs the spec: its numbers do not depend on the device.
+REFERENCE = ["--backend", "reference"]
 
 
-def queue(part: int = 1) -> list[tuple[str, list[str]]]:
-    """``(name, kvtier eval arguments)`` in the order they run.
-
-    Part 1 is the first sweep (the paper's 16 chunks, options beside it); part 2 completes it
-    for the 32-chunk default and the 4-chunk local window (task suite, budget sweeps).
-    """
-    if part == 2:
-        return queue_followup()
-    ref = ["--backend", "reference"]
+def first_sweep() -> list[tuple[str, list[str]]]:
+    """Part 1, ``(name, kvtier eval arguments)`` in the order they run: the paper's 16 chunks
+    and the routing options beside it."""
     items: list[tuple[str, list[str]]] = []
     for n in (4096, 8192):  # 1. the default budget, the spec on the GPU (compare with the CPU tables)
-        items.append((f"nll_b1216_{n}", ["--lengths", str(n), "--methods", CORE + ",hga-sum+max_group", *ref]))
+        items.append((f"nll_b1216_{n}", ["--lengths", str(n), "--methods", CORE + ",hga-sum+max_group", *REFERENCE]))
     items.append(("nll_b1216_4096_kernels", ["--lengths", "4096", "--methods", "dense,hga,hga-max_group",
                                              "--backend", "triton"]))  # 2. the product path beside the spec
     for d in ("0.1,0.5,0.9",):  # 3. needles, 2K to 8K
         items.append(("needles_b1216", ["--lengths", "2048,4096,6144,8192", "--depths", d, "--needles-only",
-                                        "--methods", CORE, *ref]))
+                                        "--methods", CORE, *REFERENCE]))
     for n in (8192, 4096):  # 4. a wider first level, and the window/routed split, at the same budget
         for tc in (32, 128):
             items.append((f"nll_b1216_{n}_tc{tc}", ["--lengths", str(n), "--methods", "dense,hga,hga-max_group",
-                                                    "--top-chunks", str(tc), *ref]))
-        items.append((f"nll_b1216_{n}_local4", ["--lengths", str(n), "--methods", CORE, "--local-chunks", "4", *ref]))
+                                                    "--top-chunks", str(tc), *REFERENCE]))
+        items.append((f"nll_b1216_{n}_local4", ["--lengths", str(n), "--methods", CORE, "--local-chunks", "4", *REFERENCE]))
     for n in (8192, 4096):  # 5. budget sweeps: 8 to 112 routed groups beside the paper's windows
         for b in (832, 960, 1728, 2496):
-            items.append((f"nll_b{b}_{n}", ["--lengths", str(n), "--budget", str(b), "--methods", CORE, *ref]))
+            items.append((f"nll_b{b}_{n}", ["--lengths", str(n), "--budget", str(b), "--methods", CORE, *REFERENCE]))
     items.append(("tasks_b1216", ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192", "--seeds", "2",
-                                  "--methods", CORE, *ref]))  # 6. the task suite
+                                  "--methods", CORE, *REFERENCE]))  # 6. the task suite
     items.append(("needles_b1216_variants", ["--lengths", "2048,4096,6144,8192", "--needles-only",
                                              "--methods", "hga-max_group,hga-sum+max_group,hga-running_max_group",
-                                             "--top-chunks", "32", *ref]))
+                                             "--top-chunks", "32", *REFERENCE]))
     items.append(("needles_b1216_local4", ["--lengths", "2048,4096,6144,8192", "--needles-only", "--local-chunks", "4",
-                                           "--methods", CORE, *ref]))
+                                           "--methods", CORE, *REFERENCE]))
     items.append(("tasks_b1216_seeds34", ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192",
-                                          "--seeds", "4", "--methods", CORE, *ref]))
+                                          "--seeds", "4", "--methods", CORE, *REFERENCE]))
     return items
 
 
-def queue_followup() -> list[tuple[str, list[str]]]:
-    """Part 2: the rows the first sweep lacked once the default became 32 chunks."""
-    ref = ["--backend", "reference"]
+def followup() -> list[tuple[str, list[str]]]:
+    """Part 2: the rows the first sweep lacked once the default became 32 chunks (the task
+    suite and budget sweeps for it and for the 4-chunk local window)."""
     local4 = ["--local-chunks", "4"]
     tasks = ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192", "--seeds", "2"]
     items: list[tuple[str, list[str]]] = [
-        ("tasks_b1216_tc32", [*tasks, "--methods", "hga", *ref]),  # 1. the default on the whole suite
-        ("tasks_b1216_local4", [*tasks, "--methods", "hga,quest,oracle", *local4, *ref]),
+        ("tasks_b1216_tc32", [*tasks, "--methods", "hga", *REFERENCE]),  # 1. the default on the whole suite
+        ("tasks_b1216_local4", [*tasks, "--methods", "hga,quest,oracle", *local4, *REFERENCE]),
     ]
     for n in (8192, 4096):  # 2. budget sweeps at 32 chunks (dense again: the gap is within one run)
         for b in (960, 1728, 2496):
-            items.append((f"nll_b{b}_{n}_tc32", ["--lengths", str(n), "--budget", str(b), "--methods", "dense,hga", *ref]))
+            items.append((f"nll_b{b}_{n}_tc32", ["--lengths", str(n), "--budget", str(b), "--methods", "dense,hga", *REFERENCE]))
     for b in (1728, 2496):  # 3. the 4-chunk window above the default budget
-        items.append((f"nll_b{b}_8192_local4", ["--lengths", "8192", "--budget", str(b), "--methods", CORE, *local4, *ref]))
+        items.append((f"nll_b{b}_8192_local4", ["--lengths", "8192", "--budget", str(b), "--methods", CORE, *local4, *REFERENCE]))
     return items
+
+
+#: The sweeps by ``--part``.
+QUEUES = {1: first_sweep, 2: followup}
 
 
 def finished(path: Path) -> bool:
@@ -92,16 +93,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=540.0)
     parser.add_argument("--out", type=Path, default=None, help="folder for a tar of every JSON and log so far")
     parser.add_argument("--model", default="smollm2", help="passed to kvtier eval (a tiny model folder to try the queue)")
-    parser.add_argument("--part", type=int, choices=(1, 2), default=2, help="which sweep (see queue())")
+    parser.add_argument("--part", type=int, choices=(1, 2), default=2, help="which sweep (see QUEUES)")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
     if args.list:
-        for name, argv in queue(args.part):
+        for name, argv in QUEUES[args.part]():
             print(name, " ".join(argv))
         return 0
     args.state.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.seconds
-    for name, argv in queue(args.part):
+    for name, argv in QUEUES[args.part]():
         path = args.state / f"{name}.json"
         if finished(path):
             continue

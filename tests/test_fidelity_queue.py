@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from kvtier.cli.eval import add_arguments
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,9 +21,10 @@ def _queue_module():
     return module
 
 
-def test_every_item_parses_as_kvtier_eval() -> None:
+@pytest.mark.parametrize("part", [1, 2])
+def test_every_item_parses_as_kvtier_eval(part: int) -> None:
     q = _queue_module()
-    items = q.queue()
+    items = q.QUEUES[part]()
     names = [name for name, _ in items]
     assert len(names) == len(set(names))  # one JSON file per item
     parser = argparse.ArgumentParser()
