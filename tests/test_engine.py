@@ -349,10 +349,10 @@ def test_gpu_engine_equals_cacheless_kernels(tmp_path, chunk_score: str) -> None
                     fetch_groups=16, chunk_score=chunk_score)  # fmt: skip
     layout = KVLayout(num_layers=1, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16, chunk_size=64, group_size=16)
     g = torch.Generator(device="cuda").manual_seed(0)
-    # One position attends at most 1 + 2 + 1 window chunks and top_chunks x 4 query heads = 16
-    # routed chunks per row: 40 for the batch, which 44 host slots hold while the 62 closed
-    # chunks spill. (With 8 query heads a position needed 41 to 43 of 40 slots, measured on
-    # the H200 and in the torch flow, and the engine refused it.)
+    # One position attends at most 20 chunks per row (4 window chunks: 1 sink, 2 local, the
+    # current; and top_chunks x 4 query heads = 16 routed): 40 for the batch, which 44 host
+    # slots hold while the 62 closed chunks spill. (With 8 query heads a position needed 41
+    # of 40 slots on the H200, 43 in the torch flow, and the engine refused it.)
     q = torch.randn(2, 4, 2000, 64, device="cuda", generator=g).bfloat16()
     k = torch.randn(2, 2, 2000, 64, device="cuda", generator=g).bfloat16()
     v = torch.randn(2, 2, 2000, 64, device="cuda", generator=g).bfloat16()
