@@ -8,7 +8,7 @@ queue (``--state`` keeps the JSON files between calls). This file only lists and
 
     python bench/fidelity_queue.py --state /tmp/kvtier-fid --seconds 540 --out $OUT
     python bench/fidelity_queue.py --list          # the queue, in order
-    python bench/fidelity_queue.py --part 1 --list # the first sweep (part 2, the follow-up, is the default)
+    python bench/fidelity_queue.py --part 1 --list # the first sweep (the newest part is the default)
 """
 
 from __future__ import annotations
@@ -75,8 +75,35 @@ def followup() -> list[tuple[str, list[str]]]:
     return items
 
 
+def split_groups() -> list[tuple[str, list[str]]]:
+    """Part 3: the group level split between the summed summary and Quest's bound
+    (``group_score="sum+bound"``), with the chunk level by the sum, by the best bounded group,
+    or half by each; at the default budget, then with 4 local chunks, then against budget."""
+    split = ["hga-sum-sum+bound", "hga-sum+max_group-sum+bound", "hga-max_group-sum+bound"]
+    local4 = ["--local-chunks", "4"]
+    tasks = ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192", "--seeds", "2"]
+    items: list[tuple[str, list[str]]] = []
+    for n in (4096, 8192):  # 1. NLL at the default budget (dense again: the gap is within one run)
+        items.append((f"nll_b1216_{n}_split", ["--lengths", str(n), "--methods", ",".join(["dense", *split]), *REFERENCE]))
+    items.append(("needles_b1216_split", ["--lengths", "2048,4096,6144,8192", "--needles-only",  # 2. needles
+                                          "--methods", ",".join(split), *REFERENCE]))
+    for method in split[1:] + split[:1]:  # 3. the task suite, one method per item
+        items.append((f"tasks_b1216_{method[4:]}", [*tasks, "--methods", method, *REFERENCE]))
+    for n in (4096, 8192):  # 4. the 4-chunk window (48 routed groups at the same budget)
+        items.append((f"nll_b1216_{n}_split_local4", ["--lengths", str(n), "--methods", ",".join(["dense", *split[1:]]),
+                                                      *local4, *REFERENCE]))
+    for n in (8192, 4096):  # 5. against budget
+        for b in (960, 1728, 2496):
+            items.append((f"nll_b{b}_{n}_split", ["--lengths", str(n), "--budget", str(b),
+                                                  "--methods", ",".join(["dense", *split[1:]]), *REFERENCE]))
+    items.append(("needles_b1216_split_local4", ["--lengths", "2048,4096,6144,8192", "--needles-only",
+                                                 "--methods", ",".join(split[1:]), *local4, *REFERENCE]))
+    items.append(("tasks_b1216_split_local4", [*tasks, "--methods", ",".join(split[1:]), *local4, *REFERENCE]))
+    return items
+
+
 #: The sweeps by ``--part``.
-QUEUES = {1: first_sweep, 2: followup}
+QUEUES = {1: first_sweep, 2: followup, 3: split_groups}
 
 
 def finished(path: Path) -> bool:
@@ -93,7 +120,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=540.0)
     parser.add_argument("--out", type=Path, default=None, help="folder for a tar of every JSON and log so far")
     parser.add_argument("--model", default="smollm2", help="passed to kvtier eval (a tiny model folder to try the queue)")
-    parser.add_argument("--part", type=int, choices=(1, 2), default=2, help="which sweep (see QUEUES)")
+    parser.add_argument("--part", type=int, choices=sorted(QUEUES), default=max(QUEUES), help="which sweep (see QUEUES; default the newest)")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
     if args.list:

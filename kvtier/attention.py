@@ -143,10 +143,19 @@ def hga_attention(
 KERNEL_CHUNK_SCORES = CHUNK_SCORE_TERMS
 
 
+#: group_score values the routing kernels compute (``route_groups``).
+KERNEL_GROUP_SCORES = ("sum", "bound")
+
+
 def _check_kernel_options(config: HGAConfig, what: str) -> None:
     if any(t not in KERNEL_CHUNK_SCORES for t in config.chunk_score_terms):
         raise ValueError(
             f"{what}: expected chunk_score terms in {KERNEL_CHUNK_SCORES}, got {config.chunk_score!r}; "
+            "use backend='reference'"
+        )
+    if config.group_score not in KERNEL_GROUP_SCORES:
+        raise ValueError(
+            f"{what}: expected group_score in {KERNEL_GROUP_SCORES}, got {config.group_score!r}; "
             "use backend='reference'"
         )
 

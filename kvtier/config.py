@@ -25,8 +25,8 @@ __all__ = [
 
 #: Chunk scores a query can rank candidate chunks by (``HGAConfig.chunk_score``, one or two joined by "+").
 CHUNK_SCORE_TERMS = ("sum", "max_group", "running_max", "running_max_group")
-#: Group scores (``HGAConfig.group_score``).
-GROUP_SCORES = ("sum", "bound")
+#: Group scores (``HGAConfig.group_score``): one, or the split "sum+bound".
+GROUP_SCORES = ("sum", "bound", "sum+bound")
 
 _UNITS = {
     "": 1, "b": 1,
@@ -134,7 +134,8 @@ class HGAConfig:
         * ``"sum"``: ``q . S_c`` with S_c the mixed-RoPE chunk summary, about the sum of the
           chunk's logits (the paper's rule; the default);
         * ``"max_group"``: the best group score of the chunk, ``max_g score(q, G_g)`` with
-          ``group_score``'s score, so one strong group lifts its chunk (no new summary bytes);
+          ``group_score``'s score (its bound with ``"sum+bound"``), so one strong group lifts
+          its chunk (no new summary bytes);
         * ``"running_max"``: ``max_{s <= t, s in chunk(t)} q_s . S_c``, the causal running max
           over the queries of the query's own chunk up to its position (stateful in decode:
           see :class:`kvtier.reference.RouteCarry`);
@@ -143,7 +144,10 @@ class HGAConfig:
         How a query ranks the groups of its routed chunks: ``"sum"`` (``q . G_g``, the mixed-RoPE
         group summary; the paper's rule, the default) or ``"bound"`` (Quest's bound
         ``sum_i max(q_i min_i, q_i max_i)`` over the elementwise min and max of the group's
-        post-RoPE keys: twice the group summary bytes).
+        post-RoPE keys: twice the group summary bytes), or ``"sum+bound"``: the first
+        ``ceil(Kg / 2)`` groups by the sum, the rest of the ``Kg`` by the bound among the groups
+        not yet chosen, then the prefetch groups by the sum (three times the group summary
+        bytes: the sum and the bounds).
     """
 
     chunk_size: int = 64
@@ -188,6 +192,15 @@ class HGAConfig:
     def chunk_score_terms(self) -> tuple[str, ...]:
         """The one or two terms of ``chunk_score``."""
         return tuple(self.chunk_score.split("+"))
+
+    @property
+    def group_score_terms(self) -> tuple[str, ...]:
+        """The one or two terms of ``group_score``."""
+        return tuple(self.group_score.split("+"))
+
+    def group_key_dim(self, head_dim: int) -> int:
+        """Width of a group's routing keys: D for the sum, 2D for the bound, 3D for both."""
+        return head_dim * {"sum": 1, "bound": 2, "sum+bound": 3}[self.group_score]
 
     @property
     def running_routing(self) -> bool:

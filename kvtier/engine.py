@@ -218,7 +218,7 @@ class HGAEngine(_Residency, _TorchFlow):
         self.rope_theta = None if rope_theta is None else float(rope_theta)
         m = hga.groups_per_chunk
         self.hot = hga.sink_chunks + hga.local_chunks + 1
-        self.group_key_dim = 2 * lay.head_dim if hga.group_score == "bound" else lay.head_dim
+        self.group_key_dim = hga.group_key_dim(lay.head_dim)
         # What the summaries rotate by: the model's RopeSpec, or plain RoPE's frequencies.
         self._inv_freq = rope if rope is not None else rope_inv_freq(lay.head_dim, self.rope_theta, device=self.device)
         if cache_entries is None:

@@ -147,11 +147,28 @@ def _pad(ids: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(ids, (0, missing), value=-1) if missing > 0 else ids
 
 
-def _group_query(q64: torch.Tensor, group_score: str) -> torch.Tensor:
-    """The vector group keys are dotted with: q, or ``[min(q, 0), max(q, 0)]`` for the bound."""
-    if group_score == "bound":  # sum_i max(q_i mn_i, q_i mx_i) = min(q,0) . mn + max(q,0) . mx
-        return torch.cat((q64.clamp(max=0), q64.clamp(min=0)), dim=-1)
-    return q64
+def _group_queries(q64: torch.Tensor, group_score: str) -> tuple[torch.Tensor, ...]:
+    """Per term of ``group_score``, the vector the group keys ``[..., Dg]`` are dotted with.
+
+    The sum dots q with the group summary; the bound ``sum_i max(q_i mn_i, q_i mx_i)`` is
+    ``min(q, 0) . mn + max(q, 0) . mx``. With ``"sum+bound"`` (keys ``[sum, min, max]``) each
+    term's vector is zero over the other's dims.
+    """
+    lo, hi, zero = q64.clamp(max=0), q64.clamp(min=0), torch.zeros_like(q64)
+    if group_score == "sum":
+        return (q64,)
+    if group_score == "bound":
+        return (torch.cat((lo, hi), dim=-1),)
+    return torch.cat((q64, zero, zero), dim=-1), torch.cat((zero, lo, hi), dim=-1)
+
+
+def _split_best_first(first: torch.Tensor, second: torch.Tensor, k: int, k1: int, kf: int) -> torch.Tensor:
+    """Indices, best first: ``k1`` by ``first``, up to ``k`` by ``second`` among the rest, up to ``kf`` by ``first``."""
+    a = _best_first(first, k1)
+    b = _best_first(second.scatter(-1, a, float("-inf")), k - k1)
+    taken = torch.cat((a, b), dim=-1)
+    rest = _best_first(first.scatter(-1, taken, float("-inf")), kf - k)
+    return torch.cat((taken, rest), dim=-1)
 
 
 def _carry_in(
@@ -208,7 +225,7 @@ def route_block(
     q : Tensor ``[B, Hq, Lb, D]``
         Post-RoPE queries whose positions all lie in chunk ``win.current``.
     chunk_summ : Tensor ``[B, Hkv, N, D]`` float32, ``N >= win.local_start``
-    group_summ : Tensor ``[B, Hkv, N, M, D]`` float32 (``[B, Hkv, N, M, 2D]`` for ``group_score="bound"``)
+    group_summ : Tensor ``[B, Hkv, N, M, Dg]`` float32, ``Dg = config.group_key_dim(D)``
         From :func:`kvtier.reference.summaries.routing_summaries_ref`.
     win : Windows
         From :func:`kvtier.layout.windows_at` for any position of the block.
@@ -237,7 +254,7 @@ def route_block(
     rep = hq // chunk_summ.shape[1]
     m = config.groups_per_chunk
     kc_w, kg_w, kf_w = widths
-    dg = 2 * d if config.group_score == "bound" else d
+    dg = config.group_key_dim(d)
     if group_summ.shape[-1] != dg:
         raise ValueError(
             f"group_summ: expected a last dim of {dg} for group_score={config.group_score!r}, "
@@ -255,7 +272,8 @@ def route_block(
         return RoutePlan(_pad(empty, kc_w), _pad(empty, kg_w), _pad(empty, kf_w), out_carry)
 
     q64 = q.to(torch.float64) / math.sqrt(d)
-    qg = _group_query(q64, config.group_score)
+    qgs = _group_queries(q64, config.group_score)
+    qg = qgs[-1]  # what a max_group chunk term ranks by: the bound when there is one
     ncand = win.num_candidates
     cand = chunk_summ[:, :, win.sink_end : win.local_start].to(torch.float64)
     cand = cand.repeat_interleave(rep, dim=1)  # [B, Hq, Ncand, D]
@@ -290,11 +308,15 @@ def route_block(
     hi = (torch.arange(hq, device=q.device) // rep)[None, :, None, None]
     picked = group_summ[bi, hi, chunk_ids].to(torch.float64)  # [B, Hq, Lb, kc, M, Dg]
     picked = picked.reshape(b, hq, lb, kc * m, dg)
-    group_scores = torch.matmul(picked, qg[..., None]).squeeze(-1)  # [B, Hq, Lb, kc * M]
+    group_scores = [torch.matmul(picked, v[..., None]).squeeze(-1) for v in qgs]  # each [B, Hq, Lb, kc * M]
     global_ids = (chunk_ids[..., None] * m + torch.arange(m, device=q.device)).reshape(b, hq, lb, kc * m)
     kf = min(config.fetch_groups, kc * m)
     kg = min(config.top_groups, kc * m)
-    fetch_ids = torch.gather(global_ids, 3, _best_first(group_scores, kf))
+    if len(group_scores) == 1:
+        order = _best_first(group_scores[0], kf)
+    else:
+        order = _split_best_first(group_scores[0], group_scores[1], kg, -(-kg // 2), kf)
+    fetch_ids = torch.gather(global_ids, 3, order)
     out_carry = None
     if config.running_routing:
         assert first_pos is not None
@@ -502,7 +524,7 @@ def hga_decode_ref(
     group_summ: list[torch.Tensor] = []  # one [B, Hkv, 1, M, D or 2D] per closed chunk
     outs, keys, plans = [], [], []
     carry = route_carry
-    dg = 2 * d if config.group_score == "bound" else d
+    dg = config.group_key_dim(d)
     for i in range(lq):
         t = start_pos + i
         while len(chunk_summ) < t // c:  # chunk j closed: summarise it once

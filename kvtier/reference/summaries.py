@@ -20,7 +20,8 @@ With ``HGAConfig.group_score == "bound"`` the group-level routing keys are inste
 elementwise minimum and maximum of each group's post-RoPE keys (:func:`group_bounds_ref`),
 laid out as ``[min, max]`` along a last dim of 2D, so that the bound
 ``sum_i max(q_i min_i, q_i max_i)`` is the plain dot product of ``[min(q, 0), max(q, 0)]``
-with it. :func:`routing_summaries_ref` gives whichever pair a configuration routes by.
+with it. ``"sum+bound"`` routes by both: its group keys are ``[sum, min, max]`` (3D).
+:func:`routing_summaries_ref` gives whichever a configuration routes by.
 """
 
 from __future__ import annotations
@@ -139,11 +140,15 @@ def routing_summaries_ref(
     -------
     chunk_summ : Tensor ``[B, Hkv, N, D]`` float32
         Mixed-RoPE chunk summaries (scored by the ``"sum"`` and ``"running_max"`` chunk terms).
-    group_summ : Tensor ``[B, Hkv, N, M, D]`` float32, or ``[B, Hkv, N, M, 2D]`` for ``group_score="bound"``
-        Mixed-RoPE group summaries, or the groups' ``[min, max]`` key bounds.
+    group_summ : Tensor ``[B, Hkv, N, M, Dg]`` float32, ``Dg = config.group_key_dim(D)``
+        Mixed-RoPE group summaries (``"sum"``), the groups' ``[min, max]`` key bounds
+        (``"bound"``), or both, ``[sum, min, max]`` (``"sum+bound"``).
     """
     c = config.chunk_size
     chunk_summ = chunk_summaries_ref(k, c, inv_freq, config.rope_cutoff_rad, start=start)
-    if config.group_score == "bound":
-        return chunk_summ, group_bounds_ref(k, c, config.group_size)
-    return chunk_summ, group_summaries_ref(k, c, config.group_size, inv_freq, config.rope_cutoff_rad, start=start)
+    parts = []
+    if "sum" in config.group_score_terms:
+        parts.append(group_summaries_ref(k, c, config.group_size, inv_freq, config.rope_cutoff_rad, start=start))
+    if "bound" in config.group_score_terms:
+        parts.append(group_bounds_ref(k, c, config.group_size))
+    return chunk_summ, parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)

@@ -87,8 +87,10 @@ def hga_bruteforce(q, k, v, *, cfg, theta=None, start_pos=0, freqs=None, pairs=N
                 qv = q[b, h, i].double()
                 cands = list(range(sink_end, local_start))
 
-                def gscore(qvec, gi):
-                    if cfg.group_score == "bound":  # Quest: the largest q . x over the group's box
+                gterms = cfg.group_score.split("+")
+
+                def gscore(qvec, gi, kind=gterms[-1]):
+                    if kind == "bound":  # Quest: the largest q . x over the group's box
                         keys = k[b, kvh, gi * g : (gi + 1) * g].double()
                         lo, hi = keys.min(0).values, keys.max(0).values
                         return sum(max(float(qvec[e]) * float(lo[e]), float(qvec[e]) * float(hi[e])) for e in range(d))
@@ -110,8 +112,12 @@ def hga_bruteforce(q, k, v, *, cfg, theta=None, start_pos=0, freqs=None, pairs=N
                     rest = [j for j in cands if j not in chunks]
                     chunks += sorted(rest, key=lambda j: (-term_score(terms[1], j), j))[: kc - k1]
                 gids = [j * m + x for j in chunks for x in range(m)]
-                gscored = sorted(gids, key=lambda gi: (-gscore(qv, gi), gi))
-                chosen = gscored[: min(cfg.top_groups, len(gids))]
+                kg = min(cfg.top_groups, len(gids))
+                k1 = kg if len(gterms) == 1 else -(-kg // 2)
+                chosen = sorted(gids, key=lambda gi: (-gscore(qv, gi, gterms[0]), gi))[:k1]
+                if len(gterms) == 2:  # the rest by the bound among the groups left
+                    rest = [gi for gi in gids if gi not in chosen]
+                    chosen += sorted(rest, key=lambda gi: (-gscore(qv, gi, gterms[1]), gi))[: kg - k1]
                 groups_chosen[(b, h, i)] = set(chosen)
                 visible = set(range(sink_end * c)) | set(range(local_start * c, t + 1))
                 for gi in chosen:

@@ -35,6 +35,8 @@ OPTIONS = [
     ("sum+max_group", "sum"),
     ("running_max+sum", "bound"),
     ("max_group+running_max_group", "bound"),
+    ("sum", "sum+bound"),
+    ("sum+max_group", "sum+bound"),
 ]
 IDS = [f"{c}/{g}" for c, g in OPTIONS]
 
@@ -195,7 +197,8 @@ def test_route_block_checks():
         (dict(chunk_score="max"), "chunk_score: expected one of"),
         (dict(chunk_score="sum+sum"), "two different ones"),
         (dict(chunk_score="sum+max_group+running_max"), "chunk_score: expected one of"),
-        (dict(group_score="max"), r"group_score: expected one of \('sum', 'bound'\), got 'max'"),
+        (dict(group_score="max"), r"group_score: expected one of \('sum', 'bound', 'sum\+bound'\), got 'max'"),
+        (dict(group_score="bound+sum"), "group_score: expected one of"),
     ],
 )
 def test_config_rejects_bad_scores(kwargs, match):
