@@ -16,6 +16,9 @@
 #   cannot slice the first Kc lanes out of a sorted vector, memory can.
 # Split chunk scores (HGAConfig.chunk_score="a+b"): cand holds a's keys, cand2 b's (same
 #   shape); the first ceil(Kc/2) chunks come from cand, the rest from cand2 without those.
+# Split group scores (HGAConfig.group_score="sum+bound", SPLIT_GROUPS): rows are [sum, min, max]
+#   (3D); both scores are computed, and the plan takes ceil(Kg/2) groups by the sum, the rest of
+#   Kg by the bound, then the prefetch groups by the sum, by Kf rounds of max-extraction.
 
 from __future__ import annotations
 
@@ -82,6 +85,7 @@ def _route_groups_kernel(
     BLOCK_OUT: tl.constexpr,
     BOUND: tl.constexpr,
     SPLIT: tl.constexpr,
+    SPLIT_GROUPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     l = (pid % num_q).to(tl.int64)
@@ -137,6 +141,7 @@ def _route_groups_kernel(
     # D in slices: a [64, 128] fp32 tile of group summaries would hold 64 registers per thread
     # at 4 warps; slices of 32 keep it small and overlap the loads.
     scores = tl.zeros([BLOCK_G], dtype=tl.float32)
+    scores2 = tl.zeros([BLOCK_G], dtype=tl.float32)  # the bound, with SPLIT_GROUPS
     g_base = (
         gsumm_ptr
         + b * stride_gb
@@ -148,42 +153,60 @@ def _route_groups_kernel(
     for d0 in range(0, HEAD_DIM, BLOCK_DK):
         offs_d = d0 + tl.arange(0, BLOCK_DK)
         mask_d = offs_d < HEAD_DIM
+        mask = ok[:, None] & mask_d[None, :]
         q = tl.load(q_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        gs = tl.load(g_base + offs_d[None, :], mask=ok[:, None] & mask_d[None, :], other=0.0)
+        gs = tl.load(g_base + offs_d[None, :], mask=mask, other=0.0)
+        if SPLIT_GROUPS:  # [sum, min, max]: the sum's score, and the bound at +HEAD_DIM
+            lo = tl.load(g_base + HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+            hi = tl.load(g_base + 2 * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
+            scores2 += tl.sum(hi * tl.maximum(q, 0.0)[None, :], axis=1)
+            scores2 += tl.sum(lo * tl.minimum(q, 0.0)[None, :], axis=1)
         if BOUND:  # gs holds the minima; the maxima follow at +HEAD_DIM
-            hi = tl.load(g_base + HEAD_DIM + offs_d[None, :], mask=ok[:, None] & mask_d[None, :], other=0.0)
+            hi = tl.load(g_base + HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
             scores += tl.sum(hi * tl.maximum(q, 0.0)[None, :], axis=1)
             q = tl.minimum(q, 0.0)
         scores += tl.sum(gs * q[None, :], axis=1)
     gkeys = tl.where(ok, _pack(scores, j), EMPTY)
-    gkeys = tl.sort(gkeys, descending=True)
     num_ok = tl.sum(ok.to(tl.int32), axis=0)
-
-    # Lane i of the sorted keys is the i-th best group: recover its chunk and group.
-    sj = 2147483647 - (gkeys & 0xFFFFFFFF).to(tl.int32)
-    sj = tl.where(gkeys != EMPTY, sj, 0)
-    schunk = tl.load(chunk_row + sj // M, mask=gkeys != EMPTY, other=-1)
-    gid = schunk.to(tl.int64) * M + (sj % M)
-    lane = tl.arange(0, BLOCK_G)
     n_fetch = tl.minimum(num_ok, fetch_groups)
     n_attend = tl.minimum(num_ok, top_groups)
-    fetch = tl.where(lane < n_fetch, gid, -1)
-    attend = tl.where(lane < n_attend, gid, -1)
-    tl.store(fetch_out_ptr + b * stride_fb + hq * stride_fh + l * stride_fl + lane, fetch, mask=lane < kf_w)
-    tl.store(
-        group_out_ptr + b * stride_gob + hq * stride_goh + l * stride_gol + lane, attend, mask=lane < kg_w
-    )
-    tl.store(
-        routed_out_ptr + b * stride_rb + hq * stride_rh + l * stride_rl + lane,
-        attend.to(tl.int32),
-        mask=lane < kg_w,
-    )
-    # Widths past the candidates (kf_w > Kc * M cannot happen: plan_widths clips them).
-    if BLOCK_OUT > BLOCK_G:
-        extra = BLOCK_G + tl.arange(0, BLOCK_OUT - BLOCK_G)
-        tl.store(
-            fetch_out_ptr + b * stride_fb + hq * stride_fh + l * stride_fl + extra, -1, mask=extra < kf_w
-        )
+    fetch_row = fetch_out_ptr + b * stride_fb + hq * stride_fh + l * stride_fl
+    group_row = group_out_ptr + b * stride_gob + hq * stride_goh + l * stride_gol
+    routed_row = routed_out_ptr + b * stride_rb + hq * stride_rh + l * stride_rl
+    if SPLIT_GROUPS:
+        gkeys2 = tl.where(ok, _pack(scores2, j), EMPTY)
+        k1 = (n_attend + 1) // 2
+        for i in range(0, kf_w):
+            by_sum = (i < k1) | (i >= n_attend)
+            best = tl.max(tl.where(by_sum, gkeys, gkeys2), axis=0)
+            bj = 2147483647 - (best & 0xFFFFFFFF).to(tl.int32)
+            bj = tl.where(best != EMPTY, bj, 0)
+            bchunk = tl.load(chunk_row + bj // M)
+            gid = tl.where((best != EMPTY) & (i < n_fetch), bchunk.to(tl.int64) * M + (bj % M), -1)
+            tl.store(fetch_row + i, gid)
+            attend = tl.where(i < n_attend, gid, -1)
+            tl.store(group_row + i, attend, mask=i < kg_w)
+            tl.store(routed_row + i, attend.to(tl.int32), mask=i < kg_w)
+            # A chosen group leaves both lists (the low 32 bits of a key name its candidate).
+            gkeys = tl.where((gkeys & 0xFFFFFFFF) == (best & 0xFFFFFFFF), EMPTY, gkeys)
+            gkeys2 = tl.where((gkeys2 & 0xFFFFFFFF) == (best & 0xFFFFFFFF), EMPTY, gkeys2)
+    else:
+        gkeys = tl.sort(gkeys, descending=True)
+        # Lane i of the sorted keys is the i-th best group: recover its chunk and group.
+        sj = 2147483647 - (gkeys & 0xFFFFFFFF).to(tl.int32)
+        sj = tl.where(gkeys != EMPTY, sj, 0)
+        schunk = tl.load(chunk_row + sj // M, mask=gkeys != EMPTY, other=-1)
+        gid = schunk.to(tl.int64) * M + (sj % M)
+        lane = tl.arange(0, BLOCK_G)
+        fetch = tl.where(lane < n_fetch, gid, -1)
+        attend = tl.where(lane < n_attend, gid, -1)
+        tl.store(fetch_row + lane, fetch, mask=lane < kf_w)
+        tl.store(group_row + lane, attend, mask=lane < kg_w)
+        tl.store(routed_row + lane, attend.to(tl.int32), mask=lane < kg_w)
+        # Widths past the candidates (kf_w > Kc * M cannot happen: plan_widths clips them).
+        if BLOCK_OUT > BLOCK_G:
+            extra = BLOCK_G + tl.arange(0, BLOCK_OUT - BLOCK_G)
+            tl.store(fetch_row + extra, -1, mask=extra < kf_w)
 
 
 def route_groups(
@@ -199,7 +222,7 @@ def route_groups(
     top_groups: int,
     fetch_groups: int,
     num_warps: int = 4,
-    bound: bool = False,
+    group_score: str = "sum",
     cand2: torch.Tensor | None = None,
 ) -> None:
     """Finish routing: top chunks from ``cand``, then top groups inside them, per query row.
@@ -217,9 +240,10 @@ def route_groups(
         Output: ``group_ids`` as int32, the routed block table over dense K/V.
     top_chunks, top_groups, fetch_groups : int
         ``HGAConfig`` budgets.
-    bound : bool
-        ``HGAConfig.group_score == "bound"``: ``group_summ`` rows are ``[min, max]`` key bounds
-        ``[B, Hkv, N, M, 2D]`` and groups rank by Quest's bound.
+    group_score : {"sum", "bound", "sum+bound"}
+        ``HGAConfig.group_score``: ``group_summ`` rows are summaries ``[B, Hkv, N, M, D]``,
+        ``[min, max]`` key bounds (2D, ranked by Quest's bound), or ``[sum, min, max]`` (3D,
+        ``ceil(Kg / 2)`` groups by the sum, the rest by the bound, the prefetch by the sum).
     cand2 : Tensor, optional
         For a split chunk score ``"a+b"``: ``route_chunks``' keys of ``b`` (``cand`` holding
         ``a``'s), same shape and strides as ``cand``. The first ``ceil(Kc / 2)`` chunks
@@ -254,9 +278,13 @@ def route_groups(
         raise ValueError(
             f"group_ids/fetch_ids/routed: expected widths <= Kc_w * M = {kc_w * m}, got {kg_w}, {kf_w}"
         )
-    if group_summ.shape[4] != (2 * d if bound else d):
+    widths = {"sum": 1, "bound": 2, "sum+bound": 3}
+    if group_score not in widths:
+        raise ValueError(f"group_score: expected one of {tuple(widths)}, got {group_score!r}")
+    if group_summ.shape[4] != widths[group_score] * d:
         raise ValueError(
-            f"group_summ: expected a last dim of {2 * d if bound else d} (bound={bound}), got {tuple(group_summ.shape)}"
+            f"group_summ: expected a last dim of {widths[group_score] * d} (group_score={group_score!r}), "
+            f"got {tuple(group_summ.shape)}"
         )
     if cand2 is not None and (
         not isinstance(cand2, torch.Tensor) or cand2.shape != cand.shape or cand2.stride() != cand.stride()
@@ -314,7 +342,8 @@ def route_groups(
         BLOCK_CAND=max(triton.next_power_of_2(num_cand), block_kc),
         BLOCK_KC=block_kc,
         BLOCK_OUT=max(block_g, triton.next_power_of_2(max(1, kf_w))),
-        BOUND=bound,
+        BOUND=group_score == "bound",
         SPLIT=cand2 is not None,
+        SPLIT_GROUPS=group_score == "sum+bound",
         num_warps=num_warps,
     )

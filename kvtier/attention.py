@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from kvtier.config import CHUNK_SCORE_TERMS, HGAConfig
+from kvtier.config import CHUNK_SCORE_TERMS, GROUP_SCORES, HGAConfig
 from kvtier.kernels.route_chunks import route_chunks, route_chunks_tiles
 from kvtier.kernels.route_groups import route_groups
 from kvtier.kernels.sparse_decode import decode_num_splits, sparse_decode
@@ -143,8 +143,8 @@ def hga_attention(
 KERNEL_CHUNK_SCORES = CHUNK_SCORE_TERMS
 
 
-#: group_score values the routing kernels compute (``route_groups``).
-KERNEL_GROUP_SCORES = ("sum", "bound")
+#: group_score values the routing kernels compute (``route_groups``): every one of ``HGAConfig``.
+KERNEL_GROUP_SCORES = GROUP_SCORES
 
 
 def _check_kernel_options(config: HGAConfig, what: str) -> None:
@@ -172,12 +172,16 @@ def kernel_chunk_table(
 
     The first ``n`` chunk summaries ``[B, Hkv, n, D]`` for ``"sum"`` / ``"running_max"``; for
     the ``max_group`` terms the group-level keys ``[B, Hkv, n, M, Dg]`` (with ``bound=True``
-    when they are min/max bounds). Raises ValueError for a term the kernels do not compute.
+    when they are min/max bounds; of ``"sum+bound"``'s ``[sum, min, max]`` rows, the view of
+    the bounds: a chunk ranks by its best bounded group). Raises ValueError for a term the
+    kernels do not compute.
     """
     _check_kernel_options(config, "config")
     if term not in config.chunk_score_terms:
         raise ValueError(f"term: expected one of {config.chunk_score_terms}, got {term!r}")
     if term.endswith("max_group"):
+        if config.group_score == "sum+bound":
+            return group_summ[:, :, :n, :, chunk_summ.shape[-1] :], dict(score=term, bound=True)
         return group_summ[:, :, :n], dict(score=term, bound=config.group_score == "bound")
     return chunk_summ[:, :, :n], dict(score=term)
 
@@ -332,7 +336,7 @@ def _route(
         top_chunks=config.top_chunks,
         top_groups=config.top_groups,
         fetch_groups=config.fetch_groups,
-        bound=config.group_score == "bound",
+        group_score=config.group_score,
         cand2=cands[1] if len(cands) > 1 else None,
     )
     return True

@@ -174,7 +174,7 @@ class LayerDecode:
             top_groups=cfg.top_groups,
             fetch_groups=cfg.fetch_groups,
             num_warps=self.group_warps,
-            bound=cfg.group_score == "bound",
+            group_score=cfg.group_score,
             cand2=cands[1] if len(cands) > 1 else None,
         )
 

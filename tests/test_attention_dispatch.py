@@ -218,7 +218,9 @@ def test_kernels_equal_reference_with_running_and_split_scores(scores):
         kvtier.hga_attention(q[:, :, 6:], k, v, config=cfg, rope_theta=THETA, start_pos=166, backend="triton")
 
 
-@pytest.mark.parametrize("scores", [("max_group", "sum"), ("sum", "bound"), ("max_group", "bound")])
+@pytest.mark.parametrize(
+    "scores", [("max_group", "sum"), ("sum", "bound"), ("max_group", "bound"), ("sum+max_group", "sum+bound")]
+)
 @pytest.mark.parametrize("lq,start_pos,lk", [(1, 200, 201), (40, 150, 190)])
 def test_kernels_equal_reference_with_routing_options(scores, lq, start_pos, lk):
     torch.manual_seed(12)

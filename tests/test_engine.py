@@ -155,7 +155,7 @@ def test_batch_equals_each_alone() -> None:
         assert (together[i : i + 1] - alone).abs().max().item() < 1e-6
 
 
-@pytest.mark.parametrize("scores", [("sum", "sum"), ("max_group", "bound")])
+@pytest.mark.parametrize("scores", [("sum", "sum"), ("max_group", "bound"), ("sum+max_group", "sum+bound")])
 def test_kernel_flow_equals_torch_flow(tmp_path, scores: tuple[str, str]) -> None:
     """Interpreter: the kernel flow (prefill blocks, then decode steps through the group cache, some
     chunks on disk only) gives the torch flow's plans and outputs, for the paper's routing and the

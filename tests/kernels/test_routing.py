@@ -30,9 +30,9 @@ def kernel_plan(q, k, cfg, start_pos, block_t=None, **options):
     kc_w, kg_w, kf_w = plan_widths(cfg, last)
     bt, nt, kt = route_chunks_tiles(n, cfg.top_chunks, block_t=block_t)
     cand = torch.empty(bsz, hq, lq, nt, kt, dtype=torch.int64)
-    bound = cfg.group_score == "bound"
-    if cfg.chunk_score == "max_group":
-        cs, options = gs, dict(options, score="max_group", bound=bound)
+    if cfg.chunk_score == "max_group":  # the bounds of [sum, min, max] rows, as kernel_chunk_table gives them
+        table = gs[..., d:] if cfg.group_score == "sum+bound" else gs
+        cs, options = table, dict(options, score="max_group", bound=cfg.group_score != "sum")
     route_chunks(
         q,
         cs,
@@ -55,7 +55,7 @@ def kernel_plan(q, k, cfg, start_pos, block_t=None, **options):
         top_chunks=cfg.top_chunks,
         top_groups=cfg.top_groups,
         fetch_groups=cfg.fetch_groups,
-        bound=bound,
+        group_score=cfg.group_score,
     )
     assert torch.equal(routed.long(), out[1])
     return out
@@ -108,7 +108,10 @@ def test_routing_variants_agree(options):
     assert torch.equal(fetch_ids, stats.plan.fetch_group_ids)
 
 
-@pytest.mark.parametrize("chunk_score, group_score", [("max_group", "sum"), ("sum", "bound"), ("max_group", "bound")])
+@pytest.mark.parametrize(
+    "chunk_score, group_score",
+    [("max_group", "sum"), ("sum", "bound"), ("max_group", "bound"), ("sum", "sum+bound"), ("max_group", "sum+bound")],
+)
 @pytest.mark.parametrize(
     "hq,hkv,lq,start_pos,lk,options",
     [
@@ -138,6 +141,7 @@ def test_routing_options_match_reference_plan(chunk_score, group_score, hq, hkv,
         ("running_max", "sum", dict(use_dot=False, block_r=4)),  # FMA scores, LayerDecode's default rows
         ("running_max_group", "bound", {}),  # tl.dot scores, rows padded to 16
         ("running_max+sum", "sum", {}),  # a split: half by the running max, half by the sum
+        ("running_max+max_group", "sum+bound", {}),  # splits at both levels, the bounds of [sum, min, max]
     ],
 )
 def test_decode_steps_with_running_scores_match_reference(chunk_score, group_score, options):
@@ -165,16 +169,16 @@ def test_decode_steps_with_running_scores_match_reference(chunk_score, group_sco
         for term in cfg.chunk_score_terms:
             cand = torch.empty(2, 3, 1, nt, kt, dtype=torch.int64)
             running = term.startswith("running_")
-            table = gs if term.endswith("max_group") else cs
+            table = (gs[..., 16:] if group_score == "sum+bound" else gs) if term.endswith("max_group") else cs
             route_chunks(q[:, :, t - first : t - first + 1], table[:, :, : w.local_start], cand, start_pos=t,
                          chunk_size=c, sink_chunks=1, local_chunks=2, block_t=bt, score=term,
-                         bound=group_score == "bound" and term.endswith("max_group"),
+                         bound=group_score != "sum" and term.endswith("max_group"),
                          carry_in=carry if running else None, carry_out=carry if running else None, **options)
             cands.append(cand)
         out = [torch.full((2, 3, 1, wd), -7, dtype=torch.int64) for wd in widths]
         routed = torch.full((2, 3, 1, widths[1]), -7, dtype=torch.int32)
         route_groups(cands[0], q[:, :, t - first : t - first + 1], gs, *out, routed, top_chunks=3, top_groups=4,
-                     fetch_groups=6, bound=group_score == "bound", cand2=cands[1] if len(cands) > 1 else None)
+                     fetch_groups=6, group_score=group_score, cand2=cands[1] if len(cands) > 1 else None)
         i = t - first
         assert torch.equal(out[0], want.plan.chunk_ids[:, :, i : i + 1, : widths[0]]), t
         assert torch.equal(out[2], want.plan.fetch_group_ids[:, :, i : i + 1, : widths[2]]), t
