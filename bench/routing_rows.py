@@ -1,11 +1,13 @@
 """Assemble docs/routing.json (issue 11) from `kvtier eval` JSON files, and draw its plots.
 
     python bench/routing_rows.py bench/results/h200-2026-12-02-fidelity bench/results/cpu-2026-12-02-fidelity \
-        bench/results/h200-2026-12-02-fidelity-followup
+        bench/results/h200-2026-12-02-fidelity-followup bench/results/h200-2026-12-02-fidelity-split \
+        bench/results/cpu-2026-12-02-fidelity-split
 
 Every row keeps its source file and the run's conditions (device, backend, top_chunks,
-local_chunks); a row's label is its method plus what differs from the defaults (``tc32``: 32
-chunks at the first routing level, ``local4``: a 4-chunk local window at the same budget).
+local_chunks); a row's label is its method (``hga`` with the routing scores of its day) plus
+what differs from the paper's configuration (``tc32``: 32 chunks at the first routing level,
+``local4``: a 4-chunk local window at the same budget).
 Rows of the CPU runs of the options the GPU queue did not repeat (the group bound and the
 running max at 4K) are kept from the previous docs/routing.json. Plots go to
 docs/routing_*.png through kvtier.cli.plots.
@@ -23,8 +25,8 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 #: CPU-only rows kept from the previous docs/routing.json (options the GPU queue did not run).
 KEEP_CPU = ("hga-max_group-bound", "hga-sum-bound", "hga-running_max")
 #: The budget sweep's lines: the paper's width, the default, the 4-chunk window and the baselines.
-SWEEP = ("hga (sum) tc16", "hga (sum) tc32", "hga (sum) tc32 local4", "hga-max_group tc16", "quest", "quest local4",
-         "oracle", "oracle local4")
+SWEEP = ("hga (sum) tc16", "hga (sum) tc32", "hga (sum) tc32 local4", "hga-max_group tc16",
+         "hga-sum+max_group-sum+bound tc32", "quest", "quest local4", "oracle", "oracle local4")
 #: Task samples every task row has (seeds 0 and 1): later seeds ran for some methods only.
 TASK_SEEDS = (0, 1)
 
@@ -37,11 +39,15 @@ def top_chunks_of(cond: dict) -> int:
 
 def label(method: str, cond: dict) -> str:
     """The method, HGA's first-level width (``tc16`` ...) and any other change from the defaults."""
+    hga = cond.get("hga") or {}
+    if method == "hga" and (hga.get("chunk_score", "sum"), hga.get("group_score", "sum")) != ("sum", "sum"):
+        method = f"hga-{hga['chunk_score']}-{hga['group_score']}"  # "hga" is the default of its day
     parts = ["hga (sum)" if method == "hga" else method]
     if method.startswith("hga"):
         parts.append(f"tc{top_chunks_of(cond)}")
-    if cond.get("local_chunks") is not None:
-        parts.append(f"local{cond['local_chunks']}")
+    local = cond.get("local_chunks") or hga.get("local_chunks")
+    if local not in (None, 8):  # labels name windows other than the paper's 8 local chunks
+        parts.append(f"local{local}")
     if cond.get("group_size") is not None:
         parts.append(f"gs{cond['group_size']}")
     return " ".join(parts)

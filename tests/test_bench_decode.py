@@ -94,6 +94,7 @@ def _has_matplotlib() -> bool:
         (["--modes", "hga,sparse"], "--modes"),
         (["--steps", "0"], "--steps"),
         (["--hga", "top_chunks"], "--hga"),
+        (["--hga", "group_score=max"], "--hga: HGAConfig.group_score: expected one of"),
         (["--model", "/nonexistent/model"], "--model"),
     ],
 )

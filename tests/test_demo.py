@@ -15,8 +15,12 @@ def test_synthetic_demo_still_runs(capsys) -> None:
 
 
 def _model_demo(model: str, tokens: int, tmp_path, capsys) -> str:
-    """A prompt with a small host tier: chunks spill to disk and routed reads come back from it."""
-    code = main(["demo", "--model", model, "--tokens", str(tokens), "--host-bytes", "256KiB", "--gpu-bytes", "128KiB",
+    """A prompt with a small host tier: chunks spill to disk and routed reads come back from it.
+
+    20 host slots of 16 KiB (the tiny model's chunk): one prefill block routes up to 17 chunks
+    with the default 48 groups, and the 1,524-token prompt closes 23.
+    """
+    code = main(["demo", "--model", model, "--tokens", str(tokens), "--host-bytes", "320KiB", "--gpu-bytes", "128KiB",
                  "--disk-dir", str(tmp_path), "--max-new-tokens", "4", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0

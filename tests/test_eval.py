@@ -13,13 +13,13 @@ from kvtier.cli.eval import EvalRow, default_budget, hga_config_for_budget, mark
 
 
 def test_budget_helpers() -> None:
-    assert default_budget(HGAConfig()) == 1216  # 128 sinks + 512 local + 64 current + 32 groups of 16
+    assert default_budget(HGAConfig()) == 1216  # 128 sinks + 256 local + 64 current + 48 groups of 16
     cfg, routed = hga_config_for_budget(1216)
-    assert (cfg.top_groups, routed) == (32, 512)
-    cfg, routed = hga_config_for_budget(704 + 16 * 80)
+    assert (cfg.top_groups, routed) == (48, 768)
+    cfg, routed = hga_config_for_budget(448 + 16 * 80)
     assert cfg.top_groups == 80 and cfg.top_chunks >= 20 and cfg.fetch_groups >= 80
     with pytest.raises(ValueError, match="multiple of group_size"):
-        hga_config_for_budget(710)
+        hga_config_for_budget(454)
     with pytest.raises(ValueError, match="expected at least the windows"):
         hga_config_for_budget(100)
 
@@ -105,17 +105,17 @@ def test_eval_local_chunks_and_backend(tmp_path) -> None:
 
     folder = str(tiny_model_folder())
     rows = {}
-    for name, extra in (("default", []), ("local4", ["--local-chunks", "4", "--backend", "reference"]),
+    for name, extra in (("default", []), ("local8", ["--local-chunks", "8", "--backend", "reference"]),
                         ("gs8", ["--group-size", "8"])):
         out = tmp_path / f"{name}.json"
         assert main(["eval", "--model", folder, "--lengths", "1024", "--budget", "720", "--methods", "dense,hga",
                      "--json", str(out), "--device", "cpu", *extra]) == 0
         rows[name] = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
-    # 720 keys: 704 of windows + 1 group by default, 448 of windows + 17 groups with 4 local
+    # 720 keys: 448 of windows + 17 groups by default, 704 of windows + 1 group with 8 local
     # chunks: as many keys per query, other keys (without --budget, 1216 either way)
-    assert rows["default"]["hga"]["mean_keys_per_query"] == pytest.approx(rows["local4"]["hga"]["mean_keys_per_query"])
-    assert rows["default"]["hga"]["nats_per_token"] != rows["local4"]["hga"]["nats_per_token"]
-    assert rows["default"]["dense"]["nats_per_token"] == rows["local4"]["dense"]["nats_per_token"]
+    assert rows["default"]["hga"]["mean_keys_per_query"] == pytest.approx(rows["local8"]["hga"]["mean_keys_per_query"])
+    assert rows["default"]["hga"]["nats_per_token"] != rows["local8"]["hga"]["nats_per_token"]
+    assert rows["default"]["dense"]["nats_per_token"] == rows["local8"]["dense"]["nats_per_token"]
     # groups of 8: as many routed keys in twice as many groups
     assert rows["gs8"]["hga"]["mean_keys_per_query"] == pytest.approx(rows["default"]["hga"]["mean_keys_per_query"])
     assert rows["gs8"]["hga"]["nats_per_token"] != rows["default"]["hga"]["nats_per_token"]

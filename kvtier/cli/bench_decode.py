@@ -120,7 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="disk tier folder (a subfolder is created and removed); needed when "
                              "--host-bytes is below the K/V")
     parser.add_argument("--disk-bytes", type=byte_size, default=None, help="disk-tier budget (default: the K/V plus 10%%)")
-    parser.add_argument("--hga", default="", help="HGAConfig overrides, e.g. top_chunks=8,top_groups=16")
+    parser.add_argument("--hga", default="",
+                        help="HGAConfig overrides, e.g. top_chunks=8,top_groups=16 or chunk_score=sum,group_score=sum")
     parser.add_argument("--max-context", default="",
                         help="per-mode context caps, e.g. dense=512K,offload=128K (larger contexts are skipped)")
     parser.add_argument("--time-limit", type=float, default=None,
@@ -794,7 +795,10 @@ def _hga_config(text: str, smoke: bool) -> HGAConfig:
         if not sep or key not in values:
             raise ValueError(f"--hga: expected key=value with keys among {sorted(values)}, got {part!r}")
         try:
-            values[key] = float(value) if key == "rope_cutoff_rad" else int(value)
+            if key in ("chunk_score", "group_score"):  # the routing scores are names, checked by HGAConfig
+                values[key] = value.strip()
+            else:
+                values[key] = float(value) if key == "rope_cutoff_rad" else int(value)
         except ValueError:
             raise ValueError(f"--hga: expected a number for {key}, got {value!r}") from None
     try:

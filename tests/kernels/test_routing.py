@@ -7,15 +7,17 @@ import dataclasses
 import pytest
 import torch
 
+from kvtier.attention import kernel_chunk_table
 from kvtier.config import HGAConfig
 from kvtier.kernels.route_chunks import route_chunks, route_chunks_tiles
 from kvtier.kernels.route_groups import route_groups
 from kvtier.reference import hga_attention, hga_decode_ref, plan_widths, rope_inv_freq, routing_summaries_ref
 from kvtier.layout import windows_at
 
-CFG = HGAConfig(
+CFG = HGAConfig(  # the default routing scores (split at both levels) at a small geometry
     chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=5, fetch_groups=8
 )
+PAPER = dataclasses.replace(CFG, chunk_score="sum", group_score="sum")
 THETA = 1e4
 
 
@@ -29,25 +31,27 @@ def kernel_plan(q, k, cfg, start_pos, block_t=None, **options):
     cs, gs = routing_summaries_ref(k[:, :, : n * c], cfg, inv)
     kc_w, kg_w, kf_w = plan_widths(cfg, last)
     bt, nt, kt = route_chunks_tiles(n, cfg.top_chunks, block_t=block_t)
-    cand = torch.empty(bsz, hq, lq, nt, kt, dtype=torch.int64)
-    if cfg.chunk_score == "max_group":  # the bounds of [sum, min, max] rows, as kernel_chunk_table gives them
-        table = gs[..., d:] if cfg.group_score == "sum+bound" else gs
-        cs, options = table, dict(options, score="max_group", bound=cfg.group_score != "sum")
-    route_chunks(
-        q,
-        cs,
-        cand,
-        start_pos=start_pos,
-        chunk_size=c,
-        sink_chunks=cfg.sink_chunks,
-        local_chunks=cfg.local_chunks,
-        block_t=bt,
-        **options,
-    )
+    cands = []
+    for term in cfg.chunk_score_terms:  # one route_chunks per term, on kvtier's table for it
+        table, term_options = kernel_chunk_table(term, cfg, cs, gs, n)
+        cand = torch.empty(bsz, hq, lq, nt, kt, dtype=torch.int64)
+        route_chunks(
+            q,
+            table,
+            cand,
+            start_pos=start_pos,
+            chunk_size=c,
+            sink_chunks=cfg.sink_chunks,
+            local_chunks=cfg.local_chunks,
+            block_t=bt,
+            **options,
+            **term_options,
+        )
+        cands.append(cand)
     out = [torch.full((bsz, hq, lq, w), -7, dtype=torch.int64) for w in (kc_w, kg_w, kf_w)]
     routed = torch.full((bsz, hq, lq, kg_w), -7, dtype=torch.int32)
     route_groups(
-        cand,
+        cands[0],
         q,
         gs,
         *out,
@@ -56,6 +60,7 @@ def kernel_plan(q, k, cfg, start_pos, block_t=None, **options):
         top_groups=cfg.top_groups,
         fetch_groups=cfg.fetch_groups,
         group_score=cfg.group_score,
+        cand2=cands[1] if len(cands) > 1 else None,
     )
     assert torch.equal(routed.long(), out[1])
     return out
@@ -70,13 +75,14 @@ def kernel_plan(q, k, cfg, start_pos, block_t=None, **options):
         (torch.float32, 8, 1, 3, 40, 43, None),  # few candidates: widths clipped, rows padded
     ],
 )
-def test_routing_matches_reference_plan(dtype, hq, hkv, lq, start_pos, lk, block_t):
+@pytest.mark.parametrize("cfg", [CFG, PAPER], ids=["default", "paper"])
+def test_routing_matches_reference_plan(dtype, hq, hkv, lq, start_pos, lk, block_t, cfg):
     torch.manual_seed(3)
     d = 32
     q = torch.randn(2 if lq == 1 else 1, hq, lq, d, dtype=dtype)
     k = torch.randn(q.shape[0], hkv, lk, d, dtype=dtype)
-    _, stats = hga_attention(q, k, k, config=CFG, rope_theta=THETA, start_pos=start_pos)
-    chunk_ids, group_ids, fetch_ids = kernel_plan(q, k, CFG, start_pos, block_t)
+    _, stats = hga_attention(q, k, k, config=cfg, rope_theta=THETA, start_pos=start_pos)
+    chunk_ids, group_ids, fetch_ids = kernel_plan(q, k, cfg, start_pos, block_t)
     assert torch.equal(chunk_ids, stats.plan.chunk_ids)
     assert torch.equal(group_ids, stats.plan.group_ids)
     assert torch.equal(fetch_ids, stats.plan.fetch_group_ids)

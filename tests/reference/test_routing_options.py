@@ -118,14 +118,18 @@ def test_causal_bit_for_bit(chunk_score, group_score, path):
 
 
 def test_sum_is_the_papers_rule():
-    """chunk_score='sum', group_score='sum' is the default and routes like a config that never heard of them."""
-    assert (HGAConfig().chunk_score, HGAConfig().group_score) == ("sum", "sum")
+    """chunk_score='sum', group_score='sum' are the paper's (HGAConfig.paper()) and route like a config that never heard of them."""
+    assert (HGAConfig.paper().chunk_score, HGAConfig.paper().group_score) == ("sum", "sum")
     cfg = sparse("sum", "sum")
     q, k, v = make_qkv(1, 4, 2, 150, 150, 16, seed=2)
     _, explicit = hga_attention(q, k, v, config=cfg, rope_theta=THETA)
-    _, default = hga_attention(q, k, v, config=HGAConfig(**GEOMETRY, top_chunks=3, top_groups=3, fetch_groups=5), rope_theta=THETA)
-    assert torch.equal(explicit.plan.fetch_group_ids, default.plan.fetch_group_ids)
+    paper = HGAConfig.paper(**GEOMETRY, top_chunks=3, top_groups=3, fetch_groups=5)
+    _, papers = hga_attention(q, k, v, config=paper, rope_theta=THETA)
+    assert torch.equal(explicit.plan.fetch_group_ids, papers.plan.fetch_group_ids)
     assert explicit.plan.carry is None
+    _, default = hga_attention(q, k, v, config=HGAConfig(**GEOMETRY, top_chunks=3, top_groups=3, fetch_groups=5),
+                               rope_theta=THETA)
+    assert not torch.equal(explicit.plan.fetch_group_ids, default.plan.fetch_group_ids)  # the default is not
 
 
 def test_options_change_the_plan():
