@@ -26,6 +26,19 @@ def test_plot_bars_writes_a_png(tmp_path) -> None:
     assert path.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_plot_bars_gives_twelve_bars_twelve_colours(tmp_path, monkeypatch) -> None:
+    """Past 10 bars the default colour cycle would repeat: every bar keeps its own colour."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    seen = []
+    real_bar = Axes.bar
+    monkeypatch.setattr(Axes, "bar", lambda self, *a, **k: seen.append(str(k["color"])) or real_bar(self, *a, **k))
+    values = {"4K": {f"rule {i}": 0.01 * i for i in range(12)}}
+    assert plots.plot_bars(tmp_path / "many.png", values, "gap", "twelve").read_bytes()[:8] == PNG_MAGIC
+    assert len(seen) == 12 and len(set(seen)) == 12
+
+
 def test_bad_series_are_rejected(tmp_path) -> None:
     with pytest.raises(ValueError, match="expected as many y as x values in series 'a', got 1 and 2"):
         plots.plot_lines(tmp_path / "x.png", {"a": ([1, 2], [1.0])}, "x", "y", "t")

@@ -196,7 +196,8 @@ def run_model(args: argparse.Namespace) -> int:
           f"loaded in {load_s:.1f} s")
     print(f"prompt: {ids.shape[1]} tokens, the fact planted at {args.fact_depth:.0%} of the document; "
           f"HGA defaults (chunks of {hga.chunk_size}, {hga.sink_chunks} sink + {hga.local_chunks} local chunks, "
-          f"{hga.top_chunks} routed chunks, {hga.top_groups} groups of {hga.group_size})")
+          f"{hga.top_chunks} routed chunks, {hga.top_groups} groups of {hga.group_size}; routing by "
+          f"{hga.chunk_score} / {hga.group_score})")
     note = dense_note(ids.shape[1], hga)
     if note:
         print(note)

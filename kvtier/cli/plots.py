@@ -136,7 +136,12 @@ def plot_bars(
     if not plot_available():
         return None
     bars = list(dict.fromkeys(b for group in values.values() for b in group))
-    colors = {b: f"C{i % 10}" for i, b in enumerate(bars)}
+    if len(bars) <= 10:
+        colors = {b: f"C{i}" for i, b in enumerate(bars)}
+    else:  # the default cycle repeats after 10 colours; tab20 has 20
+        from matplotlib import colormaps
+
+        colors = {b: colormaps["tab20"](i % 20) for i, b in enumerate(bars)}
     widest = max(sum(v is not None for v in group.values()) for group in values.values())
     width = 0.8 / max(1, widest)
     fig = _figure()
@@ -154,5 +159,8 @@ def plot_bars(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize="small")
+    if len(bars) > 6:  # a long legend goes beside the axes, where it hides no bar
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize="small")
     return _save(fig, path)
