@@ -123,8 +123,8 @@ def dense_tokens(config: Any) -> int:
     A query in chunk ``c`` sees the sinks, the local window and its own chunk in full, and
     routes among the ``c - sink_chunks - local_chunks`` candidate chunks between them; nothing
     is left out while all candidates fit both ``top_chunks`` and ``top_groups`` (1216 tokens
-    with the defaults: 2 + 8 window chunks, 8 routed chunks of 4 groups (``top_groups`` = 32 binds
-    before ``top_chunks``), the current chunk).
+    with the defaults: 2 + 4 window chunks, 12 routed chunks of 4 groups (``top_groups`` = 48
+    binds before ``top_chunks``), the current chunk).
     """
     fit = min(config.top_chunks, config.top_groups // config.groups_per_chunk)
     return (config.sink_chunks + config.local_chunks + fit + 1) * config.chunk_size
