@@ -521,7 +521,7 @@ def hga_decode_ref(
     c = config.chunk_size
     widths = plan_widths(config, start_pos + lq - 1)
     chunk_summ: list[torch.Tensor] = []  # one [B, Hkv, 1, D] per closed chunk
-    group_summ: list[torch.Tensor] = []  # one [B, Hkv, 1, M, D or 2D] per closed chunk
+    group_summ: list[torch.Tensor] = []  # one [B, Hkv, 1, M, Dg] per closed chunk
     outs, keys, plans = [], [], []
     carry = route_carry
     dg = config.group_key_dim(d)
