@@ -212,3 +212,16 @@ def test_route_chunks_refuses_what_it_does_not_compute():
         route_chunks(q3, summ, cand3, score="running_max", carry_in=carry, carry_out=carry, **geo)
     with pytest.raises(ValueError, match=r"chunk_summ: expected \[B=1, Hkv \| 2, N, M, 64\]"):
         route_chunks(q, torch.randn(1, 1, 10, 4, 32), cand, score="max_group", bound=True, **geo)
+
+
+def test_route_groups_refuses_keys_of_the_wrong_width():
+    """group_score names the group keys' width (D, 2D, 3D): a mismatch or an unknown score is an error."""
+    q = torch.randn(1, 2, 1, 32)
+    cand = torch.zeros(1, 2, 1, 1, 3, dtype=torch.int64)
+    out = [torch.empty(1, 2, 1, w, dtype=torch.int64) for w in (3, 5, 8)]
+    routed = torch.empty(1, 2, 1, 5, dtype=torch.int32)
+    budgets = dict(top_chunks=3, top_groups=5, fetch_groups=8)
+    with pytest.raises(ValueError, match=r"group_summ: expected a last dim of 96 \(group_score='sum\+bound'\)"):
+        route_groups(cand, q, torch.randn(1, 1, 10, 4, 64), *out, routed, group_score="sum+bound", **budgets)
+    with pytest.raises(ValueError, match="group_score: expected one of"):
+        route_groups(cand, q, torch.randn(1, 1, 10, 4, 32), *out, routed, group_score="max", **budgets)
