@@ -44,6 +44,8 @@ BARS = {
     "oracle local4": "oracle, local4",
     "dense": "dense",
 }
+#: A chart's bars in BARS order.
+RANK = {label: i for i, label in enumerate(BARS)}
 #: Task samples every task row has (seeds 0 and 1): later seeds ran for some methods only.
 TASK_SEEDS = (0, 1)
 
@@ -108,7 +110,7 @@ def main(paths: list[str]) -> None:
                    "NLL gap to dense (nats/token)", f"SmolLM2-135M at {length:,} tokens: NLL gap against budget")
 
     bars: dict[str, dict[str, float]] = {}
-    for r in sorted(nll, key=lambda r: list(BARS).index(r["label"]) if r["label"] in BARS else 0):
+    for r in sorted(nll, key=lambda r: RANK.get(r["label"], 0)):
         if r["budget"] == 1216 and r["label"] in BARS:
             bars.setdefault(f"{r['length']} tokens", {})[BARS[r["label"]]] = r["gap_vs_dense"]
     plot_bars(DOCS / "routing_nll.png", bars, "NLL gap to dense (nats/token)",
@@ -120,7 +122,7 @@ def main(paths: list[str]) -> None:
             cells[(r["label"], r["length"], r["depth"])] = r["needle_accuracy"]
     found: dict[str, dict[str, float]] = {}  # length -> label -> needles found there (of the depths)
     grid = {(n, d) for _, n, d in cells}
-    for (m, n, _), ok in sorted(cells.items(), key=lambda kv: (kv[0][1], list(BARS).index(kv[0][0]) if kv[0][0] in BARS else 0)):
+    for (m, n, _), ok in sorted(cells.items(), key=lambda kv: (kv[0][1], RANK.get(kv[0][0], 0))):
         if m in BARS and all((m, n2, d2) in cells for n2, d2 in grid):  # complete grids only
             found.setdefault(f"{n // 1024}K tokens", {}).setdefault(BARS[m], 0.0)
             found[f"{n // 1024}K tokens"][BARS[m]] += ok
@@ -135,7 +137,7 @@ def main(paths: list[str]) -> None:
             if key not in seen and r["label"] in BARS:  # a seed re-run by a later item is the same prompt
                 seen.add(key)
                 tasks.setdefault(r["task"], {}).setdefault(r["label"], []).append(r["needle_accuracy"])
-    acc = {t: {BARS[m]: sum(v) / len(v) for m, v in sorted(by.items(), key=lambda kv: list(BARS).index(kv[0]))}
+    acc = {t: {BARS[m]: sum(v) / len(v) for m, v in sorted(by.items(), key=lambda kv: RANK[kv[0]])}
            for t, by in tasks.items() if any(any(v) for v in by.values())}  # tasks no method solves say nothing
     plot_bars(DOCS / "routing_tasks.png", acc, "accuracy (fraction of samples)",
               "SmolLM2, 1,216 keys per query: tasks, 2K-8K")
