@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from kvtier.config import CHUNK_SCORE_TERMS, GROUP_SCORES, HGAConfig
+from kvtier.config import CHUNK_SCORE_TERMS, HGAConfig
 from kvtier.kernels.route_chunks import route_chunks, route_chunks_tiles
 from kvtier.kernels.route_groups import route_groups
 from kvtier.kernels.sparse_decode import decode_num_splits, sparse_decode
@@ -26,7 +26,7 @@ from kvtier.reference.summaries import routing_summaries_ref
 from kvtier.rope import RopeSpec
 
 __all__ = [
-    "hga_attention", "BACKENDS", "KERNEL_CHUNK_SCORES", "kernel_chunk_table", "num_running_terms", "prefill_tables",
+    "hga_attention", "BACKENDS", "KERNEL_CHUNK_SCORES", "kernels_route", "kernel_chunk_table", "num_running_terms", "prefill_tables",
 ]
 
 #: Accepted values of ``backend``.
@@ -143,19 +143,16 @@ def hga_attention(
 KERNEL_CHUNK_SCORES = CHUNK_SCORE_TERMS
 
 
-#: group_score values the routing kernels compute (``route_groups``): every one of ``HGAConfig``.
-KERNEL_GROUP_SCORES = GROUP_SCORES
+def kernels_route(config: HGAConfig) -> bool:
+    """Whether the routing kernels compute every term of ``config.chunk_score`` (they compute
+    every ``group_score``): the one test of the dispatch, the engine and ``kvtier.hf``."""
+    return all(t in KERNEL_CHUNK_SCORES for t in config.chunk_score_terms)
 
 
 def _check_kernel_options(config: HGAConfig, what: str) -> None:
-    if any(t not in KERNEL_CHUNK_SCORES for t in config.chunk_score_terms):
+    if not kernels_route(config):
         raise ValueError(
             f"{what}: expected chunk_score terms in {KERNEL_CHUNK_SCORES}, got {config.chunk_score!r}; "
-            "use backend='reference'"
-        )
-    if config.group_score not in KERNEL_GROUP_SCORES:
-        raise ValueError(
-            f"{what}: expected group_score in {KERNEL_GROUP_SCORES}, got {config.group_score!r}; "
             "use backend='reference'"
         )
 

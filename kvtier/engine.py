@@ -172,9 +172,9 @@ class HGAEngine(_Residency, _TorchFlow):
         if isinstance(first_seq_id, bool) or not isinstance(first_seq_id, int) or first_seq_id < 0:
             raise ValueError(f"first_seq_id: expected an int >= 0, got {first_seq_id!r}")
         self.device = _resolved(torch.device(device))
-        from kvtier.attention import KERNEL_CHUNK_SCORES
+        from kvtier.attention import KERNEL_CHUNK_SCORES, kernels_route
 
-        scored = all(t in KERNEL_CHUNK_SCORES for t in hga.chunk_score_terms)  # what the routing kernels compute
+        scored = kernels_route(hga)
         # The kernel path keeps one step's fetch set in the device group cache. A config whose
         # fetch set has no useful bound (HGAConfig.full_coverage()) or exceeds the budget cannot.
         m_ = hga.groups_per_chunk

@@ -219,11 +219,11 @@ def _full_context_hga(
     """HGA over the full K/V: the kernels on CUDA where they serve ``cfg``, the reference otherwise
     and for sinks / soft-capping (the kernels have neither: on CUDA such a layer runs the
     reference's torch ops, slower)."""
-    from kvtier.attention import KERNEL_CHUNK_SCORES, hga_attention
+    from kvtier.attention import hga_attention, kernels_route
 
     if backend == "auto" and (sinks is not None or softcap is not None):
         backend = "reference"
-    if backend == "auto" and cfg.chunk_score not in KERNEL_CHUNK_SCORES:
+    if backend == "auto" and not kernels_route(cfg):
         backend = "reference"  # a routing option the kernels do not compute yet
     return hga_attention(
         q, k, v, config=cfg, rope=rope, start_pos=start, route_carry=carry, sinks=sinks, softcap=softcap,

@@ -230,3 +230,21 @@ def test_kernels_equal_reference_with_routing_options(scores, lq, start_pos, lk)
     k = torch.randn(1, 2, lk, 32)
     v = torch.randn(1, 2, lk, 32)
     _compare(q, k, v, cfg, start_pos)
+
+
+def test_split_scores_reach_the_kernels_from_kvtier_hf(monkeypatch):
+    """kvtier.hf asks kernels_route for the whole config: a split chunk_score such as the default's
+    "sum+max_group" is two terms the kernels compute, so backend 'auto' is kept (it went to the
+    reference when the split string itself was looked up among the terms)."""
+    import kvtier.attention
+    from kvtier.attention import kernels_route
+    from kvtier.hf import _full_context_hga
+
+    assert kernels_route(HGAConfig()) and "+" in HGAConfig().chunk_score
+    assert kernels_route(HGAConfig.paper())
+    seen = []
+    monkeypatch.setattr(kvtier.attention, "hga_attention", lambda *a, **k: seen.append(k["backend"]))
+    q = torch.zeros(1, 1, 1, 16)
+    _full_context_hga(q, q, q, HGAConfig(), None, 0)
+    _full_context_hga(q, q, q, HGAConfig(), None, 0, softcap=30.0)  # the kernels have no soft-capping
+    assert seen == ["auto", "reference"]
