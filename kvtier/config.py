@@ -232,8 +232,7 @@ class HGAConfig:
         The default before the max-aware scores (NLL gap +0.0094 / +0.0320 at 4K / 8K on
         SmolLM2, 7 of 12 needles): for contexts where the default's 3 x group keys do not fit.
         """
-        lean = dict(local_chunks=8, top_chunks=32, top_groups=32, chunk_score="sum", group_score="sum")
-        return cls(**{**lean, **overrides})  # type: ignore[arg-type]
+        return cls.paper(**{"top_chunks": 32, **overrides})
 
     @classmethod
     def full_coverage(cls, **overrides: int | float | str) -> HGAConfig:
