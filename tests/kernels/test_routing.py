@@ -175,10 +175,9 @@ def test_decode_steps_with_running_scores_match_reference(chunk_score, group_sco
         for term in cfg.chunk_score_terms:
             cand = torch.empty(2, 3, 1, nt, kt, dtype=torch.int64)
             running = term.startswith("running_")
-            table = (gs[..., 16:] if group_score == "sum+bound" else gs) if term.endswith("max_group") else cs
-            route_chunks(q[:, :, t - first : t - first + 1], table[:, :, : w.local_start], cand, start_pos=t,
-                         chunk_size=c, sink_chunks=1, local_chunks=2, block_t=bt, score=term,
-                         bound=group_score != "sum" and term.endswith("max_group"),
+            table, term_options = kernel_chunk_table(term, cfg, cs, gs, w.local_start)
+            route_chunks(q[:, :, t - first : t - first + 1], table, cand, start_pos=t,
+                         chunk_size=c, sink_chunks=1, local_chunks=2, block_t=bt, **term_options,
                          carry_in=carry if running else None, carry_out=carry if running else None, **options)
             cands.append(cand)
         out = [torch.full((2, 3, 1, wd), -7, dtype=torch.int64) for wd in widths]
