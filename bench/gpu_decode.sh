@@ -13,8 +13,9 @@
 #   bench/gpu_decode.sh smollm     SmolLM2 (real weights) 8K, 128K, 1M; dense to 512K; offload
 #                                  to 128K (carry .whl and .carry/smollm2/part-ab)                ~4-8 min
 #   bench/gpu_decode.sh routecost  8B shape, 2 layers, HGA only, 32K and 128K: the decode step with
-#                                  HGAConfig.paper(), .lean() and the default (split scores, 4 local chunks, 48 groups)
-#                                  ~6 min (MEASURED: 77 s per configuration after the first, for the first two)
+#                                  HGAConfig.paper(), .lean() and the default (split scores, 4 local chunks, 48 groups);
+#                                  ROUTES="default" runs some of them. MEASURED at 78d2927: paper 121 s (compiles),
+#                                  lean 82 s; the default did not finish in 150 s (the cap is now 240 s each)
 #   bench/gpu_decode.sh long8b     8B shape with LONG_LAYERS (2) layers, HGA only, 4K, 128K, 512K,
 #                                  1M: the one way to reach 1M through the model today        ~8-9 min
 #
@@ -108,10 +109,10 @@ decode8b4)
 routecost)  # what the routing configurations of issue 11 cost per decode step, one model, one run
     paper=local_chunks=8,top_chunks=16,top_groups=32,chunk_score=sum,group_score=sum
     lean=local_chunks=8,top_chunks=32,top_groups=32,chunk_score=sum,group_score=sum
-    for cfg in "paper $paper" "lean $lean" "default top_chunks=32"; do
-        set -- $cfg
-        bench "route_$1" 150 --model llama8b --layers 2 --batch 1 --contexts 32K,128K --modes hga \
-            --piece 16384 --time-limit 140 --hga "$2"
+    declare -A hga=([paper]=$paper [lean]=$lean [default]=top_chunks=32)
+    for name in ${ROUTES:-paper lean default}; do  # the default's split kernels compile ~40 s longer
+        bench "route_$name" 240 --model llama8b --layers 2 --batch 1 --contexts 32K,128K --modes hga \
+            --piece 16384 --time-limit 200 --hga "${hga[$name]}"
     done
     ;;
 long8b)

@@ -137,17 +137,16 @@ def test_gpu_prefill_spanning_chunks_bf16_equals_reference():
 
 
 @pytest.mark.gpu
-def test_gpu_route_tf32x3_matches_reference_plan():
-    """Chunk scores by three tf32 products (the fast variant) still give the reference's plan."""
+@pytest.mark.parametrize("cfg", [HGAConfig(), HGAConfig.paper()], ids=["default", "paper"])
+def test_gpu_route_tf32x3_matches_reference_plan(cfg):
+    """Chunk scores by three tf32 products (the fast variant) still give the reference's plan,
+    for the default's split scores and the paper's sums (routing keys as the config scores)."""
     from kvtier.attention import _route
-    from kvtier.reference import chunk_summaries_ref, group_summaries_ref, plan_widths, rope_inv_freq
+    from kvtier.reference import plan_widths, rope_inv_freq, routing_summaries_ref
 
-    cfg = HGAConfig()
     q, k, v = _gpu_case(65536 + 64, 64, 65536)
     inv = rope_inv_freq(128, 5e5, device="cuda")
-    closed = k[:, :, :65536]
-    cs = chunk_summaries_ref(closed, 64, inv, cfg.rope_cutoff_rad)
-    gs = group_summaries_ref(closed, 64, 16, inv, cfg.rope_cutoff_rad)
+    cs, gs = routing_summaries_ref(k[:, :, :65536], cfg, inv)
     widths = plan_widths(cfg, 65536 + 63)
     _, rstats = hga_ref(q, k, v, config=cfg, rope_theta=5e5, start_pos=65536)
     for precision in ("ieee", "tf32x3"):
