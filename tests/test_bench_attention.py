@@ -55,16 +55,18 @@ def test_smoke_without_the_interpreter_reruns_itself_with_it(tmp_path, monkeypat
     assert env["TRITON_INTERPRET"] == "1"
     assert "Triton's CPU interpreter" in capsys.readouterr().out
     # A routing option goes with it (the smoke run with one takes ~20 s on the interpreter).
-    assert main(["bench", "attention", "--smoke", "--out", str(tmp_path), "--chunk-score", "running_max+sum",
-                 "--group-score", "bound"]) == 0
-    assert calls[1][0][-4:] == ["--chunk-score", "running_max+sum", "--group-score", "bound"]
+    hga = "chunk_score=running_max+sum,group_score=bound"
+    assert main(["bench", "attention", "--smoke", "--out", str(tmp_path), "--hga", hga]) == 0
+    assert calls[1][0][-2:] == ["--hga", hga]
 
 
 def test_bad_routing_option_is_a_one_line_error(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert main(["bench", "attention", "--smoke", "--chunk-score", "running_sum"]) == 2
+    assert main(["bench", "attention", "--smoke", "--hga", "chunk_score=running_sum"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("kvtier bench attention: HGAConfig.chunk_score: expected one of") and "\n" not in err
+    assert err.startswith("kvtier bench attention: --hga: HGAConfig.chunk_score: expected one of") and "\n" not in err
+    assert main(["bench", "attention", "--smoke", "--hga", "top_chunk=3"]) == 2
+    assert "--hga: expected key=value with keys among" in capsys.readouterr().err
 
 
 def test_full_sweep_without_a_gpu_is_a_one_line_error(monkeypatch, capsys):

@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from typing import NoReturn
+from dataclasses import asdict
+from typing import Any, NoReturn
+
+from kvtier.config import HGAConfig
 
 __all__ = [
     "Parser",
@@ -24,6 +27,7 @@ __all__ = [
     "positive_ints",
     "token_counts",
     "format_tokens",
+    "hga_overrides",
 ]
 
 
@@ -147,3 +151,30 @@ def format_tokens(n: int) -> str:
         if n >= size and (n * 10) % size == 0:
             return f"{n / size:g}{unit}"
     return str(n)
+
+
+def hga_overrides(text: str, base: HGAConfig) -> HGAConfig:
+    """``base`` with the ``--hga`` overrides ``"top_chunks=16,chunk_score=sum"`` applied.
+
+    Raises ``ValueError("--hga: expected ..., got ...")`` for an unknown key, a bad number or a
+    configuration :class:`HGAConfig` refuses.
+    """
+    if not text:
+        return base
+    values: dict[str, Any] = asdict(base)
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in values:
+            raise ValueError(f"--hga: expected key=value with keys among {sorted(values)}, got {part!r}")
+        try:
+            if key in ("chunk_score", "group_score"):  # the routing scores are names, checked by HGAConfig
+                values[key] = value.strip()
+            else:
+                values[key] = float(value) if key == "rope_cutoff_rad" else int(value)
+        except ValueError:
+            raise ValueError(f"--hga: expected a number for {key}, got {value!r}") from None
+    try:
+        return HGAConfig(**values)
+    except ValueError as exc:
+        raise ValueError(f"--hga: {exc}") from None

@@ -31,16 +31,24 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from kvtier.attention import _hga_kernels, _kernel_carry_in, _route, prefill_tables
-from kvtier.cli.args import UsageError, format_tokens, positive_float, positive_int, positive_ints, token_counts
+from kvtier.cli.args import (
+    UsageError,
+    format_tokens,
+    hga_overrides,
+    positive_float,
+    positive_int,
+    positive_ints,
+    token_counts,
+)
 from kvtier.cli.plots import PLOT_HINT, plot_lines
 from kvtier.cli.results import CSV_COLUMNS, add_output_arguments, append_csv, output_file, source_commit
 from kvtier.config import HGAConfig
-from kvtier.errors import ConfigError
 from kvtier.decode_step import LayerDecode
 from kvtier.engine import engine_from_dense
 from kvtier.kernels.sparse_prefill import sparse_prefill
@@ -73,9 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser, "attention", kinds=("csv",))
     parser.add_argument("--smoke", action="store_true",
                         help="every path once at tiny sizes; without a GPU on Triton's CPU interpreter (about 20 s)")
-    parser.add_argument("--chunk-score", default="sum",
-                        help="HGAConfig.chunk_score to route by (default sum; e.g. running_max, max_group+sum)")
-    parser.add_argument("--group-score", default="sum", help="HGAConfig.group_score (default sum; or bound)")
+    parser.add_argument("--hga", default="",
+                        help="HGAConfig overrides, e.g. chunk_score=sum,group_score=sum or local_chunks=8,top_chunks=16 "
+                             "(default: HGAConfig's defaults)")
     parser.add_argument(
         "--no-tune",
         dest="tune",
@@ -239,8 +247,7 @@ def _bench_one(
         "dtype": str(dt).removeprefix("torch."),
         "pinned": dev == "cuda",
         "cuda_graphs": timer.cuda,
-        "chunk_score": cfg.chunk_score,
-        "group_score": cfg.group_score,
+        "hga": asdict(cfg),
     }
     block = args.prefill_block
     pf = f"prefill{block}"
@@ -272,7 +279,7 @@ def _bench_one(
 
     pos = ctx - 1
     n = ctx // c  # chunks the engine closes over ctx tokens
-    dg = 2 * d if cfg.group_score == "bound" else d  # bound: [min, max] rows
+    dg = cfg.group_key_dim(d)  # [sum], [min, max] or [sum, min, max] per group
     gs = torch.randn(bsz, hkv, max(1, n), m, dg, generator=gen, device=dev)
     cs = gs[..., :d].sum(dim=3)
     t0 = time.perf_counter()
@@ -552,10 +559,9 @@ def _sweep(dec: LayerDecode, args: argparse.Namespace, timer: _Timer, add, rep: 
     return {"route": route, "splits": splits}
 
 
-def _smoke_config(chunk_score: str = "sum", group_score: str = "sum") -> HGAConfig:
-    """Budgets small enough that a 256-token context has sinks, a local window and routed chunks."""
-    return HGAConfig(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=4,
-                     fetch_groups=8, chunk_score=chunk_score, group_score=group_score)
+# Budgets small enough that a 256-token context has sinks, a local window and routed chunks.
+_SMOKE_HGA = HGAConfig(chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=4,
+                       fetch_groups=8)
 
 
 def _rerun_on_interpreter(args: argparse.Namespace) -> int:
@@ -571,9 +577,8 @@ def _rerun_on_interpreter(args: argparse.Namespace) -> int:
         argv += ["--csv", args.csv]
     if not args.tune:
         argv.append("--no-tune")
-    for flag, value in (("--chunk-score", args.chunk_score), ("--group-score", args.group_score)):
-        if value != "sum":
-            argv += [flag, value]
+    if args.hga:
+        argv += ["--hga", args.hga]
     return subprocess.run(argv, env={**os.environ, "TRITON_INTERPRET": "1"}, check=False).returncode
 
 
@@ -583,8 +588,8 @@ def run(args: argparse.Namespace) -> int:
     if not cuda and not args.smoke:
         raise UsageError("expected a CUDA GPU (or --smoke, which runs anywhere), got none")
     try:
-        cfg = HGAConfig(chunk_score=args.chunk_score, group_score=args.group_score)
-    except ConfigError as exc:
+        cfg = hga_overrides(args.hga, _SMOKE_HGA if args.smoke else HGAConfig())
+    except ValueError as exc:
         raise UsageError(str(exc)) from None
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return _rerun_on_interpreter(args)
@@ -593,7 +598,6 @@ def run(args: argparse.Namespace) -> int:
     if args.smoke:  # every code path once, small enough for the CPU interpreter in CI
         contexts, batches, (hq, hkv, d) = [256], [1], (4, 2, 32)
         args.steps, args.warmup_steps = 2, 2
-        cfg = _smoke_config(cfg.chunk_score, cfg.group_score)
         # 16 queries, not 64: routing a block costs ~0.4 s per query on the interpreter.
         args.prefill_block = cfg.chunk_size
     dev = "cuda" if cuda else "cpu"

@@ -59,7 +59,15 @@ from typing import Any
 
 import torch
 
-from kvtier.cli.args import UsageError, byte_size, format_tokens, positive_int, positive_ints, token_counts
+from kvtier.cli.args import (
+    UsageError,
+    byte_size,
+    format_tokens,
+    hga_overrides,
+    positive_int,
+    positive_ints,
+    token_counts,
+)
 from kvtier.cli.plots import PLOT_HINT, plot_available, plot_lines
 from kvtier.cli.results import add_output_arguments, append_csv, dense_tokens, output_file, source_commit
 from kvtier.config import HGAConfig, StoreConfig, format_bytes
@@ -785,26 +793,7 @@ def plot_decode(rows: list[dict[str, Any]], path: Path, title: str, metric: str 
 
 
 def _hga_config(text: str, smoke: bool) -> HGAConfig:
-    base = _SMOKE_HGA if smoke else HGAConfig()
-    if not text:
-        return base
-    values: dict[str, Any] = asdict(base)
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep or key not in values:
-            raise ValueError(f"--hga: expected key=value with keys among {sorted(values)}, got {part!r}")
-        try:
-            if key in ("chunk_score", "group_score"):  # the routing scores are names, checked by HGAConfig
-                values[key] = value.strip()
-            else:
-                values[key] = float(value) if key == "rope_cutoff_rad" else int(value)
-        except ValueError:
-            raise ValueError(f"--hga: expected a number for {key}, got {value!r}") from None
-    try:
-        return HGAConfig(**values)
-    except ValueError as exc:
-        raise ValueError(f"--hga: {exc}") from None
+    return hga_overrides(text, _SMOKE_HGA if smoke else HGAConfig())
 
 
 def _caps(text: str) -> dict[str, int]:
