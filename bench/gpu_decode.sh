@@ -107,12 +107,9 @@ decode8b4)
     df -h /tmp >> "$OUT/disk.log" 2>&1
     ;;
 routecost)  # what the routing configurations of issue 11 cost per decode step, one model, one run
-    paper=local_chunks=8,top_chunks=16,top_groups=32,chunk_score=sum,group_score=sum
-    lean=local_chunks=8,top_chunks=32,top_groups=32,chunk_score=sum,group_score=sum
-    declare -A hga=([paper]=$paper [lean]=$lean [default]=top_chunks=32)
     for name in ${ROUTES:-paper lean default}; do  # the default's split kernels compile ~40 s longer
         bench "route_$name" 240 --model llama8b --layers 2 --batch 1 --contexts 32K,128K --modes hga \
-            --piece 16384 --time-limit 200 --hga "${hga[$name]}"
+            --piece 16384 --time-limit 200 --hga "$name"
     done
     ;;
 long8b)

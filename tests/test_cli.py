@@ -1,12 +1,14 @@
 """The ``kvtier`` command line: command listing, one-line errors with exit status 2, the layering."""
 
+import re
 import subprocess
 import sys
 
 import pytest
 
 from kvtier.cli import main
-from kvtier.cli.args import format_tokens, token_counts
+from kvtier.cli.args import format_tokens, hga_overrides, token_counts
+from kvtier.config import HGAConfig
 
 
 def test_help_lists_commands(capsys):
@@ -103,3 +105,21 @@ def test_library_never_imports_the_commands():
                 names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
             offenders += [f"{rel}: {n}" for n in names if n == "kvtier.cli" or n.startswith("kvtier.cli.")]
     assert not offenders, offenders
+
+
+def test_hga_overrides_presets_and_keys():
+    base = HGAConfig(top_chunks=8)
+    assert hga_overrides("", base) == base
+    assert hga_overrides("top_groups=24, chunk_score=sum", base) == HGAConfig(top_chunks=8, top_groups=24,
+                                                                              chunk_score="sum")
+    assert hga_overrides("paper", base) == HGAConfig.paper()
+    assert hga_overrides("lean,top_chunks=24", base) == HGAConfig.lean(top_chunks=24)
+    assert hga_overrides("default,local_chunks=6", base) == HGAConfig(local_chunks=6)
+    for text, message in [
+        ("fast", "--hga: expected a preset among ['default', 'lean', 'paper'] or key=value, got 'fast'"),
+        ("top_chunks=8,paper", "--hga: expected key=value with keys among"),
+        ("top_chunks=many", "--hga: expected a number for top_chunks, got 'many'"),
+        ("group_score=max", "--hga: HGAConfig.group_score: expected one of"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            hga_overrides(text, base)

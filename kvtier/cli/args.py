@@ -27,6 +27,7 @@ __all__ = [
     "positive_ints",
     "token_counts",
     "format_tokens",
+    "HGA_PRESETS",
     "hga_overrides",
 ]
 
@@ -153,16 +154,26 @@ def format_tokens(n: int) -> str:
     return str(n)
 
 
+#: ``--hga`` presets: a leading name picks the configuration the overrides apply to.
+HGA_PRESETS = {"default": HGAConfig, "paper": HGAConfig.paper, "lean": HGAConfig.lean}
+
+
 def hga_overrides(text: str, base: HGAConfig) -> HGAConfig:
     """``base`` with the ``--hga`` overrides ``"top_chunks=16,chunk_score=sum"`` applied.
 
-    Raises ``ValueError("--hga: expected ..., got ...")`` for an unknown key, a bad number or a
-    configuration :class:`HGAConfig` refuses.
+    A leading preset name (``"paper"``, ``"lean"``, ``"default"``: ``HGAConfig.paper()`` ...)
+    replaces ``base``, e.g. ``"lean,top_chunks=24"``. Raises ``ValueError("--hga: expected
+    ..., got ...")`` for an unknown key or preset, a bad number or a configuration
+    :class:`HGAConfig` refuses.
     """
-    if not text:
-        return base
+    parts = [p for p in text.split(",") if p.strip()]
+    if parts and "=" not in parts[0]:
+        name = parts.pop(0).strip()
+        if name not in HGA_PRESETS:
+            raise ValueError(f"--hga: expected a preset among {sorted(HGA_PRESETS)} or key=value, got {name!r}")
+        base = HGA_PRESETS[name]()
     values: dict[str, Any] = asdict(base)
-    for part in text.split(","):
+    for part in parts:
         key, sep, value = part.partition("=")
         key = key.strip()
         if not sep or key not in values:

@@ -82,8 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="every path once at tiny sizes; without a GPU on Triton's CPU interpreter (about 20 s)")
     parser.add_argument("--hga", default="",
-                        help="HGAConfig overrides, e.g. chunk_score=sum,group_score=sum or local_chunks=8,top_chunks=16 "
-                             "(default: HGAConfig's defaults)")
+                        help="HGAConfig: a preset (default, paper, lean) and/or overrides, e.g. paper or "
+                             "chunk_score=sum,group_score=sum (default: HGAConfig's defaults)")
     parser.add_argument(
         "--no-tune",
         dest="tune",

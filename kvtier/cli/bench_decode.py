@@ -129,7 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--host-bytes is below the K/V")
     parser.add_argument("--disk-bytes", type=byte_size, default=None, help="disk-tier budget (default: the K/V plus 10%%)")
     parser.add_argument("--hga", default="",
-                        help="HGAConfig overrides, e.g. top_chunks=8,top_groups=16 or chunk_score=sum,group_score=sum")
+                        help="HGAConfig: a preset (default, paper, lean) and/or overrides, e.g. paper or lean,top_chunks=24 "
+                             "or chunk_score=sum,group_score=sum")
     parser.add_argument("--max-context", default="",
                         help="per-mode context caps, e.g. dense=512K,offload=128K (larger contexts are skipped)")
     parser.add_argument("--time-limit", type=float, default=None,
