@@ -15,7 +15,7 @@
 #   bench/gpu_decode.sh routecost  8B shape, 2 layers, HGA only, 32K and 128K: the decode step with
 #                                  HGAConfig.paper(), .lean() and the default (split scores, 4 local chunks, 48 groups);
 #                                  ROUTES="default" runs some of them. MEASURED at 78d2927: paper 121 s (compiles),
-#                                  lean 82 s; the default did not finish in 150 s (the cap is now 240 s each)
+#                                  lean 82 s, the default 143 s on a fresh machine (240 s cap each)   ~6-8 min
 #   bench/gpu_decode.sh long8b     8B shape with LONG_LAYERS (2) layers, HGA only, 4K, 128K, 512K,
 #                                  1M: the one way to reach 1M through the model today        ~8-9 min
 #
