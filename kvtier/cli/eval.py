@@ -394,7 +394,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-chunks", type=positive_int, default=None,
                         help="HGA's first-level routing width (default 32; the paper: 16); it does not change the keys attended")
     parser.add_argument("--local-chunks", type=nonnegative_int, default=None,
-                        help="HGA's local window in chunks (default 8); every sparse method keeps the same windows")
+                        help="HGA's local window in chunks (default 4, HGAConfig's; the paper: 8); every sparse method "
+                             "keeps the same windows")
     parser.add_argument("--group-size", type=positive_int, default=None,
                         help="HGA's group size in tokens, a divisor of 64 (default 16; Quest's pages stay 16 tokens)")
     parser.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
