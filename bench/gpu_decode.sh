@@ -107,7 +107,7 @@ decode8b4)
     df -h /tmp >> "$OUT/disk.log" 2>&1
     ;;
 routecost)  # what the routing configurations of issue 11 cost per decode step, one model, one run
-    for name in ${ROUTES:-paper lean default}; do  # the default's split kernels compile ~40 s longer
+    for name in ${ROUTES:-paper lean default}; do  # presets of --hga; 150 s stopped the default (it took 143 s alone)
         bench "route_$name" 240 --model llama8b --layers 2 --batch 1 --contexts 32K,128K --modes hga \
             --piece 16384 --time-limit 200 --hga "$name"
     done
