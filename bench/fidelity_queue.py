@@ -102,8 +102,36 @@ def split_groups() -> list[tuple[str, list[str]]]:
     return items
 
 
+def windows() -> list[tuple[str, list[str]]]:
+    """Part 4: the default's rule with other splits of the same 1,216 keys between the windows
+    and the routed groups (fewer sink chunks, 3 to 6 local chunks), a wider first level and
+    groups of 8; NLL at 8K and 4K, then the task suite and needles for the likeliest gains."""
+    variants = {
+        "sink1": ["--sink-chunks", "1"],  # 52 routed groups
+        "sink1_local5": ["--sink-chunks", "1", "--local-chunks", "5"],  # 48
+        "local5": ["--local-chunks", "5"],  # 44
+        "local6": ["--local-chunks", "6"],  # 40
+        "local3": ["--local-chunks", "3"],  # 52
+        "sink1_local3": ["--sink-chunks", "1", "--local-chunks", "3"],  # 56
+        "tc64": ["--top-chunks", "64"],  # 48, from 64 chunks at the first level
+        "gs8": ["--group-size", "8"],  # 96 groups of 8
+    }
+    tasks = ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192", "--seeds", "2"]
+    items: list[tuple[str, list[str]]] = []
+    for n in (8192, 4096):  # 1. NLL at the default budget, the baselines with the same windows
+        for name, extra in variants.items():
+            items.append((f"nll_b1216_{n}_{name}", ["--lengths", str(n), "--methods", "dense,hga,quest,oracle",
+                                                    *extra, *REFERENCE]))
+    for name in ("sink1", "tc64", "sink1_local3"):  # 2. the task suite, one variant per item
+        items.append((f"tasks_b1216_{name}", [*tasks, "--methods", "hga", *variants[name], *REFERENCE]))
+    items.append(("needles_b1216_sink1", ["--lengths", "2048,4096,6144,8192", "--needles-only", "--methods", "hga",
+                                          *variants["sink1"], *REFERENCE]))
+    items.append(("tasks_b1216_sink1_baselines", [*tasks, "--methods", "quest,oracle", *variants["sink1"], *REFERENCE]))
+    return items
+
+
 #: The sweeps by ``--part``.
-QUEUES = {1: first_sweep, 2: followup, 3: split_groups}
+QUEUES = {1: first_sweep, 2: followup, 3: split_groups, 4: windows}
 
 
 def finished(path: Path) -> bool:

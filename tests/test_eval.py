@@ -100,13 +100,13 @@ def test_markdown_table_marks_sparse_rows_that_were_dense() -> None:
 
 
 def test_eval_local_chunks_and_backend(tmp_path) -> None:
-    """--local-chunks moves keys from the local window to routed groups at the same budget; --group-size splits them finer."""
+    """--local-chunks and --sink-chunks move keys from the windows to routed groups at the same budget; --group-size splits them finer."""
     from tests.tiny_model import tiny_model_folder
 
     folder = str(tiny_model_folder())
     rows = {}
     for name, extra in (("default", []), ("local8", ["--local-chunks", "8", "--backend", "reference"]),
-                        ("gs8", ["--group-size", "8"])):
+                        ("gs8", ["--group-size", "8"]), ("sink1", ["--sink-chunks", "1"])):
         out = tmp_path / f"{name}.json"
         assert main(["eval", "--model", folder, "--lengths", "1024", "--budget", "720", "--methods", "dense,hga",
                      "--json", str(out), "--device", "cpu", *extra]) == 0
@@ -119,6 +119,9 @@ def test_eval_local_chunks_and_backend(tmp_path) -> None:
     # groups of 8: as many routed keys in twice as many groups
     assert rows["gs8"]["hga"]["mean_keys_per_query"] == pytest.approx(rows["default"]["hga"]["mean_keys_per_query"])
     assert rows["gs8"]["hga"]["nats_per_token"] != rows["default"]["hga"]["nats_per_token"]
+    # one sink chunk: its 64 keys go to 4 more routed groups
+    assert rows["sink1"]["hga"]["mean_keys_per_query"] == pytest.approx(rows["default"]["hga"]["mean_keys_per_query"])
+    assert rows["sink1"]["hga"]["nats_per_token"] != rows["default"]["hga"]["nats_per_token"]
     assert main(["eval", "--group-size", "24"]) == 2
     out = tmp_path / "nobudget.json"  # the default budget does not move with the windows
     assert main(["eval", "--model", folder, "--lengths", "256", "--methods", "hga", "--local-chunks", "4",
@@ -126,6 +129,11 @@ def test_eval_local_chunks_and_backend(tmp_path) -> None:
     payload = json.loads(out.read_text())
     assert payload["conditions"]["budget"] == 1216 and payload["finished"]
     assert (payload["conditions"]["hga"]["top_groups"], payload["conditions"]["hga"]["local_chunks"]) == (96, 4)
+    out = tmp_path / "sink1.json"
+    assert main(["eval", "--model", folder, "--lengths", "256", "--methods", "hga", "--sink-chunks", "1",
+                 "--json", str(out), "--device", "cpu"]) == 0
+    hga = json.loads(out.read_text())["conditions"]["hga"]
+    assert (hga["sink_chunks"], hga["top_groups"]) == (1, 52)
     assert main(["eval", "--backend", "fast"]) == 2
 
 

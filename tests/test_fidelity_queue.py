@@ -21,7 +21,7 @@ def _queue_module():
     return module
 
 
-@pytest.mark.parametrize("part", [1, 2, 3])
+@pytest.mark.parametrize("part", [1, 2, 3, 4])
 def test_every_item_parses_as_kvtier_eval(part: int) -> None:
     q = _queue_module()
     items = q.QUEUES[part]()
@@ -32,7 +32,7 @@ def test_every_item_parses_as_kvtier_eval(part: int) -> None:
     for name, argv in items:
         args = parser.parse_args(argv)
         assert args.backend in ("reference", "triton"), name  # the spec, or the kernels beside it
-        if "--local-chunks" in argv or "--budget" not in argv:
+        if "--local-chunks" in argv or "--sink-chunks" in argv or "--budget" not in argv:
             assert f"_b{args.budget or 1216}" in name, name  # the file name says the budget it runs
 
 

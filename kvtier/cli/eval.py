@@ -390,12 +390,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "hga-sum+max_group)")
     parser.add_argument("--budget", type=positive_int, default=None,
                         help="keys per query for every sparse method, sinks + local + current chunk included "
-                             "(default: HGA's default configuration, 1216, also with --local-chunks or --group-size)")
+                             "(default: HGA's default configuration, 1216, also with --local-chunks, --sink-chunks or "
+                             "--group-size)")
     parser.add_argument("--top-chunks", type=positive_int, default=None,
                         help="HGA's first-level routing width (default 32; the paper: 16); it does not change the keys attended")
     parser.add_argument("--local-chunks", type=nonnegative_int, default=None,
                         help="HGA's local window in chunks (default 4, HGAConfig's; the paper: 8); every sparse method "
                              "keeps the same windows")
+    parser.add_argument("--sink-chunks", type=nonnegative_int, default=None,
+                        help="HGA's sink chunks at the start of the context (default 2, HGAConfig's and the "
+                             "paper's); every sparse method keeps the same windows")
     parser.add_argument("--group-size", type=positive_int, default=None,
                         help="HGA's group size in tokens, a divisor of 64 (default 16; Quest's pages stay 16 tokens)")
     parser.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
@@ -462,7 +466,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--score-fraction: expected a fraction in (0, 1], got {args.score_fraction}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    windows = {} if args.local_chunks is None else {"local_chunks": args.local_chunks}
+    windows = {name: value for name, value in (("local_chunks", args.local_chunks), ("sink_chunks", args.sink_chunks))
+               if value is not None}
     if args.group_size is not None:
         windows["group_size"] = args.group_size
         if HGAConfig().chunk_size % args.group_size:
@@ -471,8 +476,8 @@ def run(args: argparse.Namespace) -> int:
     if args.smoke:  # seconds: one short length, one group routed, one seed of every task
         lengths, args.budget, args.budgets, args.seeds = [768], 720, None, 1
         args.tasks = args.tasks or "all"
-    # The default budget is the default configuration's keys, whatever --local-chunks or
-    # --group-size change: they move keys between windows and routed groups, not add them.
+    # The default budget is the default configuration's keys, whatever --local-chunks,
+    # --sink-chunks or --group-size change: they move keys between windows and routed groups, not add them.
     budgets = [default_budget(HGAConfig())] if args.budget is None else [args.budget]
     if args.budgets:
         budgets = _ints(args.budgets, "budgets")
@@ -674,7 +679,8 @@ def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budge
         "conditions": {"model": args.model, "budget": budgets[0] if len(budgets) == 1 else budgets, "score_fraction": args.score_fraction,
                        "lengths": args.lengths, "methods": args.methods, "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "backend": args.backend,
-                       "local_chunks": args.local_chunks, "top_chunks": args.top_chunks,
+                       "local_chunks": args.local_chunks, "sink_chunks": args.sink_chunks,
+                       "top_chunks": args.top_chunks,
                        "group_size": args.group_size,
                        "hga": asdict(args.hga_base) if hasattr(args, "hga_base") else None,
                        "device": torch.cuda.get_device_name(0) if cuda else "cpu", "commit": source_commit(),
