@@ -130,8 +130,41 @@ def windows() -> list[tuple[str, list[str]]]:
     return items
 
 
+def fine_groups() -> list[tuple[str, list[str]]]:
+    """Part 5: groups of 8 (the best 8K gap of part 4) with part 4's best task windows (one
+    sink chunk, 3 local chunks), and part 4's winners again for their raw rows; NLL at 8K and
+    4K, the product path beside the spec, then the task suite and needles."""
+    variants = {
+        "gs8_sink1": ["--group-size", "8", "--sink-chunks", "1"],  # 104 routed groups of 8
+        "gs8_local3": ["--group-size", "8", "--local-chunks", "3"],  # 104
+        "gs8_sink1_local3": ["--group-size", "8", "--sink-chunks", "1", "--local-chunks", "3"],  # 112
+        "sink1": ["--sink-chunks", "1"],  # 52 groups of 16
+        "gs8": ["--group-size", "8"],  # 96
+    }
+    tasks = ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192", "--seeds", "2"]
+    needles = ["--lengths", "2048,4096,6144,8192", "--needles-only"]
+    items: list[tuple[str, list[str]]] = []
+    for n in (8192, 4096):  # 1. NLL at the default budget; Quest's pages stay 16 tokens, so its rows are sink1's
+        for name in ("gs8_sink1", "gs8_local3", "gs8_sink1_local3"):
+            items.append((f"nll_b1216_{n}_{name}", ["--lengths", str(n), "--methods", "dense,hga", *variants[name],
+                                                    *REFERENCE]))
+        items.append((f"nll_b1216_{n}_sink1", ["--lengths", str(n), "--methods", "dense,hga,quest,oracle",
+                                               *variants["sink1"], *REFERENCE]))
+    items.append(("nll_b1216_4096_gs8_sink1_kernels", ["--lengths", "4096", "--methods", "dense,hga",
+                                                       *variants["gs8_sink1"], "--backend", "triton"]))
+    for name in ("gs8_sink1", "sink1"):  # 2. the task suite and needles, one variant per item
+        items.append((f"tasks_b1216_{name}", [*tasks, "--methods", "hga", *variants[name], *REFERENCE]))
+        items.append((f"needles_b1216_{name}", [*needles, "--methods", "hga", *variants[name], *REFERENCE]))
+    items.append(("tasks_b1216_sink1_quest", [*tasks, "--methods", "quest", *variants["sink1"], *REFERENCE]))
+    items.append(("tasks_b1216_gs8", [*tasks, "--methods", "hga", *variants["gs8"], *REFERENCE]))
+    items.append(("tasks_b1216_gs8_sink1_local3", [*tasks, "--methods", "hga", *variants["gs8_sink1_local3"],
+                                                   *REFERENCE]))
+    items.append(("tasks_b1216_sink1_oracle", [*tasks, "--methods", "oracle", *variants["sink1"], *REFERENCE]))
+    return items
+
+
 #: The sweeps by ``--part``.
-QUEUES = {1: first_sweep, 2: followup, 3: split_groups, 4: windows}
+QUEUES = {1: first_sweep, 2: followup, 3: split_groups, 4: windows, 5: fine_groups}
 
 
 def finished(path: Path) -> bool:
