@@ -163,8 +163,16 @@ def fine_groups() -> list[tuple[str, list[str]]]:
     return items
 
 
+def above_budget() -> list[tuple[str, list[str]]]:
+    """Part 6: the default of part 5 (one sink chunk, 52 groups) above the default budget, beside
+    Quest with the same windows (the budget sweeps of parts 1 to 3 had two sink chunks)."""
+    return [(f"nll_b{b}_{n}_default", ["--lengths", str(n), "--budget", str(b), "--methods", "dense,hga,quest",
+                                       *REFERENCE])
+            for b in (1728, 2496) for n in (8192, 4096)]
+
+
 #: The sweeps by ``--part``.
-QUEUES = {1: first_sweep, 2: followup, 3: split_groups, 4: windows, 5: fine_groups}
+QUEUES = {1: first_sweep, 2: followup, 3: split_groups, 4: windows, 5: fine_groups, 6: above_budget}
 
 
 def finished(path: Path) -> bool:

@@ -13,7 +13,7 @@
 #   bench/gpu_decode.sh smollm     SmolLM2 (real weights) 8K, 128K, 1M; dense to 512K; offload
 #                                  to 128K (carry .whl and .carry/smollm2/part-ab)                ~4-8 min
 #   bench/gpu_decode.sh routecost  8B shape, 2 layers, HGA only, 32K and 128K: the decode step with
-#                                  HGAConfig.paper(), .lean() and the default (split scores, 4 local chunks, 48 groups);
+#                                  HGAConfig.paper(), .lean() and the default (split scores, 1 sink, 4 local chunks, 52 groups);
 #                                  ROUTES="default" runs some of them. MEASURED at 78d2927: paper 121 s (compiles),
 #                                  lean 82 s, the default 143 s on a fresh machine (240 s cap each)   ~6-8 min
 #   bench/gpu_decode.sh long8b     8B shape with LONG_LAYERS (2) layers, HGA only, 4K, 128K, 512K,

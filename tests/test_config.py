@@ -9,17 +9,18 @@ import torch
 
 def test_hga_defaults_route_the_papers_budget_by_the_measured_best():
     c = HGAConfig()
-    assert (c.chunk_size, c.group_size, c.sink_chunks, c.local_chunks) == (64, 16, 2, 4)
-    assert (c.top_chunks, c.top_groups, c.fetch_groups, c.rope_cutoff_rad) == (32, 48, 64, 0.5)
+    assert (c.chunk_size, c.group_size, c.sink_chunks, c.local_chunks) == (64, 16, 1, 4)
+    assert (c.top_chunks, c.top_groups, c.fetch_groups, c.rope_cutoff_rad) == (32, 52, 64, 0.5)
     assert (c.chunk_score, c.group_score) == ("sum+max_group", "sum+bound")
     assert c.groups_per_chunk == 4 and c.group_key_dim(128) == 384
     p = HGAConfig.paper()
-    assert (p.local_chunks, p.top_chunks, p.top_groups, p.chunk_score, p.group_score) == (8, 16, 32, "sum", "sum")
+    assert (p.sink_chunks, p.local_chunks, p.top_chunks, p.top_groups) == (2, 8, 16, 32)
+    assert (p.chunk_score, p.group_score) == ("sum", "sum")
     assert p.group_key_dim(128) == 128
     assert HGAConfig.paper(top_groups=8).top_groups == 8
     lean = HGAConfig.lean()
     assert lean == HGAConfig.paper(top_chunks=32) and lean.group_key_dim(64) == 64
-    # Every default keeps the paper's keys per query: 2 sinks + the local window + the
+    # Every default keeps the paper's keys per query: the sinks + the local window + the
     # current chunk + the routed groups.
     for cfg in (c, p, lean):
         assert (cfg.sink_chunks + cfg.local_chunks + 1) * 64 + cfg.top_groups * 16 == 1216

@@ -13,10 +13,10 @@ from kvtier.cli.eval import EvalRow, default_budget, hga_config_for_budget, mark
 
 
 def test_budget_helpers() -> None:
-    assert default_budget(HGAConfig()) == 1216  # 128 sinks + 256 local + 64 current + 48 groups of 16
+    assert default_budget(HGAConfig()) == 1216  # 64 sinks + 256 local + 64 current + 52 groups of 16
     cfg, routed = hga_config_for_budget(1216)
-    assert (cfg.top_groups, routed) == (48, 768)
-    cfg, routed = hga_config_for_budget(448 + 16 * 80)
+    assert (cfg.top_groups, routed) == (52, 832)
+    cfg, routed = hga_config_for_budget(384 + 16 * 80)
     assert cfg.top_groups == 80 and cfg.top_chunks >= 20 and cfg.fetch_groups >= 80
     with pytest.raises(ValueError, match="multiple of group_size"):
         hga_config_for_budget(454)
@@ -106,12 +106,12 @@ def test_eval_local_chunks_and_backend(tmp_path) -> None:
     folder = str(tiny_model_folder())
     rows = {}
     for name, extra in (("default", []), ("local8", ["--local-chunks", "8", "--backend", "reference"]),
-                        ("gs8", ["--group-size", "8"]), ("sink1", ["--sink-chunks", "1"])):
+                        ("gs8", ["--group-size", "8"]), ("sink2", ["--sink-chunks", "2"])):
         out = tmp_path / f"{name}.json"
         assert main(["eval", "--model", folder, "--lengths", "1024", "--budget", "720", "--methods", "dense,hga",
                      "--json", str(out), "--device", "cpu", *extra]) == 0
         rows[name] = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
-    # 720 keys: 448 of windows + 17 groups by default, 704 of windows + 1 group with 8 local
+    # 720 keys: 384 of windows + 21 groups by default, 640 of windows + 5 groups with 8 local
     # chunks: as many keys per query, other keys (without --budget, 1216 either way)
     assert rows["default"]["hga"]["mean_keys_per_query"] == pytest.approx(rows["local8"]["hga"]["mean_keys_per_query"])
     assert rows["default"]["hga"]["nats_per_token"] != rows["local8"]["hga"]["nats_per_token"]
@@ -119,21 +119,21 @@ def test_eval_local_chunks_and_backend(tmp_path) -> None:
     # groups of 8: as many routed keys in twice as many groups
     assert rows["gs8"]["hga"]["mean_keys_per_query"] == pytest.approx(rows["default"]["hga"]["mean_keys_per_query"])
     assert rows["gs8"]["hga"]["nats_per_token"] != rows["default"]["hga"]["nats_per_token"]
-    # one sink chunk: its 64 keys go to 4 more routed groups
-    assert rows["sink1"]["hga"]["mean_keys_per_query"] == pytest.approx(rows["default"]["hga"]["mean_keys_per_query"])
-    assert rows["sink1"]["hga"]["nats_per_token"] != rows["default"]["hga"]["nats_per_token"]
+    # the paper's two sink chunks: the second one's 64 keys come from 4 routed groups
+    assert rows["sink2"]["hga"]["mean_keys_per_query"] == pytest.approx(rows["default"]["hga"]["mean_keys_per_query"])
+    assert rows["sink2"]["hga"]["nats_per_token"] != rows["default"]["hga"]["nats_per_token"]
     assert main(["eval", "--group-size", "24"]) == 2
     out = tmp_path / "nobudget.json"  # the default budget does not move with the windows
     assert main(["eval", "--model", folder, "--lengths", "256", "--methods", "hga", "--local-chunks", "4",
                  "--group-size", "8", "--json", str(out), "--device", "cpu"]) == 0
     payload = json.loads(out.read_text())
     assert payload["conditions"]["budget"] == 1216 and payload["finished"]
-    assert (payload["conditions"]["hga"]["top_groups"], payload["conditions"]["hga"]["local_chunks"]) == (96, 4)
-    out = tmp_path / "sink1.json"
-    assert main(["eval", "--model", folder, "--lengths", "256", "--methods", "hga", "--sink-chunks", "1",
+    assert (payload["conditions"]["hga"]["top_groups"], payload["conditions"]["hga"]["local_chunks"]) == (104, 4)
+    out = tmp_path / "sink2.json"
+    assert main(["eval", "--model", folder, "--lengths", "256", "--methods", "hga", "--sink-chunks", "2",
                  "--json", str(out), "--device", "cpu"]) == 0
     hga = json.loads(out.read_text())["conditions"]["hga"]
-    assert (hga["sink_chunks"], hga["top_groups"]) == (1, 52)
+    assert (hga["sink_chunks"], hga["top_groups"]) == (2, 48)
     assert main(["eval", "--backend", "fast"]) == 2
 
 

@@ -21,7 +21,7 @@ def _queue_module():
     return module
 
 
-@pytest.mark.parametrize("part", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("part", [1, 2, 3, 4, 5, 6])
 def test_every_item_parses_as_kvtier_eval(part: int) -> None:
     q = _queue_module()
     items = q.QUEUES[part]()

@@ -398,8 +398,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HGA's local window in chunks (default 4, HGAConfig's; the paper: 8); every sparse method "
                              "keeps the same windows")
     parser.add_argument("--sink-chunks", type=nonnegative_int, default=None,
-                        help="HGA's sink chunks at the start of the context (default 2, HGAConfig's and the "
-                             "paper's); every sparse method keeps the same windows")
+                        help="HGA's sink chunks at the start of the context (default 1, HGAConfig's; the "
+                             "paper: 2); every sparse method keeps the same windows")
     parser.add_argument("--group-size", type=positive_int, default=None,
                         help="HGA's group size in tokens, a divisor of 64 (default 16; Quest's pages stay 16 tokens)")
     parser.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",

@@ -10,9 +10,9 @@ means the same number of keys per query:
   Quest by ``routed_keys // page_size`` whole pages ranked by an upper bound of ``q . k``,
   the oracle by the true top ``routed_keys`` of ``q . k``.
 
-With HGA's defaults (2 sink and 4 local chunks of 64 tokens, 48 groups of 16) the budget is
-``routed_keys = 768`` and every method attends at most 128 + 256 + 64 + 768 = 1,216 keys per
-query (the paper's 8 local chunks and 32 groups: 128 + 512 + 64 + 512, as many). Selection looks only at keys before the query's chunk, so all of it is causal.
+With HGA's defaults (1 sink and 4 local chunks of 64 tokens, 52 groups of 16) the budget is
+``routed_keys = 832`` and every method attends at most 64 + 256 + 64 + 832 = 1,216 keys per
+query (the paper's 2 sink and 8 local chunks and 32 groups: 128 + 512 + 64 + 512, as many). Selection looks only at keys before the query's chunk, so all of it is causal.
 """
 
 from __future__ import annotations
