@@ -2,12 +2,13 @@
 
     python bench/routing_rows.py bench/results/h200-2026-12-02-fidelity bench/results/cpu-2026-12-02-fidelity \
         bench/results/h200-2026-12-02-fidelity-followup bench/results/h200-2026-12-02-fidelity-split \
-        bench/results/cpu-2026-12-02-fidelity-split
+        bench/results/cpu-2026-12-02-fidelity-split bench/results/h200-2026-12-03-fidelity-windows
 
 Every row keeps its source file and the run's conditions (device, backend, top_chunks,
 local_chunks); a row's label is its method (``hga`` with the routing scores of its day) plus
 what differs from the paper's configuration (``tc32``: 32 chunks at the first routing level,
-``local4``: a 4-chunk local window at the same budget).
+``sink1``: one sink chunk, ``local4``: a 4-chunk local window, ``gs8``: groups of 8 tokens,
+all at the same budget).
 Rows of the CPU runs of the options the GPU queue did not repeat (the group bound and the
 running max at 4K) are kept from the previous docs/routing.json. Plots go to
 docs/routing_*.png through kvtier.cli.plots.
@@ -37,11 +38,14 @@ BARS = {
     "hga-max_group tc32": "max_group / sum",
     "hga-sum-sum+bound tc32": "sum / sum+bound",
     "hga-sum+max_group-sum+bound tc32": "sum+max_group / sum+bound",
-    "hga-sum+max_group-sum+bound tc32 local4": "default: sum+max_group / sum+bound, local4",
+    "hga-sum+max_group-sum+bound tc32 local4": "sum+max_group / sum+bound, local4",
+    "hga-sum+max_group-sum+bound tc32 sink1 local4": "default: sum+max_group / sum+bound, sink1 local4",
     "quest": "quest",
     "quest local4": "quest, local4",
+    "quest sink1 local4": "quest, sink1 local4",
     "oracle": "oracle",
     "oracle local4": "oracle, local4",
+    "oracle sink1 local4": "oracle, sink1 local4",
     "dense": "dense",
 }
 #: A chart's bars in BARS order.
@@ -64,6 +68,9 @@ def label(method: str, cond: dict) -> str:
     parts = ["hga (sum)" if method == "hga" else method]
     if method.startswith("hga"):
         parts.append(f"tc{top_chunks_of(cond)}")
+    sink = cond.get("sink_chunks") if cond.get("sink_chunks") is not None else hga.get("sink_chunks")
+    if sink not in (None, 2):  # and sink chunks other than the paper's 2
+        parts.append(f"sink{sink}")
     local = cond.get("local_chunks") or hga.get("local_chunks")
     if local not in (None, 8):  # labels name windows other than the paper's 8 local chunks
         parts.append(f"local{local}")
