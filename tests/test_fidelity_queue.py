@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from kvtier.cli.eval import add_arguments
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.bench_scripts import load_bench_script
 
 
 def _queue_module():
-    spec = importlib.util.spec_from_file_location("fidelity_queue", ROOT / "bench" / "fidelity_queue.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("fidelity_queue")
 
 
 @pytest.mark.parametrize("part", [1, 2, 3, 4, 5, 6])

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("routing_rows", ROOT / "bench" / "routing_rows.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.bench_scripts import load_bench_script
 
 
 def test_labels_name_windows_and_group_size() -> None:
-    label = _module().label
+    label = load_bench_script("routing_rows").label
     split = dict(chunk_score="sum+max_group", group_score="sum+bound", top_chunks=32)
     assert label("hga", {"hga": dict(split, sink_chunks=2, local_chunks=4)}) == "hga-sum+max_group-sum+bound tc32 local4"
     assert label("hga", {"hga": dict(split, sink_chunks=1, local_chunks=4)}) == "hga-sum+max_group-sum+bound tc32 sink1 local4"
