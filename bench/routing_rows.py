@@ -2,7 +2,8 @@
 
     python bench/routing_rows.py bench/results/h200-2026-12-02-fidelity bench/results/cpu-2026-12-02-fidelity \
         bench/results/h200-2026-12-02-fidelity-followup bench/results/h200-2026-12-02-fidelity-split \
-        bench/results/cpu-2026-12-02-fidelity-split bench/results/h200-2026-12-03-fidelity-windows
+        bench/results/cpu-2026-12-02-fidelity-split bench/results/h200-2026-12-03-fidelity-windows \
+        bench/results/cpu-2026-12-03-fidelity-default
 
 Every row keeps its source file and the run's conditions (device, backend, top_chunks,
 local_chunks); a row's label is its method (``hga`` with the routing scores of its day) plus
@@ -25,9 +26,10 @@ from kvtier.cli.plots import plot_bars, plot_lines
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 #: CPU-only rows kept from the previous docs/routing.json (options the GPU queue did not run).
 KEEP_CPU = ("hga-max_group-bound", "hga-sum-bound", "hga-running_max")
-#: The budget sweep's lines: the paper's width, the default, the 4-chunk window and the baselines.
+#: The budget sweep's lines: the paper's width, the defaults, the 4-chunk window and the baselines.
 SWEEP = ("hga (sum) tc16", "hga (sum) tc32", "hga (sum) tc32 local4", "hga-max_group tc16",
-         "hga-sum+max_group-sum+bound tc32", "hga-sum+max_group-sum+bound tc32 local4", "quest", "quest local4",
+         "hga-sum+max_group-sum+bound tc32", "hga-sum+max_group-sum+bound tc32 local4",
+         "hga-sum+max_group-sum+bound tc32 sink1 local4", "quest", "quest local4", "quest sink1 local4",
          "oracle", "oracle local4")
 #: The bar charts' rules, in order, with their names there: the paper's, the previous default,
 #: the steps to the new default, and the baselines (the other rows stay in routing.json).
@@ -112,7 +114,8 @@ def main(paths: list[str]) -> None:
         for r in nll:
             if r["length"] == length and r["label"] in SWEEP:
                 sweep.setdefault(r["label"], {})[r["budget"]] = r["gap_vs_dense"]
-        series = {BARS.get(m, m): (sorted(v), [v[b] for b in sorted(v)]) for m, v in sweep.items()}
+        series = {BARS.get(m, m): (sorted(v), [v[b] for b in sorted(v)])
+                  for m, v in sorted(sweep.items(), key=lambda kv: RANK.get(kv[0], len(RANK)))}
         plot_lines(DOCS / f"routing_budget_{length // 1024}k.png", series, "keys per query (budget)",
                    "NLL gap to dense (nats/token)", f"SmolLM2-135M at {length:,} tokens: NLL gap against budget")
 

@@ -41,6 +41,15 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def _colors(labels: Sequence[str]) -> dict[str, object]:
+    """One colour per label: matplotlib's default cycle, or tab20 past its 10 colours (which repeat)."""
+    if len(labels) <= 10:
+        return {label: f"C{i}" for i, label in enumerate(labels)}
+    from matplotlib import colormaps
+
+    return {label: colormaps["tab20"](i % 20) for i, label in enumerate(labels)}
+
+
 def plot_lines(
     path: str | Path,
     series: Series,
@@ -83,10 +92,11 @@ def plot_lines(
             raise ValueError(f"expected as many y as x values in series {label!r}, got {len(ys)} and {len(xs)}")
     if not plot_available():
         return None
+    colors = _colors(list(series))
     fig = _figure()
     ax = fig.add_subplot()
     for label, (xs, ys) in series.items():
-        ax.plot(list(xs), [float("nan") if y is None else y for y in ys], marker="o", label=label)
+        ax.plot(list(xs), [float("nan") if y is None else y for y in ys], marker="o", label=label, color=colors[label])
     if logx:
         ax.set_xscale("log", base=2)
     if logy:
@@ -136,12 +146,7 @@ def plot_bars(
     if not plot_available():
         return None
     bars = list(dict.fromkeys(b for group in values.values() for b in group))
-    if len(bars) <= 10:
-        colors = {b: f"C{i}" for i, b in enumerate(bars)}
-    else:  # the default cycle repeats after 10 colours; tab20 has 20
-        from matplotlib import colormaps
-
-        colors = {b: colormaps["tab20"](i % 20) for i, b in enumerate(bars)}
+    colors = _colors(bars)
     widest = max(sum(v is not None for v in group.values()) for group in values.values())
     width = 0.8 / max(1, widest)
     fig = _figure()
