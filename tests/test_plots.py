@@ -77,3 +77,13 @@ def test_eval_plot_picks_nll_gaps_or_needles(tmp_path) -> None:
                     depth=None)]
     assert plot_eval(needles, tmp_path / "b.png").exists()
     assert plot_eval([], tmp_path / "c.png") is None
+
+
+def test_many_series_get_distinct_colours() -> None:
+    """Past the default cycle's 10 colours, lines and bars take tab20's 20 rather than repeating."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_rgba
+
+    for n in (3, 10, 11, 20):
+        colours = plots._colors([f"s{i}" for i in range(n)])
+        assert len({to_rgba(c) for c in colours.values()}) == n
