@@ -171,8 +171,21 @@ def above_budget() -> list[tuple[str, list[str]]]:
             for b in (1728, 2496) for n in (8192, 4096)]
 
 
+def accuracy_budget() -> list[tuple[str, list[str]]]:
+    """Part 7: needles and the task suite against budget (608 to 2,496 keys per query) for the
+    default, Quest and the oracle with its windows: the accuracy sweep parts 1 to 6 ran only
+    at 1,216 keys (about 30 device minutes from the part-5 timings; dense does not depend on the budget)."""
+    needles = ["--lengths", "2048,4096,6144,8192", "--needles-only", "--methods", "hga,quest,oracle", *REFERENCE]
+    tasks = ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192", "--seeds", "2", *REFERENCE]
+    items = [(f"needles_b{b}_default", ["--budget", str(b), *needles]) for b in (608, 960, 1728, 2496)]
+    for b in (960, 1728, 608, 2496):  # the budgets nearest the default first
+        items.append((f"tasks_b{b}_default", ["--budget", str(b), "--methods", "hga,quest", *tasks]))
+    return items
+
+
 #: The sweeps by ``--part``.
-QUEUES = {1: first_sweep, 2: followup, 3: split_groups, 4: windows, 5: fine_groups, 6: above_budget}
+QUEUES = {1: first_sweep, 2: followup, 3: split_groups, 4: windows, 5: fine_groups, 6: above_budget,
+          7: accuracy_budget}
 
 
 def finished(path: Path) -> bool:
