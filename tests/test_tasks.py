@@ -59,3 +59,24 @@ def test_eval_smoke_runs_every_task(tmp_path):
     means = {r["task"]: r for r in rows if r["task"] is not None and r["seed"] is None}
     assert set(means) == set(TASKS)
     assert all(0 < r["density"] < 1 and r["needle_accuracy"] in (0.0, 1.0) for r in means.values())
+
+
+def test_first_seed_adds_new_samples(tmp_path):
+    """--first-seed 1 --seeds 1 runs exactly sample 1 of a --seeds 2 run: same prompts, same results."""
+    from kvtier.cli import main
+    from tests.tiny_model import tiny_model_folder
+
+    folder = str(tiny_model_folder())
+    runs = {}
+    for name, extra in (("both", ["--seeds", "2"]), ("second", ["--first-seed", "1", "--seeds", "1"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", "--model", folder, "--tasks-only", "--tasks", "single,randkey", "--lengths", "512",
+                     "--methods", "dense", "--device", "cpu", "--json", str(out), *extra]) == 0
+        runs[name] = json.loads(out.read_text())
+    samples = {name: {(r["task"], r["seed"]): (r["needle_accuracy"], r["mean_keys_per_query"])
+                      for r in run["rows"] if r["seed"] is not None} for name, run in runs.items()}
+    assert {seed for _, seed in samples["both"]} == {0, 1}
+    assert {seed for _, seed in samples["second"]} == {1}
+    assert samples["second"] == {key: v for key, v in samples["both"].items() if key[1] == 1}
+    assert runs["second"]["conditions"]["seeds"] == [1] and runs["both"]["conditions"]["seeds"] == [0, 1]
+    assert main(["eval", "--first-seed", "-1"]) == 2

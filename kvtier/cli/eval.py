@@ -418,6 +418,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="task suite: 'all' or comma-separated from single, multikey, multivalue, multiquery, "
                              "vartrack, freqwords, randkey (see kvtier/cli/tasks.py)")
     parser.add_argument("--seeds", type=positive_int, default=3, help="samples per task, length and method (default 3)")
+    parser.add_argument("--first-seed", type=nonnegative_int, default=0,
+                        help="the first sample's seed: --seeds N runs seeds first..first+N-1 (default 0); a sample "
+                             "depends only on its task, length and seed, so --first-seed 2 --seeds 2 adds two new "
+                             "samples to an earlier --seeds 2 run")
     parser.add_argument("--tasks-only", action="store_true", help="run the task suite without NLL passes or needles")
     parser.add_argument("--smoke", action="store_true",
                         help="seconds: every task once at 768 tokens with a 720-key budget, no NLL passes")
@@ -620,7 +624,8 @@ def _run_budget(args: argparse.Namespace, rows: list[EvalRow], json_path: Path |
         for (method, length), oks in found.items():
             rows.append(EvalRow(method, length, None, None, float("nan"), float("nan"), budget, 0.0,
                                 needle_accuracy=sum(oks) / len(oks)))
-    cells = [(t, n, seed, m) for t in tasks for n in lengths for seed in range(args.seeds) for m in methods]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    cells = [(t, n, seed, m) for t in tasks for n in lengths for seed in seeds for m in methods]
     solved: dict[tuple[str, int, str], list[bool]] = {}
     for task, length, seed, method in tqdm(cells, desc="tasks", unit="pass", file=sys.stderr):
         sample = make_sample(task, length, seed, tokenizer, tokens, text)
@@ -680,6 +685,7 @@ def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budge
                        "lengths": args.lengths, "methods": args.methods, "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "backend": args.backend,
                        "local_chunks": args.local_chunks, "sink_chunks": args.sink_chunks,
+                       "seeds": list(range(args.first_seed, args.first_seed + args.seeds)) if args.tasks else None,
                        "top_chunks": args.top_chunks,
                        "group_size": args.group_size,
                        "hga": asdict(args.hga_base) if hasattr(args, "hga_base") else None,
