@@ -81,6 +81,34 @@ def label(method: str, cond: dict) -> str:
     return " ".join(parts)
 
 
+def accuracy_by_budget(rows: list[dict], labels: tuple[str, ...]) -> tuple[dict, dict]:
+    """Needles found and task samples solved per label and budget, from complete grids only.
+
+    Returns ``(needles, tasks)``, each ``{label: {budget: count}}``: ``needles`` counts the
+    needles found over the largest (length, depth) grid any label has at a budget, ``tasks``
+    the samples solved over the largest (task, length, seed) set with seeds in TASK_SEEDS;
+    a label and budget with fewer cells is left out rather than counted short.
+    """
+    grids: dict[tuple[str, int], dict] = {}
+    samples: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        if r["label"] not in labels or r["needle_accuracy"] is None:
+            continue
+        if r.get("task") is None and r["depth"] is not None:
+            grids.setdefault((r["label"], r["budget"]), {})[(r["length"], r["depth"])] = r["needle_accuracy"]
+        elif r.get("task") and r.get("seed") in TASK_SEEDS:
+            samples.setdefault((r["label"], r["budget"]), {})[(r["task"], r["length"], r["seed"])] = r["needle_accuracy"]
+    out = []
+    for cells in (grids, samples):
+        full = max((len(c) for c in cells.values()), default=0)
+        counts: dict[str, dict[int, float]] = {}
+        for (lab, budget), c in sorted(cells.items(), key=lambda kv: kv[0][1]):
+            if len(c) == full:
+                counts.setdefault(lab, {})[budget] = sum(c.values())
+        out.append(counts)
+    return out[0], out[1]
+
+
 def load(paths: list[str]) -> list[dict]:
     rows = []
     files = [f for p in paths for f in (sorted(Path(p).glob("*.json")) if Path(p).is_dir() else [Path(p)])]
@@ -138,6 +166,13 @@ def main(paths: list[str]) -> None:
             found[f"{n // 1024}K tokens"][BARS[m]] += ok
     plot_bars(DOCS / "routing_needles.png", found, "needles found (of 3 depths)",
               "SmolLM2, 1,216 keys per query: needles")
+
+    for name, counts, unit in zip(("needles", "tasks"), accuracy_by_budget(rows, SWEEP), ("needles found", "task samples solved")):
+        series = {BARS.get(m, m): (sorted(v), [v[b] for b in sorted(v)])
+                  for m, v in sorted(counts.items(), key=lambda kv: RANK.get(kv[0], len(RANK))) if len(v) >= 2}
+        if series:  # drawn once some rule has complete grids at two budgets or more (queue part 7)
+            plot_lines(DOCS / f"routing_{name}_budget.png", series, "keys per query (budget)", unit,
+                       f"SmolLM2-135M, 2K-8K: {unit} against budget")
 
     tasks: dict[str, dict[str, list[float]]] = {}  # task -> label -> per-sample results (every length, seed)
     seen = set()

@@ -16,3 +16,23 @@ def test_labels_name_windows_and_group_size() -> None:
     assert label("hga", {"group_size": 8, "hga": dict(split, sink_chunks=2, local_chunks=4)}).endswith("local4 gs8")
     # runs before issue 11 recorded no routing scores, sink chunks nor width: the paper's rule at 16 chunks
     assert label("hga", {}) == "hga (sum) tc16"
+
+
+def test_accuracy_by_budget_counts_complete_grids_only() -> None:
+    accuracy_by_budget = load_bench_script("routing_rows").accuracy_by_budget
+
+    def needle(label, budget, length, depth, ok):
+        return dict(label=label, budget=budget, length=length, depth=depth, needle_accuracy=ok, task=None, seed=None)
+
+    def task(label, budget, seed, ok):
+        return dict(label=label, budget=budget, length=2048, depth=None, needle_accuracy=ok, task="single", seed=seed)
+
+    rows = [needle("hga", b, n, d, float(n == 2048 or b > 960)) for b in (960, 1216) for n in (2048, 4096)
+            for d in (0.1, 0.5)]
+    rows += [needle("quest", 960, 2048, 0.1, 1.0)]  # half a grid: left out, not counted as 1 of 4
+    rows += [needle("other", 960, 2048, 0.1, 1.0)]  # not a requested label
+    rows += [task("hga", 1216, s, 1.0) for s in (0, 1)] + [task("hga", 1216, 2, 1.0)]  # seed 2 is not counted
+    rows += [task("quest", 1216, 0, 0.0), task("quest", 1216, 1, 1.0), task("quest", 960, 0, 1.0)]
+    needles, tasks = accuracy_by_budget(rows, ("hga", "quest"))
+    assert needles == {"hga": {960: 2.0, 1216: 4.0}}
+    assert tasks == {"hga": {1216: 2.0}, "quest": {1216: 1.0}}
