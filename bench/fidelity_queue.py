@@ -25,6 +25,10 @@ from pathlib import Path
 CORE = "dense,hga,hga-max_group,quest,oracle"
 #: Every item but one runs the spec: its numbers do not depend on the device.
 REFERENCE = ["--backend", "reference"]
+#: The task suite of every part: every task at 2K, 4K and 8K, seeds 0 and 1 (42 samples per method).
+TASK_SUITE = ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192", "--seeds", "2"]
+#: The needle grid of every part: 2K to 8K (the depths are ``kvtier eval``'s default 0.1, 0.5, 0.9).
+NEEDLE_GRID = ["--lengths", "2048,4096,6144,8192", "--needles-only"]
 
 
 def first_sweep() -> list[tuple[str, list[str]]]:
@@ -46,12 +50,11 @@ def first_sweep() -> list[tuple[str, list[str]]]:
     for n in (8192, 4096):  # 5. budget sweeps: 8 to 112 routed groups beside the paper's windows
         for b in (832, 960, 1728, 2496):
             items.append((f"nll_b{b}_{n}", ["--lengths", str(n), "--budget", str(b), "--methods", CORE, *REFERENCE]))
-    items.append(("tasks_b1216", ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192", "--seeds", "2",
-                                  "--methods", CORE, *REFERENCE]))  # 6. the task suite
-    items.append(("needles_b1216_variants", ["--lengths", "2048,4096,6144,8192", "--needles-only",
+    items.append(("tasks_b1216", [*TASK_SUITE, "--methods", CORE, *REFERENCE]))  # 6. the task suite
+    items.append(("needles_b1216_variants", [*NEEDLE_GRID,
                                              "--methods", "hga-max_group,hga-sum+max_group,hga-running_max_group",
                                              "--top-chunks", "32", *REFERENCE]))
-    items.append(("needles_b1216_local4", ["--lengths", "2048,4096,6144,8192", "--needles-only", "--local-chunks", "4",
+    items.append(("needles_b1216_local4", [*NEEDLE_GRID, "--local-chunks", "4",
                                            "--methods", CORE, *REFERENCE]))
     items.append(("tasks_b1216_seeds34", ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192",
                                           "--seeds", "4", "--methods", CORE, *REFERENCE]))
@@ -62,10 +65,9 @@ def followup() -> list[tuple[str, list[str]]]:
     """Part 2: the rows the first sweep lacked once the default became 32 chunks (the task
     suite and budget sweeps for it and for the 4-chunk local window)."""
     local4 = ["--local-chunks", "4"]
-    tasks = ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192", "--seeds", "2"]
     items: list[tuple[str, list[str]]] = [
-        ("tasks_b1216_tc32", [*tasks, "--methods", "hga", *REFERENCE]),  # 1. the default on the whole suite
-        ("tasks_b1216_local4", [*tasks, "--methods", "hga,quest,oracle", *local4, *REFERENCE]),
+        ("tasks_b1216_tc32", [*TASK_SUITE, "--methods", "hga", *REFERENCE]),  # 1. the default on the whole suite
+        ("tasks_b1216_local4", [*TASK_SUITE, "--methods", "hga,quest,oracle", *local4, *REFERENCE]),
     ]
     for n in (8192, 4096):  # 2. budget sweeps at 32 chunks (dense again: the gap is within one run)
         for b in (960, 1728, 2496):
@@ -81,14 +83,13 @@ def split_groups() -> list[tuple[str, list[str]]]:
     or half by each; at the default budget, then with 4 local chunks, then against budget."""
     split = ["hga-sum-sum+bound", "hga-sum+max_group-sum+bound", "hga-max_group-sum+bound"]
     local4 = ["--local-chunks", "4"]
-    tasks = ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192", "--seeds", "2"]
     items: list[tuple[str, list[str]]] = []
     for n in (4096, 8192):  # 1. NLL at the default budget (dense again: the gap is within one run)
         items.append((f"nll_b1216_{n}_split", ["--lengths", str(n), "--methods", ",".join(["dense", *split]), *REFERENCE]))
-    items.append(("needles_b1216_split", ["--lengths", "2048,4096,6144,8192", "--needles-only",  # 2. needles
+    items.append(("needles_b1216_split", [*NEEDLE_GRID,  # 2. needles
                                           "--methods", ",".join(split), *REFERENCE]))
     for method in split[1:] + split[:1]:  # 3. the task suite, one method per item
-        items.append((f"tasks_b1216_{method[4:]}", [*tasks, "--methods", method, *REFERENCE]))
+        items.append((f"tasks_b1216_{method[4:]}", [*TASK_SUITE, "--methods", method, *REFERENCE]))
     for n in (4096, 8192):  # 4. the 4-chunk window (48 routed groups at the same budget)
         items.append((f"nll_b1216_{n}_split_local4", ["--lengths", str(n), "--methods", ",".join(["dense", *split[1:]]),
                                                       *local4, *REFERENCE]))
@@ -96,9 +97,9 @@ def split_groups() -> list[tuple[str, list[str]]]:
         for b in (960, 1728, 2496):
             items.append((f"nll_b{b}_{n}_split", ["--lengths", str(n), "--budget", str(b),
                                                   "--methods", ",".join(["dense", *split[1:]]), *REFERENCE]))
-    items.append(("needles_b1216_split_local4", ["--lengths", "2048,4096,6144,8192", "--needles-only",
+    items.append(("needles_b1216_split_local4", [*NEEDLE_GRID,
                                                  "--methods", ",".join(split[1:]), *local4, *REFERENCE]))
-    items.append(("tasks_b1216_split_local4", [*tasks, "--methods", ",".join(split[1:]), *local4, *REFERENCE]))
+    items.append(("tasks_b1216_split_local4", [*TASK_SUITE, "--methods", ",".join(split[1:]), *local4, *REFERENCE]))
     return items
 
 
@@ -116,17 +117,16 @@ def windows() -> list[tuple[str, list[str]]]:
         "tc64": ["--top-chunks", "64"],  # 48, from 64 chunks at the first level
         "gs8": ["--group-size", "8"],  # 96 groups of 8
     }
-    tasks = ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192", "--seeds", "2"]
     items: list[tuple[str, list[str]]] = []
     for n in (8192, 4096):  # 1. NLL at the default budget, the baselines with the same windows
         for name, extra in variants.items():
             items.append((f"nll_b1216_{n}_{name}", ["--lengths", str(n), "--methods", "dense,hga,quest,oracle",
                                                     *extra, *REFERENCE]))
     for name in ("sink1", "tc64", "sink1_local3"):  # 2. the task suite, one variant per item
-        items.append((f"tasks_b1216_{name}", [*tasks, "--methods", "hga", *variants[name], *REFERENCE]))
-    items.append(("needles_b1216_sink1", ["--lengths", "2048,4096,6144,8192", "--needles-only", "--methods", "hga",
+        items.append((f"tasks_b1216_{name}", [*TASK_SUITE, "--methods", "hga", *variants[name], *REFERENCE]))
+    items.append(("needles_b1216_sink1", [*NEEDLE_GRID, "--methods", "hga",
                                           *variants["sink1"], *REFERENCE]))
-    items.append(("tasks_b1216_sink1_baselines", [*tasks, "--methods", "quest,oracle", *variants["sink1"], *REFERENCE]))
+    items.append(("tasks_b1216_sink1_baselines", [*TASK_SUITE, "--methods", "quest,oracle", *variants["sink1"], *REFERENCE]))
     return items
 
 
@@ -141,8 +141,6 @@ def fine_groups() -> list[tuple[str, list[str]]]:
         "sink1": ["--sink-chunks", "1"],  # 52 groups of 16
         "gs8": ["--group-size", "8"],  # 96
     }
-    tasks = ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192", "--seeds", "2"]
-    needles = ["--lengths", "2048,4096,6144,8192", "--needles-only"]
     items: list[tuple[str, list[str]]] = []
     for n in (8192, 4096):  # 1. NLL at the default budget; Quest's pages stay 16 tokens, so its rows are sink1's
         for name in ("gs8_sink1", "gs8_local3", "gs8_sink1_local3"):
@@ -153,13 +151,13 @@ def fine_groups() -> list[tuple[str, list[str]]]:
     items.append(("nll_b1216_4096_gs8_sink1_kernels", ["--lengths", "4096", "--methods", "dense,hga",
                                                        *variants["gs8_sink1"], "--backend", "triton"]))
     for name in ("gs8_sink1", "sink1"):  # 2. the task suite and needles, one variant per item
-        items.append((f"tasks_b1216_{name}", [*tasks, "--methods", "hga", *variants[name], *REFERENCE]))
-        items.append((f"needles_b1216_{name}", [*needles, "--methods", "hga", *variants[name], *REFERENCE]))
-    items.append(("tasks_b1216_sink1_quest", [*tasks, "--methods", "quest", *variants["sink1"], *REFERENCE]))
-    items.append(("tasks_b1216_gs8", [*tasks, "--methods", "hga", *variants["gs8"], *REFERENCE]))
-    items.append(("tasks_b1216_gs8_sink1_local3", [*tasks, "--methods", "hga", *variants["gs8_sink1_local3"],
+        items.append((f"tasks_b1216_{name}", [*TASK_SUITE, "--methods", "hga", *variants[name], *REFERENCE]))
+        items.append((f"needles_b1216_{name}", [*NEEDLE_GRID, "--methods", "hga", *variants[name], *REFERENCE]))
+    items.append(("tasks_b1216_sink1_quest", [*TASK_SUITE, "--methods", "quest", *variants["sink1"], *REFERENCE]))
+    items.append(("tasks_b1216_gs8", [*TASK_SUITE, "--methods", "hga", *variants["gs8"], *REFERENCE]))
+    items.append(("tasks_b1216_gs8_sink1_local3", [*TASK_SUITE, "--methods", "hga", *variants["gs8_sink1_local3"],
                                                    *REFERENCE]))
-    items.append(("tasks_b1216_sink1_oracle", [*tasks, "--methods", "oracle", *variants["sink1"], *REFERENCE]))
+    items.append(("tasks_b1216_sink1_oracle", [*TASK_SUITE, "--methods", "oracle", *variants["sink1"], *REFERENCE]))
     return items
 
 
@@ -177,8 +175,8 @@ def accuracy_budget() -> list[tuple[str, list[str]]]:
     keys per query) for the default, Quest and the oracle with its windows: parts 1 to 6 measured
     accuracy at 1,216 keys only (about 36 device minutes from the part-5 timings; dense does not
     depend on the budget)."""
-    needles = ["--lengths", "2048,4096,6144,8192", "--needles-only", "--methods", "hga,quest,oracle", *REFERENCE]
-    tasks = ["--tasks-only", "--tasks", "all", "--lengths", "2048,4096,8192", "--seeds", "2", *REFERENCE]
+    needles = [*NEEDLE_GRID, "--methods", "hga,quest,oracle", *REFERENCE]
+    tasks = [*TASK_SUITE, *REFERENCE]
     items = [("tasks_b1216_default_seeds23", [*tasks, "--first-seed", "2", "--methods", "dense,hga,quest"])]
     items += [(f"needles_b{b}_default", ["--budget", str(b), *needles]) for b in (608, 960, 1728, 2496)]
     for b in (960, 1728, 608, 2496):  # the budgets nearest the default first

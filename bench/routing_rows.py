@@ -109,6 +109,13 @@ def accuracy_by_budget(rows: list[dict], labels: tuple[str, ...]) -> tuple[dict,
     return out[0], out[1]
 
 
+def lines_by_budget(by_label: dict[str, dict[int, float]], min_points: int = 1) -> dict:
+    """``{label: {budget: y}}`` as plot_lines' series: named and ordered as the bars, sorted by
+    budget, leaving out labels with fewer than ``min_points`` budgets."""
+    ordered = sorted(by_label.items(), key=lambda kv: RANK.get(kv[0], len(RANK)))
+    return {BARS.get(m, m): (sorted(v), [v[b] for b in sorted(v)]) for m, v in ordered if len(v) >= min_points}
+
+
 def load(paths: list[str]) -> list[dict]:
     rows = []
     files = [f for p in paths for f in (sorted(Path(p).glob("*.json")) if Path(p).is_dir() else [Path(p)])]
@@ -142,8 +149,7 @@ def main(paths: list[str]) -> None:
         for r in nll:
             if r["length"] == length and r["label"] in SWEEP:
                 sweep.setdefault(r["label"], {})[r["budget"]] = r["gap_vs_dense"]
-        series = {BARS.get(m, m): (sorted(v), [v[b] for b in sorted(v)])
-                  for m, v in sorted(sweep.items(), key=lambda kv: RANK.get(kv[0], len(RANK)))}
+        series = lines_by_budget(sweep)
         plot_lines(DOCS / f"routing_budget_{length // 1024}k.png", series, "keys per query (budget)",
                    "NLL gap to dense (nats/token)", f"SmolLM2-135M at {length:,} tokens: NLL gap against budget")
 
@@ -168,8 +174,7 @@ def main(paths: list[str]) -> None:
               "SmolLM2, 1,216 keys per query: needles")
 
     for name, counts, unit in zip(("needles", "tasks"), accuracy_by_budget(rows, SWEEP), ("needles found", "task samples solved")):
-        series = {BARS.get(m, m): (sorted(v), [v[b] for b in sorted(v)])
-                  for m, v in sorted(counts.items(), key=lambda kv: RANK.get(kv[0], len(RANK))) if len(v) >= 2}
+        series = lines_by_budget(counts, min_points=2)
         if series:  # drawn once some rule has complete grids at two budgets or more (queue part 7)
             plot_lines(DOCS / f"routing_{name}_budget.png", series, "keys per query (budget)", unit,
                        f"SmolLM2-135M, 2K-8K: {unit} against budget")

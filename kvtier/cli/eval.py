@@ -624,8 +624,7 @@ def _run_budget(args: argparse.Namespace, rows: list[EvalRow], json_path: Path |
         for (method, length), oks in found.items():
             rows.append(EvalRow(method, length, None, None, float("nan"), float("nan"), budget, 0.0,
                                 needle_accuracy=sum(oks) / len(oks)))
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
-    cells = [(t, n, seed, m) for t in tasks for n in lengths for seed in seeds for m in methods]
+    cells = [(t, n, seed, m) for t in tasks for n in lengths for seed in _seeds(args) for m in methods]
     solved: dict[tuple[str, int, str], list[bool]] = {}
     for task, length, seed, method in tqdm(cells, desc="tasks", unit="pass", file=sys.stderr):
         sample = make_sample(task, length, seed, tokenizer, tokens, text)
@@ -644,6 +643,11 @@ def _run_budget(args: argparse.Namespace, rows: list[EvalRow], json_path: Path |
         rows.append(EvalRow(method, length, None, None, sum(dens) / len(dens), float("nan"), budget, 0.0,
                             needle_accuracy=sum(oks) / len(oks), task=task))
     save()
+
+
+def _seeds(args: argparse.Namespace) -> range:
+    """The task samples' seeds: ``--seeds`` of them from ``--first-seed``."""
+    return range(args.first_seed, args.first_seed + args.seeds)
 
 
 def plot_eval(rows: list[dict[str, Any]], path: str | Path, subtitle: str = "") -> Path | None:
@@ -685,7 +689,7 @@ def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budge
                        "lengths": args.lengths, "methods": args.methods, "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "backend": args.backend,
                        "local_chunks": args.local_chunks, "sink_chunks": args.sink_chunks,
-                       "seeds": list(range(args.first_seed, args.first_seed + args.seeds)) if args.tasks else None,
+                       "seeds": list(_seeds(args)) if args.tasks else None,
                        "top_chunks": args.top_chunks,
                        "group_size": args.group_size,
                        "hga": asdict(args.hga_base) if hasattr(args, "hga_base") else None,
