@@ -3,7 +3,7 @@
     python bench/routing_rows.py bench/results/h200-2026-12-02-fidelity bench/results/cpu-2026-12-02-fidelity \
         bench/results/h200-2026-12-02-fidelity-followup bench/results/h200-2026-12-02-fidelity-split \
         bench/results/cpu-2026-12-02-fidelity-split bench/results/h200-2026-12-03-fidelity-windows \
-        bench/results/cpu-2026-12-03-fidelity-default
+        bench/results/cpu-2026-12-03-fidelity-default bench/results/h200-2026-12-03-fidelity-accuracy
 
 Every row keeps its source file and the run's conditions (device, backend, top_chunks,
 local_chunks); a row's label is its method (``hga`` with the routing scores of its day) plus
@@ -30,7 +30,7 @@ KEEP_CPU = ("hga-max_group-bound", "hga-sum-bound", "hga-running_max")
 SWEEP = ("hga (sum) tc16", "hga (sum) tc32", "hga (sum) tc32 local4", "hga-max_group tc16",
          "hga-sum+max_group-sum+bound tc32", "hga-sum+max_group-sum+bound tc32 local4",
          "hga-sum+max_group-sum+bound tc32 sink1 local4", "quest", "quest local4", "quest sink1 local4",
-         "oracle", "oracle local4")
+         "oracle", "oracle local4", "oracle sink1 local4")
 #: The bar charts' rules, in order, with their names there: the paper's, the previous default,
 #: the steps to the new default, and the baselines (the other rows stay in routing.json).
 BARS = {
@@ -62,6 +62,14 @@ def top_chunks_of(cond: dict) -> int:
     return (cond.get("hga") or {}).get("top_chunks") or cond.get("top_chunks") or 16
 
 
+def base_top_chunks(cond: dict) -> int:
+    """The first-level width the run asked for (``--top-chunks``, or the default of its day: 32
+    for the runs that record their HGA configuration, 16 before). A large budget widens it where
+    its groups need more chunks (2,496 keys with one sink: 132 groups, 33 chunks), and the label
+    names the rule, not the widening, so a budget sweep stays one line."""
+    return cond.get("top_chunks") or (32 if cond.get("hga") else 16)
+
+
 def label(method: str, cond: dict) -> str:
     """The method, HGA's first-level width (``tc16`` ...) and any other change from the defaults."""
     hga = cond.get("hga") or {}
@@ -69,7 +77,7 @@ def label(method: str, cond: dict) -> str:
         method = f"hga-{hga['chunk_score']}-{hga['group_score']}"  # "hga" is the default of its day
     parts = ["hga (sum)" if method == "hga" else method]
     if method.startswith("hga"):
-        parts.append(f"tc{top_chunks_of(cond)}")
+        parts.append(f"tc{base_top_chunks(cond)}")
     sink = cond.get("sink_chunks") if cond.get("sink_chunks") is not None else hga.get("sink_chunks")
     if sink not in (None, 2):  # and sink chunks other than the paper's 2
         parts.append(f"sink{sink}")
@@ -84,10 +92,11 @@ def label(method: str, cond: dict) -> str:
 def accuracy_by_budget(rows: list[dict], labels: tuple[str, ...]) -> tuple[dict, dict]:
     """Needles found and task samples solved per label and budget, from complete grids only.
 
-    Returns ``(needles, tasks)``, each ``{label: {budget: count}}``: ``needles`` counts the
-    needles found over the largest (length, depth) grid any label has at a budget, ``tasks``
-    the samples solved over the largest (task, length, seed) set with seeds in TASK_SEEDS;
-    a label and budget with fewer cells is left out rather than counted short.
+    Returns ``(needles, tasks)``, each ``(counts, cells)`` with counts ``{label: {budget:
+    count}}``: ``needles`` counts the needles found over the largest (length, depth) grid any
+    label has at a budget (``cells`` of them), ``tasks`` the samples solved over the largest
+    (task, length, seed) set with seeds in TASK_SEEDS; a label and budget with fewer cells is
+    left out rather than counted short.
     """
     grids: dict[tuple[str, int], dict] = {}
     samples: dict[tuple[str, int], dict] = {}
@@ -105,7 +114,7 @@ def accuracy_by_budget(rows: list[dict], labels: tuple[str, ...]) -> tuple[dict,
         for (lab, budget), c in sorted(cells.items(), key=lambda kv: kv[0][1]):
             if len(c) == full:
                 counts.setdefault(lab, {})[budget] = sum(c.values())
-        out.append(counts)
+        out.append((counts, full))
     return out[0], out[1]
 
 
@@ -173,10 +182,15 @@ def main(paths: list[str]) -> None:
     plot_bars(DOCS / "routing_needles.png", found, "needles found (of 3 depths)",
               "SmolLM2, 1,216 keys per query: needles")
 
-    for name, counts, unit in zip(("needles", "tasks"), accuracy_by_budget(rows, SWEEP), ("needles found", "task samples solved")):
+    by_budget = accuracy_by_budget(rows, (*SWEEP, "dense"))
+    for name, (counts, cells), unit in zip(("needles", "tasks"), by_budget, ("needles found", "task samples solved")):
+        dense = counts.pop("dense", {})  # dense reads every key whatever the budget: a flat line across the sweep
         series = lines_by_budget(counts, min_points=2)
         if series:  # drawn once some rule has complete grids at two budgets or more (queue part 7)
-            plot_lines(DOCS / f"routing_{name}_budget.png", series, "keys per query (budget)", unit,
+            if dense:
+                budgets = sorted({b for xs, _ in series.values() for b in xs})
+                series["dense (every key)"] = ([budgets[0], budgets[-1]], [max(dense.values())] * 2)
+            plot_lines(DOCS / f"routing_{name}_budget.png", series, "keys per query (budget)", f"{unit} (of {cells})",
                        f"SmolLM2-135M, 2K-8K: {unit} against budget")
 
     tasks: dict[str, dict[str, list[float]]] = {}  # task -> label -> per-sample results (every length, seed)

@@ -16,6 +16,10 @@ def test_labels_name_windows_and_group_size() -> None:
     assert label("hga", {"group_size": 8, "hga": dict(split, sink_chunks=2, local_chunks=4)}).endswith("local4 gs8")
     # runs before issue 11 recorded no routing scores, sink chunks nor width: the paper's rule at 16 chunks
     assert label("hga", {}) == "hga (sum) tc16"
+    # a budget whose groups need 33 chunks widens the first level; the rule (and its line) stays tc32
+    wide = dict(split, sink_chunks=1, local_chunks=4, top_chunks=33, top_groups=132)
+    assert label("hga", {"top_chunks": None, "hga": wide}) == "hga-sum+max_group-sum+bound tc32 sink1 local4"
+    assert label("hga", {"top_chunks": 16, "hga": dict(wide, top_chunks=16)}).endswith("tc16 sink1 local4")
 
 
 def test_accuracy_by_budget_counts_complete_grids_only() -> None:
@@ -34,5 +38,5 @@ def test_accuracy_by_budget_counts_complete_grids_only() -> None:
     rows += [task("hga", 1216, s, 1.0) for s in (0, 1)] + [task("hga", 1216, 2, 1.0)]  # seed 2 is not counted
     rows += [task("quest", 1216, 0, 0.0), task("quest", 1216, 1, 1.0), task("quest", 960, 0, 1.0)]
     needles, tasks = accuracy_by_budget(rows, ("hga", "quest"))
-    assert needles == {"hga": {960: 2.0, 1216: 4.0}}
-    assert tasks == {"hga": {1216: 2.0}, "quest": {1216: 1.0}}
+    assert needles == ({"hga": {960: 2.0, 1216: 4.0}}, 4)
+    assert tasks == ({"hga": {1216: 2.0}, "quest": {1216: 1.0}}, 2)

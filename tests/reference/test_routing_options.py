@@ -117,6 +117,30 @@ def test_causal_bit_for_bit(chunk_score, group_score, path):
     assert not torch.equal(before[:, :, cut + 1 :], after[:, :, cut + 1 :])
 
 
+def _members(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool ``[..., n]``: which ids a plan row holds (``-1`` pads)."""
+    hit = torch.zeros(*ids.shape[:-1], n + 1, dtype=torch.bool)
+    return hit.scatter(-1, torch.where(ids >= 0, ids, n), True)[..., :n]
+
+
+@pytest.mark.parametrize("chunk_score, group_score", OPTIONS, ids=IDS)
+def test_plans_nest_as_the_budget_grows(chunk_score, group_score):
+    """A larger budget keeps every chunk and group a smaller one routed (the split rules too: their
+    first half grows and the second only gains rank), so a budget sweep adds keys, never swaps them."""
+    q, k, v = make_qkv(1, 4, 2, 150, 150, 16, seed=6)
+
+    def plan(**kw):
+        return hga_decode_ref(q, k, v, config=sparse(chunk_score, group_score, **kw), rope_theta=THETA)[1].plan
+
+    n_chunks = -(-150 // GEOMETRY["chunk_size"])
+    n_groups = n_chunks * GEOMETRY["chunk_size"] // GEOMETRY["group_size"]
+    groups = [_members(plan(top_chunks=4, top_groups=g, fetch_groups=g).group_ids, n_groups) for g in (3, 6, 7, 12)]
+    chunks = [_members(plan(top_chunks=c, top_groups=2, fetch_groups=2).chunk_ids, n_chunks) for c in (1, 2, 3, 5)]
+    for small, large in [*zip(groups, groups[1:]), *zip(chunks, chunks[1:])]:
+        assert not (small & ~large).any()
+        assert (large & ~small).any()  # and the larger budget routes something more
+
+
 def test_sum_is_the_papers_rule():
     """chunk_score='sum', group_score='sum' are the paper's (HGAConfig.paper()) and route like a config that never heard of them."""
     assert (HGAConfig.paper().chunk_score, HGAConfig.paper().group_score) == ("sum", "sum")
