@@ -8,6 +8,7 @@ queue (``--state`` keeps the JSON files between calls). This file only lists and
 
     python bench/fidelity_queue.py --state /tmp/kvtier-fid --seconds 540 --out $OUT
     python bench/fidelity_queue.py --list          # the queue, in order
+    python bench/fidelity_queue.py --list --done bench/results/h200-2026-12-03-fidelity-accuracy  # what is left of it
     python bench/fidelity_queue.py --part 1 --list # the first sweep (the newest part is the default)
 """
 
@@ -197,6 +198,13 @@ def finished(path: Path) -> bool:
         return False
 
 
+def pending(items: list[tuple[str, list[str]]], state: Path, done: list[Path]) -> list[tuple[str, list[str]]]:
+    """The items still to run: those with no finished JSON in ``state`` (this machine's earlier
+    calls) nor in any ``done`` folder (an earlier session's results, committed under bench/results)."""
+    return [(name, argv) for name, argv in items
+            if not any(finished(folder / f"{name}.json") for folder in (state, *done))]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state", type=Path, default=Path("/tmp/kvtier-fid"))
@@ -204,18 +212,19 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for a tar of every JSON and log so far")
     parser.add_argument("--model", default="smollm2", help="passed to kvtier eval (a tiny model folder to try the queue)")
     parser.add_argument("--part", type=int, choices=sorted(QUEUES), default=max(QUEUES), help="which sweep (see QUEUES; default the newest)")
-    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--done", type=Path, action="append", default=[],
+                        help="a folder of finished item JSON from an earlier session: those items are skipped (repeatable)")
+    parser.add_argument("--list", action="store_true", help="print the items still to run, in order, and stop")
     args = parser.parse_args()
+    todo = pending(QUEUES[args.part](), args.state, args.done)
     if args.list:
-        for name, argv in QUEUES[args.part]():
+        for name, argv in todo:
             print(name, " ".join(argv))
         return 0
     args.state.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.seconds
-    for name, argv in QUEUES[args.part]():
+    for name, argv in todo:
         path = args.state / f"{name}.json"
-        if finished(path):
-            continue
         left = deadline - time.monotonic()
         if left < 20:
             print(f"[queue] out of time before {name}", flush=True)

@@ -8,6 +8,10 @@
 #   bench/gpu_fidelity.sh run      again (nothing to carry) on the same warm machine: continues the
 #                                  queue where the last call stopped (/tmp/kvtier-fid)
 #
+# DONE="bench/results/<folder> ..." skips the items an earlier session finished (their JSON is
+# committed there; name folders of the same part only: a name like `nll_b1728_4096_default`
+# meant another default on another day).
+#
 # Each call must follow the last one within the machine's 30 s warm window. Every call leaves
 # $OUT/fidelity.tar.gz (every JSON and log so far) and $OUT/env_fidelity.txt.
 set -u
@@ -25,4 +29,5 @@ gpu_env_smollm2 || { echo "SmolLM2's GGUF halves did not come together: no run (
 { python3 -c "import torch, triton, transformers, kvtier; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name(0))"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; echo "commit ${KVTIER_COMMIT:-unset}"; } \
     2>&1 | tee "$OUT/env_fidelity.txt"
-python3 bench/fidelity_queue.py --state /tmp/kvtier-fid --seconds "${SECONDS_BUDGET:-540}" --out "$OUT"
+done_args=(); for d in ${DONE:-}; do done_args+=(--done "$d"); done
+python3 bench/fidelity_queue.py --state /tmp/kvtier-fid --seconds "${SECONDS_BUDGET:-540}" --out "$OUT" "${done_args[@]}"

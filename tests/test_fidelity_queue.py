@@ -40,3 +40,16 @@ def test_finished_reads_the_last_write(tmp_path) -> None:
     assert not q.finished(path)  # a run cut short
     path.write_text(json.dumps({"rows": [], "finished": True}))
     assert q.finished(path)
+
+
+def test_pending_skips_items_finished_here_or_in_an_earlier_session(tmp_path) -> None:
+    q = _queue_module()
+    items = [("a", ["--lengths", "2048"]), ("b", ["--lengths", "4096"]), ("c", ["--lengths", "8192"])]
+    state, earlier = tmp_path / "state", tmp_path / "earlier"
+    for folder in (state, earlier):
+        folder.mkdir()
+    (state / "a.json").write_text(json.dumps({"rows": [], "finished": True}))
+    (earlier / "b.json").write_text(json.dumps({"rows": [], "finished": True}))
+    (earlier / "c.json").write_text(json.dumps({"rows": [], "finished": False}))  # cut short: runs again
+    assert [n for n, _ in q.pending(items, state, [])] == ["b", "c"]
+    assert [n for n, _ in q.pending(items, state, [earlier])] == ["c"]
