@@ -89,7 +89,7 @@ def label(method: str, cond: dict) -> str:
     return " ".join(parts)
 
 
-def accuracy_by_budget(rows: list[dict], labels: tuple[str, ...]) -> tuple[dict, dict]:
+def accuracy_by_budget(rows: list[dict], labels: tuple[str, ...]) -> tuple[tuple[dict, int], tuple[dict, int]]:
     """Needles found and task samples solved per label and budget, from complete grids only.
 
     Returns ``(needles, tasks)``, each ``(counts, cells)`` with counts ``{label: {budget:
