@@ -6,10 +6,11 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from kvtier import HGAConfig
 from kvtier.cli import main
-from kvtier.cli.eval import EvalRow, default_budget, hga_config_for_budget, markdown_table
+from kvtier.cli.eval import EvalRow, answer_margin, default_budget, hga_config_for_budget, markdown_table
 
 
 def test_budget_helpers() -> None:
@@ -47,6 +48,9 @@ def _eval_smoke(model: str, tmp_path, capsys) -> None:
         assert abs(nll[method]["gap_vs_dense"]) < 0.05
     acc = [r for r in rows if r["needle_accuracy"] is not None and r["depth"] is None]
     assert {r["method"] for r in acc} == {"dense", "hga", "quest", "oracle"}
+    cells = [r for r in rows if r["depth"] is not None]
+    assert cells and all((r["answer_margin"] > 0) == (r["needle_accuracy"] == 1.0) for r in cells)
+    assert all(r["answer_margin"] is None for r in acc)  # a per-length summary has no one margin
     assert "| 720 | dense |" in capsys.readouterr().out
     if importlib.util.find_spec("matplotlib"):  # the plot goes beside the JSON
         assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
@@ -160,3 +164,12 @@ def test_configure_backend() -> None:
             logits[backend] = model(ids, use_cache=False).logits
     # the kernels under the interpreter route the same groups; attention in float32 either way
     torch.testing.assert_close(logits["triton"], logits["reference"], rtol=1e-4, atol=1e-4)
+
+
+def test_answer_margin_is_the_closest_call() -> None:
+    """The smallest right-minus-best-other logit over the answer's tokens: its sign is greedy's verdict."""
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.5, 2.5], [1.0, 1.0, -4.0]])
+    assert answer_margin(logits, torch.tensor([1, 2, 0])) == pytest.approx(0.0)  # 2.0, 0.5, and a tie
+    assert answer_margin(logits[:2], torch.tensor([1, 2])) == pytest.approx(0.5)
+    assert answer_margin(logits[:2], torch.tensor([1, 0])) == pytest.approx(-0.5)  # the second token is wrong
+    assert answer_margin(logits[:1].to(torch.bfloat16), torch.tensor([2])) == pytest.approx(-2.0)

@@ -59,6 +59,8 @@ def test_eval_smoke_runs_every_task(tmp_path):
     means = {r["task"]: r for r in rows if r["task"] is not None and r["seed"] is None}
     assert set(means) == set(TASKS)
     assert all(0 < r["density"] < 1 and r["needle_accuracy"] in (0.0, 1.0) for r in means.values())
+    samples = [r for r in rows if r["seed"] is not None]
+    assert samples and all((r["answer_margin"] > 0) == (r["needle_accuracy"] == 1.0) for r in samples)
 
 
 def test_first_seed_adds_new_samples(tmp_path):

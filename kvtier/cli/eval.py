@@ -38,7 +38,7 @@ from kvtier.cli.results import add_output_arguments, dense_tokens, output_file
 from kvtier.config import HGAConfig
 from kvtier.errors import ConfigError
 
-__all__ = ["EvalRow", "NEEDLES", "method_config", "answer_correct", "add_arguments", "run", "hga_config_for_budget", "default_budget",
+__all__ = ["EvalRow", "NEEDLES", "method_config", "answer_correct", "answer_margin", "add_arguments", "run", "hga_config_for_budget", "default_budget",
            "sequence_nll", "plant_needle", "markdown_table", "diagnose", "diagnosis_table", "plot_eval"]
 
 METHODS = ("dense", "hga", "quest", "oracle")
@@ -86,7 +86,10 @@ class EvalRow:
 
     ``needle_accuracy`` is set on needle and task rows (``nats_per_token`` is then None);
     ``depth`` on per-needle rows only; ``task`` and ``seed`` on task-suite rows (``seed`` None:
-    the mean over seeds).
+    the mean over seeds). ``answer_margin`` (per-prompt rows only) is the smallest, over the
+    answer's tokens, of the right token's logit minus the best other one: positive when the
+    greedy answer is right, and how far it is from turning (a steadier measure than right or
+    wrong on one prompt).
     """
 
     method: str
@@ -102,6 +105,7 @@ class EvalRow:
     depth: float | None = None
     task: str | None = None
     seed: int | None = None
+    answer_margin: float | None = None
 
 
 def default_budget(config: HGAConfig) -> int:
@@ -556,9 +560,26 @@ def _task_list(text: str | None) -> list[str]:
     return tasks
 
 
+def answer_margin(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The smallest ``logit[target] - max(other logits)`` over the answer's tokens (nats).
+
+    Parameters
+    ----------
+    logits : Tensor ``[N, V]``
+        The predictions for the answer's N tokens.
+    targets : Tensor ``[N]``
+        The answer's tokens.
+    """
+    logits = logits.float()
+    right = logits.gather(-1, targets[:, None]).squeeze(-1)
+    others = logits.scatter(-1, targets[:, None], float("-inf")).amax(-1)
+    return float((right - others).min())
+
+
 @torch.no_grad()
-def answer_correct(model: Any, ids: torch.Tensor, spans: list[tuple[int, int]]) -> bool:
-    """Whether the greedy prediction is right at every token of every span (teacher-forced).
+def answer_correct(model: Any, ids: torch.Tensor, spans: list[tuple[int, int]]) -> tuple[bool, float]:
+    """Whether the greedy prediction is right at every token of every span (teacher-forced),
+    and its :func:`answer_margin`.
 
     Parameters
     ----------
@@ -568,8 +589,9 @@ def answer_correct(model: Any, ids: torch.Tensor, spans: list[tuple[int, int]]) 
     """
     hidden = _backbone(model)(input_ids=ids, use_cache=False).last_hidden_state
     pos = torch.tensor([p - 1 for s, e in spans for p in range(s, e)], device=ids.device)
-    pred = model.get_output_embeddings()(hidden[0, pos]).argmax(-1)
-    return bool(torch.equal(pred, ids[0, pos + 1]))
+    logits = model.get_output_embeddings()(hidden[0, pos])
+    targets = ids[0, pos + 1]
+    return bool(torch.equal(logits.argmax(-1), targets)), answer_margin(logits, targets)
 
 
 def _run_budget(args: argparse.Namespace, rows: list[EvalRow], json_path: Path | None, model: Any, tokenizer: Any,
@@ -612,14 +634,11 @@ def _run_budget(args: argparse.Namespace, rows: list[EvalRow], json_path: Path |
             ids = ids.to(device)
             stats = _use(model, method, hga, routed, args.backend)
             t0 = time.perf_counter()
-            with torch.no_grad():
-                hidden = _backbone(model)(input_ids=ids, use_cache=False).last_hidden_state
-                pred = model.get_output_embeddings()(hidden[:, start - 1 : start - 1 + n_ans]).argmax(-1)
-            ok = bool(torch.equal(pred[0], ids[0, start : start + n_ans]))
+            ok, margin = answer_correct(model, ids, [(start, start + n_ans)])
             density, keys = _density_of(stats, length)
             found.setdefault((method, length), []).append(ok)
             rows.append(EvalRow(method, length, None, None, density, keys, budget, time.perf_counter() - t0,
-                                needle_accuracy=float(ok), depth=depth))
+                                needle_accuracy=float(ok), depth=depth, answer_margin=margin))
             save()
         for (method, length), oks in found.items():
             rows.append(EvalRow(method, length, None, None, float("nan"), float("nan"), budget, 0.0,
@@ -631,11 +650,11 @@ def _run_budget(args: argparse.Namespace, rows: list[EvalRow], json_path: Path |
         ids = torch.tensor([sample.ids], device=device)
         stats = _use(model, method, hga, routed, args.backend)
         t0 = time.perf_counter()
-        ok = answer_correct(model, ids, sample.spans)
+        ok, margin = answer_correct(model, ids, sample.spans)
         density, keys = _density_of(stats, length)
         solved.setdefault((task, length, method), []).append(ok)
         rows.append(EvalRow(method, length, None, None, density, keys, budget, time.perf_counter() - t0,
-                            needle_accuracy=float(ok), task=task, seed=seed))
+                            needle_accuracy=float(ok), task=task, seed=seed, answer_margin=margin))
         save()
     for (task, length, method), oks in solved.items():
         dens = [r.density for r in rows if r.task == task and r.length == length and r.method == method
