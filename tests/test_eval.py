@@ -10,7 +10,7 @@ import torch
 
 from kvtier import HGAConfig
 from kvtier.cli import main
-from kvtier.cli.eval import EvalRow, answer_margin, default_budget, hga_config_for_budget, markdown_table
+from kvtier.cli.eval import NEEDLES, EvalRow, answer_margin, default_budget, hga_config_for_budget, markdown_table, needle_cells
 
 
 def test_budget_helpers() -> None:
@@ -51,6 +51,7 @@ def _eval_smoke(model: str, tmp_path, capsys) -> None:
     cells = [r for r in rows if r["depth"] is not None]
     assert cells and all((r["answer_margin"] > 0) == (r["needle_accuracy"] == 1.0) for r in cells)
     assert all(r["answer_margin"] is None for r in acc)  # a per-length summary has no one margin
+    assert {r["needle"] for r in cells} == {0}  # the first depth of the first length
     assert "| 720 | dense |" in capsys.readouterr().out
     if importlib.util.find_spec("matplotlib"):  # the plot goes beside the JSON
         assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
@@ -173,3 +174,14 @@ def test_answer_margin_is_the_closest_call() -> None:
     assert answer_margin(logits[:2], torch.tensor([1, 2])) == pytest.approx(0.5)
     assert answer_margin(logits[:2], torch.tensor([1, 0])) == pytest.approx(-0.5)  # the second token is wrong
     assert answer_margin(logits[:1].to(torch.bfloat16), torch.tensor([2])) == pytest.approx(-2.0)
+
+
+def test_needle_cells_rotate_with_list_positions() -> None:
+    """Each needle meets several depths, and the rotation follows the lists' order (documented)."""
+    grid = needle_cells([2048, 4096, 6144, 8192], [0.1, 0.5, 0.9], ["dense", "hga"])
+    assert len(grid) == 24 and [c[3] for c in grid[:2]] == ["dense", "hga"]
+    which = {(n, d): k for n, d, k, _ in grid}
+    assert which[(2048, 0.1)] == 0 and which[(4096, 0.1)] == 1 and which[(4096, 0.5)] == 2 and which[(8192, 0.9)] == 2
+    assert {k for (n, _), k in which.items() if n == 6144} == set(range(len(NEEDLES)))
+    part = {(n, d): k for n, d, k, _ in needle_cells([4096], [0.1], ["hga"])}
+    assert part[(4096, 0.1)] == 0 != which[(4096, 0.1)]  # a sub-grid plants another needle there

@@ -38,7 +38,7 @@ from kvtier.cli.results import add_output_arguments, dense_tokens, output_file
 from kvtier.config import HGAConfig
 from kvtier.errors import ConfigError
 
-__all__ = ["EvalRow", "NEEDLES", "method_config", "answer_correct", "answer_margin", "add_arguments", "run", "hga_config_for_budget", "default_budget",
+__all__ = ["EvalRow", "NEEDLES", "method_config", "answer_correct", "answer_margin", "needle_cells", "add_arguments", "run", "hga_config_for_budget", "default_budget",
            "sequence_nll", "plant_needle", "markdown_table", "diagnose", "diagnosis_table", "plot_eval"]
 
 METHODS = ("dense", "hga", "quest", "oracle")
@@ -89,7 +89,8 @@ class EvalRow:
     the mean over seeds). ``answer_margin`` (per-prompt rows only) is the smallest, over the
     answer's tokens, of the right token's logit minus the best other one: positive when the
     greedy answer is right, and how far it is from turning (a steadier measure than right or
-    wrong on one prompt).
+    wrong on one prompt). ``needle`` (per-needle rows only) is the index into
+    :data:`NEEDLES` of the needle planted (see :func:`needle_cells`).
     """
 
     method: str
@@ -106,6 +107,7 @@ class EvalRow:
     task: str | None = None
     seed: int | None = None
     answer_margin: float | None = None
+    needle: int | None = None
 
 
 def default_budget(config: HGAConfig) -> int:
@@ -413,7 +415,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fraction of each length scored, at its end (default 0.5)")
     parser.add_argument("--needles", action="store_true", help="add the needle-in-a-haystack grid")
     parser.add_argument("--needles-only", action="store_true", help="run the needle grid without the NLL passes")
-    parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths as fractions (default 0.1,0.5,0.9)")
+    parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths as fractions (default 0.1,0.5,0.9); the needle planted rotates with the "
+                        "positions in --depths and --lengths, so a part of a grid may plant other needles (rows say which)")
     parser.add_argument("--diagnose", type=positive_int, default=None, metavar="LENGTH",
                         help="only: per-layer attention mass captured by each selection at LENGTH tokens")
     parser.add_argument("--budgets", default=None,
@@ -594,6 +597,17 @@ def answer_correct(model: Any, ids: torch.Tensor, spans: list[tuple[int, int]]) 
     return bool(torch.equal(logits.argmax(-1), targets)), answer_margin(logits, targets)
 
 
+def needle_cells(lengths: list[int], depths: list[float], methods: list[str]) -> list[tuple[int, float, int, str]]:
+    """The needle grid's passes ``(length, depth, needle, method)``, ``needle`` an index into :data:`NEEDLES`.
+
+    The needle rotates over the depths and lengths (the i-th depth of the j-th length holds
+    needle ``(i + j) % len(NEEDLES)``), so each needle is tried at several depths. The rotation
+    follows the positions in the lists, not the values: ``--lengths 4096`` plants at 4,096
+    tokens another needle than the grid ``2048,4096,6144,8192`` does (rows record which).
+    """
+    return [(n, d, (i + j) % len(NEEDLES), m) for j, n in enumerate(lengths) for i, d in enumerate(depths) for m in methods]
+
+
 def _run_budget(args: argparse.Namespace, rows: list[EvalRow], json_path: Path | None, model: Any, tokenizer: Any,
                 tokens: list[int], text: str, device: Any, methods: list[str], lengths: list[int],
                 depths: list[float], tasks: list[str], budget: int, hga: HGAConfig, routed: int) -> None:
@@ -625,9 +639,7 @@ def _run_budget(args: argparse.Namespace, rows: list[EvalRow], json_path: Path |
                    + (" (= dense)" if _is_dense(rows[-1], dense_upto) else ""), file=sys.stderr)
         save()
     if (args.needles or args.needles_only) and not args.tasks_only:
-        # the needle rotates over depths and lengths, so each one is tried at several depths
-        cells = [(n, d, (i + j) % len(NEEDLES), m) for j, n in enumerate(lengths) for i, d in enumerate(depths)
-                 for m in methods]
+        cells = needle_cells(lengths, depths, methods)
         found: dict[tuple[str, int], list[bool]] = {}
         for length, depth, which, method in tqdm(cells, desc="needles", unit="pass", file=sys.stderr):
             ids, start, n_ans = plant_needle(tokens, tokenizer, NEEDLES[which], depth, length)
@@ -638,7 +650,7 @@ def _run_budget(args: argparse.Namespace, rows: list[EvalRow], json_path: Path |
             density, keys = _density_of(stats, length)
             found.setdefault((method, length), []).append(ok)
             rows.append(EvalRow(method, length, None, None, density, keys, budget, time.perf_counter() - t0,
-                                needle_accuracy=float(ok), depth=depth, answer_margin=margin))
+                                needle_accuracy=float(ok), depth=depth, answer_margin=margin, needle=which))
             save()
         for (method, length), oks in found.items():
             rows.append(EvalRow(method, length, None, None, float("nan"), float("nan"), budget, 0.0,
