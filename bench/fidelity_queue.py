@@ -185,9 +185,23 @@ def accuracy_budget() -> list[tuple[str, list[str]]]:
     return items
 
 
+def robustness() -> list[tuple[str, list[str]]]:
+    """Part 8: how much the accuracy targets rest on one prompt per cell. The needle grid at the
+    default budget with every needle at every cell (36 cells per method, ``--every-needle``: on
+    the CPU the default missed 2 of 4 cells dense finds when other needles were planted there),
+    one item per method; then seeds 4 and 5 of the task suite (126 samples per method with parts
+    5 and 7) and the oracle's seeds 2 and 3. About 25 device minutes from the part-7 timings."""
+    every = [*NEEDLE_GRID, "--every-needle", *REFERENCE]
+    items = [(f"needles_b1216_every_{m}", [*every, "--methods", m]) for m in ("hga", "dense", "quest", "oracle")]
+    items.append(("tasks_b1216_default_seeds45", [*TASK_SUITE, "--first-seed", "4", "--methods", "dense,hga,quest",
+                                                  *REFERENCE]))
+    items.append(("tasks_b1216_oracle_seeds23", [*TASK_SUITE, "--first-seed", "2", "--methods", "oracle", *REFERENCE]))
+    return items
+
+
 #: The sweeps by ``--part``.
 QUEUES = {1: first_sweep, 2: followup, 3: split_groups, 4: windows, 5: fine_groups, 6: above_budget,
-          7: accuracy_budget}
+          7: accuracy_budget, 8: robustness}
 
 
 def finished(path: Path) -> bool:

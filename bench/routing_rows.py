@@ -97,12 +97,13 @@ def accuracy_by_budget(rows: list[dict], labels: tuple[str, ...]) -> tuple[tuple
     count}}``: ``needles`` counts the needles found over the largest (length, depth) grid any
     label has at a budget (``cells`` of them), ``tasks`` the samples solved over the largest
     (task, length, seed) set with seeds in TASK_SEEDS; a label and budget with fewer cells is
-    left out rather than counted short.
+    left out rather than counted short. Rows of ``--every-needle`` runs (several needles per
+    cell) are another measurement and are left out of the one-needle grids.
     """
     grids: dict[tuple[str, int], dict] = {}
     samples: dict[tuple[str, int], dict] = {}
     for r in rows:
-        if r["label"] not in labels or r["needle_accuracy"] is None:
+        if r["label"] not in labels or r["needle_accuracy"] is None or r.get("every_needle"):
             continue
         if r.get("task") is None and r["depth"] is not None:
             grids.setdefault((r["label"], r["budget"]), {})[(r["length"], r["depth"])] = r["needle_accuracy"]
@@ -137,7 +138,8 @@ def load(paths: list[str]) -> list[dict]:
                 continue  # the per-grid summaries: recomputed from the cells
             rows.append(dict(r, label=label(r["method"], cond), source=f.name, device=cond.get("device", "cpu"),
                              backend=cond.get("backend", "auto"), top_chunks=top_chunks_of(cond),
-                             local_chunks=cond.get("local_chunks"), group_size=cond.get("group_size")))
+                             local_chunks=cond.get("local_chunks"), group_size=cond.get("group_size"),
+                             every_needle=cond.get("every_needle", False)))
     old = json.loads((DOCS / "routing.json").read_text())["rows"] if (DOCS / "routing.json").exists() else []
     rows += [dict(r, label=label(r["method"], {}), device="cpu", top_chunks=16)
              for r in old if r["method"] in KEEP_CPU and r.get("device", "cpu") == "cpu"]
@@ -172,7 +174,8 @@ def main(paths: list[str]) -> None:
 
     cells = {}  # one result per (label, length, depth): the same prompt measured twice gives one cell
     for r in rows:
-        if r["depth"] is not None and r["needle_accuracy"] is not None and r.get("task") is None and r["budget"] == 1216:
+        if (r["depth"] is not None and r["needle_accuracy"] is not None and r.get("task") is None and r["budget"] == 1216
+                and not r.get("every_needle")):  # one needle per cell, as the grids of the plots
             cells[(r["label"], r["length"], r["depth"])] = r["needle_accuracy"]
     found: dict[str, dict[str, float]] = {}  # length -> label -> needles found there (of the depths)
     grid = {(n, d) for _, n, d in cells}

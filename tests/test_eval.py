@@ -52,6 +52,7 @@ def _eval_smoke(model: str, tmp_path, capsys) -> None:
     assert cells and all((r["answer_margin"] > 0) == (r["needle_accuracy"] == 1.0) for r in cells)
     assert all(r["answer_margin"] is None for r in acc)  # a per-length summary has no one margin
     assert {r["needle"] for r in cells} == {0}  # the first depth of the first length
+    assert json.loads(out.read_text())["conditions"]["every_needle"] is False
     assert "| 720 | dense |" in capsys.readouterr().out
     if importlib.util.find_spec("matplotlib"):  # the plot goes beside the JSON
         assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
@@ -62,6 +63,23 @@ def test_eval_smoke(tmp_path, capsys) -> None:
     from tests.tiny_model import tiny_model_folder
 
     _eval_smoke(str(tiny_model_folder()), tmp_path, capsys)
+
+
+def test_every_needle_tries_each_needle_per_cell(tmp_path) -> None:
+    """--every-needle: one pass per needle and cell, recorded, and the summary is their mean."""
+    from tests.tiny_model import tiny_model_folder
+
+    out = tmp_path / "rows.json"
+    code = main(["eval", "--model", str(tiny_model_folder()), "--lengths", "720", "--budget", "720", "--methods",
+                 "dense,hga", "--needles-only", "--every-needle", "--depths", "0.5", "--json", str(out), "--device", "cpu"])
+    assert code == 0
+    payload = json.loads(out.read_text())
+    assert payload["conditions"]["every_needle"] is True
+    for method in ("dense", "hga"):
+        cells = [r for r in payload["rows"] if r["method"] == method and r["depth"] is not None]
+        assert sorted(r["needle"] for r in cells) == list(range(len(NEEDLES)))
+        (summary,) = [r for r in payload["rows"] if r["method"] == method and r["depth"] is None]
+        assert summary["needle_accuracy"] == pytest.approx(sum(r["needle_accuracy"] for r in cells) / len(cells))
 
 
 @pytest.mark.slow  # 8 passes over 30 layers: 56 s wall with OMP_WAIT_POLICY=PASSIVE, 548 s (of 600) spinning on the loaded machine
@@ -185,3 +203,8 @@ def test_needle_cells_rotate_with_list_positions() -> None:
     assert {k for (n, _), k in which.items() if n == 6144} == set(range(len(NEEDLES)))
     part = {(n, d): k for n, d, k, _ in needle_cells([4096], [0.1], ["hga"])}
     assert part[(4096, 0.1)] == 0 != which[(4096, 0.1)]  # a sub-grid plants another needle there
+    every = needle_cells([4096, 8192], [0.1, 0.5], ["hga"], every_needle=True)
+    assert len(every) == 4 * len(NEEDLES)
+    for n, d in ((4096, 0.1), (4096, 0.5), (8192, 0.1), (8192, 0.5)):
+        assert sorted(k for n2, d2, k, _ in every if (n2, d2) == (n, d)) == list(range(len(NEEDLES)))
+    assert every[0][2] == needle_cells([4096], [0.1], ["hga"])[0][2]  # the rotation's needle comes first

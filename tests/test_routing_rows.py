@@ -35,6 +35,7 @@ def test_accuracy_by_budget_counts_complete_grids_only() -> None:
             for d in (0.1, 0.5)]
     rows += [needle("quest", 960, 2048, 0.1, 1.0)]  # half a grid: left out, not counted as 1 of 4
     rows += [needle("other", 960, 2048, 0.1, 1.0)]  # not a requested label
+    rows += [dict(needle("hga", 960, 8192, 0.1, 1.0), every_needle=True)]  # another measurement: not a grid cell
     rows += [task("hga", 1216, s, 1.0) for s in (0, 1)] + [task("hga", 1216, 2, 1.0)]  # seed 2 is not counted
     rows += [task("quest", 1216, 0, 0.0), task("quest", 1216, 1, 1.0), task("quest", 960, 0, 1.0)]
     needles, tasks = accuracy_by_budget(rows, ("hga", "quest"))

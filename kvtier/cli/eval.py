@@ -417,6 +417,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--needles-only", action="store_true", help="run the needle grid without the NLL passes")
     parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths as fractions (default 0.1,0.5,0.9); the needle planted rotates with the "
                         "positions in --depths and --lengths, so a part of a grid may plant other needles (rows say which)")
+    parser.add_argument("--every-needle", action="store_true",
+                        help=f"try every one of the {len(NEEDLES)} needles at each cell of the grid (that many passes per "
+                             "cell and method) instead of one: a cell's result then depends less on one prompt")
     parser.add_argument("--diagnose", type=positive_int, default=None, metavar="LENGTH",
                         help="only: per-layer attention mass captured by each selection at LENGTH tokens")
     parser.add_argument("--budgets", default=None,
@@ -597,15 +600,20 @@ def answer_correct(model: Any, ids: torch.Tensor, spans: list[tuple[int, int]]) 
     return bool(torch.equal(logits.argmax(-1), targets)), answer_margin(logits, targets)
 
 
-def needle_cells(lengths: list[int], depths: list[float], methods: list[str]) -> list[tuple[int, float, int, str]]:
+def needle_cells(
+    lengths: list[int], depths: list[float], methods: list[str], *, every_needle: bool = False
+) -> list[tuple[int, float, int, str]]:
     """The needle grid's passes ``(length, depth, needle, method)``, ``needle`` an index into :data:`NEEDLES`.
 
     The needle rotates over the depths and lengths (the i-th depth of the j-th length holds
     needle ``(i + j) % len(NEEDLES)``), so each needle is tried at several depths. The rotation
     follows the positions in the lists, not the values: ``--lengths 4096`` plants at 4,096
     tokens another needle than the grid ``2048,4096,6144,8192`` does (rows record which).
+    With ``every_needle`` each cell is tried with every needle, the rotation's first.
     """
-    return [(n, d, (i + j) % len(NEEDLES), m) for j, n in enumerate(lengths) for i, d in enumerate(depths) for m in methods]
+    shifts = range(len(NEEDLES)) if every_needle else range(1)
+    return [(n, d, (i + j + s) % len(NEEDLES), m) for j, n in enumerate(lengths) for i, d in enumerate(depths)
+            for s in shifts for m in methods]
 
 
 def _run_budget(args: argparse.Namespace, rows: list[EvalRow], json_path: Path | None, model: Any, tokenizer: Any,
@@ -639,7 +647,7 @@ def _run_budget(args: argparse.Namespace, rows: list[EvalRow], json_path: Path |
                    + (" (= dense)" if _is_dense(rows[-1], dense_upto) else ""), file=sys.stderr)
         save()
     if (args.needles or args.needles_only) and not args.tasks_only:
-        cells = needle_cells(lengths, depths, methods)
+        cells = needle_cells(lengths, depths, methods, every_needle=args.every_needle)
         found: dict[tuple[str, int], list[bool]] = {}
         for length, depth, which, method in tqdm(cells, desc="needles", unit="pass", file=sys.stderr):
             ids, start, n_ans = plant_needle(tokens, tokenizer, NEEDLES[which], depth, length)
@@ -721,7 +729,7 @@ def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budge
                        "threads": torch.get_num_threads(), "backend": args.backend,
                        "local_chunks": args.local_chunks, "sink_chunks": args.sink_chunks,
                        "seeds": list(_seeds(args)) if args.tasks else None,
-                       "top_chunks": args.top_chunks,
+                       "top_chunks": args.top_chunks, "every_needle": args.every_needle,
                        "group_size": args.group_size,
                        "hga": asdict(args.hga_base) if hasattr(args, "hga_base") else None,
                        "device": torch.cuda.get_device_name(0) if cuda else "cpu", "commit": source_commit(),
