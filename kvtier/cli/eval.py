@@ -34,7 +34,7 @@ import torch
 
 from kvtier.cli.args import UsageError, nonnegative_int, positive_int
 from kvtier.cli.plots import PLOT_HINT, plot_lines
-from kvtier.cli.results import add_output_arguments, dense_tokens, output_file
+from kvtier.cli.results import add_output_arguments, dense_tokens, output_file, source_commit
 from kvtier.config import HGAConfig
 from kvtier.errors import ConfigError
 
@@ -462,6 +462,7 @@ def _fractions(text: str, name: str) -> list[float]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation; print the table; write JSON when asked. Returns the exit status."""
+    args.commit = source_commit()  # the code this process loaded: HEAD may move during a long run
     lengths = _ints(args.lengths, "lengths")
     if args.methods is None:
         args.methods = "dense,hga" if args.smoke else "dense,hga,quest,oracle"
@@ -717,7 +718,6 @@ def plot_eval(rows: list[dict[str, Any]], path: str | Path, subtitle: str = "") 
 def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budgets: list[int], *,
                 finished: bool = False) -> None:
     """Rows so far and the run's conditions; ``finished`` only in the last write of a run."""
-    from kvtier.cli.results import source_commit
 
     def clean(x: Any) -> Any:
         return None if isinstance(x, float) and math.isnan(x) else x
@@ -732,7 +732,7 @@ def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budge
                        "top_chunks": args.top_chunks, "every_needle": args.every_needle,
                        "group_size": args.group_size,
                        "hga": asdict(args.hga_base) if hasattr(args, "hga_base") else None,
-                       "device": torch.cuda.get_device_name(0) if cuda else "cpu", "commit": source_commit(),
+                       "device": torch.cuda.get_device_name(0) if cuda else "cpu", "commit": args.commit,
                        "text_file": str(args.text_file) if args.text_file else "kvtier/data/essay.txt"},
         "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in rows],
         "finished": finished,
