@@ -10,7 +10,7 @@ Every row keeps its source file and the run's conditions (device, backend, top_c
 local_chunks); a row's label is its method (``hga`` with the routing scores of its day) plus
 what differs from the paper's configuration (``tc32``: 32 chunks at the first routing level,
 ``sink1``: one sink chunk, ``local4``: a 4-chunk local window, ``gs8``: groups of 8 tokens,
-all at the same budget).
+``mg16``: the max_group term over units of 16 tokens, all at the same budget).
 Rows of the CPU runs of the options the GPU queue did not repeat (the group bound and the
 running max at 4K) are kept from the previous docs/routing.json. Plots go to
 docs/routing_*.png through kvtier.cli.plots.
@@ -87,6 +87,8 @@ def label(method: str, cond: dict) -> str:
         parts.append(f"local{local}")
     if cond.get("group_size") is not None:
         parts.append(f"gs{cond['group_size']}")
+    if method.startswith("hga") and hga.get("max_group_size") is not None:
+        parts.append(f"mg{hga['max_group_size']}")  # max_group over units of that many tokens
     return " ".join(parts)
 
 

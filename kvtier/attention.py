@@ -22,7 +22,7 @@ from kvtier.kernels.sparse_prefill import sparse_prefill
 from kvtier.layout import window_keys, windows_at
 from kvtier.reference import hga as _ref
 from kvtier.reference.hga import HGAStats, RouteCarry, RoutePlan, plan_widths
-from kvtier.reference.summaries import routing_summaries_ref
+from kvtier.reference.summaries import merged_group_keys_ref, routing_summaries_ref
 from kvtier.rope import RopeSpec
 
 __all__ = [
@@ -177,9 +177,14 @@ def kernel_chunk_table(
     if term not in config.chunk_score_terms:
         raise ValueError(f"term: expected one of {config.chunk_score_terms}, got {term!r}")
     if term.endswith("max_group"):
+        d, per_unit = chunk_summ.shape[-1], config.groups_per_max_group
         if config.group_score == "sum+bound":
-            return group_summ[:, :, :n, :, chunk_summ.shape[-1] :], dict(score=term, bound=True)
-        return group_summ[:, :, :n], dict(score=term, bound=config.group_score == "bound")
+            table, layout = group_summ[:, :, :n, :, d:], "bound"
+        else:
+            table, layout = group_summ[:, :, :n], config.group_score
+        # max_group_size: units merged here, one pass over the candidates' group keys in torch
+        # (a fused merge in route_chunks would save those bytes; not written yet)
+        return merged_group_keys_ref(table, layout, d, per_unit), dict(score=term, bound=layout == "bound")
     return chunk_summ[:, :, :n], dict(score=term)
 
 

@@ -158,6 +158,13 @@ class HGAConfig:
         ``ceil(Kg / 2)`` groups by the sum, the rest of the ``Kg`` by the bound among the groups
         not yet chosen, then the prefetch groups by the sum (three times the group summary
         bytes: the sum and the bounds; the default).
+    max_group_size : int or None
+        Tokens of what a ``max_group`` chunk-score term takes the best of: ``None`` (the
+        default) for one group, or a multiple of ``group_size`` dividing ``chunk_size``, whose
+        adjacent groups then count as one unit (minima by their min, maxima by their max, sums
+        added: no new bytes). Units of 16 tokens over groups of 8 rank chunks exactly as groups
+        of 16 do under the bound and route twice as many groups half as large at the second
+        level (a lead for the 8K gap, docs/fidelity.md section 5). Requires a ``max_group`` term.
     """
 
     chunk_size: int = 64
@@ -170,6 +177,7 @@ class HGAConfig:
     rope_cutoff_rad: float = 0.5
     chunk_score: str = "sum+max_group"
     group_score: str = "sum+bound"
+    max_group_size: int | None = None
 
     def __post_init__(self) -> None:
         _int_field("chunk_size", self.chunk_size, 1)
@@ -197,6 +205,18 @@ class HGAConfig:
             )
         if self.group_score not in GROUP_SCORES:
             raise ConfigError(f"HGAConfig.group_score: expected one of {GROUP_SCORES}, got {self.group_score!r}")
+        if self.max_group_size is not None:
+            _int_field("max_group_size", self.max_group_size, 1)
+            if self.max_group_size % self.group_size or self.chunk_size % self.max_group_size:
+                raise ConfigError(
+                    f"HGAConfig.max_group_size: expected a multiple of group_size={self.group_size} dividing "
+                    f"chunk_size={self.chunk_size}, got {self.max_group_size}"
+                )
+            if not any(t.endswith("max_group") for t in terms):
+                raise ConfigError(
+                    f"HGAConfig.max_group_size: expected a max_group term in chunk_score to use it, got "
+                    f"chunk_score={self.chunk_score!r}"
+                )
 
     @property
     def chunk_score_terms(self) -> tuple[str, ...]:
@@ -216,6 +236,11 @@ class HGAConfig:
     def running_routing(self) -> bool:
         """Whether a chunk score is a running max over the current chunk's queries (stateful decode)."""
         return any(t.startswith("running_") for t in self.chunk_score_terms)
+
+    @property
+    def groups_per_max_group(self) -> int:
+        """Adjacent groups a ``max_group`` term scores as one unit (1 unless ``max_group_size`` says more)."""
+        return (self.max_group_size or self.group_size) // self.group_size
 
     @property
     def groups_per_chunk(self) -> int:

@@ -213,3 +213,14 @@ def test_needle_cells_rotate_with_list_positions() -> None:
     for n, d in ((4096, 0.1), (4096, 0.5), (8192, 0.1), (8192, 0.5)):
         assert sorted(k for n2, d2, k, _ in every if (n2, d2) == (n, d)) == list(range(len(NEEDLES)))
     assert every[0][2] == needle_cells([4096], [0.1], ["hga"])[0][2]  # the rotation's needle comes first
+
+
+def test_max_group_size_reaches_the_config_and_the_rules_that_use_it(capsys) -> None:
+    from kvtier.cli.eval import method_config
+
+    base = HGAConfig(group_size=8, top_groups=104, fetch_groups=104, max_group_size=16)
+    assert method_config("hga", base)[1].groups_per_max_group == 2
+    assert method_config("hga-sum+max_group-sum+bound", base)[1].max_group_size == 16
+    assert method_config("hga-sum-bound", base)[1].max_group_size is None  # no max_group term to merge for
+    assert main(["eval", "--max-group-size", "8", "--lengths", "720", "--json", ""]) == 2
+    assert "max_group_size: expected a multiple of group_size=16 dividing chunk_size=64, got 8" in capsys.readouterr().err

@@ -14,6 +14,9 @@ def test_labels_name_windows_and_group_size() -> None:
     assert label("quest", {"sink_chunks": 1, "hga": dict(split, sink_chunks=1, local_chunks=4)}) == "quest sink1 local4"
     assert label("oracle", {"sink_chunks": None, "hga": dict(split, sink_chunks=2, local_chunks=8)}) == "oracle"
     assert label("hga", {"group_size": 8, "hga": dict(split, sink_chunks=2, local_chunks=4)}).endswith("local4 gs8")
+    units = dict(split, sink_chunks=1, local_chunks=4, group_size=8, max_group_size=16)
+    assert label("hga", {"group_size": 8, "hga": units}).endswith("sink1 local4 gs8 mg16")
+    assert label("quest", {"group_size": 8, "hga": units}) == "quest sink1 local4 gs8"  # Quest has no max_group term
     # runs before issue 11 recorded no routing scores, sink chunks nor width: the paper's rule at 16 chunks
     assert label("hga", {}) == "hga (sum) tc16"
     # a budget whose groups need 33 chunks widens the first level; the rule (and its line) stays tc32

@@ -61,6 +61,8 @@ def method_config(method: str, hga: HGAConfig) -> tuple[str, HGAConfig]:
         raise ValueError(f"expected one of {', '.join(METHODS)} or hga-<chunk_score>[-<group_score>], got {method!r}")
     chunk_score, _, group_score = method[len(HGA_PREFIX):].partition("-")
     fields = {**asdict(hga), "chunk_score": chunk_score, "group_score": group_score or "sum"}
+    if "max_group" not in chunk_score:  # --max-group-size concerns the rules that have the term
+        fields["max_group_size"] = None
     try:
         return "hga", HGAConfig(**fields)
     except ConfigError as exc:
@@ -408,6 +410,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "paper: 2); every sparse method keeps the same windows")
     parser.add_argument("--group-size", type=positive_int, default=None,
                         help="HGA's group size in tokens, a divisor of 64 (default 16; Quest's pages stay 16 tokens)")
+    parser.add_argument("--max-group-size", type=positive_int, default=None,
+                        help="tokens of the unit HGA's max_group chunk term takes the best of (default: one group); "
+                             "e.g. --group-size 8 --max-group-size 16 ranks chunks as groups of 16 and routes groups of 8")
     parser.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
                         help="HGA's path: the kernels on CUDA where they serve the routing option (auto), or "
                              "force the kernels or the reference (the spec, as the fidelity tables on CPU)")
@@ -487,6 +492,8 @@ def run(args: argparse.Namespace) -> int:
         windows["group_size"] = args.group_size
         if HGAConfig().chunk_size % args.group_size:
             raise UsageError(f"--group-size: expected a divisor of the chunk size {HGAConfig().chunk_size}, got {args.group_size}")
+    if args.max_group_size is not None:
+        windows["max_group_size"] = args.max_group_size
     base = HGAConfig(**windows) if args.top_chunks is None else HGAConfig(top_chunks=args.top_chunks, **windows)
     if args.smoke:  # seconds: one short length, one group routed, one seed of every task
         lengths, args.budget, args.budgets, args.seeds = [768], 720, None, 1
@@ -730,7 +737,7 @@ def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budge
                        "local_chunks": args.local_chunks, "sink_chunks": args.sink_chunks,
                        "seeds": list(_seeds(args)) if args.tasks else None,
                        "top_chunks": args.top_chunks, "every_needle": args.every_needle,
-                       "group_size": args.group_size,
+                       "group_size": args.group_size, "max_group_size": args.max_group_size,
                        "hga": asdict(args.hga_base) if hasattr(args, "hga_base") else None,
                        "device": torch.cuda.get_device_name(0) if cuda else "cpu", "commit": args.commit,
                        "text_file": str(args.text_file) if args.text_file else "kvtier/data/essay.txt"},

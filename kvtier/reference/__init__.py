@@ -17,6 +17,7 @@ from kvtier.reference.summaries import (
     chunk_summaries_ref,
     group_bounds_ref,
     group_summaries_ref,
+    merged_group_keys_ref,
     routing_summaries_ref,
     tokenwise_pairs,
     unit_summaries_ref,
@@ -45,5 +46,6 @@ __all__ = [
     "chunk_summaries_ref",
     "group_summaries_ref",
     "group_bounds_ref",
+    "merged_group_keys_ref",
     "routing_summaries_ref",
 ]

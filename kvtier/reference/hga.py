@@ -37,7 +37,7 @@ from kvtier._checks import check_tensor
 from kvtier.config import HGAConfig
 from kvtier.layout import SUPPORTED_DTYPES, Windows, windows_at
 from kvtier.reference.attention import masked_attention_ref
-from kvtier.reference.summaries import routing_summaries_ref
+from kvtier.reference.summaries import merged_group_keys_ref, routing_summaries_ref
 from kvtier.rope import RopeSpec
 
 __all__ = [
@@ -280,10 +280,12 @@ def route_block(
     term_scores: list[torch.Tensor] = []  # each [B, Hq, Lb, Ncand]
     running_out: list[torch.Tensor] = []
     for term in config.chunk_score_terms:
-        if term.endswith("max_group"):  # every group of every candidate chunk: M dots per chunk
+        if term.endswith("max_group"):  # every group (or unit of max_group_size) of every candidate chunk
             cand_groups = group_summ[:, :, win.sink_end : win.local_start].to(torch.float64)
-            cand_groups = cand_groups.repeat_interleave(rep, dim=1).reshape(b, hq, ncand * m, dg)
-            scores = torch.matmul(qg, cand_groups.transpose(-1, -2)).reshape(b, hq, lb, ncand, m).amax(dim=-1)
+            cand_groups = merged_group_keys_ref(cand_groups, config.group_score, d, config.groups_per_max_group)
+            mu = cand_groups.shape[-2]
+            cand_groups = cand_groups.repeat_interleave(rep, dim=1).reshape(b, hq, ncand * mu, dg)
+            scores = torch.matmul(qg, cand_groups.transpose(-1, -2)).reshape(b, hq, lb, ncand, mu).amax(dim=-1)
         else:
             scores = torch.matmul(q64, cand.transpose(-1, -2))
         if term.startswith("running_"):

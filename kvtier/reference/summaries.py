@@ -43,6 +43,7 @@ __all__ = [
     "group_summaries_ref",
     "group_bounds_ref",
     "routing_summaries_ref",
+    "merged_group_keys_ref",
 ]
 
 
@@ -152,3 +153,31 @@ def routing_summaries_ref(
     if "bound" in config.group_score_terms:
         parts.append(group_bounds_ref(k, c, config.group_size))
     return chunk_summ, parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def merged_group_keys_ref(group_keys: torch.Tensor, group_score: str, head_dim: int, per_unit: int) -> torch.Tensor:
+    """Group-level routing keys ``[..., M, Dg]`` merged into units of ``per_unit`` adjacent groups.
+
+    What a ``max_group`` chunk term scores with ``HGAConfig.max_group_size``: the minima of a
+    unit are its groups' min, the maxima their max (exactly the bounds of the unit's keys) and
+    the sums add (each group's summary keeps its own anchor). ``group_score`` names the layout
+    of the last dim (``"sum"``: D, ``"bound"``: ``[min, max]``, ``"sum+bound"``: ``[sum, min,
+    max]``). Returns ``[..., M // per_unit, Dg]`` in the input's dtype; ``per_unit == 1``
+    returns the input.
+    """
+    if per_unit == 1:
+        return group_keys
+    *lead, m, dg = group_keys.shape
+    if m % per_unit:
+        raise ValueError(f"per_unit: expected a divisor of the {m} groups per chunk, got {per_unit}")
+    g = group_keys.reshape(*lead, m // per_unit, per_unit, dg)
+    d = head_dim
+    if group_score == "sum":
+        parts = [g.sum(-2)]
+    elif group_score == "bound":
+        parts = [g[..., :d].amin(-2), g[..., d:].amax(-2)]
+    elif group_score == "sum+bound":
+        parts = [g[..., :d].sum(-2), g[..., d : 2 * d].amin(-2), g[..., 2 * d :].amax(-2)]
+    else:
+        raise ValueError(f"group_score: expected 'sum', 'bound' or 'sum+bound', got {group_score!r}")
+    return torch.cat(parts, dim=-1)

@@ -18,6 +18,9 @@ CFG = HGAConfig(  # the default routing scores (split at both levels) at a small
     chunk_size=16, group_size=4, sink_chunks=1, local_chunks=2, top_chunks=3, top_groups=5, fetch_groups=8
 )
 PAPER = dataclasses.replace(CFG, chunk_score="sum", group_score="sum")
+# max_group over units of two groups: of the bounds (the default's scores), and of summed summaries
+UNITS = dataclasses.replace(CFG, group_size=2, max_group_size=4, top_groups=10, fetch_groups=16)
+UNITS_SUM = dataclasses.replace(UNITS, chunk_score="max_group", group_score="sum", max_group_size=8)
 THETA = 1e4
 
 
@@ -75,7 +78,7 @@ def kernel_plan(q, k, cfg, start_pos, block_t=None, **options):
         (torch.float32, 8, 1, 3, 40, 43, None),  # few candidates: widths clipped, rows padded
     ],
 )
-@pytest.mark.parametrize("cfg", [CFG, PAPER], ids=["default", "paper"])
+@pytest.mark.parametrize("cfg", [CFG, PAPER, UNITS, UNITS_SUM], ids=["default", "paper", "units", "units-sum"])
 def test_routing_matches_reference_plan(dtype, hq, hkv, lq, start_pos, lk, block_t, cfg):
     torch.manual_seed(3)
     d = 32

@@ -13,6 +13,7 @@ from kvtier.reference import (
     RouteCarry,
     group_bounds_ref,
     hga_attention,
+    merged_group_keys_ref,
     hga_decode_ref,
     hga_prefill_ref,
     plan_widths,
@@ -141,6 +142,57 @@ def test_plans_nest_as_the_budget_grows(chunk_score, group_score):
         assert (large & ~small).any()  # and the larger budget routes something more
 
 
+def test_max_group_size_of_one_group_is_todays_plan():
+    """max_group_size=group_size routes bit for bit as the default None."""
+    q, k, v = make_qkv(1, 4, 2, 150, 150, 16, seed=7)
+    for path in (hga_prefill_ref, hga_decode_ref):
+        out0, st0 = path(q, k, v, config=sparse("sum+max_group", "sum+bound"), rope_theta=THETA)
+        out1, st1 = path(q, k, v, config=sparse("sum+max_group", "sum+bound", max_group_size=4), rope_theta=THETA)
+        assert torch.equal(out0, out1) and torch.equal(st0.plan.fetch_group_ids, st1.plan.fetch_group_ids)
+
+
+@pytest.mark.parametrize("chunk_score, group_score", [("sum+max_group", "sum+bound"), ("max_group", "bound")])
+def test_units_rank_chunks_as_groups_that_large(chunk_score, group_score):
+    """Units of 4 tokens over groups of 2 pick the chunks groups of 4 pick (the bound of a unit is
+    its keys' bound), and then route among groups of 2: another group plan, the same chunk plan."""
+    q, k, v = make_qkv(1, 4, 2, 150, 150, 16, seed=8)
+    fine = sparse(chunk_score, group_score, group_size=2, max_group_size=4, top_groups=6, fetch_groups=10)
+    coarse = sparse(chunk_score, group_score, group_size=4, top_groups=3, fetch_groups=5)
+    plain = sparse(chunk_score, group_score, group_size=2, top_groups=6, fetch_groups=10)
+    for path in (hga_prefill_ref, hga_decode_ref):
+        p_fine, p_coarse, p_plain = (path(q, k, v, config=c, rope_theta=THETA)[1].plan for c in (fine, coarse, plain))
+        assert torch.equal(p_fine.chunk_ids, p_coarse.chunk_ids)
+        assert not torch.equal(p_fine.chunk_ids, p_plain.chunk_ids)  # the units change the first level
+
+
+def test_max_group_size_full_coverage_and_causal():
+    cfg = HGAConfig.full_coverage(**dict(GEOMETRY, group_size=2), max_group_size=8)
+    q, k, v = make_qkv(2, 6, 2, 133, 133, 16, seed=1)
+    out, stats = hga_prefill_ref(q, k, v, config=cfg, rope_theta=THETA)
+    assert rel_err(out, sdpa_causal(q, k, v, 0)) < 1e-5 and stats.density == 1.0
+    cfg = sparse("sum+max_group", "sum+bound", group_size=2, max_group_size=8, top_groups=6, fetch_groups=10)
+    q, k, v = make_qkv(1, 4, 2, 130, 130, 16, seed=5)
+    before, _ = hga_prefill_ref(q, k, v, config=cfg, rope_theta=THETA)
+    k2 = k.clone()
+    k2[:, :, 71:] = torch.randn(k2[:, :, 71:].shape, generator=torch.Generator().manual_seed(9)) * 5
+    after, _ = hga_prefill_ref(q, k2, v, config=cfg, rope_theta=THETA)
+    assert torch.equal(before[:, :, :71], after[:, :, :71]) and not torch.equal(before[:, :, 71:], after[:, :, 71:])
+
+
+def test_merged_group_keys_are_the_units_keys():
+    k = torch.randn(1, 2, 3 * 16, 8)
+    for score in ("bound", "sum+bound"):
+        cfg2, cfg8 = (HGAConfig(chunk_size=16, group_size=g, group_score=score) for g in (2, 8))
+        _, g2 = routing_summaries_ref(k, cfg2, rope_inv_freq(8, THETA))
+        _, g8 = routing_summaries_ref(k, cfg8, rope_inv_freq(8, THETA))
+        merged = merged_group_keys_ref(g2, score, 8, 4)
+        assert torch.equal(merged[..., -16:], g8[..., -16:])  # the bounds: exactly those of 8 keys
+        if score == "sum+bound":  # the sums add the groups' own summaries
+            assert torch.equal(merged[..., :8], g2[..., :8].reshape(1, 2, 3, 2, 4, 8).sum(-2))
+    with pytest.raises(ValueError, match="per_unit: expected a divisor of the 8 groups per chunk, got 3"):
+        merged_group_keys_ref(g2, "sum+bound", 8, 3)
+
+
 def test_sum_is_the_papers_rule():
     """chunk_score='sum', group_score='sum' are the paper's (HGAConfig.paper()) and route like a config that never heard of them."""
     assert (HGAConfig.paper().chunk_score, HGAConfig.paper().group_score) == ("sum", "sum")
@@ -227,6 +279,10 @@ def test_route_block_checks():
         (dict(chunk_score="sum+max_group+running_max"), "chunk_score: expected one of"),
         (dict(group_score="max"), r"group_score: expected one of \('sum', 'bound', 'sum\+bound'\), got 'max'"),
         (dict(group_score="bound+sum"), "group_score: expected one of"),
+        (dict(max_group_size=24), r"max_group_size: expected a multiple of group_size=16 dividing chunk_size=64, got 24"),
+        (dict(max_group_size=8), "max_group_size: expected a multiple of group_size=16"),
+        (dict(max_group_size=32, chunk_score="sum"), "max_group_size: expected a max_group term in chunk_score"),
+        (dict(max_group_size=True), "max_group_size: expected an int, got bool"),
     ],
 )
 def test_config_rejects_bad_scores(kwargs, match):
