@@ -155,14 +155,15 @@ def test_batch_equals_each_alone() -> None:
         assert (together[i : i + 1] - alone).abs().max().item() < 1e-6
 
 
-@pytest.mark.parametrize("scores", [("sum", "sum"), ("max_group", "bound"), ("sum+max_group", "sum+bound")])
-def test_kernel_flow_equals_torch_flow(tmp_path, scores: tuple[str, str]) -> None:
+@pytest.mark.parametrize("scores", [("sum", "sum", None), ("max_group", "bound", None), ("sum+max_group", "sum+bound", None),
+                                    ("sum+max_group", "sum+bound", 8)])
+def test_kernel_flow_equals_torch_flow(tmp_path, scores: tuple[str, str, int | None]) -> None:
     """Interpreter: the kernel flow (prefill blocks, then decode steps through the group cache, some
     chunks on disk only) gives the torch flow's plans and outputs, for the paper's routing and the
-    max-aware options the kernels compute."""
+    max-aware options the kernels compute (max_group over units of two groups too)."""
     import dataclasses
 
-    cfg = dataclasses.replace(CFG, chunk_score=scores[0], group_score=scores[1])
+    cfg = dataclasses.replace(CFG, chunk_score=scores[0], group_score=scores[1], max_group_size=scores[2])
     q, k, v = _qkv(76, seed=11)
     outs, plans = {}, {}
     for backend in ("torch", "kernels"):
