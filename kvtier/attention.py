@@ -170,8 +170,10 @@ def kernel_chunk_table(
     The first ``n`` chunk summaries ``[B, Hkv, n, D]`` for ``"sum"`` / ``"running_max"``; for
     the ``max_group`` terms the group-level keys ``[B, Hkv, n, M, Dg]`` (with ``bound=True``
     when they are min/max bounds; of ``"sum+bound"``'s ``[sum, min, max]`` rows, the view of
-    the bounds: a chunk ranks by its best bounded group). Raises ValueError for a term the
-    kernels do not compute.
+    the bounds: a chunk ranks by its best bounded group), merged into ``[B, Hkv, n, M / U,
+    Dg]`` units of ``U = config.groups_per_max_group`` groups when ``max_group_size`` asks
+    for them (a new tensor; otherwise a view). Raises ValueError for a term the kernels do not
+    compute.
     """
     _check_kernel_options(config, "config")
     if term not in config.chunk_score_terms:
