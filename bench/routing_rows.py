@@ -77,6 +77,8 @@ def label(method: str, cond: dict) -> str:
     hga = cond.get("hga") or {}
     if method == "hga" and (hga.get("chunk_score", "sum"), hga.get("group_score", "sum")) != ("sum", "sum"):
         method = f"hga-{hga['chunk_score']}-{hga['group_score']}"  # "hga" is the default of its day
+    if method in ("hga-sum", "hga-sum-sum"):  # the paper's scores named explicitly label as its rows do
+        method = "hga"
     parts = ["hga (sum)" if method == "hga" else method]
     if method.startswith("hga"):
         parts.append(f"tc{base_top_chunks(cond)}")

@@ -19,6 +19,8 @@ def test_labels_name_windows_and_group_size() -> None:
     assert label("quest", {"group_size": 8, "hga": units}) == "quest sink1 local4 gs8"  # Quest has no max_group term
     # runs before issue 11 recorded no routing scores, sink chunks nor width: the paper's rule at 16 chunks
     assert label("hga", {}) == "hga (sum) tc16"
+    paper = {"top_chunks": 16, "sink_chunks": 2, "local_chunks": 8, "hga": dict(split, sink_chunks=1, local_chunks=4)}  # paper() by flags
+    assert label("hga-sum-sum", paper) == label("hga-sum", paper) == "hga (sum) tc16"
     # a budget whose groups need 33 chunks widens the first level; the rule (and its line) stays tc32
     wide = dict(split, sink_chunks=1, local_chunks=4, top_chunks=33, top_groups=132)
     assert label("hga", {"top_chunks": None, "hga": wide}) == "hga-sum+max_group-sum+bound tc32 sink1 local4"
