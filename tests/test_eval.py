@@ -158,10 +158,17 @@ def test_eval_local_chunks_and_backend(tmp_path) -> None:
     assert payload["conditions"]["budget"] == 1216 and payload["finished"]
     assert (payload["conditions"]["hga"]["top_groups"], payload["conditions"]["hga"]["local_chunks"]) == (104, 4)
     out = tmp_path / "sink2.json"
-    assert main(["eval", "--model", folder, "--lengths", "256", "--methods", "hga", "--sink-chunks", "2",
+    assert main(["eval", "--model", folder, "--lengths", "256", "--methods", "hga,hga-sum-sum,quest", "--sink-chunks", "2",
                  "--json", str(out), "--device", "cpu"]) == 0
-    hga = json.loads(out.read_text())["conditions"]["hga"]
+    conditions = json.loads(out.read_text())["conditions"]
+    hga = conditions["hga"]
     assert (hga["sink_chunks"], hga["top_groups"]) == (2, 48)
+    # each HGA method's own configuration: the named rule's scores, the windows of the flags
+    ran = conditions["method_configs"]
+    assert sorted(ran) == ["hga", "hga-sum-sum"]
+    assert ran["hga"] == hga and ran["hga"]["chunk_score"] == HGAConfig().chunk_score != "sum"
+    assert (ran["hga-sum-sum"]["chunk_score"], ran["hga-sum-sum"]["group_score"]) == ("sum", "sum")
+    assert (ran["hga-sum-sum"]["sink_chunks"], ran["hga-sum-sum"]["top_groups"]) == (2, 48)
     assert main(["eval", "--backend", "fast"]) == 2
 
 
