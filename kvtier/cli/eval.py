@@ -481,7 +481,6 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--methods: {exc}") from None
     if "dense" in methods:  # gaps are measured against it, so it runs first
         methods = ["dense"] + [m for m in methods if m != "dense"]
-    args.method_list = methods
     depths = _fractions(args.depths, "depths")
     if not 0 < args.score_fraction <= 1:
         raise UsageError(f"--score-fraction: expected a fraction in (0, 1], got {args.score_fraction}")
@@ -515,6 +514,8 @@ def run(args: argparse.Namespace) -> int:
     args.budget_list = budgets
     budget, hga, routed = configs[0]
     args.hga_base = hga  # the JSON records HGA's configuration (at the first budget)
+    # and each HGA method's own: a named rule such as hga-sum-sum has its own scores
+    args.method_configs = {m: asdict(cfg) for m in methods for kind, cfg in [method_config(m, hga)] if kind == "hga"}
     if args.text_file is not None and not args.text_file.is_file():
         raise UsageError(f"--text-file: expected a readable file, got {str(args.text_file)!r}")
     json_path = output_file(args, "json", "eval")
@@ -723,19 +724,6 @@ def plot_eval(rows: list[dict[str, Any]], path: str | Path, subtitle: str = "") 
                       logx=len(lengths) > 2, xticks=[(n, str(n)) for n in lengths])
 
 
-def _method_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]] | None:
-    """The HGA configuration each HGA method ran with (at the first budget): ``hga`` is the
-    base one, a named rule such as ``hga-sum-sum`` has its own scores."""
-    if not hasattr(args, "hga_base"):
-        return None
-    configs = {}
-    for method in args.method_list:
-        kind, cfg = method_config(method, args.hga_base)
-        if kind == "hga":
-            configs[method] = asdict(cfg)
-    return configs
-
-
 def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budgets: list[int], *,
                 finished: bool = False) -> None:
     """Rows so far and the run's conditions; ``finished`` only in the last write of a run."""
@@ -753,7 +741,7 @@ def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budge
                        "top_chunks": args.top_chunks, "every_needle": args.every_needle,
                        "group_size": args.group_size, "max_group_size": args.max_group_size,
                        "hga": asdict(args.hga_base) if hasattr(args, "hga_base") else None,
-                       "method_configs": _method_configs(args),
+                       "method_configs": getattr(args, "method_configs", None),
                        "device": torch.cuda.get_device_name(0) if cuda else "cpu", "commit": args.commit,
                        "text_file": str(args.text_file) if args.text_file else "kvtier/data/essay.txt"},
         "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in rows],
