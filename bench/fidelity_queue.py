@@ -218,9 +218,42 @@ def paper_every_needle() -> list[tuple[str, list[str]]]:
     return [("needles_b1216_every_paper", [*NEEDLE_GRID, "--every-needle", *paper, *REFERENCE])]
 
 
+def narrow_windows() -> list[tuple[str, list[str]]]:
+    """Part 10: the same 1,216 keys with a local window narrower than the default's 4 chunks
+    (part 4's trend with one sink chunk: 5, 4, 3 local chunks gave +0.0217, +0.0211, +0.0202 at
+    8K), no sink chunk, and other first-level widths. NLL at 8K and 4K first (seconds each); then
+    needles, every needle and six task seeds for the two likeliest to meet the 8K target while
+    keeping the default's accuracy (2 local chunks, 48 chunks at the first level). About 30
+    device minutes if every item runs."""
+    every = [*NEEDLE_GRID, "--every-needle", *REFERENCE]
+    variants = {
+        "sink1_local2": ["--local-chunks", "2"],
+        "sink1_local1": ["--local-chunks", "1"],
+        "tc48": ["--top-chunks", "48"],
+        "tc24": ["--top-chunks", "24"],
+        "sink1_local2_tc48": ["--local-chunks", "2", "--top-chunks", "48"],
+        "sink0": ["--sink-chunks", "0"],
+    }
+    items: list[tuple[str, list[str]]] = []
+    for n in (8192, 4096):  # 1. NLL; Quest and the oracle where the windows are new to them
+        for name, flags in variants.items():
+            methods = "dense,hga" if name.startswith("tc") else "dense,hga,quest,oracle"
+            items.append((f"nll_b1216_{n}_{name}", ["--lengths", str(n), "--methods", methods, *flags, *REFERENCE]))
+    for name in ("sink1_local2", "tc48"):  # 2. accuracy for the two likeliest
+        items.append((f"needles_b1216_{name}", [*NEEDLE_GRID, "--methods", "hga", *variants[name], *REFERENCE]))
+        items.append((f"tasks_b1216_{name}", [*TASK_SUITE, "--methods", "hga", *variants[name], *REFERENCE]))
+    for name in ("sink1_local2", "tc48"):  # 3. the same at 36 prompts and 126 samples
+        items.append((f"needles_b1216_every_{name}", [*every, "--methods", "hga", *variants[name]]))
+        for first in ("2", "4"):
+            items.append((f"tasks_b1216_{name}_seeds{first}{int(first) + 1}",
+                          [*TASK_SUITE, "--first-seed", first, "--methods", "hga", *variants[name], *REFERENCE]))
+    return items
+
+
 #: The sweeps by ``--part``.
 QUEUES = {1: first_sweep, 2: followup, 3: split_groups, 4: windows, 5: fine_groups, 6: above_budget,
-          7: accuracy_budget, 8: robustness, 9: paper_every_needle}
+          7: accuracy_budget, 8: robustness, 9: paper_every_needle,
+          10: narrow_windows}
 
 
 def finished(path: Path) -> bool:
