@@ -250,10 +250,25 @@ def narrow_windows() -> list[tuple[str, list[str]]]:
     return items
 
 
+def wide_first_level_narrow_window() -> list[tuple[str, list[str]]]:
+    """Part 11: accuracy for part 10's one row under 0.02 at 8K (2 local chunks, 48 chunks at the
+    first level, 60 groups: +0.0196), in the order that decides soonest whether it can be the
+    default: the needle grid, the task suite's six seeds, every needle at every cell. About 16
+    device minutes from the part-10 timings."""
+    flags = ["--local-chunks", "2", "--top-chunks", "48"]
+    items = [("needles_b1216_sink1_local2_tc48", [*NEEDLE_GRID, "--methods", "hga", *flags, *REFERENCE])]
+    for first in ("0", "2", "4"):
+        items.append((f"tasks_b1216_sink1_local2_tc48_seeds{first}{int(first) + 1}",
+                      [*TASK_SUITE, "--first-seed", first, "--methods", "hga", *flags, *REFERENCE]))
+    items.append(("needles_b1216_every_sink1_local2_tc48",
+                  [*NEEDLE_GRID, "--every-needle", "--methods", "hga", *flags, *REFERENCE]))
+    return items
+
+
 #: The sweeps by ``--part``.
 QUEUES = {1: first_sweep, 2: followup, 3: split_groups, 4: windows, 5: fine_groups, 6: above_budget,
           7: accuracy_budget, 8: robustness, 9: paper_every_needle,
-          10: narrow_windows}
+          10: narrow_windows, 11: wide_first_level_narrow_window}
 
 
 def finished(path: Path) -> bool:

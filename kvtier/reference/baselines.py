@@ -210,8 +210,10 @@ def oracle_attention_ref(
 ) -> tuple[torch.Tensor, SparseStats]:
     """Oracle top-k: each query and head attends the ``routed_keys`` candidate keys with the largest ``q . k``.
 
-    Same parameters and result as :func:`quest_attention_ref` (without ``page_size``). It is
-    the upper bound of any selection at this budget that keeps the same windows.
+    Same parameters and result as :func:`quest_attention_ref` (without ``page_size``). Of all
+    selections of ``routed_keys`` keys with the same windows it keeps the most softmax mass
+    per query and head. That is not the lowest NLL: at SmolLM2's 8K, HGA with groups of 8, or
+    with 2 local chunks and 48 first-level chunks, is closer to dense (docs/fidelity.md).
     """
     _check(q, k, v, config, routed_keys, start_pos)
     hq = q.shape[1]
