@@ -15,6 +15,9 @@
 #   read from group_summ [B, Hkv, N, M, Dg] instead: M times the reads and the dot products
 #   (x2 more with bound=True, Dg = 2D: Quest's bound as the dot of [min(q,0), max(q,0)] with
 #   the groups' [min, max] keys).
+# units=U (HGAConfig.max_group_size): the best of M / U units of U adjacent groups instead, each
+#   merged in registers from its groups' rows as it is loaded (minima by min, maxima by max,
+#   sums added: merged_group_keys_ref), so the M group rows are read once, as with U = 1.
 # Packed key: (order-preserving int32 of the fp32 score) << 32 | (2^31 - 1 - chunk), so one
 #   int64 sort orders by score, ties to the lower chunk (the reference's stable sort), and
 #   "no candidate" is INT64_MIN. Scores are fp32 with IEEE dots (not tf32, whose 10-bit
@@ -69,16 +72,30 @@ def _tile_scores(
     BOUND: tl.constexpr,
     USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
+    UNITS: tl.constexpr = 1,
+    stride_u=0,
 ):
-    """[BLOCK_R, BLOCK_T] fp32 scores of query rows against summary rows (q . s, or the min/max bound)."""
+    """[BLOCK_R, BLOCK_T] fp32 scores of query rows against summary rows (q . s, or the min/max bound).
+
+    With ``UNITS > 1`` a summary row is the merge of ``UNITS`` rows ``stride_u`` apart.
+    """
     scores = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)
     for d0 in range(0, HEAD_DIM, BLOCK_DK):
         offs_d = d0 + tl.arange(0, BLOCK_DK)
         mask_d = offs_d < HEAD_DIM
         q = tl.load(q_base + offs_d[None, :], mask=row_ok[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        s_tile = tl.load(s_base + offs_d[None, :], mask=n_ok[:, None] & mask_d[None, :], other=0.0)
+        mask_s = n_ok[:, None] & mask_d[None, :]
+        s_tile = tl.load(s_base + offs_d[None, :], mask=mask_s, other=0.0)
         if BOUND:  # s_tile holds the minima; the maxima follow at +HEAD_DIM
-            hi_tile = tl.load(s_base + HEAD_DIM + offs_d[None, :], mask=n_ok[:, None] & mask_d[None, :], other=0.0)
+            hi_tile = tl.load(s_base + HEAD_DIM + offs_d[None, :], mask=mask_s, other=0.0)
+        for j in tl.static_range(1, UNITS):
+            row = s_base + j * stride_u + offs_d[None, :]
+            if BOUND:
+                s_tile = tl.minimum(s_tile, tl.load(row, mask=mask_s, other=0.0))
+                hi_tile = tl.maximum(hi_tile, tl.load(row + HEAD_DIM, mask=mask_s, other=0.0))
+            else:
+                s_tile += tl.load(row, mask=mask_s, other=0.0)
+        if BOUND:
             q_hi = tl.maximum(q, 0.0)
             q = tl.minimum(q, 0.0)
             if USE_DOT:
@@ -133,6 +150,7 @@ def _route_chunks_kernel(
     USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
     M: tl.constexpr,
+    UNITS: tl.constexpr,
     MAX_GROUP: tl.constexpr,
     BOUND: tl.constexpr,
     RUNNING: tl.constexpr,
@@ -169,11 +187,11 @@ def _route_chunks_kernel(
     q_base = q_ptr + b * stride_qb + hq[:, None] * stride_qh + l[:, None] * stride_ql
     if MAX_GROUP:
         scores = tl.full([BLOCK_R, BLOCK_T], float("-inf"), dtype=tl.float32)
-        for gi in tl.static_range(M):
+        for gi in tl.static_range(M // UNITS):
             scores = tl.maximum(
                 scores,
-                _tile_scores(q_base, s_base + gi * stride_sm, row_ok, n < num_chunks, HEAD_DIM, BLOCK_DK,
-                             BLOCK_R, BLOCK_T, BOUND, USE_DOT, PRECISION),
+                _tile_scores(q_base, s_base + gi * UNITS * stride_sm, row_ok, n < num_chunks, HEAD_DIM, BLOCK_DK,
+                             BLOCK_R, BLOCK_T, BOUND, USE_DOT, PRECISION, UNITS, stride_sm),
             )
     else:
         scores = _tile_scores(q_base, s_base, row_ok, n < num_chunks, HEAD_DIM, BLOCK_DK, BLOCK_R, BLOCK_T,
@@ -242,6 +260,7 @@ def route_chunks(
     precision: str = "ieee",
     score: str = "sum",
     bound: bool = False,
+    units: int = 1,
     carry_in: torch.Tensor | None = None,
     carry_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -274,6 +293,10 @@ def route_chunks(
     bound : bool
         With ``"max_group"`` / ``"running_max_group"``: the group rows are ``[min, max]`` key
         bounds (``Dg = 2D``, ``HGAConfig.group_score="bound"``) scored by Quest's bound.
+    units : int
+        With a max_group score: a chunk ranks by the best of its ``M / units`` units of
+        ``units`` adjacent groups (``HGAConfig.groups_per_max_group``), merged as
+        :func:`kvtier.reference.merged_group_keys_ref` merges them; ``units`` must divide M.
     carry_in, carry_out : Tensor ``[B, Hq, >= N]`` float32, last dim contiguous
         Running scores only: the maxima, per chunk index, over the positions of the first
         query's chunk before ``start_pos`` (read only when ``start_pos`` is inside a chunk);
@@ -291,6 +314,8 @@ def route_chunks(
     running = score.startswith("running_")
     if bound and not max_group:
         raise ValueError(f"bound: expected a max_group score (chunk summaries have no bound), got score={score!r}")
+    if not isinstance(units, int) or units < 1 or (units > 1 and not max_group):
+        raise ValueError(f"units: expected 1, or a positive int with a max_group score, got {units!r} with score={score!r}")
     summ_nd = 5 if max_group else 4
     for name, t, nd in (("q", q, 4), ("chunk_summ", chunk_summ, summ_nd), ("cand", cand, 5)):
         if not isinstance(t, torch.Tensor):
@@ -314,6 +339,8 @@ def route_chunks(
         raise ValueError(
             f"cand: expected [B, Hq, Lq, >= {-(-n // block_t)}, <= {block_t}], got {tuple(cand.shape)}"
         )
+    if max_group and chunk_summ.shape[3] % units:
+        raise ValueError(f"units: expected a divisor of the {chunk_summ.shape[3]} groups per chunk, got {units}")
     rep = hq // hkv
     num_qb = (start_pos + lq - 1) // chunk_size - start_pos // chunk_size + 1
     if running:
@@ -373,6 +400,7 @@ def route_chunks(
         USE_DOT=use_dot,
         PRECISION=precision,
         M=chunk_summ.shape[3] if max_group else 1,
+        UNITS=units,
         MAX_GROUP=max_group,
         BOUND=bound,
         RUNNING=running,

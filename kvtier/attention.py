@@ -22,7 +22,7 @@ from kvtier.kernels.sparse_prefill import sparse_prefill
 from kvtier.layout import window_keys, windows_at
 from kvtier.reference import hga as _ref
 from kvtier.reference.hga import HGAStats, RouteCarry, RoutePlan, plan_widths
-from kvtier.reference.summaries import merged_group_keys_ref, routing_summaries_ref
+from kvtier.reference.summaries import routing_summaries_ref
 from kvtier.rope import RopeSpec
 
 __all__ = [
@@ -170,10 +170,10 @@ def kernel_chunk_table(
     The first ``n`` chunk summaries ``[B, Hkv, n, D]`` for ``"sum"`` / ``"running_max"``; for
     the ``max_group`` terms the group-level keys ``[B, Hkv, n, M, Dg]`` (with ``bound=True``
     when they are min/max bounds; of ``"sum+bound"``'s ``[sum, min, max]`` rows, the view of
-    the bounds: a chunk ranks by its best bounded group), merged into ``[B, Hkv, n, M / U,
-    Dg]`` units of ``U = config.groups_per_max_group`` groups when ``max_group_size`` asks
-    for them (a new tensor; otherwise a view). Raises ValueError for a term the kernels do not
-    compute.
+    the bounds: a chunk ranks by its best bounded group), with ``units=U``: the
+    ``U = config.groups_per_max_group`` adjacent groups ``route_chunks`` merges into one unit
+    as it reads them (``max_group_size``). The table is a view. Raises ValueError for a term
+    the kernels do not compute.
     """
     _check_kernel_options(config, "config")
     if term not in config.chunk_score_terms:
@@ -184,9 +184,7 @@ def kernel_chunk_table(
             table, layout = group_summ[:, :, :n, :, d:], "bound"
         else:
             table, layout = group_summ[:, :, :n], config.group_score
-        # max_group_size: units merged here, one pass over the candidates' group keys in torch
-        # (a fused merge in route_chunks would save those bytes; not written yet)
-        return merged_group_keys_ref(table, layout, d, per_unit), dict(score=term, bound=layout == "bound")
+        return table, dict(score=term, bound=layout == "bound", units=per_unit)
     return chunk_summ[:, :, :n], dict(score=term)
 
 

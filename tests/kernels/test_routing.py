@@ -11,7 +11,14 @@ from kvtier.attention import kernel_chunk_table
 from kvtier.config import HGAConfig
 from kvtier.kernels.route_chunks import route_chunks, route_chunks_tiles
 from kvtier.kernels.route_groups import route_groups
-from kvtier.reference import hga_attention, hga_decode_ref, plan_widths, rope_inv_freq, routing_summaries_ref
+from kvtier.reference import (
+    hga_attention,
+    hga_decode_ref,
+    merged_group_keys_ref,
+    plan_widths,
+    rope_inv_freq,
+    routing_summaries_ref,
+)
 from kvtier.layout import windows_at
 
 CFG = HGAConfig(  # the default routing scores (split at both levels) at a small geometry
@@ -214,6 +221,35 @@ def test_route_chunks_refuses_what_it_does_not_compute():
         route_chunks(q3, summ, cand3, score="running_max", carry_in=carry, carry_out=carry, **geo)
     with pytest.raises(ValueError, match=r"chunk_summ: expected \[B=1, Hkv \| 2, N, M, 64\]"):
         route_chunks(q, torch.randn(1, 1, 10, 4, 32), cand, score="max_group", bound=True, **geo)
+    with pytest.raises(ValueError, match="units: expected 1, or a positive int with a max_group score"):
+        route_chunks(q, summ, cand, units=2, **geo)
+    with pytest.raises(ValueError, match="units: expected a divisor of the 4 groups per chunk, got 3"):
+        route_chunks(q, torch.randn(1, 1, 10, 4, 32), cand, score="max_group", units=3, **geo)
+
+
+@pytest.mark.parametrize("layout,units", [("bound", 2), ("bound", 4), ("sum", 2)])
+@pytest.mark.parametrize("score", ["max_group", "running_max_group"])
+def test_units_merged_in_the_kernel_equal_units_merged_before_it(layout, units, score):
+    # The fused merge reads the M group rows and scores the M / units units; scoring the table
+    # merge_group_keys_ref builds must give the same keys bit for bit (min/max are exact, and
+    # the sum of two rows is one rounding either way). Non-contiguous groups: a view of
+    # [sum, min, max] rows, as kvtier passes it.
+    torch.manual_seed(units)
+    d, start_pos, lq = 16, 200, 5  # positions 200..204: one chunk of 16, decode-like rows
+    q = torch.randn(2, 4, lq, d)
+    rows = torch.randn(2, 2, 12, 4, 3 * d)
+    table = rows[..., d:] if layout == "bound" else rows[..., :d]
+    merged = merged_group_keys_ref(table.contiguous(), layout, d, units)
+    geo = dict(start_pos=start_pos, chunk_size=16, sink_chunks=1, local_chunks=2, block_t=16)
+    running = score.startswith("running")
+    outs = []
+    for t, u in ((table, units), (merged, 1)):
+        cand = torch.empty(2, 4, lq, 1, 3, dtype=torch.int64)
+        carry = dict(carry_in=torch.zeros(2, 4, 12), carry_out=torch.zeros(2, 4, 12)) if running else {}
+        route_chunks(q, t, cand, score=score, bound=layout == "bound", units=u, **geo, **carry)
+        outs.append(cand)
+    assert torch.equal(outs[0], outs[1])
+    assert (outs[0] != -(2**63)).any()  # some candidates were scored
 
 
 def test_route_groups_refuses_keys_of_the_wrong_width():
