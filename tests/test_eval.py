@@ -114,6 +114,32 @@ def test_diagnose_on_a_tiny_model() -> None:
         assert 0 < r["window_mass"] + r["oracle_mass"] <= 1 + 1e-6
         assert 0 <= r["hga_chunk_recall"] <= 1 + 1e-6
     assert "| mean |" in diagnosis_table(rows)
+    every = diagnose(model, ids, hga, routed=12, num_blocks=2, positions=list(range(16 * 8, 16 * 10)))
+    for a, b in zip(rows, every):  # every position of the last 2 chunks: the default average
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12)
+    one = diagnose(model, ids, hga, routed=12, num_blocks=2, positions=[16 * 9 + 5])
+    assert all(0 <= r["oracle_mass"] <= 1 + 1e-6 for r in one)
+    assert any(abs(a["hga_mass"] - b["hga_mass"]) > 1e-6 for a, b in zip(rows, one))  # one row, not the average
+    with pytest.raises(ValueError, match=r"positions: expected some positions in \[128, 160\)"):
+        diagnose(model, ids, hga, routed=12, num_blocks=2, positions=[100])
+
+
+def test_diagnose_a_task_sample(tmp_path, capsys) -> None:
+    """--diagnose-task averages over the positions that predict the sample's answer."""
+    from tests.tiny_model import tiny_model_folder
+
+    out = tmp_path / "diag.json"
+    code = main(["eval", "--model", str(tiny_model_folder()), "--diagnose", "768", "--diagnose-task", "single",
+                 "--budget", "720", "--first-seed", "1", "--json", str(out), "--device", "cpu"])
+    assert code == 0
+    payload = json.loads(out.read_text())
+    assert payload["task"] == "single" and payload["seed"] == 1 and payload["positions"]
+    assert all(640 <= p < 768 for p in payload["positions"])  # the answer is near the end
+    assert "task single seed 1" in capsys.readouterr().out
+    for argv, message in ((["--diagnose-task", "single"], "expected --diagnose LENGTH with it"),
+                          (["--diagnose", "768", "--diagnose-task", "nope"], "--diagnose-task: expected one of")):
+        assert main(["eval", "--model", str(tiny_model_folder()), *argv]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_markdown_table_marks_sparse_rows_that_were_dense() -> None:

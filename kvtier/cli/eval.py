@@ -279,7 +279,9 @@ def markdown_table(rows: list[EvalRow], dense_upto: int | None = None) -> str:
 
 
 @torch.no_grad()
-def diagnose(model: Any, ids: torch.Tensor, hga: HGAConfig, routed: int, *, num_blocks: int = 4) -> list[dict[str, float]]:
+def diagnose(
+    model: Any, ids: torch.Tensor, hga: HGAConfig, routed: int, *, num_blocks: int = 4, positions: list[int] | None = None
+) -> list[dict[str, float]]:
     """Per layer, where the routed selections put the dense attention mass (last ``num_blocks`` chunks).
 
     One dense pass records each layer's post-RoPE q, k, v. For the queries of the last
@@ -292,8 +294,9 @@ def diagnose(model: Any, ids: torch.Tensor, hga: HGAConfig, routed: int, *, num_
       (what the first level kept); ``hga_mass / oracle_mass`` is what survived both levels;
     * ``*_err``: relative error ``|o - o_dense| / |o_dense|`` of the attention output.
 
-    Averages are over heads and positions. ``ids`` is ``[1, L]`` with L a multiple of the
-    chunk size.
+    Averages are over heads and positions: every query of the last ``num_blocks`` chunks, or
+    only those at ``positions`` (absolute, within those chunks; e.g. the positions whose
+    predictions a task scores). ``ids`` is ``[1, L]`` with L a multiple of the chunk size.
     """
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -307,6 +310,13 @@ def diagnose(model: Any, ids: torch.Tensor, hga: HGAConfig, routed: int, *, num_
     c, g, m = hga.chunk_size, hga.group_size, hga.groups_per_chunk
     length = ids.shape[1]
     first = length - num_blocks * c
+    if positions is not None:
+        if not positions or min(positions) < first or max(positions) >= length:
+            raise ValueError(f"positions: expected some positions in [{first}, {length}), got {sorted(positions)[:3]}...")
+        wanted = torch.zeros(length, dtype=torch.bool)
+        wanted[torch.tensor(positions)] = True
+    else:
+        wanted = torch.ones(length, dtype=torch.bool)
     captured: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def capture(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kw: Any):
@@ -324,10 +334,13 @@ def diagnose(model: Any, ids: torch.Tensor, hga: HGAConfig, routed: int, *, num_
     for layer in sorted(captured):
         q, k, v = captured[layer]
         acc: dict[str, float] = {}
-        n = 0
+        n = 0  # (head, position) rows averaged
         _, hstats = hga_ref(q, k, v, config=hga, rope=rope, start_pos=first)
         for blk in range(num_blocks):
             pos0 = first + blk * c
+            keep = wanted[pos0 : pos0 + c].to(q.device)  # this block's averaged positions
+            if not keep.any():
+                continue
             rows_b = slice(blk * c, (blk + 1) * c)
             qb = q[:, :, rows_b]
             win = windows_at(pos0, c, hga.sink_chunks, hga.local_chunks)
@@ -368,9 +381,9 @@ def diagnose(model: Any, ids: torch.Tensor, hga: HGAConfig, routed: int, *, num_
                 vis[..., lo:hi] = sel
                 o = masked_attention_ref(qb, k[:, :, : pos0 + c], v[:, :, : pos0 + c], vis)
                 vals[f"{name}_err"] = (o - dense_out).norm(dim=-1) / dense_out.norm(dim=-1).clamp_min(1e-12)
-            for key, t in vals.items():
-                acc[key] = acc.get(key, 0.0) + float(t.mean())
-            n += 1
+            for key, t in vals.items():  # t: [1, Hq, c]
+                acc[key] = acc.get(key, 0.0) + float(t[..., keep].sum())
+            n += int(keep.sum()) * q.shape[1]
         rows.append({"layer": layer, **{key: val / n for key, val in acc.items()}})
     return rows
 
@@ -427,6 +440,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cell and method) instead of one: a cell's result then depends less on one prompt")
     parser.add_argument("--diagnose", type=positive_int, default=None, metavar="LENGTH",
                         help="only: per-layer attention mass captured by each selection at LENGTH tokens")
+    parser.add_argument("--diagnose-task", default=None, metavar="TASK",
+                        help="with --diagnose: on sample --first-seed of TASK at LENGTH tokens, at the positions "
+                             "whose predictions the task scores (default: the essay, its last 4 chunks)")
     parser.add_argument("--budgets", default=None,
                         help="comma-separated budgets (keys per query) to sweep; overrides --budget")
     parser.add_argument("--tasks", default=None,
@@ -484,6 +500,13 @@ def run(args: argparse.Namespace) -> int:
     depths = _fractions(args.depths, "depths")
     if not 0 < args.score_fraction <= 1:
         raise UsageError(f"--score-fraction: expected a fraction in (0, 1], got {args.score_fraction}")
+    if args.diagnose_task is not None:
+        from kvtier.cli.tasks import TASKS
+
+        if args.diagnose is None:
+            raise UsageError(f"--diagnose-task: expected --diagnose LENGTH with it, got {args.diagnose_task!r} alone")
+        if args.diagnose_task not in TASKS:
+            raise UsageError(f"--diagnose-task: expected one of {', '.join(TASKS)}, got {args.diagnose_task!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     windows = {name: value for name, value in (("local_chunks", args.local_chunks), ("sink_chunks", args.sink_chunks))
@@ -535,12 +558,24 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--lengths: expected at most the text's {len(tokens)} tokens, got {too_long}")
     if args.diagnose:
         length = args.diagnose - args.diagnose % hga.chunk_size
-        rows_d = diagnose(model, torch.tensor([tokens[:length]], device=device), hga, routed)
-        print(f"kvtier eval --diagnose: {args.model}, {length} tokens, last 4 chunks, budget {budget} ({routed} routed)")
+        ids, where, positions, blocks = tokens[:length], "last 4 chunks", None, 4
+        if args.diagnose_task:
+            from kvtier.cli.tasks import make_sample
+
+            sample = make_sample(args.diagnose_task, length, args.first_seed, tokenizer, tokens, text)
+            ids = sample.ids
+            positions = [p - 1 for lo, hi in sample.spans for p in range(lo, hi)]  # where each answer token is predicted
+            blocks = length // hga.chunk_size - min(positions) // hga.chunk_size
+            where = (f"task {args.diagnose_task} seed {args.first_seed}, the {len(positions)} positions predicting "
+                     f"its answer {sample.answer!r}")
+        rows_d = diagnose(model, torch.tensor([ids], device=device), hga, routed, num_blocks=blocks, positions=positions)
+        print(f"kvtier eval --diagnose: {args.model}, {length} tokens, {where}, budget {budget} ({routed} routed)")
         print(diagnosis_table(rows_d))
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps({"length": length, "budget": budget, "rows": rows_d}, indent=1))
+            json_path.write_text(json.dumps({"length": length, "budget": budget, "task": args.diagnose_task,
+                                             "seed": args.first_seed if args.diagnose_task else None,
+                                             "positions": positions, "rows": rows_d}, indent=1))
             print(f"results: {json_path}")
         return 0
     rows: list[EvalRow] = []
