@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 
@@ -134,6 +135,8 @@ def test_diagnose_a_task_sample(tmp_path, capsys) -> None:
     assert code == 0
     payload = json.loads(out.read_text())
     assert payload["task"] == "single" and payload["seed"] == 1 and payload["positions"]
+    assert payload["conditions"]["hga"] == dataclasses.asdict(hga_config_for_budget(720)[0])  # what ran
+    assert payload["conditions"]["device"] == "cpu"
     assert all(640 <= p < 768 for p in payload["positions"])  # the answer is near the end
     assert "task single seed 1" in capsys.readouterr().out
     for argv, message in ((["--diagnose-task", "single"], "expected --diagnose LENGTH with it"),

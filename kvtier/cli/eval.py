@@ -573,9 +573,13 @@ def run(args: argparse.Namespace) -> int:
         print(diagnosis_table(rows_d))
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
+            cuda = device.type == "cuda"
+            conditions = {"model": args.model, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "hga": asdict(hga), "commit": args.commit,
+                          "device": torch.cuda.get_device_name(device) if cuda else "cpu"}
             json_path.write_text(json.dumps({"length": length, "budget": budget, "task": args.diagnose_task,
                                              "seed": args.first_seed if args.diagnose_task else None,
-                                             "positions": positions, "rows": rows_d}, indent=1))
+                                             "positions": positions, "conditions": conditions, "rows": rows_d}, indent=1))
             print(f"results: {json_path}")
         return 0
     rows: list[EvalRow] = []
