@@ -72,8 +72,8 @@ def _tile_scores(
     BOUND: tl.constexpr,
     USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
-    UNITS: tl.constexpr = 1,
-    stride_u=0,
+    UNITS: tl.constexpr,
+    stride_u,
 ):
     """[BLOCK_R, BLOCK_T] fp32 scores of query rows against summary rows (q . s, or the min/max bound).
 
@@ -195,7 +195,7 @@ def _route_chunks_kernel(
             )
     else:
         scores = _tile_scores(q_base, s_base, row_ok, n < num_chunks, HEAD_DIM, BLOCK_DK, BLOCK_R, BLOCK_T,
-                              False, USE_DOT, PRECISION)
+                              False, USE_DOT, PRECISION, 1, 0)
     if RUNNING:
         if BLOCK_L > 1:  # rows past the block's end come after its rows: they lift none of them
             scores = tl.reshape(scores, [BLOCK_H, BLOCK_L, BLOCK_T])
