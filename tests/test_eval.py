@@ -115,9 +115,17 @@ def test_diagnose_on_a_tiny_model() -> None:
         assert 0 < r["window_mass"] + r["oracle_mass"] <= 1 + 1e-6
         assert 0 <= r["hga_chunk_recall"] <= 1 + 1e-6
     assert "| mean |" in diagnosis_table(rows)
+    for r in rows:  # per-head masses average to the layer's; the worst head is the lowest ratio among the counted
+        assert sum(r["head_oracle_mass"]) / 4 == pytest.approx(r["oracle_mass"], rel=1e-6)  # float32 sums
+        assert sum(r["head_hga_mass"]) / 4 == pytest.approx(r["hga_mass"], rel=1e-6)
+        counted = {h: hm / om for h, (om, hm) in enumerate(zip(r["head_oracle_mass"], r["head_hga_mass"])) if om >= 0.05}
+        assert r["worst_head"] == (min(counted, key=counted.get) if counted else -1)
+        if counted:
+            assert r["worst_head_hga_mass"] == r["head_hga_mass"][r["worst_head"]]
     every = diagnose(model, ids, hga, routed=12, num_blocks=2, positions=list(range(16 * 8, 16 * 10)))
     for a, b in zip(rows, every):  # every position of the last 2 chunks: the default average
-        assert a == pytest.approx(b, rel=1e-9, abs=1e-12)
+        for key in a:
+            assert a[key] == (pytest.approx(b[key], rel=1e-9, abs=1e-12) if not isinstance(a[key], list) else b[key]), key
     one = diagnose(model, ids, hga, routed=12, num_blocks=2, positions=[16 * 9 + 5])
     assert all(0 <= r["oracle_mass"] <= 1 + 1e-6 for r in one)
     assert any(abs(a["hga_mass"] - b["hga_mass"]) > 1e-6 for a, b in zip(rows, one))  # one row, not the average

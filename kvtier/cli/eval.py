@@ -292,7 +292,11 @@ def diagnose(
       oracle's is the most any selection of ``routed`` candidate keys can get);
     * ``hga_chunk_recall``: share of the oracle's routed mass inside HGA's routed *chunks*
       (what the first level kept); ``hga_mass / oracle_mass`` is what survived both levels;
-    * ``*_err``: relative error ``|o - o_dense| / |o_dense|`` of the attention output.
+    * ``*_err``: relative error ``|o - o_dense| / |o_dense|`` of the attention output;
+    * ``head_oracle_mass``, ``head_hga_mass``: those two masses per query head (lists);
+      ``worst_head``, ``worst_head_oracle_mass``, ``worst_head_hga_mass``: the head whose
+      ``hga_mass / oracle_mass`` is lowest among the heads with ``oracle_mass >= 0.05`` (-1
+      and NaNs when none has), and its two masses: a retrieval head the means hide.
 
     Averages are over heads and positions: every query of the last ``num_blocks`` chunks, or
     only those at ``positions`` (absolute, within those chunks; e.g. the positions whose
@@ -334,6 +338,7 @@ def diagnose(
     for layer in sorted(captured):
         q, k, v = captured[layer]
         acc: dict[str, float] = {}
+        per_head = torch.zeros(2, q.shape[1], dtype=torch.float64)  # oracle and HGA mass summed per head
         n = 0  # (head, position) rows averaged
         _, hstats = hga_ref(q, k, v, config=hga, rope=rope, start_pos=first)
         for blk in range(num_blocks):
@@ -383,19 +388,29 @@ def diagnose(
                 vals[f"{name}_err"] = (o - dense_out).norm(dim=-1) / dense_out.norm(dim=-1).clamp_min(1e-12)
             for key, t in vals.items():  # t: [1, Hq, c]
                 acc[key] = acc.get(key, 0.0) + float(t[..., keep].sum())
+            for i, key in enumerate(("oracle_mass", "hga_mass")):
+                per_head[i] += vals[key][0][:, keep].sum(-1).double().cpu()
             n += int(keep.sum()) * q.shape[1]
-        rows.append({"layer": layer, **{key: val / n for key, val in acc.items()}})
+        head_mass = per_head / (n // q.shape[1])
+        ratio = torch.where(head_mass[0] >= 0.05, head_mass[1] / head_mass[0].clamp_min(1e-12), math.inf)
+        worst = int(ratio.argmin()) if bool(torch.isfinite(ratio).any()) else -1
+        rows.append({"layer": layer, **{key: val / n for key, val in acc.items()},
+                     "head_oracle_mass": head_mass[0].tolist(), "head_hga_mass": head_mass[1].tolist(), "worst_head": worst,
+                     "worst_head_oracle_mass": float(head_mass[0, worst]) if worst >= 0 else math.nan,
+                     "worst_head_hga_mass": float(head_mass[1, worst]) if worst >= 0 else math.nan})
     return rows
 
 
 def diagnosis_table(rows: list[dict[str, float]]) -> str:
     """Markdown table of :func:`diagnose` rows plus their mean."""
     cols = ["window_mass", "oracle_mass", "quest_mass", "hga_mass", "hga_chunk_recall", "oracle_err", "quest_err", "hga_err"]
-    out = ["| layer | " + " | ".join(cols) + " |", "|---:|" + "---:|" * len(cols)]
+    out = ["| layer | " + " | ".join(cols) + " | worst head: oracle / hga mass |", "|---:|" + "---:|" * (len(cols) + 1)]
     for r in rows:
-        out.append(f"| {int(r['layer'])} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+        worst = (f"{r['worst_head']}: {r['worst_head_oracle_mass']:.3f} / {r['worst_head_hga_mass']:.3f}"
+                 if r.get("worst_head", -1) >= 0 else "-")
+        out.append(f"| {int(r['layer'])} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + f" | {worst} |")
     mean = {c: sum(r[c] for r in rows) / len(rows) for c in cols}
-    out.append("| mean | " + " | ".join(f"{mean[c]:.3f}" for c in cols) + " |")
+    out.append("| mean | " + " | ".join(f"{mean[c]:.3f}" for c in cols) + " | |")
     return "\n".join(out)
 
 
