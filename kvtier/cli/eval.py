@@ -588,10 +588,7 @@ def run(args: argparse.Namespace) -> int:
         print(diagnosis_table(rows_d))
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            cuda = device.type == "cuda"
-            conditions = {"model": args.model, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "hga": asdict(hga), "commit": args.commit,
-                          "device": torch.cuda.get_device_name(device) if cuda else "cpu"}
+            conditions = {"model": args.model, **_machine(args), "hga": asdict(hga)}
             json_path.write_text(json.dumps({"length": length, "budget": budget, "task": args.diagnose_task,
                                              "seed": args.first_seed if args.diagnose_task else None,
                                              "positions": positions, "conditions": conditions, "rows": rows_d}, indent=1))
@@ -778,6 +775,13 @@ def plot_eval(rows: list[dict[str, Any]], path: str | Path, subtitle: str = "") 
                       logx=len(lengths) > 2, xticks=[(n, str(n)) for n in lengths])
 
 
+def _machine(args: argparse.Namespace) -> dict[str, Any]:
+    """What every JSON of a run records about where and with what code it ran."""
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu", "commit": args.commit}
+
+
 def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budgets: list[int], *,
                 finished: bool = False) -> None:
     """Rows so far and the run's conditions; ``finished`` only in the last write of a run."""
@@ -785,18 +789,15 @@ def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budge
     def clean(x: Any) -> Any:
         return None if isinstance(x, float) and math.isnan(x) else x
 
-    cuda = torch.cuda.is_available() and args.device != "cpu"
     payload = {
         "conditions": {"model": args.model, "budget": budgets[0] if len(budgets) == 1 else budgets, "score_fraction": args.score_fraction,
-                       "lengths": args.lengths, "methods": args.methods, "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "backend": args.backend,
+                       "lengths": args.lengths, "methods": args.methods, **_machine(args), "backend": args.backend,
                        "local_chunks": args.local_chunks, "sink_chunks": args.sink_chunks,
                        "seeds": list(_seeds(args)) if args.tasks else None,
                        "top_chunks": args.top_chunks, "every_needle": args.every_needle,
                        "group_size": args.group_size, "max_group_size": args.max_group_size,
                        "hga": asdict(args.hga_base) if hasattr(args, "hga_base") else None,
                        "method_configs": getattr(args, "method_configs", None),
-                       "device": torch.cuda.get_device_name(0) if cuda else "cpu", "commit": args.commit,
                        "text_file": str(args.text_file) if args.text_file else "kvtier/data/essay.txt"},
         "rows": [{k: clean(v) for k, v in asdict(r).items()} for r in rows],
         "finished": finished,
