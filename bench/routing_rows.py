@@ -5,7 +5,8 @@
         bench/results/cpu-2026-12-02-fidelity-split bench/results/h200-2026-12-03-fidelity-windows \
         bench/results/cpu-2026-12-03-fidelity-default bench/results/h200-2026-12-03-fidelity-accuracy \
         bench/results/cpu-2026-12-03-fidelity-needles bench/results/h200-2026-12-03-fidelity-tasks-budget \
-        bench/results/h200-2026-12-03-fidelity-robustness bench/results/h200-2026-12-04-fidelity-narrow-windows
+        bench/results/h200-2026-12-03-fidelity-robustness bench/results/h200-2026-12-04-fidelity-narrow-windows \
+        bench/results/h200-2026-12-04-fidelity-lead
 
 Every row keeps its source file and the run's conditions (device, backend, top_chunks,
 local_chunks); a row's label is its method (``hga`` with the routing scores of its day) plus
