@@ -4,7 +4,7 @@
 # and transformers' offloaded cache. One argument picks one invocation, each under ~9 minutes:
 #
 #   bench/gpu_decode.sh prepare    HERE, on the CPU machine, once: puts SmolLM2's GGUF in two
-#                                  halves under .carry/smollm2/ and the gguf wheel in .whl/
+#                                  halves under .carry/smollm2/ and the gguf and crc32c wheels in .whl/
 #   bench/gpu_decode.sh tests      gpu-marked tests + `bench decode --smoke` on CUDA (every mode)   ~5-7 min
 #                                  (carry .whl and .carry/smollm2/part-aa: stashed for `smollm`)
 #   bench/gpu_decode.sh decode8b   8B shape, batch 1, 4K..1M: hga; dense to 512K; offload to 128K  ~6-9 min
@@ -13,9 +13,9 @@
 #   bench/gpu_decode.sh smollm     SmolLM2 (real weights) 8K, 128K, 1M; dense to 512K; offload
 #                                  to 128K (carry .whl and .carry/smollm2/part-ab)                ~4-8 min
 #   bench/gpu_decode.sh routecost  8B shape, 2 layers, HGA only, 32K and 128K: the decode step with
-#                                  HGAConfig.paper(), .lean() and the default (split scores, 1 sink, 4 local chunks, 52 groups);
+#                                  HGAConfig.paper(), .lean() and the default (split scores, 1 sink, 2 local chunks, 48 chunks, 60 groups);
 #                                  ROUTES="default" runs some of them. MEASURED at 78d2927: paper 121 s (compiles),
-#                                  lean 82 s, the default 143 s on a fresh machine (240 s cap each)   ~6-8 min
+#                                  lean 82 s, the default of that day 143 s on a fresh machine (240 s cap)  ~6-8 min
 #   bench/gpu_decode.sh long8b     8B shape with LONG_LAYERS (2) layers, HGA only, 4K, 128K, 512K,
 #                                  1M: the one way to reach 1M through the model today        ~8-9 min
 #
@@ -67,6 +67,9 @@ if [ "$MODE" = prepare ]; then  # on the CPU machine, in the repository root
     split -b 48M -d -a 2 "$src" .carry/smollm2/part-   # part-00, part-01
     mv .carry/smollm2/part-00 .carry/smollm2/part-aa; mv .carry/smollm2/part-01 .carry/smollm2/part-ab
     ls .whl/gguf-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: -d .whl gguf==0.19.0
+    # The GPU machine's Python (3.12) lacks crc32c, which the disk tier imports (kvtier.tiers.disk).
+    ls .whl/crc32c-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: -d .whl \
+        --python-version 3.12 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 crc32c==2.9.post0
     ls -la .carry/smollm2 .whl
     exit 0
 fi

@@ -92,18 +92,18 @@ class HGAConfig:
     """Every knob of Hierarchical Global Attention; the defaults are the routing measured best.
 
     The defaults differ from the paper's (:meth:`paper`) in routing only, at the same 1,216
-    keys per query: 32 chunks at the first level instead of 16, half of them ranked by their
+    keys per query: 48 chunks at the first level instead of 16, half of them ranked by their
     best group's Quest bound (``chunk_score="sum+max_group"``); half of the routed groups by
-    the bound (``group_score="sum+bound"``); and 1 sink and 4 local chunks instead of 2 and 8,
-    their 320 keys routed as 20 more groups (52). Measured on SmolLM2 (docs/fidelity.md,
+    the bound (``group_score="sum+bound"``); and 1 sink and 2 local chunks instead of 2 and 8,
+    their 448 keys routed as 28 more groups (60). Measured on SmolLM2 (docs/fidelity.md,
     section 5): the NLL gap to dense falls from +0.0128 / +0.0334 nats/token (the paper's) to
-    +0.0065 / +0.0211 at 4K / 8K (the oracle's 832 true top keys with the same windows:
-    +0.0065 / +0.0209), 11 of 12 needles are found at 2K-8K (every one dense finds) against
-    5, and 19 of 42 task samples are solved (dense 20, Quest 18, the paper's rule 11). The
-    price is in routing bytes: group keys ``[sum, min, max]`` (3 x the paper's group
-    summaries: 6.5 KiB per chunk and KV head at D = 128 against 2.5 KiB) and a first-level
-    scan over every candidate's bounds as well as its summary (9 x the paper's chunk-level
-    bytes). :meth:`lean` keeps the paper's summaries and scans with the wider first level.
+    +0.0068 / +0.0196 at 4K / 8K (the oracle's 960 true top keys with the same windows:
+    +0.0066 / +0.0217), 11 of 12 needles are found at 2K-8K (every one dense finds) against
+    5, and 47 of 126 task samples are solved (dense 52, Quest 43). The price is in routing
+    bytes: group keys ``[sum, min, max]`` (3 x the paper's group summaries: 6.5 KiB per chunk
+    and KV head at D = 128 against 2.5 KiB) and a first-level scan over every candidate's
+    bounds as well as its summary (9 x the paper's chunk-level bytes). :meth:`lean` keeps the
+    paper's summaries and scans with a wider first level (32 chunks).
 
     Budgets count whole units (chunks or groups); a budget larger than what exists is
     clipped, so a huge value means full coverage and HGA then equals dense attention.
@@ -120,13 +120,13 @@ class HGAConfig:
         first chunk holds the first tokens, where pretrained models keep their attention sink,
         and the second chunk's 64 keys do more as 4 routed groups.
     local_chunks : int
-        Most recent closed chunks every query attends in full (L). Default 4 (the paper: 8).
+        Most recent closed chunks every query attends in full (L). Default 2 (the paper: 8).
     top_chunks : int
-        Chunks chosen per query and query head by chunk routing (K_c). Default 32 (the
+        Chunks chosen per query and query head by chunk routing (K_c). Default 48 (the
         paper: 16).
     top_groups : int
         Groups attended per query and query head, chosen inside the routed chunks (K_g).
-        Default 52 (the paper: 32).
+        Default 60 (the paper: 32).
     fetch_groups : int
         Groups the store is asked to make resident per query and query head: the
         ``top_groups`` attended plus the next best as a prefetch for the following steps.
@@ -170,11 +170,13 @@ class HGAConfig:
     chunk_size: int = 64
     group_size: int = 16
     sink_chunks: int = 1  # the paper's 2 (and 4 fewer routed groups): 17 task samples solved, not 19
-    # The paper's 8 (16 fewer routed groups) measured worse; 2 (8 more groups) tie the task suite
-    # (47 of 126), find one needle fewer and are 0.0004 better at 8K (docs/fidelity.md, section 5).
-    local_chunks: int = 4
-    top_chunks: int = 32
-    top_groups: int = 52
+    # 4 local chunks with 32 first-level chunks (the default until 2026-12-04) solve the same 47 of
+    # 126 task samples and 11 grid needles, but are +0.0211 at 8K against +0.0196 and find 28 of 36
+    # needles against 29 with every needle at every cell; 2 local chunks alone need the wider first
+    # level: with 32 chunks they miss a needle (docs/fidelity.md, section 5).
+    local_chunks: int = 2
+    top_chunks: int = 48
+    top_groups: int = 60
     fetch_groups: int = 64
     rope_cutoff_rad: float = 0.5
     chunk_score: str = "sum+max_group"

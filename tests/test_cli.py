@@ -47,7 +47,7 @@ def test_bench_alone_lists_its_subcommands(capsys):
         (["eval", "--lengths", "2K"], "kvtier eval: --lengths: expected comma-separated integers, got '2K'"),
         (["eval", "--budget", "710"], "kvtier eval: --budget: expected the windows plus a multiple"),
         (["eval", "--depths", "0.5,3"], "kvtier eval: --depths: expected comma-separated fractions"),
-        (["eval", "--budgets", "2048,3"], "kvtier eval: --budgets: expected at least the windows' 384 keys"),
+        (["eval", "--budgets", "2048,3"], "kvtier eval: --budgets: expected at least the windows' 256 keys"),
     ],
 )
 def test_bad_arguments_give_one_line_and_status_2(argv, expected, capsys, tmp_path):

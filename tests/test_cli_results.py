@@ -36,7 +36,7 @@ def test_dense_tokens_is_where_the_reference_starts_dropping_keys(cfg):
 
 
 def test_dense_tokens_of_the_defaults():
-    assert dense_tokens(HGAConfig()) == 1216  # (1 sink + 4 local + 13 routed + 1 current) chunks of 64
+    assert dense_tokens(HGAConfig()) == 1216  # (1 sink + 2 local + 15 routed + 1 current) chunks of 64
     assert dense_tokens(HGAConfig.paper()) == 1216  # (2 sink + 8 local + 8 routed + 1 current)
 
 

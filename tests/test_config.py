@@ -9,8 +9,8 @@ import torch
 
 def test_hga_defaults_route_the_papers_budget_by_the_measured_best():
     c = HGAConfig()
-    assert (c.chunk_size, c.group_size, c.sink_chunks, c.local_chunks) == (64, 16, 1, 4)
-    assert (c.top_chunks, c.top_groups, c.fetch_groups, c.rope_cutoff_rad) == (32, 52, 64, 0.5)
+    assert (c.chunk_size, c.group_size, c.sink_chunks, c.local_chunks) == (64, 16, 1, 2)
+    assert (c.top_chunks, c.top_groups, c.fetch_groups, c.rope_cutoff_rad) == (48, 60, 64, 0.5)
     assert (c.chunk_score, c.group_score) == ("sum+max_group", "sum+bound")
     assert c.groups_per_chunk == 4 and c.group_key_dim(128) == 384
     p = HGAConfig.paper()

@@ -15,10 +15,10 @@ from kvtier.cli.eval import NEEDLES, EvalRow, answer_margin, default_budget, hga
 
 
 def test_budget_helpers() -> None:
-    assert default_budget(HGAConfig()) == 1216  # 64 sinks + 256 local + 64 current + 52 groups of 16
+    assert default_budget(HGAConfig()) == 1216  # 64 sinks + 128 local + 64 current + 60 groups of 16
     cfg, routed = hga_config_for_budget(1216)
-    assert (cfg.top_groups, routed) == (52, 832)
-    cfg, routed = hga_config_for_budget(384 + 16 * 80)
+    assert (cfg.top_groups, routed) == (60, 960)
+    cfg, routed = hga_config_for_budget(256 + 16 * 80)
     assert cfg.top_groups == 80 and cfg.top_chunks >= 20 and cfg.fetch_groups >= 80
     with pytest.raises(ValueError, match="multiple of group_size"):
         hga_config_for_budget(454)
@@ -176,7 +176,7 @@ def test_eval_local_chunks_and_backend(tmp_path) -> None:
         assert main(["eval", "--model", folder, "--lengths", "1024", "--budget", "720", "--methods", "dense,hga",
                      "--json", str(out), "--device", "cpu", *extra]) == 0
         rows[name] = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
-    # 720 keys: 384 of windows + 21 groups by default, 640 of windows + 5 groups with 8 local
+    # 720 keys: 256 of windows + 29 groups by default, 640 of windows + 5 groups with 8 local
     # chunks: as many keys per query, other keys (without --budget, 1216 either way)
     assert rows["default"]["hga"]["mean_keys_per_query"] == pytest.approx(rows["local8"]["hga"]["mean_keys_per_query"])
     assert rows["default"]["hga"]["nats_per_token"] != rows["local8"]["hga"]["nats_per_token"]
@@ -199,13 +199,13 @@ def test_eval_local_chunks_and_backend(tmp_path) -> None:
                  "--json", str(out), "--device", "cpu"]) == 0
     conditions = json.loads(out.read_text())["conditions"]
     hga = conditions["hga"]
-    assert (hga["sink_chunks"], hga["top_groups"]) == (2, 48)
+    assert (hga["sink_chunks"], hga["top_groups"]) == (2, 56)
     # each HGA method's own configuration: the named rule's scores, the windows of the flags
     ran = conditions["method_configs"]
     assert sorted(ran) == ["hga", "hga-sum-sum"]
     assert ran["hga"] == hga and ran["hga"]["chunk_score"] == HGAConfig().chunk_score != "sum"
     assert (ran["hga-sum-sum"]["chunk_score"], ran["hga-sum-sum"]["group_score"]) == ("sum", "sum")
-    assert (ran["hga-sum-sum"]["sink_chunks"], ran["hga-sum-sum"]["top_groups"]) == (2, 48)
+    assert (ran["hga-sum-sum"]["sink_chunks"], ran["hga-sum-sum"]["top_groups"]) == (2, 56)
     assert main(["eval", "--backend", "fast"]) == 2
 
 

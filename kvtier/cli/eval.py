@@ -429,9 +429,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: HGA's default configuration, 1216, also with --local-chunks, --sink-chunks or "
                              "--group-size)")
     parser.add_argument("--top-chunks", type=positive_int, default=None,
-                        help="HGA's first-level routing width (default 32; the paper: 16); it does not change the keys attended")
+                        help="HGA's first-level routing width (default 48, HGAConfig's; the paper: 16); it does not change the keys attended")
     parser.add_argument("--local-chunks", type=nonnegative_int, default=None,
-                        help="HGA's local window in chunks (default 4, HGAConfig's; the paper: 8); every sparse method "
+                        help="HGA's local window in chunks (default 2, HGAConfig's; the paper: 8); every sparse method "
                              "keeps the same windows")
     parser.add_argument("--sink-chunks", type=nonnegative_int, default=None,
                         help="HGA's sink chunks at the start of the context (default 1, HGAConfig's; the "

@@ -123,7 +123,7 @@ def dense_tokens(config: Any) -> int:
     A query in chunk ``c`` sees the sinks, the local window and its own chunk in full, and
     routes among the ``c - sink_chunks - local_chunks`` candidate chunks between them; nothing
     is left out while all candidates fit both ``top_chunks`` and ``top_groups`` (1216 tokens
-    with the defaults: 1 + 4 window chunks, 13 routed chunks of 4 groups (``top_groups`` = 52
+    with the defaults: 1 + 2 window chunks, 15 routed chunks of 4 groups (``top_groups`` = 60
     binds before ``top_chunks``), the current chunk).
     """
     fit = min(config.top_chunks, config.top_groups // config.groups_per_chunk)

@@ -10,8 +10,8 @@ means the same number of keys per query:
   Quest by ``routed_keys // page_size`` whole pages ranked by an upper bound of ``q . k``,
   the oracle by the true top ``routed_keys`` of ``q . k``.
 
-With HGA's defaults (1 sink and 4 local chunks of 64 tokens, 52 groups of 16) the budget is
-``routed_keys = 832`` and every method attends at most 64 + 256 + 64 + 832 = 1,216 keys per
+With HGA's defaults (1 sink and 2 local chunks of 64 tokens, 60 groups of 16) the budget is
+``routed_keys = 960`` and every method attends at most 64 + 128 + 64 + 960 = 1,216 keys per
 query (the paper's 2 sink and 8 local chunks and 32 groups: 128 + 512 + 64 + 512, as many). Selection looks only at keys before the query's chunk, so all of it is causal.
 """
 
@@ -213,7 +213,8 @@ def oracle_attention_ref(
     Same parameters and result as :func:`quest_attention_ref` (without ``page_size``). Of all
     selections of ``routed_keys`` keys with the same windows it keeps the most softmax mass
     per query and head. That is not the lowest NLL: at SmolLM2's 8K, HGA with groups of 8, or
-    with 2 local chunks and 48 first-level chunks, is closer to dense (docs/fidelity.md).
+    with its defaults (2 local chunks and 48 first-level chunks), is closer to dense
+    (docs/fidelity.md).
     """
     _check(q, k, v, config, routed_keys, start_pos)
     hq = q.shape[1]
