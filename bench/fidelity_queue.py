@@ -265,10 +265,28 @@ def wide_first_level_narrow_window() -> list[tuple[str, list[str]]]:
     return items
 
 
+def baselines_same_windows() -> list[tuple[str, list[str]]]:
+    """Part 12: Quest and the oracle with the windows of the default of 2026-12-04 (1 sink and 2
+    local chunks: 60 pages or 960 routed keys), so that the default is compared at the same
+    windows on every prompt (parts 1 to 11 gave them 4 local chunks), and the product path
+    (Triton kernels, the engine) beside the spec at the new default. Part 11's seed-0/1 Quest
+    run was cut short at 39 of 42 samples; it runs again here. About 15 device minutes."""
+    flags = ["--local-chunks", "2"]  # the default's windows, stated so that the JSON says them
+    baselines = ["--methods", "quest,oracle", *flags, *REFERENCE]
+    items = [("tasks_b1216_baselines_local2_seeds01", [*TASK_SUITE, *baselines]),
+             ("needles_b1216_baselines_local2", [*NEEDLE_GRID, *baselines]),
+             ("nll_b1216_4096_kernels_local2", ["--lengths", "4096", "--methods", "dense,hga", "--backend", "triton"]),
+             ("needles_b1216_every_baselines_local2", [*NEEDLE_GRID, "--every-needle", *baselines])]
+    for first in ("2", "4"):
+        items.append((f"tasks_b1216_baselines_local2_seeds{first}{int(first) + 1}",
+                      [*TASK_SUITE, "--first-seed", first, *baselines]))
+    return items
+
+
 #: The sweeps by ``--part``.
 QUEUES = {1: first_sweep, 2: followup, 3: split_groups, 4: windows, 5: fine_groups, 6: above_budget,
           7: accuracy_budget, 8: robustness, 9: paper_every_needle,
-          10: narrow_windows, 11: wide_first_level_narrow_window}
+          10: narrow_windows, 11: wide_first_level_narrow_window, 12: baselines_same_windows}
 
 
 def finished(path: Path) -> bool:
