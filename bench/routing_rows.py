@@ -6,7 +6,7 @@
         bench/results/cpu-2026-12-03-fidelity-default bench/results/h200-2026-12-03-fidelity-accuracy \
         bench/results/cpu-2026-12-03-fidelity-needles bench/results/h200-2026-12-03-fidelity-tasks-budget \
         bench/results/h200-2026-12-03-fidelity-robustness bench/results/h200-2026-12-04-fidelity-narrow-windows \
-        bench/results/h200-2026-12-04-fidelity-lead
+        bench/results/h200-2026-12-04-fidelity-lead bench/results/h200-2026-12-04-baselines-local2
 
 Every row keeps its source file and the run's conditions (device, backend, top_chunks,
 local_chunks); a row's label is its method (``hga`` with the routing scores of its day) plus
@@ -49,9 +49,11 @@ BARS = {
     "quest": "quest",
     "quest local4": "quest, local4",
     "quest sink1 local4": "quest, sink1 local4",
+    "quest sink1 local2": "quest, sink1 local2",
     "oracle": "oracle",
     "oracle local4": "oracle, local4",
     "oracle sink1 local4": "oracle, sink1 local4",
+    "oracle sink1 local2": "oracle, sink1 local2",
     "dense": "dense",
 }
 #: A chart's bars in BARS order.
