@@ -283,10 +283,30 @@ def baselines_same_windows() -> list[tuple[str, list[str]]]:
     return items
 
 
+def group_rules_at_default() -> list[tuple[str, list[str]]]:
+    """Part 13: the default's two group-level rules alone, at the default's windows and first
+    level. Part 12's one task sample the default loses to Quest (``multikey`` 2K seed 2) is
+    solved by either rule alone and lost by their half-and-half split (CPU, 2026-12-04), so the
+    suite runs again with the bound alone at the group level (Quest's rule there), then its NLL
+    and needles, then the summed summaries alone. About 12 device minutes."""
+    items: list[tuple[str, list[str]]] = []
+    for method in ("hga-sum+max_group-bound", "hga-sum+max_group-sum"):
+        name = "groups_" + method.rsplit("-", 1)[1]  # the group rule alone: bound or sum
+        for first in ("0", "2", "4"):
+            items.append((f"tasks_b1216_{name}_seeds{first}{int(first) + 1}",
+                          [*TASK_SUITE, "--first-seed", first, "--methods", method, *REFERENCE]))
+        if method.endswith("-bound"):
+            for n in ("8192", "4096"):
+                items.append((f"nll_b1216_{n}_{name}", ["--lengths", n, "--methods", f"dense,{method}", *REFERENCE]))
+            items.append((f"needles_b1216_{name}", [*NEEDLE_GRID, "--methods", method, *REFERENCE]))
+    return items
+
+
 #: The sweeps by ``--part``.
 QUEUES = {1: first_sweep, 2: followup, 3: split_groups, 4: windows, 5: fine_groups, 6: above_budget,
           7: accuracy_budget, 8: robustness, 9: paper_every_needle,
-          10: narrow_windows, 11: wide_first_level_narrow_window, 12: baselines_same_windows}
+          10: narrow_windows, 11: wide_first_level_narrow_window, 12: baselines_same_windows,
+          13: group_rules_at_default}
 
 
 def finished(path: Path) -> bool:
