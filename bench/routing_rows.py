@@ -6,7 +6,8 @@
         bench/results/cpu-2026-12-03-fidelity-default bench/results/h200-2026-12-03-fidelity-accuracy \
         bench/results/cpu-2026-12-03-fidelity-needles bench/results/h200-2026-12-03-fidelity-tasks-budget \
         bench/results/h200-2026-12-03-fidelity-robustness bench/results/h200-2026-12-04-fidelity-narrow-windows \
-        bench/results/h200-2026-12-04-fidelity-lead bench/results/h200-2026-12-04-baselines-local2
+        bench/results/h200-2026-12-04-fidelity-lead bench/results/h200-2026-12-04-baselines-local2 \
+        bench/results/h200-2026-12-04-group-rules
 
 Every row keeps its source file and the run's conditions (device, backend, top_chunks,
 local_chunks); a row's label is its method (``hga`` with the routing scores of its day) plus
@@ -46,6 +47,7 @@ BARS = {
     "hga-sum+max_group-sum+bound tc32 local4": "sum+max_group / sum+bound, local4",
     "hga-sum+max_group-sum+bound tc32 sink1 local4": "sum+max_group / sum+bound, sink1 local4",
     "hga-sum+max_group-sum+bound tc48 sink1 local2": "default: sum+max_group / sum+bound, 48 chunks, sink1 local2",
+    "hga-sum+max_group-bound tc48 sink1 local2": "sum+max_group / bound, 48 chunks, sink1 local2",
     "quest": "quest",
     "quest local4": "quest, local4",
     "quest sink1 local4": "quest, sink1 local4",
@@ -68,12 +70,23 @@ def top_chunks_of(cond: dict) -> int:
     return (cond.get("hga") or {}).get("top_chunks") or cond.get("top_chunks") or 16
 
 
+#: The defaults' first-level widths since runs record their HGA configuration (32 from
+#: 2026-12-02, 48 from 2026-12-04); before, 16.
+DAY_TOP_CHUNKS = (32, 48)
+
+
 def base_top_chunks(cond: dict) -> int:
-    """The first-level width the run asked for (``--top-chunks``, or the default of its day: 32
-    for the runs that record their HGA configuration, 16 before). A large budget widens it where
-    its groups need more chunks (2,496 keys with one sink: 132 groups, 33 chunks), and the label
-    names the rule, not the widening, so a budget sweep stays one line."""
-    return cond.get("top_chunks") or (32 if cond.get("hga") else 16)
+    """The first-level width the run asked for (``--top-chunks``, or the default of its day). A
+    large budget widens the recorded width where its groups need more chunks (2,496 keys with
+    one sink: 132 groups, 33 chunks), so the day's default is the widest of DAY_TOP_CHUNKS not
+    above the recorded width; the label names the rule, not the widening, so a budget sweep
+    stays one line."""
+    if cond.get("top_chunks"):
+        return cond["top_chunks"]
+    recorded = (cond.get("hga") or {}).get("top_chunks")
+    if recorded is None:
+        return 16
+    return max((w for w in DAY_TOP_CHUNKS if w <= recorded), default=recorded)
 
 
 def label(method: str, cond: dict) -> str:

@@ -25,6 +25,9 @@ def test_labels_name_windows_and_group_size() -> None:
     wide = dict(split, sink_chunks=1, local_chunks=4, top_chunks=33, top_groups=132)
     assert label("hga", {"top_chunks": None, "hga": wide}) == "hga-sum+max_group-sum+bound tc32 sink1 local4"
     assert label("hga", {"top_chunks": 16, "hga": dict(wide, top_chunks=16)}).endswith("tc16 sink1 local4")
+    # the default of 2026-12-04 records 48 chunks without a flag: its rows are tc48, not tc32
+    lead = dict(split, sink_chunks=1, local_chunks=2, top_chunks=48, top_groups=60)
+    assert label("hga", {"top_chunks": None, "hga": lead}) == "hga-sum+max_group-sum+bound tc48 sink1 local2"
 
 
 def test_accuracy_by_budget_counts_complete_grids_only() -> None:
