@@ -304,14 +304,18 @@ def route_block(
         local_ids = torch.cat((first, _best_first(rest, kc - k1)), dim=-1)
     chunk_ids = local_ids + win.sink_end  # [B, Hq, Lb, kc]
 
-    # The routed chunks' groups by indexing (query head h reads KV head h // rep): the same
-    # values a gather from the head-expanded table would give, without building it per block.
-    bi = torch.arange(b, device=q.device)[:, None, None, None]
-    hi = (torch.arange(hq, device=q.device) // rep)[None, :, None, None]
-    picked = group_summ[bi, hi, chunk_ids].to(torch.float64)  # [B, Hq, Lb, kc, M, Dg]
-    picked = picked.reshape(b, hq, lb, kc * m, dg)
-    group_scores = [torch.matmul(picked, v[..., None]).squeeze(-1) for v in qgs]  # each [B, Hq, Lb, kc * M]
-    global_ids = (chunk_ids[..., None] * m + torch.arange(m, device=q.device)).reshape(b, hq, lb, kc * m)
+    # Every candidate group scored by one matmul per KV head (query head h reads KV head
+    # h // rep), then the routed chunks' columns taken: the same dot products as scoring the
+    # routed groups alone. Gathering those groups' keys per query instead (a float64 copy of
+    # [B, Hq, Lb, Kc * M, Dg]) took two thirds of `kvtier demo`'s HGA prefill on the CPU.
+    hkv = chunk_summ.shape[1]
+    cand_keys = group_summ[:, :, win.sink_end : win.local_start].to(torch.float64).reshape(b, hkv, ncand * m, dg)
+    cols = (local_ids[..., None] * m + torch.arange(m, device=q.device)).reshape(b, hq, lb, kc * m)
+    group_scores = []  # each [B, Hq, Lb, kc * M]
+    for v in qgs:
+        every = torch.matmul(v.reshape(b, hkv, rep * lb, dg), cand_keys.transpose(-1, -2))
+        group_scores.append(torch.gather(every.reshape(b, hq, lb, ncand * m), 3, cols))
+    global_ids = cols + win.sink_end * m
     kf = min(config.fetch_groups, kc * m)
     kg = min(config.top_groups, kc * m)
     if len(group_scores) == 1:
