@@ -275,19 +275,31 @@ def route_block(
     qgs = _group_queries(q64, config.group_score)
     qg = qgs[-1]  # what a max_group chunk term ranks by: the bound when there is one
     ncand = win.num_candidates
-    cand = chunk_summ[:, :, win.sink_end : win.local_start].to(torch.float64)
-    cand = cand.repeat_interleave(rep, dim=1)  # [B, Hq, Ncand, D]
+    hkv = chunk_summ.shape[1]
+
+    def per_kv_head(vec: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``vec [B, Hq, Lb, X]`` dotted with ``keys [B, Hkv, K, X]`` -> ``[B, Hq, Lb, K]``: query
+        head h with KV head h // rep, one matmul per KV head (no head-expanded copy of the keys)."""
+        return torch.matmul(vec.reshape(b, hkv, rep * lb, -1), keys.transpose(-1, -2)).reshape(b, hq, lb, -1)
+
+    cand = chunk_summ[:, :, win.sink_end : win.local_start].to(torch.float64)  # [B, Hkv, Ncand, D]
+    cand_keys = group_summ[:, :, win.sink_end : win.local_start].to(torch.float64)  # [B, Hkv, Ncand, M, Dg]
+    # Every candidate group's score under qg, when a max_group term computes it for groups (not
+    # units): the group level's bound half reuses it (at 16K on the CPU the float64 scans of
+    # every candidate are most of a decode step's routing).
+    every_qg: torch.Tensor | None = None
     term_scores: list[torch.Tensor] = []  # each [B, Hq, Lb, Ncand]
     running_out: list[torch.Tensor] = []
     for term in config.chunk_score_terms:
         if term.endswith("max_group"):  # every group (or unit of max_group_size) of every candidate chunk
-            cand_groups = group_summ[:, :, win.sink_end : win.local_start].to(torch.float64)
-            cand_groups = merged_group_keys_ref(cand_groups, config.group_score, d, config.groups_per_max_group)
-            mu = cand_groups.shape[-2]
-            cand_groups = cand_groups.repeat_interleave(rep, dim=1).reshape(b, hq, ncand * mu, dg)
-            scores = torch.matmul(qg, cand_groups.transpose(-1, -2)).reshape(b, hq, lb, ncand, mu).amax(dim=-1)
+            units = merged_group_keys_ref(cand_keys, config.group_score, d, config.groups_per_max_group)
+            mu = units.shape[-2]
+            every = every_qg if every_qg is not None and mu == m else per_kv_head(qg, units.reshape(b, hkv, ncand * mu, dg))
+            if mu == m:
+                every_qg = every
+            scores = every.reshape(b, hq, lb, ncand, mu).amax(dim=-1)
         else:
-            scores = torch.matmul(q64, cand.transpose(-1, -2))
+            scores = per_kv_head(q64, cand)
         if term.startswith("running_"):
             scores = torch.cummax(scores, dim=2).values  # over the block's positions, in order
             if prior is not None:
@@ -308,13 +320,11 @@ def route_block(
     # h // rep), then the routed chunks' columns taken: the same dot products as scoring the
     # routed groups alone. Gathering those groups' keys per query instead (a float64 copy of
     # [B, Hq, Lb, Kc * M, Dg]) took two thirds of `kvtier demo`'s HGA prefill on the CPU.
-    hkv = chunk_summ.shape[1]
-    cand_keys = group_summ[:, :, win.sink_end : win.local_start].to(torch.float64).reshape(b, hkv, ncand * m, dg)
     cols = (local_ids[..., None] * m + torch.arange(m, device=q.device)).reshape(b, hq, lb, kc * m)
     group_scores = []  # each [B, Hq, Lb, kc * M]
     for v in qgs:
-        every = torch.matmul(v.reshape(b, hkv, rep * lb, dg), cand_keys.transpose(-1, -2))
-        group_scores.append(torch.gather(every.reshape(b, hq, lb, ncand * m), 3, cols))
+        every = every_qg if v is qg and every_qg is not None else per_kv_head(v, cand_keys.reshape(b, hkv, ncand * m, dg))
+        group_scores.append(torch.gather(every, 3, cols))
     global_ids = cols + win.sink_end * m
     kf = min(config.fetch_groups, kc * m)
     kg = min(config.top_groups, kc * m)
