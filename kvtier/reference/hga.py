@@ -317,8 +317,8 @@ def route_block(
     chunk_ids = local_ids + win.sink_end  # [B, Hq, Lb, kc]
 
     # Every candidate group scored by one matmul per KV head (query head h reads KV head
-    # h // rep), then the routed chunks' columns taken: the same dot products as scoring the
-    # routed groups alone. Gathering those groups' keys per query instead (a float64 copy of
+    # h // rep), then the routed chunks' columns taken: the dot products of scoring the routed
+    # groups alone (up to float64 summation order, which only exact ties can see). Gathering those groups' keys per query instead (a float64 copy of
     # [B, Hq, Lb, Kc * M, Dg]) took two thirds of `kvtier demo`'s HGA prefill on the CPU.
     cols = (local_ids[..., None] * m + torch.arange(m, device=q.device)).reshape(b, hq, lb, kc * m)
     group_scores = []  # each [B, Hq, Lb, kc * M]
