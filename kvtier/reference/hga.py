@@ -284,20 +284,27 @@ def route_block(
 
     cand = chunk_summ[:, :, win.sink_end : win.local_start].to(torch.float64)  # [B, Hkv, Ncand, D]
     cand_keys = group_summ[:, :, win.sink_end : win.local_start].to(torch.float64)  # [B, Hkv, Ncand, M, Dg]
-    # Every candidate group's score under qg, when a max_group term computes it for groups (not
-    # units): the group level's bound half reuses it (at 16K on the CPU the float64 scans of
-    # every candidate are most of a decode step's routing).
-    every_qg: torch.Tensor | None = None
+    flat_keys = cand_keys.reshape(b, hkv, ncand * m, dg)
+    # Every candidate group's score [B, Hq, Lb, Ncand * M] per term of qgs, computed once: a
+    # max_group term over groups (not units) and the group level's bound half share qg's (at
+    # 16K on the CPU these float64 scans of every candidate are most of a decode step's routing).
+    every_group: dict[int, torch.Tensor] = {}
+
+    def every_group_score(i: int) -> torch.Tensor:
+        if i not in every_group:
+            every_group[i] = per_kv_head(qgs[i], flat_keys)
+        return every_group[i]
+
     term_scores: list[torch.Tensor] = []  # each [B, Hq, Lb, Ncand]
     running_out: list[torch.Tensor] = []
     for term in config.chunk_score_terms:
         if term.endswith("max_group"):  # every group (or unit of max_group_size) of every candidate chunk
-            units = merged_group_keys_ref(cand_keys, config.group_score, d, config.groups_per_max_group)
-            mu = units.shape[-2]
-            every = every_qg if every_qg is not None and mu == m else per_kv_head(qg, units.reshape(b, hkv, ncand * mu, dg))
-            if mu == m:
-                every_qg = every
-            scores = every.reshape(b, hq, lb, ncand, mu).amax(dim=-1)
+            if config.groups_per_max_group == 1:
+                every = every_group_score(len(qgs) - 1)  # qg is qgs[-1]
+            else:
+                units = merged_group_keys_ref(cand_keys, config.group_score, d, config.groups_per_max_group)
+                every = per_kv_head(qg, units.reshape(b, hkv, -1, dg))
+            scores = every.reshape(b, hq, lb, ncand, -1).amax(dim=-1)
         else:
             scores = per_kv_head(q64, cand)
         if term.startswith("running_"):
@@ -316,15 +323,12 @@ def route_block(
         local_ids = torch.cat((first, _best_first(rest, kc - k1)), dim=-1)
     chunk_ids = local_ids + win.sink_end  # [B, Hq, Lb, kc]
 
-    # Every candidate group scored by one matmul per KV head (query head h reads KV head
-    # h // rep), then the routed chunks' columns taken: the dot products of scoring the routed
-    # groups alone (up to float64 summation order, which only exact ties can see). Gathering those groups' keys per query instead (a float64 copy of
+    # Every candidate group's score, then the routed chunks' columns taken: the dot products of
+    # scoring the routed groups alone (up to float64 summation order, which only exact ties can
+    # see). Gathering those groups' keys per query instead (a float64 copy of
     # [B, Hq, Lb, Kc * M, Dg]) took two thirds of `kvtier demo`'s HGA prefill on the CPU.
     cols = (local_ids[..., None] * m + torch.arange(m, device=q.device)).reshape(b, hq, lb, kc * m)
-    group_scores = []  # each [B, Hq, Lb, kc * M]
-    for v in qgs:
-        every = every_qg if v is qg and every_qg is not None else per_kv_head(v, cand_keys.reshape(b, hkv, ncand * m, dg))
-        group_scores.append(torch.gather(every, 3, cols))
+    group_scores = [torch.gather(every_group_score(i), 3, cols) for i in range(len(qgs))]  # each [B, Hq, Lb, kc * M]
     global_ids = cols + win.sink_end * m
     kf = min(config.fetch_groups, kc * m)
     kg = min(config.top_groups, kc * m)
