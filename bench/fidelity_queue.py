@@ -250,6 +250,12 @@ def narrow_windows() -> list[tuple[str, list[str]]]:
     return items
 
 
+def task_seed_items(name: str, args: list[str], firsts: tuple[str, ...] = ("0", "2", "4")) -> list[tuple[str, list[str]]]:
+    """The task suite in items of two seeds each (``{name}_seeds01``, ``_seeds23`` ...), so that
+    a call cut short by the device's time limit loses one pair, not the whole suite."""
+    return [(f"{name}_seeds{first}{int(first) + 1}", [*TASK_SUITE, "--first-seed", first, *args]) for first in firsts]
+
+
 def wide_first_level_narrow_window() -> list[tuple[str, list[str]]]:
     """Part 11: accuracy for part 10's one row under 0.02 at 8K (2 local chunks, 48 chunks at the
     first level, 60 groups: +0.0196), in the order that decides soonest whether it can be the
@@ -257,9 +263,7 @@ def wide_first_level_narrow_window() -> list[tuple[str, list[str]]]:
     device minutes from the part-10 timings."""
     flags = ["--local-chunks", "2", "--top-chunks", "48"]
     items = [("needles_b1216_sink1_local2_tc48", [*NEEDLE_GRID, "--methods", "hga", *flags, *REFERENCE])]
-    for first in ("0", "2", "4"):
-        items.append((f"tasks_b1216_sink1_local2_tc48_seeds{first}{int(first) + 1}",
-                      [*TASK_SUITE, "--first-seed", first, "--methods", "hga", *flags, *REFERENCE]))
+    items += task_seed_items("tasks_b1216_sink1_local2_tc48", ["--methods", "hga", *flags, *REFERENCE])
     items.append(("needles_b1216_every_sink1_local2_tc48",
                   [*NEEDLE_GRID, "--every-needle", "--methods", "hga", *flags, *REFERENCE]))
     return items
@@ -273,14 +277,12 @@ def baselines_same_windows() -> list[tuple[str, list[str]]]:
     run was cut short at 39 of 42 samples; it runs again here. About 15 device minutes."""
     flags = ["--local-chunks", "2"]  # the default's windows, stated so that the JSON says them
     baselines = ["--methods", "quest,oracle", *flags, *REFERENCE]
-    items = [("tasks_b1216_baselines_local2_seeds01", [*TASK_SUITE, *baselines]),
-             ("needles_b1216_baselines_local2", [*NEEDLE_GRID, *baselines]),
-             ("nll_b1216_4096_kernels_local2", ["--lengths", "4096", "--methods", "dense,hga", "--backend", "triton"]),
-             ("needles_b1216_every_baselines_local2", [*NEEDLE_GRID, "--every-needle", *baselines])]
-    for first in ("2", "4"):
-        items.append((f"tasks_b1216_baselines_local2_seeds{first}{int(first) + 1}",
-                      [*TASK_SUITE, "--first-seed", first, *baselines]))
-    return items
+    tasks = task_seed_items("tasks_b1216_baselines_local2", baselines)
+    return [tasks[0],
+            ("needles_b1216_baselines_local2", [*NEEDLE_GRID, *baselines]),
+            ("nll_b1216_4096_kernels_local2", ["--lengths", "4096", "--methods", "dense,hga", "--backend", "triton"]),
+            ("needles_b1216_every_baselines_local2", [*NEEDLE_GRID, "--every-needle", *baselines]),
+            *tasks[1:]]
 
 
 def group_rules_at_default() -> list[tuple[str, list[str]]]:
@@ -292,9 +294,7 @@ def group_rules_at_default() -> list[tuple[str, list[str]]]:
     items: list[tuple[str, list[str]]] = []
     for method in ("hga-sum+max_group-bound", "hga-sum+max_group-sum"):
         name = "groups_" + method.rsplit("-", 1)[1]  # the group rule alone: bound or sum
-        for first in ("0", "2", "4"):
-            items.append((f"tasks_b1216_{name}_seeds{first}{int(first) + 1}",
-                          [*TASK_SUITE, "--first-seed", first, "--methods", method, *REFERENCE]))
+        items += task_seed_items(f"tasks_b1216_{name}", ["--methods", method, *REFERENCE])
         if method.endswith("-bound"):
             for n in ("8192", "4096"):
                 items.append((f"nll_b1216_{n}_{name}", ["--lengths", n, "--methods", f"dense,{method}", *REFERENCE]))
