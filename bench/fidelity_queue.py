@@ -302,11 +302,25 @@ def group_rules_at_default() -> list[tuple[str, list[str]]]:
     return items
 
 
+def rank_merge() -> list[tuple[str, list[str]]]:
+    """Part 14: the default with ``group_merge="rank"``: the 60 groups of least rank sum under
+    the summed summary and the bound, instead of half by each. Part 13 found each rule alone
+    winning samples the split loses, and on the CPU the rank merge solves ``multikey`` 2K seed 2
+    (+0.86; the split -1.31). The 8K NLL first (it decides whether it can be the default), then
+    the task suite, the needles and the 4K NLL. About 14 device minutes from part 13's timings."""
+    flags = ["--methods", "hga", "--group-merge", "rank", *REFERENCE]
+    nll = {n: (f"nll_b1216_{n}_groups_rank", ["--lengths", n, "--methods", "dense,hga", "--group-merge", "rank",
+                                              *REFERENCE]) for n in ("8192", "4096")}
+    tasks = task_seed_items("tasks_b1216_groups_rank", flags)
+    return [nll["8192"], tasks[0], ("needles_b1216_groups_rank", [*NEEDLE_GRID, *flags]), nll["4096"], *tasks[1:],
+            ("needles_b1216_every_groups_rank", [*NEEDLE_GRID, "--every-needle", *flags])]
+
+
 #: The sweeps by ``--part``.
 QUEUES = {1: first_sweep, 2: followup, 3: split_groups, 4: windows, 5: fine_groups, 6: above_budget,
           7: accuracy_budget, 8: robustness, 9: paper_every_needle,
           10: narrow_windows, 11: wide_first_level_narrow_window, 12: baselines_same_windows,
-          13: group_rules_at_default}
+          13: group_rules_at_default, 14: rank_merge}
 
 
 def finished(path: Path) -> bool:

@@ -26,7 +26,7 @@ from kvtier.reference.summaries import routing_summaries_ref
 from kvtier.rope import RopeSpec
 
 __all__ = [
-    "hga_attention", "BACKENDS", "KERNEL_CHUNK_SCORES", "kernels_route", "kernel_chunk_table", "num_running_terms", "prefill_tables",
+    "hga_attention", "BACKENDS", "KERNEL_CHUNK_SCORES", "KERNEL_GROUP_MERGES", "kernels_route", "kernel_refusal", "kernel_chunk_table", "num_running_terms", "prefill_tables",
 ]
 
 #: Accepted values of ``backend``.
@@ -143,18 +143,29 @@ def hga_attention(
 KERNEL_CHUNK_SCORES = CHUNK_SCORE_TERMS
 
 
+#: group_merge rules the routing kernels compute (``route_groups``).
+KERNEL_GROUP_MERGES = ("split",)
+
+
 def kernels_route(config: HGAConfig) -> bool:
-    """Whether the routing kernels compute every term of ``config.chunk_score`` (they compute
-    every ``group_score``): the one test of the dispatch, the engine and ``kvtier.hf``."""
-    return all(t in KERNEL_CHUNK_SCORES for t in config.chunk_score_terms)
+    """Whether the routing kernels compute every term of ``config.chunk_score`` and its
+    ``group_merge`` (they compute every ``group_score``): the one test of the dispatch, the
+    engine and ``kvtier.hf``."""
+    return all(t in KERNEL_CHUNK_SCORES for t in config.chunk_score_terms) and config.group_merge in KERNEL_GROUP_MERGES
+
+
+def kernel_refusal(config: HGAConfig) -> str:
+    """What the routing kernels do not compute of ``config`` ("expected X, got Y"); "" when they compute it all."""
+    if not all(t in KERNEL_CHUNK_SCORES for t in config.chunk_score_terms):
+        return f"expected chunk_score terms in {KERNEL_CHUNK_SCORES}, got {config.chunk_score!r}"
+    if config.group_merge not in KERNEL_GROUP_MERGES:
+        return f"expected group_merge in {KERNEL_GROUP_MERGES}, got {config.group_merge!r}"
+    return ""
 
 
 def _check_kernel_options(config: HGAConfig, what: str) -> None:
     if not kernels_route(config):
-        raise ValueError(
-            f"{what}: expected chunk_score terms in {KERNEL_CHUNK_SCORES}, got {config.chunk_score!r}; "
-            "use backend='reference'"
-        )
+        raise ValueError(f"{what}: {kernel_refusal(config)}; use backend='reference'")
 
 
 def num_running_terms(config: HGAConfig) -> int:

@@ -18,6 +18,7 @@ __all__ = [
     "StoreConfig",
     "CHUNK_SCORE_TERMS",
     "GROUP_SCORES",
+    "GROUP_MERGES",
     "parse_bytes",
     "format_bytes",
     "env_flag",
@@ -27,6 +28,8 @@ __all__ = [
 CHUNK_SCORE_TERMS = ("sum", "max_group", "running_max", "running_max_group")
 #: Group scores (``HGAConfig.group_score``): one, or the split "sum+bound".
 GROUP_SCORES = ("sum", "bound", "sum+bound")
+#: How "sum+bound" joins its two group rankings (``HGAConfig.group_merge``).
+GROUP_MERGES = ("split", "rank")
 
 _UNITS = {
     "": 1, "b": 1,
@@ -158,6 +161,13 @@ class HGAConfig:
         ``ceil(Kg / 2)`` groups by the sum, the rest of the ``Kg`` by the bound among the groups
         not yet chosen, then the prefetch groups by the sum (three times the group summary
         bytes: the sum and the bounds; the default).
+    group_merge : {"split", "rank"}
+        How ``group_score="sum+bound"`` joins its two rankings of the candidate groups.
+        ``"split"`` (the default): half of the ``Kg`` by each, as above. ``"rank"``: the ``Kg``
+        groups with the least sum of their two ranks (rank 0 the best; ties to the lesser of
+        the two ranks, then to the earlier candidate), so a group both scores place in their
+        second halves can beat one that only a single score likes; then the prefetch groups by
+        the sum. Only with ``"sum+bound"``.
     max_group_size : int or None
         Tokens of what a ``max_group`` chunk-score term takes the best of: ``None`` (the
         default) for one group, or a multiple of ``group_size`` dividing ``chunk_size``, whose
@@ -181,6 +191,7 @@ class HGAConfig:
     rope_cutoff_rad: float = 0.5
     chunk_score: str = "sum+max_group"
     group_score: str = "sum+bound"
+    group_merge: str = "split"
     max_group_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -209,6 +220,13 @@ class HGAConfig:
             )
         if self.group_score not in GROUP_SCORES:
             raise ConfigError(f"HGAConfig.group_score: expected one of {GROUP_SCORES}, got {self.group_score!r}")
+        if self.group_merge not in GROUP_MERGES:
+            raise ConfigError(f"HGAConfig.group_merge: expected one of {GROUP_MERGES}, got {self.group_merge!r}")
+        if self.group_merge != "split" and len(self.group_score_terms) != 2:
+            raise ConfigError(
+                f"HGAConfig.group_merge: expected group_score='sum+bound' to merge two rankings, got "
+                f"group_merge={self.group_merge!r} with group_score={self.group_score!r}"
+            )
         if self.max_group_size is not None:
             _int_field("max_group_size", self.max_group_size, 1)
             if self.max_group_size % self.group_size or self.chunk_size % self.max_group_size:

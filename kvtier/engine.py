@@ -172,7 +172,7 @@ class HGAEngine(_Residency, _TorchFlow):
         if isinstance(first_seq_id, bool) or not isinstance(first_seq_id, int) or first_seq_id < 0:
             raise ValueError(f"first_seq_id: expected an int >= 0, got {first_seq_id!r}")
         self.device = _resolved(torch.device(device))
-        from kvtier.attention import KERNEL_CHUNK_SCORES, kernels_route
+        from kvtier.attention import kernel_refusal, kernels_route
 
         scored = kernels_route(hga)
         # The kernel path keeps one step's fetch set in the device group cache. A config whose
@@ -190,10 +190,7 @@ class HGAEngine(_Residency, _TorchFlow):
                 f"backend='kernels', got {budget} bytes; raise it, lower fetch_groups/top_chunks, or use backend='torch'"
             )
         if backend == "kernels" and not scored:
-            raise ValueError(
-                f"backend='kernels': expected chunk_score terms in {KERNEL_CHUNK_SCORES} (what the routing kernels "
-                f"compute), got {hga.chunk_score!r}; use backend='torch'"
-            )
+            raise ValueError(f"backend='kernels': {kernel_refusal(hga)} (what the routing kernels compute); use backend='torch'")
         if backend == "kernels" and self.device.type != "cuda" and not _interpreting():
             raise ValueError(f"backend='kernels': expected a CUDA device (or TRITON_INTERPRET=1), got {self.device}")
         self.backend = backend

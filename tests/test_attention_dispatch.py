@@ -247,3 +247,17 @@ def test_split_scores_reach_the_kernels_from_kvtier_hf(monkeypatch):
     _full_context_hga(q, q, q, HGAConfig(), None, 0)
     _full_context_hga(q, q, q, HGAConfig(), None, 0, softcap=30.0)  # the kernels have no soft-capping
     assert seen == ["auto", "reference"]
+
+
+def test_a_group_merge_without_a_kernel_is_refused_by_the_kernel_paths():
+    """group_merge="rank" is computed by the reference only: auto dispatch keeps it off the kernels,
+    and asking for them names what is missing."""
+    from kvtier.attention import kernel_refusal, kernels_route
+
+    cfg = HGAConfig(group_merge="rank")
+    assert not kernels_route(cfg) and kernels_route(HGAConfig())
+    assert kernel_refusal(cfg) == "expected group_merge in ('split',), got 'rank'"
+    assert kernel_refusal(HGAConfig()) == ""
+    q = torch.randn(1, 2, 70, 16)
+    with pytest.raises(ValueError, match=r"backend='triton': expected group_merge in \('split',\), got 'rank'"):
+        kvtier.hga_attention(q, q, q, config=cfg, rope_theta=10000.0, backend="triton")

@@ -268,3 +268,14 @@ def test_max_group_size_reaches_the_config_and_the_rules_that_use_it(capsys) -> 
     assert method_config("hga-sum-bound", base)[1].max_group_size is None  # no max_group term to merge for
     assert main(["eval", "--max-group-size", "8", "--lengths", "720", "--json", ""]) == 2
     assert "max_group_size: expected a multiple of group_size=16 dividing chunk_size=64, got 8" in capsys.readouterr().err
+
+
+def test_group_merge_reaches_the_config_and_the_rules_that_rank_groups_twice(capsys) -> None:
+    from kvtier.cli.eval import method_config
+
+    base = HGAConfig(group_merge="rank")
+    assert method_config("hga", base)[1].group_merge == "rank"
+    assert method_config("hga-sum+max_group-sum+bound", base)[1].group_merge == "rank"
+    assert method_config("hga-sum+max_group-bound", base)[1].group_merge == "split"  # one ranking: nothing to merge
+    assert main(["eval", "--group-merge", "borda", "--lengths", "720", "--json", ""]) == 2
+    assert "--group-merge: expected one of 'split', 'rank', got 'borda'" in capsys.readouterr().err

@@ -35,7 +35,7 @@ import torch
 from kvtier.cli.args import UsageError, nonnegative_int, positive_int
 from kvtier.cli.plots import PLOT_HINT, plot_lines
 from kvtier.cli.results import add_output_arguments, dense_tokens, output_file, source_commit
-from kvtier.config import HGAConfig
+from kvtier.config import GROUP_MERGES, HGAConfig
 from kvtier.errors import ConfigError
 
 __all__ = ["EvalRow", "NEEDLES", "method_config", "answer_correct", "answer_margin", "needle_cells", "add_arguments", "run", "hga_config_for_budget", "default_budget",
@@ -63,6 +63,8 @@ def method_config(method: str, hga: HGAConfig) -> tuple[str, HGAConfig]:
     fields = {**asdict(hga), "chunk_score": chunk_score, "group_score": group_score or "sum"}
     if "max_group" not in chunk_score:  # --max-group-size concerns the rules that have the term
         fields["max_group_size"] = None
+    if "+" not in fields["group_score"]:  # --group-merge concerns the rules that rank groups twice
+        fields["group_merge"] = "split"
     try:
         return "hga", HGAConfig(**fields)
     except ConfigError as exc:
@@ -441,6 +443,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-group-size", type=positive_int, default=None,
                         help="tokens of the unit HGA's max_group chunk term takes the best of (default: one group); "
                              "e.g. --group-size 8 --max-group-size 16 ranks chunks as groups of 16 and routes groups of 8")
+    parser.add_argument("--group-merge", choices=GROUP_MERGES, default=None,
+                        help="how HGA's group_score 'sum+bound' joins its two group rankings: half of the groups "
+                             "by each (split, the default) or by the least sum of the two ranks (rank)")
     parser.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
                         help="HGA's path: the kernels on CUDA where they serve the routing option (auto), or "
                              "force the kernels or the reference (the spec, as the fidelity tables on CPU)")
@@ -532,6 +537,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--group-size: expected a divisor of the chunk size {HGAConfig().chunk_size}, got {args.group_size}")
     if args.max_group_size is not None:
         windows["max_group_size"] = args.max_group_size
+    if args.group_merge is not None:
+        windows["group_merge"] = args.group_merge
     base = HGAConfig(**windows) if args.top_chunks is None else HGAConfig(top_chunks=args.top_chunks, **windows)
     if args.smoke:  # seconds: one short length, one group routed, one seed of every task
         lengths, args.budget, args.budgets, args.seeds = [768], 720, None, 1
@@ -796,6 +803,7 @@ def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budge
                        "seeds": list(_seeds(args)) if args.tasks else None,
                        "top_chunks": args.top_chunks, "every_needle": args.every_needle,
                        "group_size": args.group_size, "max_group_size": args.max_group_size,
+                       "group_merge": args.group_merge,
                        "hga": asdict(args.hga_base) if hasattr(args, "hga_base") else None,
                        "method_configs": getattr(args, "method_configs", None),
                        "text_file": str(args.text_file) if args.text_file else "kvtier/data/essay.txt"},

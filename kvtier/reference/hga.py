@@ -18,8 +18,9 @@ of what its positions chose, but every position attends only its own choice.
 Routing scores are computed in float64 from float32 summaries so that neither the block
 shape nor the batch changes a selection; ties go to the lower chunk or group index.
 
-``HGAConfig.chunk_score`` and ``group_score`` choose the scores of steps 2 and 3 (the
-paper's summed summaries by default). The ``running_*`` chunk scores take, for position t,
+``HGAConfig.chunk_score`` and ``group_score`` choose the scores of steps 2 and 3, and
+``group_merge`` how two group rankings join (the paper's summed summaries alone:
+``HGAConfig.paper()``). The ``running_*`` chunk scores take, for position t,
 the maximum over the queries of t's own chunk at positions up to t: still causal (nothing
 after t), and a decoder carries the maxima from one position to the next in a
 :class:`RouteCarry`, so that a block of positions and the same positions one at a time give
@@ -167,6 +168,25 @@ def _split_best_first(first: torch.Tensor, second: torch.Tensor, k: int, k1: int
     a = _best_first(first, k1)
     b = _best_first(second.scatter(-1, a, float("-inf")), k - k1)
     taken = torch.cat((a, b), dim=-1)
+    rest = _best_first(first.scatter(-1, taken, float("-inf")), kf - k)
+    return torch.cat((taken, rest), dim=-1)
+
+
+def _ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Each element's place in :func:`_best_first`'s order along the last dim (0 the best)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    places = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, places)
+
+
+def _rank_best_first(first: torch.Tensor, second: torch.Tensor, k: int, kf: int) -> torch.Tensor:
+    """Indices: the ``k`` of least rank sum under ``first`` and ``second`` (ties to the lesser rank,
+    then the lower index), then up to ``kf`` by ``first`` among the rest."""
+    ra, rb = _ranks(first), _ranks(second)
+    n = first.shape[-1]
+    index = torch.arange(n, device=first.device)
+    order_key = ((ra + rb) * n + torch.minimum(ra, rb)) * n + index  # distinct, and < 2 n^3
+    taken = torch.sort(order_key, dim=-1).indices[..., :k]
     rest = _best_first(first.scatter(-1, taken, float("-inf")), kf - k)
     return torch.cat((taken, rest), dim=-1)
 
@@ -334,6 +354,8 @@ def route_block(
     kg = min(config.top_groups, kc * m)
     if len(group_scores) == 1:
         order = _best_first(group_scores[0], kf)
+    elif config.group_merge == "rank":
+        order = _rank_best_first(group_scores[0], group_scores[1], kg, kf)
     else:
         order = _split_best_first(group_scores[0], group_scores[1], kg, -(-kg // 2), kf)
     fetch_ids = torch.gather(global_ids, 3, order)

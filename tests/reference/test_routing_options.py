@@ -38,19 +38,26 @@ OPTIONS = [
     ("max_group+running_max_group", "bound"),
     ("sum", "sum+bound"),
     ("sum+max_group", "sum+bound"),
+    ("sum+max_group", "sum+bound/rank"),  # group_merge="rank"
 ]
 IDS = [f"{c}/{g}" for c, g in OPTIONS]
+
+
+def scores(chunk_score: str, group_score: str) -> dict[str, str]:
+    """HGAConfig fields of an OPTIONS pair: ``"sum+bound/rank"`` is group_score "sum+bound" with group_merge "rank"."""
+    group_score, _, merge = group_score.partition("/")
+    return dict(chunk_score=chunk_score, group_score=group_score, group_merge=merge or "split")
 
 
 def sparse(chunk_score: str, group_score: str, **kw: int) -> HGAConfig:
     base = dict(GEOMETRY, top_chunks=3, top_groups=3, fetch_groups=5)
     base.update(kw)
-    return HGAConfig(**base, chunk_score=chunk_score, group_score=group_score)
+    return HGAConfig(**base, **scores(chunk_score, group_score))
 
 
 @pytest.mark.parametrize("chunk_score, group_score", OPTIONS, ids=IDS)
 def test_full_coverage_is_dense(chunk_score, group_score):
-    cfg = HGAConfig.full_coverage(**GEOMETRY, chunk_score=chunk_score, group_score=group_score)
+    cfg = HGAConfig.full_coverage(**GEOMETRY, **scores(chunk_score, group_score))
     q, k, v = make_qkv(2, 6, 2, 133, 133, 16, seed=1)
     for path in (hga_prefill_ref, hga_decode_ref):
         out, stats = path(q, k, v, config=cfg, rope_theta=THETA)
@@ -217,6 +224,27 @@ def test_options_change_the_plan():
         assert not torch.equal(st.plan.group_ids, base.plan.group_ids), (chunk_score, group_score)
 
 
+def test_rank_merge_prefers_a_group_both_scores_like():
+    """group_merge="rank": the least rank sum first (ties to the lesser rank, then the earlier
+    candidate), then the prefetch by the first score; the split would take the first score's best."""
+    from kvtier.reference.hga import _rank_best_first, _split_best_first
+
+    first = torch.tensor([[10.0, 9.0, 0.0, 8.0]], dtype=torch.float64)
+    second = torch.tensor([[0.0, 9.0, 10.0, 8.0]], dtype=torch.float64)  # ranks 3, 1, 0, 2 (first: 0, 1, 3, 2)
+    assert _rank_best_first(first, second, 1, 4).tolist() == [[1, 0, 3, 2]]
+    assert _rank_best_first(first, second, 2, 4).tolist() == [[1, 0, 3, 2]]  # 0 and 2 tie on (3, 0): 0 earlier
+    assert _rank_best_first(first, second, 3, 4).tolist() == [[1, 0, 2, 3]]
+    assert _split_best_first(first, second, 1, 1, 4).tolist() == [[0, 1, 3, 2]]
+
+
+def test_rank_merge_changes_the_plan_of_the_split():
+    q, k, v = make_qkv(1, 4, 2, 150, 150, 16, seed=8)
+    plans = [hga_attention(q, k, v, config=sparse("sum+max_group", g, top_groups=4), rope_theta=THETA)[1].plan
+             for g in ("sum+bound", "sum+bound/rank")]
+    assert torch.equal(plans[0].chunk_ids, plans[1].chunk_ids)  # the merge is of the group level only
+    assert not torch.equal(plans[0].group_ids, plans[1].group_ids)
+
+
 def test_running_max_is_the_max_over_earlier_queries():
     """A chunk favoured only by its chunk's first query stays routed for all the later queries."""
     q, k, v = make_qkv(1, 1, 1, 112, 112, 16, seed=4)
@@ -283,6 +311,8 @@ def test_route_block_checks():
         (dict(max_group_size=8), "max_group_size: expected a multiple of group_size=16"),
         (dict(max_group_size=32, chunk_score="sum"), "max_group_size: expected a max_group term in chunk_score"),
         (dict(max_group_size=True), "max_group_size: expected an int, got bool"),
+        (dict(group_merge="borda"), r"group_merge: expected one of \('split', 'rank'\), got 'borda'"),
+        (dict(group_merge="rank", group_score="bound"), "group_merge: expected group_score='sum\\+bound' to merge"),
     ],
 )
 def test_config_rejects_bad_scores(kwargs, match):
