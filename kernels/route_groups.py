@@ -19,6 +19,11 @@
 # Split group scores (HGAConfig.group_score="sum+bound", SPLIT_GROUPS): rows are [sum, min, max]
 #   (3D); both scores are computed, and the plan takes ceil(Kg/2) groups by the sum, the rest of
 #   Kg by the bound, then the prefetch groups by the sum, by Kf rounds of max-extraction.
+# Rank merge (HGAConfig.group_merge="rank", RANK_GROUPS, with SPLIT_GROUPS's scores): each
+#   score's keys are sorted and every candidate's place under each is written to `scratch`
+#   ([rows, 2, BLOCK_G] int32: Triton cannot invert a permutation in registers) and read back
+#   after a barrier; the groups then sort by (rank sum, lesser rank, candidate), the first Kg
+#   attended, and the prefetch is the sum's best of the rest (their places written once more).
 
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ def _route_groups_kernel(
     group_out_ptr,
     fetch_out_ptr,
     routed_out_ptr,
+    scratch_ptr,
     # sizes
     num_q,
     num_cand,
@@ -86,6 +92,7 @@ def _route_groups_kernel(
     BOUND: tl.constexpr,
     SPLIT: tl.constexpr,
     SPLIT_GROUPS: tl.constexpr,
+    RANK_GROUPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     l = (pid % num_q).to(tl.int64)
@@ -173,7 +180,39 @@ def _route_groups_kernel(
     fetch_row = fetch_out_ptr + b * stride_fb + hq * stride_fh + l * stride_fl
     group_row = group_out_ptr + b * stride_gob + hq * stride_goh + l * stride_gol
     routed_row = routed_out_ptr + b * stride_rb + hq * stride_rh + l * stride_rl
-    if SPLIT_GROUPS:
+    if RANK_GROUPS:
+        lane = tl.arange(0, BLOCK_G)
+        scratch_row = scratch_ptr + pid.to(tl.int64) * (2 * BLOCK_G)
+        gkeys2 = tl.where(ok, _pack(scores2, j), EMPTY)
+        for slot in tl.static_range(2):  # each candidate's place under the sum (slot 0) and the bound
+            ranked = tl.sort(gkeys if slot == 0 else gkeys2, descending=True)
+            rj = 2147483647 - (ranked & 0xFFFFFFFF).to(tl.int32)
+            tl.store(scratch_row + slot * BLOCK_G + rj, lane, mask=ranked != EMPTY)
+        tl.debug_barrier()
+        ra = tl.load(scratch_row + j, mask=ok, other=0)
+        rb = tl.load(scratch_row + BLOCK_G + j, mask=ok, other=0)
+        # Larger keys first: the least (rank sum, lesser rank), then the earlier candidate.
+        order = (ra + rb) * BLOCK_G + tl.minimum(ra, rb)
+        fkeys = tl.where(ok, ((1 << 30) - order).to(tl.int64) << 32 | (2147483647 - j).to(tl.int64), EMPTY)
+        fkeys = tl.sort(fkeys, descending=True)
+        fj = tl.where(fkeys != EMPTY, 2147483647 - (fkeys & 0xFFFFFFFF).to(tl.int32), 0)
+        fchunk = tl.load(chunk_row + fj // M, mask=fkeys != EMPTY, other=-1)
+        attend = tl.where(lane < n_attend, fchunk.to(tl.int64) * M + (fj % M), -1)
+        tl.store(group_row + lane, attend, mask=lane < kg_w)
+        tl.store(routed_row + lane, attend.to(tl.int32), mask=lane < kg_w)
+        tl.store(fetch_row + lane, attend, mask=(lane < n_attend) & (lane < kf_w))
+        # The prefetch: the sum's best among the candidates not attended (places in fused order).
+        tl.debug_barrier()
+        tl.store(scratch_row + fj, lane, mask=fkeys != EMPTY)
+        tl.debug_barrier()
+        place = tl.load(scratch_row + j, mask=ok, other=BLOCK_G)
+        rest = tl.sort(tl.where(ok & (place >= n_attend), gkeys, EMPTY), descending=True)
+        sj = tl.where(rest != EMPTY, 2147483647 - (rest & 0xFFFFFFFF).to(tl.int32), 0)
+        schunk = tl.load(chunk_row + sj // M, mask=rest != EMPTY, other=-1)
+        at = n_attend + lane
+        gid = tl.where((rest != EMPTY) & (at < n_fetch), schunk.to(tl.int64) * M + (sj % M), -1)
+        tl.store(fetch_row + at, gid, mask=at < kf_w)
+    elif SPLIT_GROUPS:
         gkeys2 = tl.where(ok, _pack(scores2, j), EMPTY)
         k1 = (n_attend + 1) // 2
         for i in range(0, kf_w):
@@ -223,6 +262,7 @@ def route_groups(
     fetch_groups: int,
     num_warps: int = 4,
     group_score: str = "sum",
+    group_merge: str = "split",
     cand2: torch.Tensor | None = None,
 ) -> None:
     """Finish routing: top chunks from ``cand``, then top groups inside them, per query row.
@@ -244,6 +284,10 @@ def route_groups(
         ``HGAConfig.group_score``: ``group_summ`` rows are summaries ``[B, Hkv, N, M, D]``,
         ``[min, max]`` key bounds (2D, ranked by Quest's bound), or ``[sum, min, max]`` (3D,
         ``ceil(Kg / 2)`` groups by the sum, the rest by the bound, the prefetch by the sum).
+    group_merge : {"split", "rank"}
+        ``HGAConfig.group_merge``: with ``"sum+bound"``, ``"rank"`` attends the ``Kg`` groups of
+        least rank sum under the two scores instead of half by each (a ``[rows, 2, Kc_w * M]``
+        int32 scratch tensor is allocated for the ranks).
     cand2 : Tensor, optional
         For a split chunk score ``"a+b"``: ``route_chunks``' keys of ``b`` (``cand`` holding
         ``a``'s), same shape and strides as ``cand``. The first ``ceil(Kc / 2)`` chunks
@@ -286,6 +330,10 @@ def route_groups(
             f"group_summ: expected a last dim of {widths[group_score] * d} (group_score={group_score!r}), "
             f"got {tuple(group_summ.shape)}"
         )
+    if group_merge not in ("split", "rank"):
+        raise ValueError(f"group_merge: expected 'split' or 'rank', got {group_merge!r}")
+    if group_merge == "rank" and group_score != "sum+bound":
+        raise ValueError(f"group_merge='rank': expected group_score='sum+bound' (two rankings), got {group_score!r}")
     if cand2 is not None and (
         not isinstance(cand2, torch.Tensor) or cand2.shape != cand.shape or cand2.stride() != cand.stride()
         or cand2.dtype != cand.dtype
@@ -295,6 +343,8 @@ def route_groups(
     num_cand = cand.shape[3] * cand.shape[4]
     block_kc = triton.next_power_of_2(max(1, kc_w))
     block_g = block_kc * m
+    rank = group_merge == "rank"
+    scratch = torch.empty(bsz * hq * lq * 2 * block_g if rank else 1, dtype=torch.int32, device=q.device)
     _route_groups_kernel[(bsz * hq * lq,)](
         cand,
         cand if cand2 is None else cand2,
@@ -304,6 +354,7 @@ def route_groups(
         group_ids,
         fetch_ids,
         routed,
+        scratch,
         lq,
         num_cand,
         top_chunks,
@@ -345,5 +396,6 @@ def route_groups(
         BOUND=group_score == "bound",
         SPLIT=cand2 is not None,
         SPLIT_GROUPS=group_score == "sum+bound",
+        RANK_GROUPS=rank,
         num_warps=num_warps,
     )

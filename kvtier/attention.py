@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from kvtier.config import CHUNK_SCORE_TERMS, HGAConfig
+from kvtier.config import CHUNK_SCORE_TERMS, GROUP_MERGES, HGAConfig
 from kvtier.kernels.route_chunks import route_chunks, route_chunks_tiles
 from kvtier.kernels.route_groups import route_groups
 from kvtier.kernels.sparse_decode import decode_num_splits, sparse_decode
@@ -143,8 +143,8 @@ def hga_attention(
 KERNEL_CHUNK_SCORES = CHUNK_SCORE_TERMS
 
 
-#: group_merge rules the routing kernels compute (``route_groups``).
-KERNEL_GROUP_MERGES = ("split",)
+#: group_merge rules the routing kernels compute (``route_groups``): every rule of ``HGAConfig``.
+KERNEL_GROUP_MERGES = GROUP_MERGES
 
 
 def kernels_route(config: HGAConfig) -> bool:
@@ -350,6 +350,7 @@ def _route(
         top_groups=config.top_groups,
         fetch_groups=config.fetch_groups,
         group_score=config.group_score,
+        group_merge=config.group_merge,
         cand2=cands[1] if len(cands) > 1 else None,
     )
     return True

@@ -175,6 +175,7 @@ class LayerDecode:
             fetch_groups=cfg.fetch_groups,
             num_warps=self.group_warps,
             group_score=cfg.group_score,
+            group_merge=cfg.group_merge,
             cand2=cands[1] if len(cands) > 1 else None,
         )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -249,15 +251,17 @@ def test_split_scores_reach_the_kernels_from_kvtier_hf(monkeypatch):
     assert seen == ["auto", "reference"]
 
 
-def test_a_group_merge_without_a_kernel_is_refused_by_the_kernel_paths():
-    """group_merge="rank" is computed by the reference only: auto dispatch keeps it off the kernels,
-    and asking for them names what is missing."""
+def test_the_rank_merge_reaches_the_kernels():
+    """group_merge="rank" is computed by the kernels: auto dispatch keeps it on them, and the
+    triton path's plans and output are the reference's (decode row and prefill rows)."""
     from kvtier.attention import kernel_refusal, kernels_route
 
-    cfg = HGAConfig(group_merge="rank")
-    assert not kernels_route(cfg) and kernels_route(HGAConfig())
-    assert kernel_refusal(cfg) == "expected group_merge in ('split',), got 'rank'"
-    assert kernel_refusal(HGAConfig()) == ""
-    q = torch.randn(1, 2, 70, 16)
-    with pytest.raises(ValueError, match=r"backend='triton': expected group_merge in \('split',\), got 'rank'"):
-        kvtier.hga_attention(q, q, q, config=cfg, rope_theta=10000.0, backend="triton")
+    cfg = dataclasses.replace(CFG, group_merge="rank")
+    assert kernels_route(cfg) and kernel_refusal(cfg) == ""
+    torch.manual_seed(13)
+    for lq, start_pos, lk in ((1, 200, 201), (40, 150, 190)):
+        q = torch.randn(1, 4, lq, 32)
+        k, v = torch.randn(1, 2, lk, 32), torch.randn(1, 2, lk, 32)
+        stats = _compare(q, k, v, cfg, start_pos)
+        _, split = hga_ref(q, k, v, config=CFG, rope_theta=THETA, start_pos=start_pos)
+        assert not torch.equal(stats.plan.group_ids.cpu(), split.plan.group_ids)  # the merge matters here

@@ -156,17 +156,31 @@ def test_batch_equals_each_alone() -> None:
 
 
 @pytest.mark.parametrize("scores", [("sum", "sum", None), ("max_group", "bound", None), ("sum+max_group", "sum+bound", None),
-                                    ("sum+max_group", "sum+bound", 8)])
+                                    ("sum+max_group", "sum+bound", 8), ("sum+max_group", "sum+bound/rank", None)])
 def test_kernel_flow_equals_torch_flow(tmp_path, scores: tuple[str, str, int | None]) -> None:
     """Interpreter: the kernel flow (prefill blocks, then decode steps through the group cache, some
     chunks on disk only) gives the torch flow's plans and outputs, for the paper's routing and the
-    max-aware options the kernels compute (max_group over units of two groups too)."""
+    max-aware options the kernels compute (max_group over units of two groups too, and the rank
+    merge of "sum+bound/rank", whose plans differ from the split's here)."""
     import dataclasses
 
-    cfg = dataclasses.replace(CFG, chunk_score=scores[0], group_score=scores[1], max_group_size=scores[2])
+    group_score, _, merge = scores[1].partition("/")
+    cfg = dataclasses.replace(CFG, chunk_score=scores[0], group_score=group_score, max_group_size=scores[2],
+                              group_merge=merge or "split")
     q, k, v = _qkv(76, seed=11)
     outs, plans = {}, {}
-    for backend in ("torch", "kernels"):
+    for backend in ("torch", "kernels") + (("split",) if merge else ()):
+        if backend == "split":  # the same scores split half and half: the torch flow's other plans
+            split = dataclasses.replace(cfg, group_merge="split")
+            with _engine(tmp_path / backend, host_chunks=4, backend="torch", cfg=split).store as store:
+                engine = HGAEngine(store, split, num_q_heads=HQ, batch_size=B, rope_theta=THETA, backend="torch")
+                engine.forward(0, q[:, :, :70], k[:, :, :70], v[:, :, :70])
+                ids = []
+                for t in range(70, 76):
+                    engine.forward(0, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
+                    ids.append(engine.last_group_ids.clone())
+            assert not torch.equal(torch.cat(ids, dim=2), plans["torch"])
+            continue
         with _engine(tmp_path / backend, host_chunks=4, backend=backend, cfg=cfg).store as store:
             # The kernel flow keeps a separate device slot table, as on CUDA (dirty entries drained per block).
             engine = HGAEngine(store, cfg, num_q_heads=HQ, batch_size=B, rope_theta=THETA, backend=backend,

@@ -28,6 +28,7 @@ PAPER = dataclasses.replace(CFG, chunk_score="sum", group_score="sum")
 # max_group over units of two groups: of the bounds (the default's scores), and of summed summaries
 UNITS = dataclasses.replace(CFG, group_size=2, max_group_size=4, top_groups=10, fetch_groups=16)
 UNITS_SUM = dataclasses.replace(UNITS, chunk_score="max_group", group_score="sum", max_group_size=8)
+RANK = dataclasses.replace(CFG, group_merge="rank")  # the groups of least rank sum under the sum and the bound
 THETA = 1e4
 
 
@@ -70,6 +71,7 @@ def kernel_plan(q, k, cfg, start_pos, block_t=None, **options):
         top_groups=cfg.top_groups,
         fetch_groups=cfg.fetch_groups,
         group_score=cfg.group_score,
+        group_merge=cfg.group_merge,
         cand2=cands[1] if len(cands) > 1 else None,
     )
     assert torch.equal(routed.long(), out[1])
@@ -85,13 +87,16 @@ def kernel_plan(q, k, cfg, start_pos, block_t=None, **options):
         (torch.float32, 8, 1, 3, 40, 43, None),  # few candidates: widths clipped, rows padded
     ],
 )
-@pytest.mark.parametrize("cfg", [CFG, PAPER, UNITS, UNITS_SUM], ids=["default", "paper", "units", "units-sum"])
+@pytest.mark.parametrize("cfg", [CFG, PAPER, UNITS, UNITS_SUM, RANK], ids=["default", "paper", "units", "units-sum", "rank"])
 def test_routing_matches_reference_plan(dtype, hq, hkv, lq, start_pos, lk, block_t, cfg):
     torch.manual_seed(3)
     d = 32
     q = torch.randn(2 if lq == 1 else 1, hq, lq, d, dtype=dtype)
     k = torch.randn(q.shape[0], hkv, lk, d, dtype=dtype)
     _, stats = hga_attention(q, k, k, config=cfg, rope_theta=THETA, start_pos=start_pos)
+    if cfg is RANK and lk >= 200:  # the merge matters on these rows (the few-candidate rows take every group)
+        _, split = hga_attention(q, k, k, config=CFG, rope_theta=THETA, start_pos=start_pos)
+        assert not torch.equal(stats.plan.group_ids, split.plan.group_ids)
     chunk_ids, group_ids, fetch_ids = kernel_plan(q, k, cfg, start_pos, block_t)
     assert torch.equal(chunk_ids, stats.plan.chunk_ids)
     assert torch.equal(group_ids, stats.plan.group_ids)
