@@ -286,7 +286,7 @@ def route_groups(
         ``ceil(Kg / 2)`` groups by the sum, the rest by the bound, the prefetch by the sum).
     group_merge : {"split", "rank"}
         ``HGAConfig.group_merge``: with ``"sum+bound"``, ``"rank"`` attends the ``Kg`` groups of
-        least rank sum under the two scores instead of half by each (a ``[rows, 2, Kc_w * M]``
+        least rank sum under the two scores instead of half by each (a ``[rows, 2, next_pow2(Kc_w) * M]``
         int32 scratch tensor is allocated for the ranks).
     cand2 : Tensor, optional
         For a split chunk score ``"a+b"``: ``route_chunks``' keys of ``b`` (``cand`` holding

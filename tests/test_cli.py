@@ -115,11 +115,13 @@ def test_hga_overrides_presets_and_keys():
     assert hga_overrides("paper", base) == HGAConfig.paper()
     assert hga_overrides("lean,top_chunks=24", base) == HGAConfig.lean(top_chunks=24)
     assert hga_overrides("default,local_chunks=6", base) == HGAConfig(local_chunks=6)
+    assert hga_overrides("group_merge=rank", base) == HGAConfig(top_chunks=8, group_merge="rank")
     for text, message in [
         ("fast", "--hga: expected a preset among ['default', 'lean', 'paper'] or key=value, got 'fast'"),
         ("top_chunks=8,paper", "--hga: expected key=value with keys among"),
         ("top_chunks=many", "--hga: expected a number for top_chunks, got 'many'"),
         ("group_score=max", "--hga: HGAConfig.group_score: expected one of"),
+        ("group_merge=borda", "--hga: HGAConfig.group_merge: expected one of ('split', 'rank'), got 'borda'"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             hga_overrides(text, base)

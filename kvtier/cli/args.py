@@ -179,7 +179,7 @@ def hga_overrides(text: str, base: HGAConfig) -> HGAConfig:
         if not sep or key not in values:
             raise ValueError(f"--hga: expected key=value with keys among {sorted(values)}, got {part!r}")
         try:
-            if key in ("chunk_score", "group_score"):  # the routing scores are names, checked by HGAConfig
+            if key in ("chunk_score", "group_score", "group_merge"):  # names, checked by HGAConfig
                 values[key] = value.strip()
             else:
                 values[key] = float(value) if key == "rope_cutoff_rad" else int(value)
