@@ -307,13 +307,21 @@ def rank_merge() -> list[tuple[str, list[str]]]:
     the summed summary and the bound, instead of half by each. Part 13 found each rule alone
     winning samples the split loses, and on the CPU the rank merge solves ``multikey`` 2K seed 2
     (+0.86; the split -1.31). The 8K NLL first (it decides whether it can be the default), then
-    the task suite, the needles and the 4K NLL. About 14 device minutes from part 13's timings."""
+    the task suite, the needles, the 4K NLL (the reference's, then the Triton kernels') and every
+    needle at every cell. About 15 device minutes from part 13's timings. The CPU ran the two
+    reference NLL items and the needle grid under these file names
+    (bench/results/cpu-2026-12-04-rank-merge/, the reference's numbers are the same on both
+    machines): DONE=that folder skips them."""
     flags = ["--methods", "hga", "--group-merge", "rank", *REFERENCE]
     nll = {n: (f"nll_b1216_{n}_groups_rank", ["--lengths", n, "--methods", "dense,hga", "--group-merge", "rank",
                                               *REFERENCE]) for n in ("8192", "4096")}
     tasks = task_seed_items("tasks_b1216_groups_rank", flags)
-    return [nll["8192"], tasks[0], ("needles_b1216_groups_rank", [*NEEDLE_GRID, *flags]), nll["4096"], *tasks[1:],
-            ("needles_b1216_every_groups_rank", [*NEEDLE_GRID, "--every-needle", *flags])]
+    # The rank kernel at the model's scale: its 4K gap beside the reference's (the plans are the
+    # reference's under the interpreter, at small shapes).
+    kernels = ("nll_b1216_4096_kernels_groups_rank",
+               ["--lengths", "4096", "--methods", "dense,hga", "--group-merge", "rank", "--backend", "triton"])
+    return [nll["8192"], tasks[0], ("needles_b1216_groups_rank", [*NEEDLE_GRID, *flags]), nll["4096"], kernels,
+            *tasks[1:], ("needles_b1216_every_groups_rank", [*NEEDLE_GRID, "--every-needle", *flags])]
 
 
 #: The sweeps by ``--part``.
