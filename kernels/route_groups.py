@@ -23,7 +23,9 @@
 #   score's keys are sorted and every candidate's place under each is written to `scratch`
 #   ([rows, 2, BLOCK_G] int32: Triton cannot invert a permutation in registers) and read back
 #   after a barrier; the groups then sort by (rank sum, lesser rank, candidate), the first Kg
-#   attended, and the prefetch is the sum's best of the rest (their places written once more).
+#   attended, and the prefetch is the sum's best of the rest (their places written once more);
+#   with group_reserve, r groups by each score's max-extraction come first and the rank sum
+#   orders the others.
 
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ def _route_groups_kernel(
     top_chunks,
     top_groups,
     fetch_groups,
+    reserve,
     kc_w,
     kg_w,
     kf_w,
@@ -191,22 +194,42 @@ def _route_groups_kernel(
         tl.debug_barrier()
         ra = tl.load(scratch_row + j, mask=ok, other=0)
         rb = tl.load(scratch_row + BLOCK_G + j, mask=ok, other=0)
+        # group_reserve: r rounds of max-extraction from the sum's keys, then r from the bound's
+        # (the loop runs 2 * reserve rounds; those past 2r, when Kg // 2 < reserve, do nothing).
+        r = tl.minimum(reserve, n_attend // 2)
+        taken = j < 0
+        for i in range(0, 2 * reserve):
+            active = i < 2 * r
+            best = tl.max(tl.where(i < r, gkeys, gkeys2), axis=0)
+            bj = tl.where(active, 2147483647 - (best & 0xFFFFFFFF).to(tl.int32), 0)
+            bchunk = tl.load(chunk_row + bj // M, mask=active, other=-1)
+            gid = bchunk.to(tl.int64) * M + (bj % M)
+            tl.store(group_row + i, gid, mask=active & (i < kg_w))
+            tl.store(routed_row + i, gid.to(tl.int32), mask=active & (i < kg_w))
+            tl.store(fetch_row + i, gid, mask=active & (i < kf_w))
+            hit = active & (j == bj)
+            taken = taken | hit
+            gkeys = tl.where(hit, EMPTY, gkeys)
+            gkeys2 = tl.where(hit, EMPTY, gkeys2)
         # Larger keys first: the least (rank sum, lesser rank), then the earlier candidate.
         order = (ra + rb) * BLOCK_G + tl.minimum(ra, rb)
-        fkeys = tl.where(ok, ((1 << 30) - order).to(tl.int64) << 32 | (2147483647 - j).to(tl.int64), EMPTY)
+        free = ok & (taken == 0)
+        fkeys = tl.where(free, ((1 << 30) - order).to(tl.int64) << 32 | (2147483647 - j).to(tl.int64), EMPTY)
         fkeys = tl.sort(fkeys, descending=True)
         fj = tl.where(fkeys != EMPTY, 2147483647 - (fkeys & 0xFFFFFFFF).to(tl.int32), 0)
         fchunk = tl.load(chunk_row + fj // M, mask=fkeys != EMPTY, other=-1)
-        attend = tl.where(lane < n_attend, fchunk.to(tl.int64) * M + (fj % M), -1)
-        tl.store(group_row + lane, attend, mask=lane < kg_w)
-        tl.store(routed_row + lane, attend.to(tl.int32), mask=lane < kg_w)
-        tl.store(fetch_row + lane, attend, mask=(lane < n_attend) & (lane < kf_w))
+        n_ranked = n_attend - 2 * r
+        at = 2 * r + lane
+        attend = tl.where(lane < n_ranked, fchunk.to(tl.int64) * M + (fj % M), -1)
+        tl.store(group_row + at, attend, mask=at < kg_w)
+        tl.store(routed_row + at, attend.to(tl.int32), mask=at < kg_w)
+        tl.store(fetch_row + at, attend, mask=(lane < n_ranked) & (at < kf_w))
         # The prefetch: the sum's best among the candidates not attended (places in fused order).
         tl.debug_barrier()
         tl.store(scratch_row + fj, lane, mask=fkeys != EMPTY)
         tl.debug_barrier()
         place = tl.load(scratch_row + j, mask=ok, other=BLOCK_G)
-        rest = tl.sort(tl.where(ok & (place >= n_attend), gkeys, EMPTY), descending=True)
+        rest = tl.sort(tl.where(free & (place >= n_ranked), gkeys, EMPTY), descending=True)
         sj = tl.where(rest != EMPTY, 2147483647 - (rest & 0xFFFFFFFF).to(tl.int32), 0)
         schunk = tl.load(chunk_row + sj // M, mask=rest != EMPTY, other=-1)
         at = n_attend + lane
@@ -263,6 +286,7 @@ def route_groups(
     num_warps: int = 4,
     group_score: str = "sum",
     group_merge: str = "split",
+    group_reserve: int = 0,
     cand2: torch.Tensor | None = None,
 ) -> None:
     """Finish routing: top chunks from ``cand``, then top groups inside them, per query row.
@@ -288,6 +312,9 @@ def route_groups(
         ``HGAConfig.group_merge``: with ``"sum+bound"``, ``"rank"`` attends the ``Kg`` groups of
         least rank sum under the two scores instead of half by each (a ``[rows, 2, next_pow2(Kc_w) * M]``
         int32 scratch tensor is allocated for the ranks).
+    group_reserve : int
+        ``HGAConfig.group_reserve``: with ``"rank"``, ``min(group_reserve, Kg // 2)`` groups by
+        each score alone first.
     cand2 : Tensor, optional
         For a split chunk score ``"a+b"``: ``route_chunks``' keys of ``b`` (``cand`` holding
         ``a``'s), same shape and strides as ``cand``. The first ``ceil(Kc / 2)`` chunks
@@ -332,6 +359,10 @@ def route_groups(
         )
     if group_merge not in ("split", "rank"):
         raise ValueError(f"group_merge: expected 'split' or 'rank', got {group_merge!r}")
+    if isinstance(group_reserve, bool) or not isinstance(group_reserve, int) or group_reserve < 0 or (
+        group_reserve and group_merge != "rank"
+    ):
+        raise ValueError(f"group_reserve: expected an int >= 0 (> 0 only with group_merge='rank'), got {group_reserve!r}")
     if group_merge == "rank" and group_score != "sum+bound":
         raise ValueError(f"group_merge='rank': expected group_score='sum+bound' (two rankings), got {group_score!r}")
     if cand2 is not None and (
@@ -360,6 +391,7 @@ def route_groups(
         top_chunks,
         top_groups,
         fetch_groups,
+        group_reserve,
         kc_w,
         kg_w,
         kf_w,

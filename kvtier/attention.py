@@ -351,6 +351,7 @@ def _route(
         fetch_groups=config.fetch_groups,
         group_score=config.group_score,
         group_merge=config.group_merge,
+        group_reserve=config.group_reserve,
         cand2=cands[1] if len(cands) > 1 else None,
     )
     return True

@@ -168,6 +168,11 @@ class HGAConfig:
         the two ranks, then to the earlier candidate), so a group both scores place in their
         second halves can beat one that only a single score likes; then the prefetch groups by
         the sum. Only with ``"sum+bound"``.
+    group_reserve : int
+        With ``group_merge="rank"``: groups taken first by each score alone (the sum's best
+        ``r``, then the bound's best ``r`` of the rest, ``r = min(group_reserve, Kg // 2)``)
+        before the rank sum picks the remaining ``Kg - 2r``; 0 (the default) ranks them all by
+        the rank sum, and ``Kg // 2`` is the split (for even ``Kg``).
     max_group_size : int or None
         Tokens of what a ``max_group`` chunk-score term takes the best of: ``None`` (the
         default) for one group, or a multiple of ``group_size`` dividing ``chunk_size``, whose
@@ -192,6 +197,7 @@ class HGAConfig:
     chunk_score: str = "sum+max_group"
     group_score: str = "sum+bound"
     group_merge: str = "split"
+    group_reserve: int = 0
     max_group_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -222,6 +228,12 @@ class HGAConfig:
             raise ConfigError(f"HGAConfig.group_score: expected one of {GROUP_SCORES}, got {self.group_score!r}")
         if self.group_merge not in GROUP_MERGES:
             raise ConfigError(f"HGAConfig.group_merge: expected one of {GROUP_MERGES}, got {self.group_merge!r}")
+        _int_field("group_reserve", self.group_reserve, 0)
+        if self.group_reserve and self.group_merge != "rank":
+            raise ConfigError(
+                f"HGAConfig.group_reserve: expected group_merge='rank' to reserve groups for, got "
+                f"group_merge={self.group_merge!r} with group_reserve={self.group_reserve}"
+            )
         if self.group_merge != "split" and len(self.group_score_terms) != 2:
             raise ConfigError(
                 f"HGAConfig.group_merge: expected group_score='sum+bound' to merge two rankings, got "

@@ -176,6 +176,7 @@ class LayerDecode:
             num_warps=self.group_warps,
             group_score=cfg.group_score,
             group_merge=cfg.group_merge,
+            group_reserve=cfg.group_reserve,
             cand2=cands[1] if len(cands) > 1 else None,
         )
 

@@ -156,7 +156,8 @@ def test_batch_equals_each_alone() -> None:
 
 
 @pytest.mark.parametrize("scores", [("sum", "sum", None), ("max_group", "bound", None), ("sum+max_group", "sum+bound", None),
-                                    ("sum+max_group", "sum+bound", 8), ("sum+max_group", "sum+bound/rank", None)])
+                                    ("sum+max_group", "sum+bound", 8), ("sum+max_group", "sum+bound/rank", None),
+                                    ("sum+max_group", "sum+bound/rank:1", None)])
 def test_kernel_flow_equals_torch_flow(tmp_path, scores: tuple[str, str, int | None]) -> None:
     """Interpreter: the kernel flow (prefill blocks, then decode steps through the group cache, some
     chunks on disk only) gives the torch flow's plans and outputs, for the paper's routing and the
@@ -164,14 +165,15 @@ def test_kernel_flow_equals_torch_flow(tmp_path, scores: tuple[str, str, int | N
     merge of "sum+bound/rank", whose plans differ from the split's here)."""
     import dataclasses
 
-    group_score, _, merge = scores[1].partition("/")
+    group_score, _, merge = scores[1].partition("/")  # "sum+bound/rank:1": group_merge "rank", group_reserve 1
+    merge, _, reserve = merge.partition(":")
     cfg = dataclasses.replace(CFG, chunk_score=scores[0], group_score=group_score, max_group_size=scores[2],
-                              group_merge=merge or "split")
+                              group_merge=merge or "split", group_reserve=int(reserve or 0))
     q, k, v = _qkv(76, seed=11)
     outs, plans = {}, {}
     for backend in ("torch", "kernels") + (("split",) if merge else ()):
         if backend == "split":  # the same scores split half and half: the torch flow's other plans
-            split = dataclasses.replace(cfg, group_merge="split")
+            split = dataclasses.replace(cfg, group_merge="split", group_reserve=0)
             with _engine(tmp_path / backend, host_chunks=4, backend="torch", cfg=split).store as store:
                 engine = HGAEngine(store, split, num_q_heads=HQ, batch_size=B, rope_theta=THETA, backend="torch")
                 engine.forward(0, q[:, :, :70], k[:, :, :70], v[:, :, :70])

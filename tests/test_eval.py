@@ -277,5 +277,8 @@ def test_group_merge_reaches_the_config_and_the_rules_that_rank_groups_twice(cap
     assert method_config("hga", base)[1].group_merge == "rank"
     assert method_config("hga-sum+max_group-sum+bound", base)[1].group_merge == "rank"
     assert method_config("hga-sum+max_group-bound", base)[1].group_merge == "split"  # one ranking: nothing to merge
+    reserved = HGAConfig(group_merge="rank", group_reserve=27)
+    assert method_config("hga", reserved)[1].group_reserve == 27
+    assert method_config("hga-sum-bound", reserved)[1].group_reserve == 0
     assert main(["eval", "--group-merge", "borda", "--lengths", "720", "--json", ""]) == 2
     assert "--group-merge: expected one of 'split', 'rank', got 'borda'" in capsys.readouterr().err

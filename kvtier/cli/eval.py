@@ -64,7 +64,7 @@ def method_config(method: str, hga: HGAConfig) -> tuple[str, HGAConfig]:
     if "max_group" not in chunk_score:  # --max-group-size concerns the rules that have the term
         fields["max_group_size"] = None
     if "+" not in fields["group_score"]:  # --group-merge concerns the rules that rank groups twice
-        fields["group_merge"] = "split"
+        fields["group_merge"], fields["group_reserve"] = "split", 0
     try:
         return "hga", HGAConfig(**fields)
     except ConfigError as exc:
@@ -446,6 +446,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-merge", choices=GROUP_MERGES, default=None,
                         help="how HGA's group_score 'sum+bound' joins its two group rankings: half of the groups "
                              "by each (split, the default) or by the least sum of the two ranks (rank)")
+    parser.add_argument("--group-reserve", type=nonnegative_int, default=None,
+                        help="with --group-merge rank: groups taken first by each score alone before the rank "
+                             "sum picks the rest (default 0)")
     parser.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto",
                         help="HGA's path: the kernels on CUDA where they serve the routing option (auto), or "
                              "force the kernels or the reference (the spec, as the fidelity tables on CPU)")
@@ -539,6 +542,8 @@ def run(args: argparse.Namespace) -> int:
         windows["max_group_size"] = args.max_group_size
     if args.group_merge is not None:
         windows["group_merge"] = args.group_merge
+    if args.group_reserve is not None:
+        windows["group_reserve"] = args.group_reserve
     base = HGAConfig(**windows) if args.top_chunks is None else HGAConfig(top_chunks=args.top_chunks, **windows)
     if args.smoke:  # seconds: one short length, one group routed, one seed of every task
         lengths, args.budget, args.budgets, args.seeds = [768], 720, None, 1
@@ -803,7 +808,7 @@ def _write_json(path: Path, rows: list[EvalRow], args: argparse.Namespace, budge
                        "seeds": list(_seeds(args)) if args.tasks else None,
                        "top_chunks": args.top_chunks, "every_needle": args.every_needle,
                        "group_size": args.group_size, "max_group_size": args.max_group_size,
-                       "group_merge": args.group_merge,
+                       "group_merge": args.group_merge, "group_reserve": args.group_reserve,
                        "hga": asdict(args.hga_base) if hasattr(args, "hga_base") else None,
                        "method_configs": getattr(args, "method_configs", None),
                        "text_file": str(args.text_file) if args.text_file else "kvtier/data/essay.txt"},

@@ -179,14 +179,20 @@ def _ranks(scores: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(-1, order, places)
 
 
-def _rank_best_first(first: torch.Tensor, second: torch.Tensor, k: int, kf: int) -> torch.Tensor:
-    """Indices: the ``k`` of least rank sum under ``first`` and ``second`` (ties to the lesser rank,
-    then the lower index), then up to ``kf`` by ``first`` among the rest."""
+def _rank_best_first(first: torch.Tensor, second: torch.Tensor, k: int, kf: int, reserve: int = 0) -> torch.Tensor:
+    """Indices: ``r = min(reserve, k // 2)`` by ``first``, ``r`` by ``second`` among the rest, then
+    up to ``k`` of least rank sum under the two (ranks over every candidate; ties to the lesser
+    rank, then the lower index), then up to ``kf`` by ``first`` among the rest."""
+    r = min(reserve, k // 2)
+    a = _best_first(first, r)
+    reserved = torch.cat((a, _best_first(second.scatter(-1, a, float("-inf")), r)), dim=-1)
     ra, rb = _ranks(first), _ranks(second)
     n = first.shape[-1]
-    index = torch.arange(n, device=first.device)
-    order_key = ((ra + rb) * n + torch.minimum(ra, rb)) * n + index  # distinct, and < 2 n^3
-    taken = torch.sort(order_key, dim=-1).indices[..., :k]
+    # Sorted by rank sum, then lesser rank, then index: stable sorts from the last key to the first.
+    by_lesser = torch.sort(torch.minimum(ra, rb), dim=-1, stable=True).indices
+    rank_sum = (ra + rb).scatter(-1, reserved, 2 * n)  # the reserved after every other candidate
+    order = torch.gather(by_lesser, -1, torch.sort(torch.gather(rank_sum, -1, by_lesser), dim=-1, stable=True).indices)
+    taken = torch.cat((reserved, order[..., : k - 2 * r]), dim=-1)
     rest = _best_first(first.scatter(-1, taken, float("-inf")), kf - k)
     return torch.cat((taken, rest), dim=-1)
 
@@ -355,7 +361,7 @@ def route_block(
     if len(group_scores) == 1:
         order = _best_first(group_scores[0], kf)
     elif config.group_merge == "rank":
-        order = _rank_best_first(group_scores[0], group_scores[1], kg, kf)
+        order = _rank_best_first(group_scores[0], group_scores[1], kg, kf, config.group_reserve)
     else:
         order = _split_best_first(group_scores[0], group_scores[1], kg, -(-kg // 2), kf)
     fetch_ids = torch.gather(global_ids, 3, order)

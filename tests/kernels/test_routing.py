@@ -29,6 +29,7 @@ PAPER = dataclasses.replace(CFG, chunk_score="sum", group_score="sum")
 UNITS = dataclasses.replace(CFG, group_size=2, max_group_size=4, top_groups=10, fetch_groups=16)
 UNITS_SUM = dataclasses.replace(UNITS, chunk_score="max_group", group_score="sum", max_group_size=8)
 RANK = dataclasses.replace(CFG, group_merge="rank")  # the groups of least rank sum under the sum and the bound
+RESERVE = dataclasses.replace(RANK, group_reserve=1)  # one by each score first, then the rank sum
 THETA = 1e4
 
 
@@ -72,6 +73,7 @@ def kernel_plan(q, k, cfg, start_pos, block_t=None, **options):
         fetch_groups=cfg.fetch_groups,
         group_score=cfg.group_score,
         group_merge=cfg.group_merge,
+        group_reserve=cfg.group_reserve,
         cand2=cands[1] if len(cands) > 1 else None,
     )
     assert torch.equal(routed.long(), out[1])
@@ -87,16 +89,19 @@ def kernel_plan(q, k, cfg, start_pos, block_t=None, **options):
         (torch.float32, 8, 1, 3, 40, 43, None),  # few candidates: widths clipped, rows padded
     ],
 )
-@pytest.mark.parametrize("cfg", [CFG, PAPER, UNITS, UNITS_SUM, RANK], ids=["default", "paper", "units", "units-sum", "rank"])
+@pytest.mark.parametrize("cfg", [CFG, PAPER, UNITS, UNITS_SUM, RANK, RESERVE],
+                         ids=["default", "paper", "units", "units-sum", "rank", "reserve"])
 def test_routing_matches_reference_plan(dtype, hq, hkv, lq, start_pos, lk, block_t, cfg):
     torch.manual_seed(3)
     d = 32
     q = torch.randn(2 if lq == 1 else 1, hq, lq, d, dtype=dtype)
     k = torch.randn(q.shape[0], hkv, lk, d, dtype=dtype)
     _, stats = hga_attention(q, k, k, config=cfg, rope_theta=THETA, start_pos=start_pos)
-    if cfg is RANK and lk >= 200:  # the merge matters on these rows (the few-candidate rows take every group)
-        _, split = hga_attention(q, k, k, config=CFG, rope_theta=THETA, start_pos=start_pos)
-        assert not torch.equal(stats.plan.group_ids, split.plan.group_ids)
+    if cfg in (RANK, RESERVE) and lk >= 200:  # the merge matters on these rows (the few-candidate rows take every group)
+        for other in (CFG, RANK, RESERVE):
+            if other is not cfg:
+                _, plan = hga_attention(q, k, k, config=other, rope_theta=THETA, start_pos=start_pos)
+                assert not torch.equal(stats.plan.group_ids, plan.plan.group_ids)
     chunk_ids, group_ids, fetch_ids = kernel_plan(q, k, cfg, start_pos, block_t)
     assert torch.equal(chunk_ids, stats.plan.chunk_ids)
     assert torch.equal(group_ids, stats.plan.group_ids)

@@ -115,12 +115,17 @@ def hga_bruteforce(q, k, v, *, cfg, theta=None, start_pos=0, freqs=None, pairs=N
                 kg = min(cfg.top_groups, len(gids))
                 k1 = kg if len(gterms) == 1 else -(-kg // 2)
                 chosen = sorted(gids, key=lambda gi: (-gscore(qv, gi, gterms[0]), gi))[:k1]
-                if len(gterms) == 2 and cfg.group_merge == "rank":  # least rank sum, then lesser rank, then candidate
+                if len(gterms) == 2 and cfg.group_merge == "rank":
+                    # r by the sum, r by the bound, then least rank sum, lesser rank, candidate
                     place = {gi: n for n, gi in enumerate(gids)}
                     ranks = [{gi: r for r, gi in enumerate(sorted(gids, key=lambda gi: (-gscore(qv, gi, t), gi)))}
                              for t in gterms]
-                    chosen = sorted(gids, key=lambda gi: (ranks[0][gi] + ranks[1][gi], min(ranks[0][gi], ranks[1][gi]),
-                                                          place[gi]))[:kg]
+                    r = min(cfg.group_reserve, kg // 2)
+                    chosen = sorted(gids, key=lambda gi: ranks[0][gi])[:r]
+                    chosen += sorted((gi for gi in gids if gi not in chosen), key=lambda gi: ranks[1][gi])[:r]
+                    chosen += sorted((gi for gi in gids if gi not in chosen),
+                                     key=lambda gi: (ranks[0][gi] + ranks[1][gi], min(ranks[0][gi], ranks[1][gi]),
+                                                     place[gi]))[: kg - 2 * r]
                 elif len(gterms) == 2:  # the rest by the bound among the groups left
                     rest = [gi for gi in gids if gi not in chosen]
                     chosen += sorted(rest, key=lambda gi: (-gscore(qv, gi, gterms[1]), gi))[: kg - k1]

@@ -39,14 +39,18 @@ OPTIONS = [
     ("sum", "sum+bound"),
     ("sum+max_group", "sum+bound"),
     ("sum+max_group", "sum+bound/rank"),  # group_merge="rank"
+    ("sum", "sum+bound/rank:1"),  # and group_reserve=1: one group by each score, then the rank sum
 ]
 IDS = [f"{c}/{g}" for c, g in OPTIONS]
 
 
 def scores(chunk_score: str, group_score: str) -> dict[str, str]:
-    """HGAConfig fields of an OPTIONS pair: ``"sum+bound/rank"`` is group_score "sum+bound" with group_merge "rank"."""
+    """HGAConfig fields of an OPTIONS pair: ``"sum+bound/rank"`` is group_score "sum+bound" with
+    group_merge "rank", and ``"sum+bound/rank:1"`` that with group_reserve 1."""
     group_score, _, merge = group_score.partition("/")
-    return dict(chunk_score=chunk_score, group_score=group_score, group_merge=merge or "split")
+    merge, _, reserve = merge.partition(":")
+    return dict(chunk_score=chunk_score, group_score=group_score, group_merge=merge or "split",
+                group_reserve=int(reserve or 0))
 
 
 def sparse(chunk_score: str, group_score: str, **kw: int) -> HGAConfig:
@@ -235,6 +239,12 @@ def test_rank_merge_prefers_a_group_both_scores_like():
     assert _rank_best_first(first, second, 2, 4).tolist() == [[1, 0, 3, 2]]  # 0 and 2 tie on (3, 0): 0 earlier
     assert _rank_best_first(first, second, 3, 4).tolist() == [[1, 0, 2, 3]]
     assert _split_best_first(first, second, 1, 1, 4).tolist() == [[0, 1, 3, 2]]
+    assert _rank_best_first(first, second, 3, 4, reserve=1).tolist() == [[0, 2, 1, 3]]  # 0 and 2 reserved
+    assert _rank_best_first(first, second, 3, 4, reserve=5).tolist() == [[0, 2, 1, 3]]  # clipped to k // 2 = 1
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 40, generator=g, dtype=torch.float64), torch.randn(3, 40, generator=g, dtype=torch.float64)
+    assert torch.equal(_rank_best_first(a, b, 12, 20, reserve=6), _split_best_first(a, b, 12, 6, 20))  # Kg // 2: the split
+    assert not torch.equal(_rank_best_first(a, b, 12, 20, reserve=5), _split_best_first(a, b, 12, 6, 20))
 
 
 def test_rank_merge_changes_the_plan_of_the_split():
@@ -313,6 +323,8 @@ def test_route_block_checks():
         (dict(max_group_size=True), "max_group_size: expected an int, got bool"),
         (dict(group_merge="borda"), r"group_merge: expected one of \('split', 'rank'\), got 'borda'"),
         (dict(group_merge="rank", group_score="bound"), "group_merge: expected group_score='sum\\+bound' to merge"),
+        (dict(group_reserve=4), "group_reserve: expected group_merge='rank' to reserve groups for, got group_merge='split'"),
+        (dict(group_merge="rank", group_reserve=-1), "group_reserve: expected an int >= 0, got -1"),
     ],
 )
 def test_config_rejects_bad_scores(kwargs, match):
