@@ -324,11 +324,28 @@ def rank_merge() -> list[tuple[str, list[str]]]:
             *tasks[1:], ("needles_b1216_every_groups_rank", [*NEEDLE_GRID, "--every-needle", *flags])]
 
 
+def rank_merge_reserved() -> list[tuple[str, list[str]]]:
+    """Part 15: the rank merge with 27 groups reserved to each score (``group_reserve=27``: 27 by
+    the sum, 27 by the bound, the last 6 of the 60 by the rank sum). On a CPU screen of 9
+    prompts it keeps the two needles the plain rank merge loses (4K and 6K at depth 0.1, by
+    margins of +0.11 and +0.04) and gains ``multikey`` 2K seed 2 and 8K seed 0 on the default,
+    but loses ``single`` 4K seed 2 and is +0.0088 / +0.0201 at 4K / 8K (docs/fidelity.md,
+    section 5). Part 14's order; about 15 device minutes."""
+    merge = ["--group-merge", "rank", "--group-reserve", "27"]
+    flags = ["--methods", "hga", *merge, *REFERENCE]
+    nll = {n: (f"nll_b1216_{n}_groups_rank_r27", ["--lengths", n, "--methods", "dense,hga", *merge, *REFERENCE])
+           for n in ("8192", "4096")}
+    tasks = task_seed_items("tasks_b1216_groups_rank_r27", flags)
+    return [nll["8192"], tasks[0], ("needles_b1216_groups_rank_r27", [*NEEDLE_GRID, *flags]), nll["4096"], *tasks[1:],
+            ("needles_b1216_every_groups_rank_r27", [*NEEDLE_GRID, "--every-needle", *flags])]
+
+
 #: The sweeps by ``--part``.
 QUEUES = {1: first_sweep, 2: followup, 3: split_groups, 4: windows, 5: fine_groups, 6: above_budget,
           7: accuracy_budget, 8: robustness, 9: paper_every_needle,
           10: narrow_windows, 11: wide_first_level_narrow_window, 12: baselines_same_windows,
-          13: group_rules_at_default, 14: rank_merge}
+          13: group_rules_at_default, 14: rank_merge,
+          15: rank_merge_reserved}
 
 
 def finished(path: Path) -> bool:
